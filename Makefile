@@ -1,0 +1,64 @@
+# egressd — the two quick-start commands are `make run` and `make test` (as root, on Debian 12).
+# Each installs what it needs first: Debian packages (once) and the Python venv (when pyproject changes).
+
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := build/.stamps
+
+# Everything the daemon, the tests, the capture script and the benchmarks use.
+APT_PACKAGES := python3 python3-venv python3-dev build-essential libnetfilter-queue-dev \
+	iptables conntrack iproute2 iputils-ping kmod procps \
+	openssh-server openssh-client openssl curl ncat socat dnsmasq-base dnsutils \
+	tcpdump iperf3 libndpi-bin systemd
+
+.PHONY: help setup deps venv run demo test test-fast lint typecheck bench pcaps clean
+
+help:
+	@echo "make run    - set up, then run the daemon on the shipped default policy in demo namespaces"
+	@echo "make test   - set up, then lint, type-check and run the whole test suite (e2e needs root)"
+	@echo "make bench  - replay and live benchmarks (ratios measured side by side)"
+	@echo "make pcaps  - regenerate pcaps/ from real programs in namespaces"
+
+setup: deps venv
+
+deps: $(STAMP)/apt
+$(STAMP)/apt:
+	@mkdir -p $(STAMP)
+	@if ! command -v apt-get >/dev/null; then echo "apt-get not found: this setup targets Debian 12" >&2; exit 2; fi
+	@if [ "$$(id -u)" != 0 ]; then echo "run as root: the setup installs Debian packages" >&2; exit 2; fi
+	DEBIAN_FRONTEND=noninteractive apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
+	@touch $@
+
+venv: $(STAMP)/venv
+$(STAMP)/venv: pyproject.toml $(STAMP)/apt
+	@mkdir -p $(STAMP)
+	/usr/bin/python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+run demo: setup
+	$(VENV)/bin/egressd demo
+
+lint: venv
+	$(VENV)/bin/ruff check egressd tests bench pcaps
+	$(VENV)/bin/ruff format --check egressd
+	$(VENV)/bin/mypy --strict egressd
+
+test: setup lint
+	$(VENV)/bin/pytest -q -rs
+
+test-fast: venv
+	$(VENV)/bin/pytest -q -rs -m "not netns"
+
+bench: setup
+	$(PY) bench/replay.py
+	$(PY) bench/live.py
+
+pcaps: setup
+	$(PY) pcaps/make.py
+
+clean:
+	rm -rf build $(VENV) .mypy_cache .ruff_cache .pytest_cache

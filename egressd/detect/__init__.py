@@ -1,0 +1,1 @@
+"""Protocol detectors: pure functions over the reassembled head of a flow (see base.py)."""

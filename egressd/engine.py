@@ -1,0 +1,546 @@
+"""The sans-IO engine: packets in, verdicts and events out. No sockets, files or clocks.
+
+Both shells drive this one class: the daemon with packets from NFQUEUE, ``egressd test``
+with packets from a capture. That is the whole guarantee of ``egressd test``: a capture
+that replays to "drop" is dropped live, because it is the same code on the same bytes.
+
+Per packet (the hot path): decode headers (``packet.decode``), find the flow, and — only
+while the flow is still being classified — place the payload in the stream head and run
+the detectors that have not yet given up. A flow's verdict is *pinned* (the shell tells
+the kernel to stop sending it) as soon as every detector has decided, or after
+``max_packets`` packets, so Python sees the first handful of packets of each connection,
+never the bulk.
+
+Judgement (DESIGN.md "How a flow is judged"): the policy decides provisionally on the
+first packet from addresses, ports and the DNS-learned domain; it is asked again whenever a
+detection or a new domain (TLS SNI, CONNECT target) arrives. Decisions only ever get
+stricter: accept -> alert -> drop, never back, so a later, spoofable fact (an SNI naming an
+allowed host) cannot undo a drop.
+
+Nothing escapes ``feed``: a packet that cannot be decoded, or any internal error, is
+counted and gets the policy's ``on_error`` verdict.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Final
+
+from egressd.detect import base as d
+from egressd.detect.base import NEED_MORE, NOT_THIS, Detection, Outcome, StreamContext
+from egressd.detect.dns import answers_by_ip, detect_dns_stream, iter_tcp_messages, parse_message
+from egressd.detect.proxy import detect_proxy
+from egressd.detect.ssh import detect_ssh
+from egressd.detect.stratum import detect_stratum
+from egressd.detect.tls import detect_tls
+from egressd.events import PROTO_NAMES, Event, ip_text
+from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, Flow, FlowTable, make_key
+from egressd.packet import (
+    PROTO_TCP,
+    PROTO_UDP,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    Malformed,
+    Packet,
+    decode,
+)
+from egressd.policy import Decision, FlowFacts, Policy
+from egressd.stream import StreamHead
+
+# Verdicts returned by feed(); small ints so the hot path allocates nothing for them.
+ACCEPT: Final = 0  # let this packet pass, keep sending this flow
+ACCEPT_PIN: Final = 1  # let it pass and pin: the kernel handles the rest of the flow
+DROP: Final = 2  # drop it and pin: the rest of the flow is dropped/reset by the kernel
+
+VERDICT_NAMES: Final = {ACCEPT: "accept", ACCEPT_PIN: "accept+pin", DROP: "drop"}
+
+# Direction hints from the shell. The daemon knows the conntrack direction of each packet;
+# a capture does not, and the engine infers it from the flow's first packet.
+DIR_UNKNOWN: Final = 0
+DIR_ORIGINAL: Final = 1
+DIR_REPLY: Final = 2
+
+_RANK: Final = {"accept": 0, "alert": 1, "drop": 2}
+
+StreamDetector = Callable[[bytes, bytes, StreamContext], "Detection | Outcome"]
+
+# Order matters only for the evidence shown first; every detector sees the same bytes.
+_TCP_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
+    ("proxy", detect_proxy),
+    ("ssh", detect_ssh),
+    ("stratum", detect_stratum),
+    ("tls", detect_tls),
+)
+_INNER_DETECTORS: Final = tuple(x for x in _TCP_DETECTORS if x[0] != "proxy")
+_DNS_STREAM: Final[tuple[str, StreamDetector]] = ("dns", detect_dns_stream)
+
+# How much a finding matters when several were made on one flow (the event names the top one).
+_PRIORITY: Final = (
+    "mining",
+    "ssh.reverse",
+    "evasion",
+    "ssh",
+    "proxy",
+    "tls",
+    "dns",
+)
+
+
+def _priority(kind: str) -> int:
+    for i, p in enumerate(_PRIORITY):
+        if d.kind_matches(p, kind):
+            return i
+    return len(_PRIORITY)
+
+
+class Counters:
+    """Monotonic counters the daemon exports (``egressd status``, Prometheus)."""
+
+    __slots__ = (
+        "accept_pinned",
+        "detections",
+        "dropped",
+        "errors",
+        "evicted",
+        "flows",
+        "fragments",
+        "malformed",
+        "midstream",
+        "overload",
+        "packets",
+        "rules",
+    )
+
+    def __init__(self) -> None:
+        self.packets = 0
+        self.malformed = 0
+        self.errors = 0
+        self.flows = 0
+        self.midstream = 0
+        self.overload = 0
+        self.evicted = 0
+        self.fragments = 0
+        self.dropped = 0
+        self.accept_pinned = 0
+        self.detections: dict[str, int] = {}
+        self.rules: dict[str, int] = {}
+
+    def as_dict(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class Engine:
+    """Feed it packets, read verdicts back and drain ``events``."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.counters = Counters()
+        self.events: deque[Event] = deque()
+        self._fid = 0
+        self._dns: OrderedDict[bytes, tuple[tuple[str, ...], float]] = OrderedDict()
+        self._frags: OrderedDict[tuple[bytes, bytes, int, int], tuple[int, bytes, int, bytes, int]] = OrderedDict()
+        self.policy = policy
+        self.table = FlowTable(policy.settings.max_flows)
+        self._apply_settings(policy)
+
+    # -- configuration ------------------------------------------------------------------
+    def _apply_settings(self, policy: Policy) -> None:
+        s = policy.settings
+        self._head = s.head_bytes
+        self._max_packets = s.max_packets
+        self._idle = {PROTO_TCP: s.tcp_idle, PROTO_UDP: s.udp_idle}
+        self._dns_cap = s.dns_cache
+        self._error_verdict = DROP if policy.on_error == "drop" else ACCEPT
+        self._monitor = policy.mode == "monitor"
+        self.table.max_flows = s.max_flows
+
+    def reload(self, policy: Policy) -> None:
+        """Swap the policy between two packets. Flows already pinned keep their verdict;
+        flows still being classified are judged by the new policy from the next packet on."""
+        self.policy = policy
+        self._apply_settings(policy)
+
+    # -- the hot path -------------------------------------------------------------------
+    def feed(self, data: bytes, ts: float, direction: int = DIR_UNKNOWN) -> int:
+        self.counters.packets += 1
+        try:
+            p = decode(data)
+            if type(p) is Malformed:
+                self.counters.malformed += 1
+                return self._error_verdict
+            assert type(p) is Packet
+            return self._packet(p, ts, direction)
+        except Exception:  # never let one packet stop the loop; it still gets a verdict
+            self.counters.errors += 1
+            return self._error_verdict
+
+    def _packet(self, p: Packet, ts: float, direction: int) -> int:
+        if p.frag_offset:
+            return self._later_fragment(p)
+        key = make_key(p.proto, p.src, p.sport, p.dst, p.dport)
+        flow = self.table.get(key)
+        if flow is None:
+            return self._new_flow(p, key, ts, direction)
+        flow.last_ts = ts
+        flow.bytes += p.ip_len
+        if flow.state == PINNED_DROP:
+            return DROP
+        if flow.state == PINNED_ACCEPT:
+            return ACCEPT_PIN
+        from_orig = p.src == flow.src and p.sport == flow.sport
+        if from_orig and p.src == p.dst and p.sport == p.dport:
+            from_orig = direction != DIR_REPLY
+        return self._inspect(flow, p, ts, from_orig)
+
+    def _new_flow(self, p: Packet, key: tuple[int, bytes, int, bytes, int], ts: float, direction: int) -> int:
+        room = self.table.make_room(ts, self._idle)
+        if room is False:
+            return self._overload(p, ts)
+        if isinstance(room, Flow):
+            self.counters.evicted += 1
+            self._report(room, ts, "end")
+        src, sport, dst, dport = p.src, p.sport, p.dst, p.dport
+        midstream = False
+        from_orig = True
+        if p.proto == PROTO_TCP:
+            syn = p.tcp_flags & (TCP_SYN | TCP_ACK)
+            if direction == DIR_REPLY or syn == (TCP_SYN | TCP_ACK):
+                from_orig = False
+                midstream = syn != (TCP_SYN | TCP_ACK)
+            elif syn != TCP_SYN:
+                midstream = True
+                if direction == DIR_UNKNOWN and p.sport < p.dport:
+                    # A capture that starts mid-stream: guess that the lower port is the server,
+                    # and say it was a guess (the event carries "midstream": true).
+                    from_orig = False
+        elif direction == DIR_REPLY:
+            from_orig = False
+            midstream = True
+        if not from_orig:
+            src, sport, dst, dport = dst, dport, src, sport
+        self._fid += 1
+        flow = Flow(self._fid, key, p.version, p.proto, src, sport, dst, dport, ts)
+        flow.midstream = midstream
+        flow.bytes = p.ip_len
+        self.counters.flows += 1
+        if midstream:
+            self.counters.midstream += 1
+        names = self._dns_names(dst, ts)
+        if names:
+            flow.domains = names
+        if p.more_frags:
+            self._remember_fragment(p, key)
+        self.table.add(flow)
+        decision = self.policy.judge(self._facts(flow))
+        flow.decision = decision
+        if self._effective_drop(decision):
+            return self._pin_drop(flow, ts, "first-packet")
+        if p.proto == PROTO_TCP:
+            flow.fwd = StreamHead(self._head)
+            flow.rev = StreamHead(self._head)
+            flow.active_detectors = list(_TCP_DETECTORS)
+            if p.dport == 53 or p.sport == 53:
+                flow.active_detectors.append(_DNS_STREAM)
+            return self._inspect(flow, p, ts, from_orig)
+        if p.proto == PROTO_UDP and (dport == 53 or dport == 5353):
+            return self._inspect(flow, p, ts, from_orig)
+        # Other protocols and UDP without a detector: the first packet decides.
+        return self._pin_accept(flow, ts, "first-packet")
+
+    def _inspect(self, flow: Flow, p: Packet, ts: float, from_orig: bool) -> int:
+        if from_orig:
+            flow.fwd_pkts += 1
+        else:
+            flow.rev_pkts += 1
+        if p.more_frags:
+            self._remember_fragment(p, flow.key)
+        if p.proto == PROTO_UDP:
+            return self._udp_dns(flow, p, ts, from_orig)
+        head = flow.fwd if from_orig else flow.rev
+        assert head is not None
+        grew = False
+        flags = p.tcp_flags
+        if flags & TCP_SYN:
+            head.start(p.seq + 1)
+            if p.payload:  # TCP Fast Open: data in the SYN
+                grew = head.add(p.seq + 1, p.payload, p.truncated)
+        elif p.payload:
+            grew = head.add(p.seq, p.payload, p.truncated)
+        closed_now = False
+        if flags & (TCP_FIN | TCP_RST) and not head.closed:
+            head.closed = True
+            closed_now = True
+        if grew or closed_now or head.full:
+            verdict = self._detect(flow, ts)
+            if verdict is not None:
+                return verdict
+        if flow.fwd_pkts + flow.rev_pkts >= self._max_packets:
+            return self._pin_accept(flow, ts, "packet-limit")
+        return ACCEPT
+
+    # -- detection ----------------------------------------------------------------------
+    def _detect(self, flow: Flow, ts: float) -> int | None:
+        fwd, rev = flow.fwd, flow.rev
+        assert fwd is not None and rev is not None
+        ctx = StreamContext(flow.sport, flow.dport, fwd.closed, rev.closed, fwd.full, rev.full)
+        changed = False
+        fdata = fwd.data if not flow.inner_fwd else fwd.data[flow.inner_fwd :]
+        rdata = rev.data if not flow.inner_rev else rev.data[flow.inner_rev :]
+        for entry in list(flow.active_detectors):
+            name, fn = entry  # type: ignore[misc]
+            r = fn(fdata, rdata, ctx)
+            if r is NEED_MORE:
+                continue
+            if r is NOT_THIS:
+                flow.active_detectors.remove(entry)
+                continue
+            assert isinstance(r, Detection)
+            if not r.refine:
+                flow.active_detectors.remove(entry)
+            if self._record(flow, name, r):
+                changed = True
+            if name == "proxy" and r.inner_fwd >= 0:
+                inner_f = r.inner_fwd
+                inner_r = r.inner_rev if r.inner_rev >= 0 else len(rev.data)
+                if (inner_f, inner_r) != (flow.inner_fwd, flow.inner_rev):
+                    # The tunnelled stream starts here: look at it afresh with every other detector.
+                    flow.inner_fwd, flow.inner_rev = inner_f, inner_r
+                    keep = [e for e in flow.active_detectors if e[0] == "proxy"]  # type: ignore[index]
+                    flow.active_detectors = keep + list(_INNER_DETECTORS)
+                    for n, _ in _INNER_DETECTORS:
+                        self._forget(flow, n)
+                    return self._detect(flow, ts)
+        if (fwd.inconsistent or rev.inconsistent) and "stream" not in flow.detections:
+            side = "originator" if fwd.inconsistent else "responder"
+            changed |= self._record(
+                flow,
+                "stream",
+                Detection(d.STREAM_INCONSISTENT, f"retransmission from the {side} overlaps earlier bytes with different content"),
+            )
+        if changed:
+            v = self._rejudge(flow, ts)
+            if v is not None:
+                return v
+        if not flow.active_detectors or (fwd.full or fwd.closed) and (rev.full or rev.closed):
+            return self._pin_accept(flow, ts, "classified")
+        return None
+
+    def _record(self, flow: Flow, name: str, det: Detection) -> bool:
+        """Keep the newest finding per detector; learn the domain it carries. True if new."""
+        old = flow.detections.get(name)
+        if old is not None and old.kind == det.kind and old.evidence == det.evidence and old.info == det.info:
+            return False
+        flow.detections[name] = det
+        if old is None or old.kind != det.kind:
+            self.counters.detections[det.kind] = self.counters.detections.get(det.kind, 0) + 1
+        host = det.info.get("sni") or _host_of(det.info.get("target"))
+        if host:
+            self._add_domain(flow, host)
+        return True
+
+    def _forget(self, flow: Flow, name: str) -> None:
+        flow.detections.pop(name, None)
+
+    def _add_domain(self, flow: Flow, host: str) -> None:
+        host = host.lower().rstrip(".")
+        if host in flow.domains:
+            return
+        flow.domains = (*flow.domains, host)
+        hit = self.policy.pool_domains.match(host)
+        if hit is not None and "pool" not in flow.detections:
+            self._record(flow, "pool", Detection(d.MINING_POOL_DOMAIN, f"{host} matches pool list entry {hit}", info={"domain": host}))
+
+    def _udp_dns(self, flow: Flow, p: Packet, ts: float, from_orig: bool) -> int:
+        msg = parse_message(p.payload)
+        changed = False
+        if msg is not None:
+            if from_orig:
+                for q in msg.questions:
+                    before = len(flow.detections)
+                    self._add_domain(flow, q.name)
+                    changed |= len(flow.detections) != before
+                if "dns" not in flow.detections and msg.questions:
+                    q0 = msg.questions[0]
+                    flow.detections["dns"] = Detection(d.DNS, f"query {q0.name} type {q0.qtype}", info={"qname": q0.name})
+            else:
+                self._learn(msg, ts)
+        if changed:
+            v = self._rejudge(flow, ts)
+            if v is not None:
+                return v
+        if not from_orig or flow.fwd_pkts >= self._max_packets:
+            # The answer is what we needed from a DNS flow; pin it.
+            return self._pin_accept(flow, ts, "classified")
+        return ACCEPT
+
+    def _learn(self, msg: object, ts: float) -> None:
+        """Remember which name each answered address came from (bounded LRU)."""
+        for ip, name, ttl in answers_by_ip(msg):  # type: ignore[arg-type]
+            names = (name,)
+            old = self._dns.get(ip)
+            if old is not None and old[1] >= ts and name not in old[0]:
+                names = (name, *old[0])[:4]
+            self._dns[ip] = (names, ts + max(ttl, 0) + 60.0)
+            self._dns.move_to_end(ip)
+            while len(self._dns) > self._dns_cap:
+                self._dns.popitem(last=False)
+
+    def _dns_names(self, ip: bytes, ts: float) -> tuple[str, ...]:
+        e = self._dns.get(ip)
+        if e is None or e[1] < ts:
+            return ()
+        return e[0]
+
+    # -- judgement ----------------------------------------------------------------------
+    def _facts(self, flow: Flow) -> FlowFacts:
+        return FlowFacts(
+            flow.proto,
+            flow.version,
+            flow.src,
+            flow.dst,
+            flow.sport,
+            flow.dport,
+            flow.domains,
+            tuple(x.kind for x in flow.detections.values()),
+        )
+
+    def _rejudge(self, flow: Flow, ts: float) -> int | None:
+        # DNS answers on TCP/53 flows teach us names too.
+        if flow.proto == PROTO_TCP and (flow.sport == 53 or flow.dport == 53) and flow.rev is not None:
+            for m in iter_tcp_messages(flow.rev.data):
+                parsed = parse_message(m)
+                if parsed is not None:
+                    self._learn(parsed, ts)
+        new = self.policy.judge(self._facts(flow))
+        old = flow.decision
+        if old is None or _RANK[new.action] >= _RANK[old.action]:
+            flow.decision = new
+        assert flow.decision is not None
+        if self._effective_drop(flow.decision):
+            return self._pin_drop(flow, ts, "detection")
+        return None
+
+    def _effective_drop(self, decision: Decision) -> bool:
+        return decision.action == "drop" and not self._monitor
+
+    def _pin_drop(self, flow: Flow, ts: float, reason: str) -> int:
+        flow.state = PINNED_DROP
+        self.table.finish(flow)
+        self.counters.dropped += 1
+        self._report(flow, ts, reason)
+        return DROP
+
+    def _pin_accept(self, flow: Flow, ts: float, reason: str) -> int:
+        flow.state = PINNED_ACCEPT
+        self.table.finish(flow)
+        self.counters.accept_pinned += 1
+        self._report(flow, ts, reason)
+        return ACCEPT_PIN
+
+    def _overload(self, p: Packet, ts: float) -> int:
+        """The table is full of flows still being classified: apply ``on_overload`` to the
+        new flow without tracking it (never by forgetting one that is being judged)."""
+        self.counters.overload += 1
+        act = self.policy.on_overload
+        self._fid += 1
+        ev = Event(
+            ts, self._fid, ip_text(p.src), p.sport, ip_text(p.dst), p.dport, PROTO_NAMES.get(p.proto, str(p.proto)),
+            act, "blocked" if act == "drop" else "allowed", "on_overload",
+            "flow table full of flows still being classified", "overload", self.policy.mode,
+        )  # fmt: skip
+        self.events.append(ev)
+        return DROP if act == "drop" else ACCEPT_PIN
+
+    # -- fragments ----------------------------------------------------------------------
+    def _remember_fragment(self, p: Packet, key: tuple[int, bytes, int, bytes, int]) -> None:
+        fk = (p.src, p.dst, p.frag_id, p.proto)
+        self._frags[fk] = key
+        while len(self._frags) > 4096:
+            self._frags.popitem(last=False)
+
+    def _later_fragment(self, p: Packet) -> int:
+        """A non-first fragment carries no ports: it follows the verdict of its first fragment."""
+        self.counters.fragments += 1
+        key = self._frags.get((p.src, p.dst, p.frag_id, p.proto))
+        flow = self.table.get(key) if key is not None else None
+        if flow is None:
+            return self._error_verdict
+        if flow.state == PINNED_DROP:
+            return DROP
+        return ACCEPT
+
+    # -- time and end of input ----------------------------------------------------------
+    def sweep(self, now: float) -> None:
+        """Expire idle flows (the shell calls this about once a second, or at capture end)."""
+        for f in self.table.expire(now, self._idle):
+            self._report(f, now, "end")
+
+    def finish(self, now: float) -> None:
+        """End of input (a capture replay): report every flow still being classified."""
+        for f in list(self.table.active.values()):
+            f.state = PINNED_ACCEPT if f.decision is None or not self._effective_drop(f.decision) else PINNED_DROP
+            self._report(f, now, "end")
+        self.table.active.clear()
+
+    # -- events -------------------------------------------------------------------------
+    def _report(self, flow: Flow, ts: float, reason: str) -> None:
+        dec = flow.decision
+        if dec is None:
+            return
+        sig = (dec.action, dec.rule)
+        if flow.reported == sig:
+            return
+        flow.reported = sig
+        self.counters.rules[dec.rule] = self.counters.rules.get(dec.rule, 0) + 1
+        primary: Detection | None = None
+        for x in flow.detections.values():
+            if primary is None or _priority(x.kind) < _priority(primary.kind):
+                primary = x
+        det = None
+        if primary is not None:
+            det = {
+                "kind": primary.kind,
+                "evidence": primary.evidence,
+                "info": primary.info,
+            }
+        blocked = self._effective_drop(dec)
+        ev = Event(
+            timestamp=ts,
+            flow_id=flow.fid,
+            src_ip=ip_text(flow.src),
+            src_port=flow.sport,
+            dest_ip=ip_text(flow.dst),
+            dest_port=flow.dport,
+            proto=PROTO_NAMES.get(flow.proto, str(flow.proto)),
+            verdict=dec.action,
+            action="blocked" if blocked else "allowed",
+            rule=dec.rule,
+            rule_description=dec.description,
+            reason=reason,
+            mode=self.policy.mode,
+            domain=flow.domains[0] if flow.domains else None,
+            detection=det,
+            detections=sorted({x.kind for x in flow.detections.values()}, key=_priority),
+            midstream=flow.midstream,
+            packets=flow.fwd_pkts + flow.rev_pkts,
+            bytes=flow.bytes,
+        )
+        if self._monitor and dec.action == "drop":
+            ev.extra = {"would_drop": True}
+        self.events.append(ev)
+
+
+def _host_of(target: str | None) -> str | None:
+    """"host:port" or "[v6]:port" -> host when it is a name (addresses are not domains)."""
+    if not target:
+        return None
+    host = target
+    if host.startswith("["):
+        return None
+    if ":" in host:
+        host = host.rsplit(":", 1)[0]
+    if not host or host.replace(".", "").isdigit():
+        return None
+    return host

@@ -1,0 +1,167 @@
+"""The flow table: bidirectional flows keyed by 5-tuple, bounded whatever the input.
+
+Goal: O(1) lookup per packet, memory bounded by ``max_flows`` entries whose heavy parts
+(the two 8 KiB stream heads) exist only while a flow is being classified.
+
+Plan: two LRU-ordered dicts. ``active`` holds flows still being classified (they own stream
+buffers and detector state); ``done`` holds flows whose verdict is final (pinned in the
+kernel, so the daemon will rarely see them again; a pcap replay still does). When the table
+is full we evict, in this order: a finished flow (least recently used), then an active flow
+that has been idle past its timeout. Only when neither exists is the table *overloaded*;
+then the caller applies the policy's ``on_overload`` action to the new flow instead of
+tracking it — we never make room by forgetting a flow that is still being judged, because
+that is exactly how an attacker would get a flow past classification (flood the table,
+then send the handshake).
+
+Why a key normalised by address order: a packet and its reply must find the same flow
+without knowing which side opened it; the flow itself remembers the originator.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Final
+
+from egressd.stream import StreamHead
+
+if TYPE_CHECKING:
+    from egressd.detect.base import Detection
+    from egressd.policy import Decision
+
+FlowKey = tuple[int, bytes, int, bytes, int]
+
+# Decision states of a flow (what the engine has told the shell so far).
+PENDING: Final = 0  # accepted provisionally, still being classified
+PINNED_ACCEPT: Final = 1
+PINNED_DROP: Final = 2
+
+
+def make_key(proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> FlowKey:
+    if (src, sport) <= (dst, dport):
+        return (proto, src, sport, dst, dport)
+    return (proto, dst, dport, src, sport)
+
+
+class Flow:
+    __slots__ = (
+        "active_detectors",
+        "bytes",
+        "decision",
+        "detections",
+        "domains",
+        "dport",
+        "dst",
+        "fid",
+        "first_ts",
+        "fwd",
+        "fwd_pkts",
+        "inner_fwd",
+        "inner_rev",
+        "key",
+        "last_ts",
+        "midstream",
+        "proto",
+        "reported",
+        "rev",
+        "rev_pkts",
+        "sport",
+        "src",
+        "state",
+        "version",
+    )
+
+    def __init__(
+        self, fid: int, key: FlowKey, version: int, proto: int, src: bytes, sport: int, dst: bytes, dport: int, ts: float
+    ) -> None:
+        self.fid = fid
+        self.key = key
+        self.version = version
+        self.proto = proto
+        self.src = src  # originator
+        self.sport = sport
+        self.dst = dst  # responder
+        self.dport = dport
+        self.first_ts = ts
+        self.last_ts = ts
+        self.midstream = False
+        self.fwd: StreamHead | None = None
+        self.rev: StreamHead | None = None
+        self.fwd_pkts = 0
+        self.rev_pkts = 0
+        self.bytes = 0
+        self.state = PENDING
+        self.decision: Decision | None = None
+        self.detections: dict[str, Detection] = {}  # by detector name
+        self.domains: tuple[str, ...] = ()
+        self.active_detectors: list[object] = []
+        self.inner_fwd = 0
+        self.inner_rev = 0
+        self.reported: tuple[str, str] | None = None  # (action, rule) last written as an event
+
+    def release(self) -> None:
+        """Drop what only classification needs, once the verdict is final."""
+        self.fwd = None
+        self.rev = None
+        self.active_detectors = []
+
+
+class FlowTable:
+    __slots__ = ("active", "done", "max_flows")
+
+    def __init__(self, max_flows: int) -> None:
+        self.max_flows = max_flows
+        self.active: OrderedDict[FlowKey, Flow] = OrderedDict()
+        self.done: OrderedDict[FlowKey, Flow] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.active) + len(self.done)
+
+    def get(self, key: FlowKey) -> Flow | None:
+        f = self.active.get(key)
+        if f is not None:
+            self.active.move_to_end(key)
+            return f
+        f = self.done.get(key)
+        if f is not None:
+            self.done.move_to_end(key)
+        return f
+
+    def finish(self, flow: Flow) -> None:
+        """Move a flow whose verdict is now final to the cheap side of the table."""
+        if self.active.pop(flow.key, None) is not None:
+            flow.release()
+            self.done[flow.key] = flow
+
+    def make_room(self, now: float, idle_of: dict[int, float]) -> Flow | None | bool:
+        """Free one slot if the table is full.
+
+        Returns True when there is room without eviction, an evicted *active* flow (the
+        caller reports its end), None when a finished flow was evicted, or False when the
+        table is overloaded: full of flows still being classified and none idle.
+        """
+        if len(self.active) + len(self.done) < self.max_flows:
+            return True
+        if self.done:
+            self.done.popitem(last=False)
+            return None
+        key, oldest = next(iter(self.active.items()))
+        if now - oldest.last_ts >= idle_of.get(oldest.proto, 60.0):
+            del self.active[key]
+            return oldest
+        return False
+
+    def add(self, flow: Flow) -> None:
+        self.active[flow.key] = flow
+
+    def expire(self, now: float, idle_of: dict[int, float]) -> list[Flow]:
+        """Remove flows idle past their timeout; returns the active ones (to be reported)."""
+        ended: list[Flow] = []
+        for table, is_active in ((self.active, True), (self.done, False)):
+            while table:
+                key, f = next(iter(table.items()))
+                if now - f.last_ts < idle_of.get(f.proto, 60.0):
+                    break
+                del table[key]
+                if is_active:
+                    ended.append(f)
+        return ended

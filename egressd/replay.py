@@ -1,0 +1,72 @@
+"""``egressd test``'s shell: a capture file -> the engine -> decision events.
+
+Thin on purpose (DESIGN.md): everything that decides lives in the engine, so this module
+only reads packets, hands them over with their capture timestamps, and collects events.
+Each capture gets its own engine: flows and time do not continue from one file into the
+next. Idle flows are swept as capture time advances, so a long capture replays in bounded
+memory exactly as the daemon would run for that long.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from egressd.engine import Engine
+from egressd.events import Event
+from egressd.pcapio import CaptureError, Reader
+from egressd.policy import Policy
+
+ProgressFn = Callable[[int, int], None]  # (bytes read so far, file size)
+
+
+@dataclass
+class ReplayResult:
+    path: str
+    events: list[Event] = field(default_factory=list)
+    packets: int = 0
+    error: CaptureError | None = None
+    counters: dict[str, object] = field(default_factory=dict)
+    skipped: int = 0  # non-IP frames
+
+    def final_events(self) -> list[Event]:
+        """The last decision per flow: decisions only get stricter, so the last one stands."""
+        last: dict[int, Event] = {}
+        for e in self.events:
+            last[e.flow_id] = e
+        return sorted(last.values(), key=lambda e: (e.timestamp, e.flow_id))
+
+
+SWEEP_EVERY = 1.0  # capture seconds between idle sweeps
+
+
+def replay(path: str | Path, policy: Policy, progress: ProgressFn | None = None) -> ReplayResult:
+    res = ReplayResult(str(path))
+    eng = Engine(policy)
+    reader = Reader(path)
+    next_sweep = 0.0
+    last_ts = 0.0
+    n = 0
+    feed = eng.feed
+    try:
+        for ts, data in reader:
+            feed(data, ts)
+            n += 1
+            last_ts = ts
+            if ts >= next_sweep:
+                if next_sweep:
+                    eng.sweep(ts)
+                next_sweep = ts + SWEEP_EVERY
+            if progress is not None and not n & 0x3FF:
+                progress(reader.offset, reader.size)
+    except CaptureError as e:
+        res.error = e
+    eng.finish(last_ts)
+    res.packets = n
+    res.events = list(eng.events)
+    res.counters = eng.counters.as_dict()
+    res.skipped = reader.stats.non_ip
+    if progress is not None:
+        progress(reader.size, reader.size)
+    return res
