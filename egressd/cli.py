@@ -45,8 +45,12 @@ def _add_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="expectation YAML (flows -> verdict/detection/rule); with several captures, applied to each",
     )
     p.add_argument("--json", action="store_true", help="one EVE-style JSON event per line on stdout")
-    p.add_argument("--only-flagged", action="store_true", help="show only flows with a detection or not accepted")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    p.add_argument(
+        "--only-flagged", action="store_true", help="show only flows with a detection or not accepted"
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)"
+    )
 
 
 def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,7 +61,9 @@ def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("policies", nargs="+", metavar="POLICY", help="policy YAML file(s), e.g. rules/default.yaml")
+    p.add_argument(
+        "policies", nargs="+", metavar="POLICY", help="policy YAML file(s), e.g. rules/default.yaml"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,21 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from egressd.policy import PolicyError, load_policy
+    from egressd.policy import PolicyError, load_policy, validate
 
     bad = 0
     for path in args.policies:
+        if not Path(path).is_file():
+            bad += 1
+            print(f"{path}: no such file", file=sys.stderr)
+            continue
+        problems = validate(path)
+        if problems:
+            bad += 1
+            for d in problems:
+                print(str(d), file=sys.stderr)
+            continue
         try:
             pol = load_policy(path)
-        except PolicyError as e:
-            bad += 1
-            print(str(e), file=sys.stderr)
+        except PolicyError:
+            # validate() accepts a file of lists only (rules/lists/*.yaml); it is not a policy.
+            print(f"{path}: ok (a list file, for policies to include)")
             continue
-        except OSError as e:
-            bad += 1
-            print(f"{path}: cannot read: {e.strerror or e}", file=sys.stderr)
-            continue
-        print(f"{path}: ok ({len(pol.rules)} rules, mode {pol.mode}, default {pol.default}, files: {len(pol.files)})")
+        print(
+            f"{path}: ok ({len(pol.rules)} rules, mode {pol.mode}, default {pol.default}, {len(pol.files)} file(s))"
+        )
     return EXIT_FAIL if bad else EXIT_OK
 
 

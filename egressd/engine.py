@@ -63,6 +63,8 @@ DIR_UNKNOWN: Final = 0
 DIR_ORIGINAL: Final = 1
 DIR_REPLY: Final = 2
 
+_DNS_PORTS: Final = frozenset({53, 5353})
+
 _RANK: Final = {"accept": 0, "alert": 1, "drop": 2}
 
 StreamDetector = Callable[[bytes, bytes, StreamContext], "Detection | Outcome"]
@@ -140,7 +142,9 @@ class Engine:
         self.events: deque[Event] = deque()
         self._fid = 0
         self._dns: OrderedDict[bytes, tuple[tuple[str, ...], float]] = OrderedDict()
-        self._frags: OrderedDict[tuple[bytes, bytes, int, int], tuple[int, bytes, int, bytes, int]] = OrderedDict()
+        self._frags: OrderedDict[tuple[bytes, bytes, int, int], tuple[int, bytes, int, bytes, int]] = (
+            OrderedDict()
+        )
         self.policy = policy
         self.table = FlowTable(policy.settings.max_flows)
         self._apply_settings(policy)
@@ -233,10 +237,10 @@ class Engine:
         if p.more_frags:
             self._remember_fragment(p, key)
         self.table.add(flow)
-        decision = self.policy.judge(self._facts(flow))
-        flow.decision = decision
-        if self._effective_drop(decision):
-            return self._pin_drop(flow, ts, "first-packet")
+        flow.decision = self.policy.judge(self._facts(flow))
+        v = self._settle(flow, ts, "first-packet")
+        if v is not None:
+            return v
         if p.proto == PROTO_TCP:
             flow.fwd = StreamHead(self._head)
             flow.rev = StreamHead(self._head)
@@ -244,7 +248,7 @@ class Engine:
             if p.dport == 53 or p.sport == 53:
                 flow.active_detectors.append(_DNS_STREAM)
             return self._inspect(flow, p, ts, from_orig)
-        if p.proto == PROTO_UDP and (dport == 53 or dport == 5353):
+        if p.proto == PROTO_UDP and (dport in _DNS_PORTS or sport in _DNS_PORTS):
             return self._inspect(flow, p, ts, from_orig)
         # Other protocols and UDP without a detector: the first packet decides.
         return self._pin_accept(flow, ts, "first-packet")
@@ -272,12 +276,23 @@ class Engine:
         if flags & (TCP_FIN | TCP_RST) and not head.closed:
             head.closed = True
             closed_now = True
-        if grew or closed_now or head.full:
+        if grew or closed_now or (head.inconsistent and "stream" not in flow.detections):
             verdict = self._detect(flow, ts)
             if verdict is not None:
                 return verdict
-        if flow.fwd_pkts + flow.rev_pkts >= self._max_packets:
-            return self._pin_accept(flow, ts, "packet-limit")
+        # Only packets that taught the detectors nothing count towards the limit: a sender
+        # that cuts its handshake into 1-byte segments must not run the flow out of packets
+        # before the handshake is complete. Each growing segment also buys one empty packet
+        # (the ACK it elicits). Growth is bounded by the head size, so a flow is pinned
+        # after at most 2 * head_bytes + max_packets packets whatever the peers do.
+        if grew:
+            flow.credit += 1
+        elif p.payload or not flow.credit:
+            flow.stale += 1
+            if flow.stale >= self._max_packets:
+                return self._pin_accept(flow, ts, "packet-limit")
+        else:
+            flow.credit -= 1
         return ACCEPT
 
     # -- detection ----------------------------------------------------------------------
@@ -312,12 +327,17 @@ class Engine:
                     for n, _ in _INNER_DETECTORS:
                         self._forget(flow, n)
                     return self._detect(flow, ts)
+        if flow.dport in _DNS_PORTS or flow.sport in _DNS_PORTS:
+            changed |= self._tcp_dns(flow, fdata, rdata, ts)
         if (fwd.inconsistent or rev.inconsistent) and "stream" not in flow.detections:
             side = "originator" if fwd.inconsistent else "responder"
             changed |= self._record(
                 flow,
                 "stream",
-                Detection(d.STREAM_INCONSISTENT, f"retransmission from the {side} overlaps earlier bytes with different content"),
+                Detection(
+                    d.STREAM_INCONSISTENT,
+                    f"retransmission from the {side} overlaps earlier bytes with different content",
+                ),
             )
         if changed:
             v = self._rejudge(flow, ts)
@@ -326,6 +346,20 @@ class Engine:
         if not flow.active_detectors or (fwd.full or fwd.closed) and (rev.full or rev.closed):
             return self._pin_accept(flow, ts, "classified")
         return None
+
+    def _tcp_dns(self, flow: Flow, fdata: bytes, rdata: bytes, ts: float) -> bool:
+        """DNS over TCP (RFC 7766): query names are the flow's domains, answers teach names."""
+        before = flow.domains
+        for m in iter_tcp_messages(fdata):
+            msg = parse_message(m)
+            if msg is not None and not msg.is_response:
+                for q in msg.questions:
+                    self._add_domain(flow, q.name)
+        for m in iter_tcp_messages(rdata):
+            msg = parse_message(m)
+            if msg is not None and msg.is_response:
+                self._learn(msg, ts)
+        return flow.domains is not before
 
     def _record(self, flow: Flow, name: str, det: Detection) -> bool:
         """Keep the newest finding per detector; learn the domain it carries. True if new."""
@@ -350,22 +384,32 @@ class Engine:
         flow.domains = (*flow.domains, host)
         hit = self.policy.pool_domains.match(host)
         if hit is not None and "pool" not in flow.detections:
-            self._record(flow, "pool", Detection(d.MINING_POOL_DOMAIN, f"{host} matches pool list entry {hit}", info={"domain": host}))
+            self._record(
+                flow,
+                "pool",
+                Detection(
+                    d.MINING_POOL_DOMAIN, f"{host} matches pool list entry {hit}", info={"domain": host}
+                ),
+            )
 
     def _udp_dns(self, flow: Flow, p: Packet, ts: float, from_orig: bool) -> int:
         msg = parse_message(p.payload)
         changed = False
         if msg is not None:
-            if from_orig:
+            if msg.is_response:
+                # Learn from every answer, whichever side we think sent it (a capture may
+                # start after the query): answers are what name the addresses.
+                self._learn(msg, ts)
+            elif from_orig:
                 for q in msg.questions:
-                    before = len(flow.detections)
+                    before = flow.domains
                     self._add_domain(flow, q.name)
-                    changed |= len(flow.detections) != before
+                    changed |= flow.domains is not before
                 if "dns" not in flow.detections and msg.questions:
                     q0 = msg.questions[0]
-                    flow.detections["dns"] = Detection(d.DNS, f"query {q0.name} type {q0.qtype}", info={"qname": q0.name})
-            else:
-                self._learn(msg, ts)
+                    flow.detections["dns"] = Detection(
+                        d.DNS, f"query {q0.name} type {q0.qtype}", info={"qname": q0.name}
+                    )
         if changed:
             v = self._rejudge(flow, ts)
             if v is not None:
@@ -407,20 +451,21 @@ class Engine:
         )
 
     def _rejudge(self, flow: Flow, ts: float) -> int | None:
-        # DNS answers on TCP/53 flows teach us names too.
-        if flow.proto == PROTO_TCP and (flow.sport == 53 or flow.dport == 53) and flow.rev is not None:
-            for m in iter_tcp_messages(flow.rev.data):
-                parsed = parse_message(m)
-                if parsed is not None:
-                    self._learn(parsed, ts)
         new = self.policy.judge(self._facts(flow))
         old = flow.decision
         if old is None or _RANK[new.action] >= _RANK[old.action]:
             flow.decision = new
-        assert flow.decision is not None
-        if self._effective_drop(flow.decision):
-            return self._pin_drop(flow, ts, "detection")
-        return None
+        return self._settle(flow, ts, "detection")
+
+    def _settle(self, flow: Flow, ts: float, reason: str) -> int | None:
+        """A drop decision ends classification: enforced, it is pinned as a drop; in monitor
+        mode the would-be drop is recorded at once and the flow pinned as accepted."""
+        dec = flow.decision
+        if dec is None or dec.action != "drop":
+            return None
+        if self._monitor:
+            return self._pin_accept(flow, ts, reason)
+        return self._pin_drop(flow, ts, reason)
 
     def _effective_drop(self, decision: Decision) -> bool:
         return decision.action == "drop" and not self._monitor
@@ -480,7 +525,9 @@ class Engine:
     def finish(self, now: float) -> None:
         """End of input (a capture replay): report every flow still being classified."""
         for f in list(self.table.active.values()):
-            f.state = PINNED_ACCEPT if f.decision is None or not self._effective_drop(f.decision) else PINNED_DROP
+            f.state = (
+                PINNED_ACCEPT if f.decision is None or not self._effective_drop(f.decision) else PINNED_DROP
+            )
             self._report(f, now, "end")
         self.table.active.clear()
 
@@ -533,7 +580,7 @@ class Engine:
 
 
 def _host_of(target: str | None) -> str | None:
-    """"host:port" or "[v6]:port" -> host when it is a name (addresses are not domains)."""
+    """ "host:port" or "[v6]:port" -> host when it is a name (addresses are not domains)."""
     if not target:
         return None
     host = target

@@ -15,7 +15,17 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 47: "GRE", 50: "ESP", 51: "AH", 58: "IPv6-ICMP", 4: "IPIP", 41: "IPv6"}
+PROTO_NAMES = {
+    1: "ICMP",
+    6: "TCP",
+    17: "UDP",
+    47: "GRE",
+    50: "ESP",
+    51: "AH",
+    58: "IPv6-ICMP",
+    4: "IPIP",
+    41: "IPv6",
+}
 
 # Severity per detection family (EVE: 1 = high). Unlisted kinds get 3.
 _SEVERITY = {"mining": 1, "ssh.reverse": 1, "evasion": 1, "ssh": 2, "proxy": 2}
@@ -77,7 +87,11 @@ class Event:
 
     @property
     def event_type(self) -> str:
-        if self.verdict != "accept" or self.detection is not None and self.detection["kind"] not in ("tls", "dns"):
+        if (
+            self.verdict != "accept"
+            or self.detection is not None
+            and self.detection["kind"] not in ("tls", "dns")
+        ):
             return "alert"
         return "flow"
 

@@ -103,7 +103,15 @@ def load(path: str | Path) -> ExpectFile:
         if count is not None and (not isinstance(count, int) or count < 0):
             raise ExpectError(f"{where}: count must be a whole number >= 0")
         items.append(
-            Expectation(line, match, verdict, _opt_str(raw, "detection"), _opt_str(raw, "rule"), count, _opt_str(raw, "domain"))
+            Expectation(
+                line,
+                match,
+                verdict,
+                _opt_str(raw, "detection"),
+                _opt_str(raw, "rule"),
+                count,
+                _opt_str(raw, "domain"),
+            )
         )
     pol = data.get("policy")
     policy = (p.parent / str(pol)).resolve() if pol else None
@@ -157,15 +165,21 @@ def check(exp: ExpectFile, events: list[Event]) -> list[str]:
         for e in hits:
             flow = f"{e.proto} {e.src_ip}:{e.src_port} -> {e.dest_ip}:{e.dest_port}"
             if x.verdict is not None and e.verdict != x.verdict:
-                problems.append(f"{x.describe()}: {flow} verdict {e.verdict} (rule {e.rule}), expected {x.verdict}")
+                problems.append(
+                    f"{x.describe()}: {flow} verdict {e.verdict} (rule {e.rule}), expected {x.verdict}"
+                )
             if x.rule is not None and e.rule != x.rule:
                 problems.append(f"{x.describe()}: {flow} decided by rule {e.rule}, expected {x.rule}")
             if x.detection is not None:
                 if x.detection == "none":
                     if e.detections:
-                        problems.append(f"{x.describe()}: {flow} has detections {e.detections}, expected none")
+                        problems.append(
+                            f"{x.describe()}: {flow} has detections {e.detections}, expected none"
+                        )
                 elif not any(kind_matches(x.detection, k) for k in e.detections):
-                    problems.append(f"{x.describe()}: {flow} detections {e.detections or 'none'}, expected {x.detection}")
+                    problems.append(
+                        f"{x.describe()}: {flow} detections {e.detections or 'none'}, expected {x.detection}"
+                    )
             if x.domain is not None and e.domain != x.domain:
                 problems.append(f"{x.describe()}: {flow} domain {e.domain}, expected {x.domain}")
     return problems

@@ -46,6 +46,7 @@ class Flow:
     __slots__ = (
         "active_detectors",
         "bytes",
+        "credit",
         "decision",
         "detections",
         "domains",
@@ -66,12 +67,22 @@ class Flow:
         "rev_pkts",
         "sport",
         "src",
+        "stale",
         "state",
         "version",
     )
 
     def __init__(
-        self, fid: int, key: FlowKey, version: int, proto: int, src: bytes, sport: int, dst: bytes, dport: int, ts: float
+        self,
+        fid: int,
+        key: FlowKey,
+        version: int,
+        proto: int,
+        src: bytes,
+        sport: int,
+        dst: bytes,
+        dport: int,
+        ts: float,
     ) -> None:
         self.fid = fid
         self.key = key
@@ -88,6 +99,8 @@ class Flow:
         self.rev: StreamHead | None = None
         self.fwd_pkts = 0
         self.rev_pkts = 0
+        self.credit = 0  # empty packets (ACKs) earned by segments that grew a head
+        self.stale = 0  # packets that added nothing to either head (see Engine._inspect)
         self.bytes = 0
         self.state = PENDING
         self.decision: Decision | None = None

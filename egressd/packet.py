@@ -40,7 +40,9 @@ _EXT_DSTOPTS: Final = 60
 _EXT_MOBILITY: Final = 135
 _EXT_HIP: Final = 139
 _EXT_SHIM6: Final = 140
-_EXT_GENERIC: Final = frozenset({_EXT_HOPOPTS, _EXT_ROUTING, _EXT_DSTOPTS, _EXT_MOBILITY, _EXT_HIP, _EXT_SHIM6})
+_EXT_GENERIC: Final = frozenset(
+    {_EXT_HOPOPTS, _EXT_ROUTING, _EXT_DSTOPTS, _EXT_MOBILITY, _EXT_HIP, _EXT_SHIM6}
+)
 _EXT_NONE: Final = 59
 MAX_EXT_HEADERS: Final = 16
 
@@ -188,7 +190,9 @@ def _transport(
 ) -> Packet | Malformed:
     if frag_off:
         # Non-first fragment: no transport header here.
-        return Packet(v, src, dst, proto, 0, 0, 0, 0, 0, buf[off:end], total, truncated, frag_off, more, ident)
+        return Packet(
+            v, src, dst, proto, 0, 0, 0, 0, 0, buf[off:end], total, truncated, frag_off, more, ident
+        )
     avail = end - off
     if proto == PROTO_TCP:
         if avail < 20:
@@ -213,14 +217,18 @@ def _transport(
         if ulen < 8 and ulen != 0:  # 0: jumbogram / GSO
             return Malformed(f"UDP length {ulen} < 8", v)
         stop = end if ulen == 0 or off + ulen > end else off + ulen
-        return Packet(v, src, dst, proto, sport, dport, 0, 0, 0, buf[off + 8 : stop], total, truncated, 0, more, ident)
+        return Packet(
+            v, src, dst, proto, sport, dport, 0, 0, 0, buf[off + 8 : stop], total, truncated, 0, more, ident
+        )
     if proto == PROTO_ICMP or proto == PROTO_ICMPV6:
         if avail < 4:
             return Malformed(f"ICMP header needs 4 bytes, got {avail}", v)
         t, c = buf[off], buf[off + 1]
         # Echo id as "port" so that ping flows are told apart.
         ident_port = _U16.unpack_from(buf, off + 4)[0] if avail >= 8 else 0
-        p = Packet(v, src, dst, proto, ident_port, 0, 0, 0, 0, buf[off + 4 : end], total, truncated, 0, more, ident)
+        p = Packet(
+            v, src, dst, proto, ident_port, 0, 0, 0, 0, buf[off + 4 : end], total, truncated, 0, more, ident
+        )
         p.icmp_type = t
         p.icmp_code = c
         return p

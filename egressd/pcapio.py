@@ -72,20 +72,20 @@ LINKTYPE_NFLOG: Final = 239
 LINKTYPE_LINUX_SLL2: Final = 276
 
 LINKTYPE_NAMES: Final[dict[int, str]] = {
-    0: "NULL (BSD loopback)",
+    0: "NULL",
     1: "ETHERNET",
-    6: "IEEE802_5 (Token Ring)",
+    6: "IEEE802_5",
     9: "PPP",
     10: "FDDI",
-    12: "RAW (DLT 12)",
-    14: "RAW (DLT 14)",
+    12: "RAW",
+    14: "RAW",
     50: "PPP_HDLC",
-    51: "PPP_ETHER (PPPoE)",
+    51: "PPP_ETHER",
     101: "RAW",
-    104: "C_HDLC (Cisco HDLC)",
-    105: "IEEE802_11 (Wi-Fi)",
-    108: "LOOP (OpenBSD loopback)",
-    113: "LINUX_SLL (Linux cooked)",
+    104: "C_HDLC",
+    105: "IEEE802_11",
+    108: "LOOP",
+    113: "LINUX_SLL",
     117: "PFLOG",
     119: "IEEE802_11_PRISM",
     127: "IEEE802_11_RADIOTAP",
@@ -100,7 +100,7 @@ LINKTYPE_NAMES: Final[dict[int, str]] = {
     229: "IPV6",
     239: "NFLOG",
     249: "USBPCAP",
-    276: "LINUX_SLL2 (Linux cooked v2)",
+    276: "LINUX_SLL2",
 }
 
 
@@ -386,7 +386,7 @@ def _non_ip_kind(buf: _Buf, off: int, end: int, lt: int) -> str:
     elif lt == LINKTYPE_LINUX_SLL2 and off + 20 <= end:
         et, p = buf[off] << 8 | buf[off + 1], off + 20
     if et < 0:
-        return f"{LINKTYPE_NAMES.get(lt, str(lt)).split(' ')[0]} frame ({end - off} bytes)"
+        return f"{LINKTYPE_NAMES.get(lt, str(lt))} frame ({end - off} bytes)"
     for _ in range(_MAX_TAGS):
         if et in _ET_VLAN and p + 4 <= end:
             et = buf[p + 2] << 8 | buf[p + 3]
@@ -570,6 +570,9 @@ class Reader:
                 packets += 1
                 nbytes += end - p
                 yield sec + frac / div, buf[p:end]
+        except CaptureError as err:
+            err.packets = records
+            raise
         finally:
             self._flush(records, packets, nbytes, non_ip, {lt: records} if records else {})
 
@@ -692,14 +695,14 @@ class Reader:
                         f"absurd pcapng {_block_name(btype)} at byte {b} after {records} packets: captured "
                         f"length {caplen} bytes exceeds the {MAX_CAPLEN}-byte maximum",
                     )
-                records += 1
-                lt_counts[lt] = lt_counts.get(lt, 0) + 1
                 if handler is None:
                     raise self._error(
                         b,
                         f"unsupported link type {linktype_name(lt)} on interface {iid} (packet at byte {b}); "
                         f"supported: {_supported_list()}",
                     )
+                records += 1
+                lt_counts[lt] = lt_counts.get(lt, 0) + 1
                 end = start + caplen
                 p = handler(buf, start, end)
                 if p < 0:
@@ -710,6 +713,9 @@ class Reader:
                 packets += 1
                 nbytes += end - p
                 yield last_ts, buf[p:end]
+        except CaptureError as err:
+            err.packets = records
+            raise
         finally:
             self._flush(records, packets, nbytes, non_ip, lt_counts)
 

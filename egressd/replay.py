@@ -44,7 +44,11 @@ SWEEP_EVERY = 1.0  # capture seconds between idle sweeps
 def replay(path: str | Path, policy: Policy, progress: ProgressFn | None = None) -> ReplayResult:
     res = ReplayResult(str(path))
     eng = Engine(policy)
-    reader = Reader(path)
+    try:
+        reader = Reader(path)
+    except CaptureError as e:
+        res.error = e
+        return res
     next_sweep = 0.0
     last_ts = 0.0
     n = 0

@@ -25,7 +25,9 @@ def _ok(buf: bytes) -> Packet:
 
 
 def test_ipv4_tcp_fields() -> None:
-    raw = bytes(IP(src="198.51.100.2", dst="203.0.113.20") / TCP(sport=40000, dport=22, flags="S", seq=7) / b"hi")
+    raw = bytes(
+        IP(src="198.51.100.2", dst="203.0.113.20") / TCP(sport=40000, dport=22, flags="S", seq=7) / b"hi"
+    )
     p = _ok(raw)
     assert (p.version, p.proto, p.sport, p.dport, p.seq) == (4, PROTO_TCP, 40000, 22, 7)
     assert p.src == bytes([198, 51, 100, 2]) and p.dst == bytes([203, 0, 113, 20])
@@ -35,7 +37,11 @@ def test_ipv4_tcp_fields() -> None:
 
 
 def test_ipv4_options_are_skipped_by_ihl() -> None:
-    raw = bytes(IP(src="198.51.100.2", dst="203.0.113.20", options=b"\x01\x01\x01\x00") / UDP(sport=5, dport=53) / b"q")
+    raw = bytes(
+        IP(src="198.51.100.2", dst="203.0.113.20", options=b"\x01\x01\x01\x00")
+        / UDP(sport=5, dport=53)
+        / b"q"
+    )
     p = _ok(raw)
     assert p.proto == PROTO_UDP and p.payload == b"q"
 
@@ -133,7 +139,9 @@ def test_arbitrary_bytes_never_raise(buf: bytes) -> None:
 @settings(max_examples=1500, deadline=None)
 @given(st.binary(min_size=1, max_size=120), st.integers(0, 119))
 def test_mutated_real_packets_never_raise(noise: bytes, at: int) -> None:
-    base = bytearray(bytes(IP(src="198.51.100.2", dst="203.0.113.1") / TCP(options=[("MSS", 1460)]) / b"SSH-2.0-x\r\n"))
+    base = bytearray(
+        bytes(IP(src="198.51.100.2", dst="203.0.113.1") / TCP(options=[("MSS", 1460)]) / b"SSH-2.0-x\r\n")
+    )
     for i, b in enumerate(noise):
         base[(at + i) % len(base)] = b
     assert isinstance(decode(bytes(base)), Packet | Malformed)

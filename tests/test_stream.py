@@ -117,7 +117,11 @@ def test_pending_bytes_are_bounded() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(min_size=1, max_size=600), st.integers(min_value=0, max_value=2**32 - 1), st.randoms())
 def test_any_segmentation_and_order_yields_the_same_stream(data: bytes, isn: int, rnd: random.Random) -> None:
-    cuts = sorted(rnd.sample(range(1, len(data)), k=min(len(data) - 1, rnd.randint(0, 20)))) if len(data) > 1 else []
+    cuts = (
+        sorted(rnd.sample(range(1, len(data)), k=min(len(data) - 1, rnd.randint(0, 20))))
+        if len(data) > 1
+        else []
+    )
     bounds = [0, *cuts, len(data)]
     segs = [(bounds[i], data[bounds[i] : bounds[i + 1]]) for i in range(len(bounds) - 1)]
     # add retransmissions of random earlier segments, then shuffle

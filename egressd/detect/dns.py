@@ -10,7 +10,9 @@ header is checked against the bytes present before anything is allocated (a ques
 at least 5 bytes, a resource record 11). Names follow RFC 1035 §4.1.4 compression, but a
 pointer must jump strictly before the start of the label run it was reached from, so the
 positions visited strictly decrease and no pointer loop can exist; the wire name is capped
-at 255 bytes and labels at 63 (§2.3.4). Anything malformed gives None, never an exception.
+at 255 bytes and labels at 63 (§2.3.4). Names already read are cached per message by
+offset, so records that all point at one long name cost a lookup each, not a re-decode
+(the "decompression bomb"). Anything malformed gives None, never an exception.
 Names are lowercased without the trailing dot; label bytes that are not printable ASCII,
 or are "." or "\\", are written as ``\\DDD`` (RFC 4343 §2.1), so a label cannot forge
 a dot and a name compares equal to a policy domain only when its labels really are equal.
@@ -82,6 +84,7 @@ _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")
 _QFIXED = struct.Struct("!HH")
 _U16 = struct.Struct("!H")
+_TCP_HEAD = struct.Struct("!HHHHHHH")  # RFC 7766 length prefix + the header
 
 # Label bytes written as themselves: printable ASCII except "." and "\" (RFC 4343).
 _PLAIN: Final = bytes(b for b in range(0x21, 0x7F) if b not in (0x2E, 0x5C))
@@ -148,23 +151,31 @@ def _label_text(label: bytes) -> str:
     return "".join(chr(b) if b in _PLAIN else f"\\{b:03d}" for b in label)
 
 
-def read_name(msg: bytes, pos: int) -> tuple[str, int] | None:
+def read_name(
+    msg: bytes, pos: int, cache: dict[int, tuple[str, int]] | None = None
+) -> tuple[str, int] | None:
     """The name at ``pos`` and the offset just after it *in place* (after the first
-    pointer, if any); None when malformed. Lowercased, no trailing dot, root is ""."""
+    pointer, if any); None when malformed. Lowercased, no trailing dot, root is "".
+
+    ``cache`` (one per message) maps the offset where a label run started to the name
+    read from there and its wire length. Without it a message of 5000 records that all
+    point at one 127-label name decodes 635,000 labels (~0.4 s); with it each pointer to
+    an already-read run costs one lookup, so a message costs O(its length).
+    """
     end = len(msg)
     labels: list[str] = []
     wire = 0
     after = -1
     run_start = pos  # start of the label run being read; pointers must go before it
+    runs = [(pos, 0, 0)]  # each label run: (offset, index of its first label, wire before it)
+    tail: str | None = None
     while True:
         if pos >= end:
             return None
         n = msg[pos]
         if n == 0:
             wire += 1
-            if wire > MAX_NAME_WIRE:
-                return None
-            return ".".join(labels), (after if after >= 0 else pos + 1)
+            break
         kind = n & 0xC0
         if kind == 0xC0:
             if pos + 2 > end:
@@ -174,7 +185,13 @@ def read_name(msg: bytes, pos: int) -> tuple[str, int] | None:
                 return None
             if after < 0:
                 after = pos + 2
+            hit = cache.get(target) if cache is not None else None
+            if hit is not None:
+                tail, tail_wire = hit
+                wire += tail_wire
+                break
             pos = run_start = target
+            runs.append((pos, len(labels), wire))
             continue
         if kind:  # 0x40 extended / 0x80 reserved label types (RFC 6891 §5)
             return None
@@ -183,6 +200,14 @@ def read_name(msg: bytes, pos: int) -> tuple[str, int] | None:
             return None
         labels.append(_label_text(msg[pos + 1 : pos + 1 + n].lower()))
         pos += 1 + n
+    if wire > MAX_NAME_WIRE:
+        return None
+    if tail:  # a cached non-root suffix: one more (already dotted) element
+        labels.append(tail)
+    if cache is not None:
+        for start, index, wire_before in runs:
+            cache.setdefault(start, (".".join(labels[index:]), wire - wire_before))
+    return ".".join(labels), (after if after >= 0 else pos + 1)
 
 
 def parse_message(msg: bytes) -> DnsMessage | None:
@@ -194,9 +219,10 @@ def parse_message(msg: bytes) -> DnsMessage | None:
     if qd * _MIN_QUESTION + (an + ns + ar) * _MIN_RR > len(msg) - HEADER_LEN:
         return None
     pos = HEADER_LEN
+    cache: dict[int, tuple[str, int]] = {}
     questions: list[Question] = []
     for _ in range(qd):
-        got = read_name(msg, pos)
+        got = read_name(msg, pos, cache)
         if got is None or got[1] + 4 > len(msg):
             return None
         name, pos = got
@@ -207,7 +233,7 @@ def parse_message(msg: bytes) -> DnsMessage | None:
     for count in (an, ns, ar):
         records: list[ResourceRecord] = []
         for _ in range(count):
-            got_rr = _read_rr(msg, pos)
+            got_rr = _read_rr(msg, pos, cache)
             if got_rr is None:
                 return None
             rr, pos = got_rr
@@ -216,8 +242,8 @@ def parse_message(msg: bytes) -> DnsMessage | None:
     return DnsMessage(ident, flags, tuple(questions), sections[0], sections[1], sections[2])
 
 
-def _read_rr(msg: bytes, pos: int) -> tuple[ResourceRecord, int] | None:
-    got = read_name(msg, pos)
+def _read_rr(msg: bytes, pos: int, cache: dict[int, tuple[str, int]]) -> tuple[ResourceRecord, int] | None:
+    got = read_name(msg, pos, cache)
     if got is None:
         return None
     name, pos = got
@@ -235,7 +261,7 @@ def _read_rr(msg: bytes, pos: int) -> tuple[ResourceRecord, int] | None:
     if (rclass & 0x7FFF) == CLASS_IN and _ADDR_LEN.get(rtype, rdlen) != rdlen:
         return None
     if rtype in _NAME_RDATA:
-        got_target = read_name(msg, pos)
+        got_target = read_name(msg, pos, cache)
         if got_target is None or got_target[1] != rd_end:
             return None
         target = got_target[0]
@@ -310,6 +336,8 @@ def _detection(m: DnsMessage, from_originator: bool) -> Detection:
     qtype = type_name(q.qtype) if q else "-"
     rcode = rcode_name(m.rcode)
     shown = qname or "."
+    if q is None and m.answers:  # mDNS announcements carry answers without a question
+        shown, qtype = m.answers[0].name or ".", type_name(m.answers[0].rtype)
     if not m.is_response:
         evidence = f"query {shown} {qtype}"
     else:
@@ -346,9 +374,10 @@ def detect_dns_stream(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
         if len(fwd) >= 2 and _U16.unpack_from(fwd, 0)[0] < HEADER_LEN:
             return NOT_THIS
         return NOT_THIS if ctx.fwd_closed or ctx.fwd_full else NEED_MORE
-    n = _U16.unpack_from(fwd, 0)[0]
-    opcode = (fwd[4] >> 3) & 0xF
-    if n < HEADER_LEN or opcode not in _OPCODES:
+    n, _ident, flags, qd, an, ns, ar = _TCP_HEAD.unpack_from(fwd, 0)
+    if n < HEADER_LEN or (flags >> 11) & 0xF not in _OPCODES:
+        return NOT_THIS
+    if qd * _MIN_QUESTION + (an + ns + ar) * _MIN_RR > n - HEADER_LEN:
         return NOT_THIS
     if len(fwd) < 2 + n:
         return NOT_THIS if ctx.fwd_closed or ctx.fwd_full else NEED_MORE
@@ -384,10 +413,12 @@ def tunnel_score(qname: str, qtype: int) -> float:
       tools fill labels to the 63-byte limit. Scored linearly from 24 to 52 (weight 0.3).
     * length of the part left of the last two labels (the subdomain the tool controls):
       ordinary names stay under ~40; tunnels use 100-230. Linear from 40 to 120 (0.2).
-    * entropy of that part: English-like or DGA-free names give ~2.5-3.5 bits/char, base32
-      is ~5, base64/base128 more. Scored from 3.3 to 4.3 bits (0.25), and only when the
-      part has at least 16 characters, because the entropy of a short string is biased
-      low and says nothing.
+    * entropy of that part (or of the longest label, when the part is short: some tools
+      use no domain at all): English-like names give ~2.5-3.5 bits/char, hex ~4, base32
+      ~5, base64/base128 more. Scored from 3.3 to 4.3 bits (0.25), and only over at least
+      16 characters, because the entropy of a short string is biased low and says nothing.
+    * a label byte that had to be escaped (binary, space, an embedded dot; iodine's raw and
+      base128 upstream encodings): no hostname anyone resolves has one (0.3).
     * qtype: NULL 0.35 (no legitimate use in queries), TXT 0.2, ANY 0.15, CNAME/MX 0.05.
 
     The sum is clamped to 1. An iodine NULL query with 50+ random characters scores ~1;
@@ -400,8 +431,12 @@ def tunnel_score(qname: str, qtype: int) -> float:
     score = 0.3 * _ramp(longest, 24, 52)
     score += 0.2 * _ramp(len(sub), 40, 120)
     compact = sub.replace(".", "")
+    if len(compact) < 16:  # no subdomain to speak of (e.g. dnscat2 without a domain): the longest label
+        compact = max(labels, key=len, default="")
     if len(compact) >= 16:
         score += 0.25 * _ramp(_entropy(compact), 3.3, 4.3)
+    if "\\" in qname:  # a label byte escaped as \\DDD: binary, a space, an embedded dot
+        score += 0.3
     score += _TUNNEL_TYPES.get(qtype, 0.0)
     return min(score, 1.0)
 

@@ -16,6 +16,7 @@ rules it out (so the engine stops asking early). When the whole message sits in 
 Outer framing (records, the handshake header, the fixed ClientHello fields, the extension
 block) must be exact; a malformed *inside* of one extension only voids that extension, the
 way a lenient middlebox would read it, because the framing alone already proves TLS.
+The SSL 2.0-compatible ClientHello that old clients send to offer TLS is recognised too.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ class ClientHello:
     ``sni`` is the host_name, lowercased, without a trailing dot, and only when it is a
     syntactically valid hostname; otherwise it is None and ``sni_invalid`` holds the raw
     value escaped for logs (an odd SNI is itself worth an event, but must never be matched
-    against a domain list). With ECH (``ech``) the SNI is the outer, public name.
+    against a domain list). ``ech`` says the encrypted_client_hello extension is present:
+    real ECH (the SNI is then only the outer, public name) and Chrome's GREASE ECH look
+    the same on the wire, by design, so it is a fact to log, not a verdict.
     ``version`` is the highest of legacy_version and supported_versions (TLS 1.3 drafts
     count as TLS 1.3); ``ciphers`` counts the offered suites without GREASE; ``ja3`` is the
     Salesforce JA3 string (GREASE removed), ``ja3_hash`` its MD5.
@@ -276,7 +279,7 @@ def _parse_body(buf: bytes, p: int, end: int) -> ClientHello | Outcome:
             return NOT_THIS
         ext_end = p + 2 + _U16.unpack_from(buf, p)[0]
         p += 2
-        if ext_end > end:
+        if ext_end != end:  # the extension block ends the message (RFC 8446 §4.1.2)
             return NOT_THIS
         seen_sni = False
         while p < ext_end:

@@ -85,7 +85,22 @@ class Lab:
         _run(["ip", "netns", "add", self.node])
         _run(["ip", "netns", "add", self.inet])
         veth_n, veth_i = f"{self.prefix[:6]}n0", f"{self.prefix[:6]}i0"
-        _run(["ip", "link", "add", veth_n, "netns", self.node, "type", "veth", "peer", veth_i, "netns", self.inet])
+        _run(
+            [
+                "ip",
+                "link",
+                "add",
+                veth_n,
+                "netns",
+                self.node,
+                "type",
+                "veth",
+                "peer",
+                veth_i,
+                "netns",
+                self.inet,
+            ]
+        )
         n = ["ip", "netns", "exec", self.node]
         i = ["ip", "netns", "exec", self.inet]
         for ns, dev in ((n, veth_n), (i, veth_i)):
@@ -123,10 +138,14 @@ class Lab:
     def inet_cmd(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.inet, *argv]
 
-    def run_node(self, argv: Sequence[str], timeout: float = 30.0, check: bool = False) -> subprocess.CompletedProcess[str]:
+    def run_node(
+        self, argv: Sequence[str], timeout: float = 30.0, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         return _run(self.node_cmd(argv), check=check, timeout=timeout)
 
-    def run_inet(self, argv: Sequence[str], timeout: float = 30.0, check: bool = False) -> subprocess.CompletedProcess[str]:
+    def run_inet(
+        self, argv: Sequence[str], timeout: float = 30.0, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         return _run(self.inet_cmd(argv), check=check, timeout=timeout)
 
     def spawn(self, ns: str, argv: Sequence[str], **kw: object) -> subprocess.Popen[bytes]:

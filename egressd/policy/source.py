@@ -36,6 +36,9 @@ INT_TAG: Final = TAG_PREFIX + "int"
 FLOAT_TAG: Final = TAG_PREFIX + "float"
 BOOL_TAG: Final = TAG_PREFIX + "bool"
 NULL_TAG: Final = TAG_PREFIX + "null"
+# Tag of the inert node that stands in for a refused alias (never a tag a file can produce:
+# it has no "!" handle), so problems *at* the alias are not reported a second time.
+ALIAS_TAG: Final = "egressd:refused-alias"
 _ALLOWED_TAGS: Final = frozenset(
     TAG_PREFIX + t for t in ("str", "int", "float", "bool", "null", "seq", "map")
 ) | {"!"}
@@ -54,6 +57,8 @@ class Reporter:
         self.items.append(Diagnostic(str(mark.name), mark.line + 1, mark.column + 1, message))
 
     def node(self, node: Node, message: str) -> None:
+        if node.tag == ALIAS_TAG:
+            return  # the alias itself was reported; anything said about its stand-in is noise
         self.mark(node.start_mark, message)
 
 
@@ -78,14 +83,14 @@ class _NodeLoader(yaml.SafeLoader):
 
     def compose_node(self, parent: Node | None, index: Any) -> Node:
         if self.check_event(yaml.AliasEvent):
-            event = self.get_event()
+            event = self.get_event()  # type: ignore[no-untyped-call]
             self._report.mark(
                 event.start_mark,
                 f"YAML aliases (*{event.anchor}) are not allowed in policy files; use a named list "
                 '($name) to reuse values (a wildcard domain must be quoted: "*.example.com")',
             )
-            return ScalarNode(NULL_TAG, "", event.start_mark, event.end_mark)
-        event = self.peek_event()
+            return ScalarNode(ALIAS_TAG, "", event.start_mark, event.end_mark)
+        event = self.peek_event()  # type: ignore[no-untyped-call]
         if event.anchor is not None:
             self._report.mark(
                 event.start_mark,
@@ -107,9 +112,10 @@ class _NodeLoader(yaml.SafeLoader):
         if self._depth > MAX_DEPTH:
             raise _TooDeep(event.start_mark)
         try:
-            node: Node = super().compose_node(parent, index)
+            node: Node | None = super().compose_node(parent, index)
         finally:
             self._depth -= 1
+        assert node is not None  # the parser only hands the composer scalar/sequence/mapping events
         return node
 
 
@@ -163,7 +169,9 @@ def compose(text: str, name: str, report: Reporter) -> Node | None:
     except yaml.reader.ReaderError as exc:
         line, col = _position(text, exc.position)
         char = exc.character if isinstance(exc.character, int) else 0
-        report.at(name, line, col, f"the file contains a control character YAML does not allow (U+{char:04X})")
+        report.at(
+            name, line, col, f"the file contains a control character YAML does not allow (U+{char:04X})"
+        )
         return None
     try:
         root: Node | None = loader.get_single_node()

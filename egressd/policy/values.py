@@ -153,7 +153,7 @@ def parse_kind(text: str) -> str | None:
     return value if value in KIND_PATTERNS else None
 
 
-def parse_proto(text: str) -> int | None | str:
+def parse_proto(text: str) -> int | str | None:
     """Protocol number, None for 'any', or an error sentence."""
     value = text.strip().lower()
     if value == "any":
@@ -162,8 +162,8 @@ def parse_proto(text: str) -> int | None | str:
         return PROTOCOLS[value]
     if value.isascii() and value.isdigit() and len(value) <= 3 and int(value) <= 255:
         return int(value)
+    others = ", ".join(sorted(set(PROTOCOLS) - {"tcp", "udp", "icmp", "icmpv6"}))
     return (
-        f"unknown protocol {quote(text)}{suggest(value, tuple(PROTOCOLS))}; "
-        "use tcp, udp, icmp, icmpv6, any, another name from "
-        f"({', '.join(sorted(set(PROTOCOLS) - {'tcp', 'udp', 'icmp', 'icmpv6'}))}) or a number 0-255"
+        f"unknown protocol {quote(text)}; use tcp, udp, icmp, icmpv6, any, one of ({others}) "
+        f"or a number 0-255{suggest(value, tuple(PROTOCOLS))}"
     )

@@ -1,0 +1,92 @@
+"""Where decision events go: a JSON-lines file and/or stdout, flushed per decision.
+
+Why flush per line: an alert written just before a crash must be on disk — the one event
+that explains why a node lost its reverse tunnel is the one an operator will look for.
+Events are per decision, not per packet, so the flush is not on the packet path's scale.
+
+Why the writer never raises: a full disk or a log file removed by a rotation must not stop
+enforcement. Write errors are counted (and shown by ``egressd status``); a file that was
+moved or truncated by logrotate is noticed on the next ``check_rotation`` and reopened.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TextIO
+
+from egressd.events import Event
+
+
+class EventLog:
+    def __init__(self, path: str | None, stdout: bool = False) -> None:
+        self.path = path
+        self.stdout = stdout
+        self.written = 0
+        self.errors = 0
+        self.last_error = ""
+        self._fh: TextIO | None = None
+        self._ino = -1
+        if path:
+            self._open()
+
+    def _open(self) -> None:
+        assert self.path is not None
+        try:
+            if self._fh is not None:
+                self._fh.close()
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open on purpose
+            self._ino = os.fstat(self._fh.fileno()).st_ino
+        except OSError as e:
+            self._fh = None
+            self.errors += 1
+            self.last_error = f"{self.path}: {e.strerror or e}"
+
+    def write(self, ev: Event) -> None:
+        line = ev.to_json() + "\n"
+        if self.stdout:
+            try:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            except OSError as e:
+                self.errors += 1
+                self.last_error = f"stdout: {e.strerror or e}"
+        if self.path:
+            if self._fh is None:
+                self._open()
+            if self._fh is not None:
+                try:
+                    self._fh.write(line)
+                    self._fh.flush()
+                except OSError as e:
+                    self.errors += 1
+                    self.last_error = f"{self.path}: {e.strerror or e}"
+                    return
+        self.written += 1
+
+    def check_rotation(self) -> None:
+        """Reopen when the file was moved away (new inode) or truncated under us."""
+        if not self.path:
+            return
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self._open()
+            return
+        if self._fh is None or st.st_ino != self._ino:
+            self._open()
+            return
+        try:
+            if st.st_size < self._fh.tell():
+                self._fh.seek(0, os.SEEK_END)
+        except OSError as e:
+            self.errors += 1
+            self.last_error = f"{self.path}: {e.strerror or e}"
+
+    def close(self) -> None:
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            self._fh = None

@@ -1,0 +1,653 @@
+"""The kernel rules that feed egressd's queue: install them, remove exactly them, show them.
+
+Why these rules look the way they do (every point measured on this kernel, see NFQUEUE.md
+and tests/e2e/test_kernel_*.py):
+
+* Only the *head* of a connection goes to Python. The daemon's verdict is written into the
+  packet mark (``pkt.set_mark`` + ``pkt.repeat()``); the repeated packet re-enters our
+  chain, ``CONNMARK --save-mark`` copies it to the conntrack entry, and from then on the
+  kernel alone handles the flow. A plain ``accept()`` would resume at the next hook and no
+  rule of ours would ever see the mark, so verdicts that must stick always use repeat.
+* A drop on the first packet is never remembered (the conntrack entry of a dropped packet
+  is not confirmed), so a denied SYN is answered with a TCP reset / ICMP error at once:
+  ``connect()`` fails in well under a millisecond instead of retrying for two minutes.
+* ``connbytes`` needs conntrack accounting. Entries created without it never match, either
+  way round — and a connection opened before the daemon (or while it was down in fail-open
+  mode) would otherwise slip past as "beyond the head". So the rules queue every packet of
+  a connection the daemon has *never seen*, whatever its count, until the daemon marks it
+  at least SEEN. No conntrack flush: a flush loses NAT state, and the entry conntrack
+  re-creates mid-stream takes the direction of the first packet it sees — when the remote
+  side talks first, the node's own connection looks inbound and is never judged
+  (measured: 0 packets queued, the connection carried on). The same happens to a
+  connection older than *any* conntrack user in the namespace (no entry at all): start
+  egressd, or any stateful rule, before the workloads. Hosts running Docker/kube-proxy
+  track everything already, and those entries keep their true direction.
+
+Connection states live in two bits of the mark / connmark (``MARK_MASK``; the other 30 bits
+belong to other software and survive untouched, every match and save uses the mask)::
+
+    00  unseen   never judged: every packet is queued (head or not)
+    01  SEEN     the daemon looked and has not decided: the first max_packets packets of
+                 each direction are queued, the rest pass (the head bound)
+    10  ALLOW    pinned: nothing more is queued
+    11  DENY     pinned: every later packet is reset (TCP), rejected (UDP) or dropped
+
+How the daemon answers (``with_verdict`` keeps the other bits)::
+
+    undecided      set_mark(with_verdict(m, MARK_SEEN)); repeat()   the head keeps coming, never the bulk
+    pin allow      set_mark(with_verdict(m, MARK_ALLOW)); repeat()  nothing more is queued
+    deny           set_mark(with_verdict(m, MARK_DENY)); repeat()   reset/rejected now and from now on
+    keep watching  accept()   nothing saved: an unseen flow (one met mid-stream) keeps coming until pinned
+
+A packet without conntrack (INVALID) keeps its verdict only for itself; the next one is
+queued again. A SEEN flow first met mid-stream sends no more packets (it is past its
+head), so decide such a flow on the packet you get, or answer plain ``accept()``.
+
+``MARK_REPLY`` is set on reply-direction packets just before they are queued, so the
+daemon knows the conntrack direction of every packet it is given (FORWARD carries both).
+It is never saved to the connmark. The bits were chosen high (0x70000000) because
+kube-proxy uses 0x4000/0x8000, Calico allocates upwards from 0x10000, Tailscale uses
+0xff0000 and wg-quick 0xca6c; a mangle OUTPUT rule clears them on locally generated
+packets so a process with SO_MARK cannot pre-allow itself.
+
+Layout (both families; the same text is rendered for iptables and ip6tables)::
+
+    filter OUTPUT  -> EGRESSD-OUT  (not lo, not replies of inbound connections) -> EGRESSD-QORIG
+    filter INPUT   -> EGRESSD-IN   (reply direction only: banners, DNS answers)  -> EGRESSD-QREPLY
+    filter FORWARD -> EGRESSD-FWD  (containers; inbound DNATed connections skipped)
+    mangle OUTPUT  -> EGRESSD-SCRUB
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, TextIO
+
+# -- mark bits (the daemon's half of the contract) -----------------------------------------
+MARK_MASK: Final = 0x30000000  # the verdict state bits (see the table above)
+MARK_SEEN: Final = 0x10000000
+MARK_ALLOW: Final = 0x20000000
+MARK_DENY: Final = 0x30000000
+MARK_REPLY: Final = 0x40000000  # set by the rules on queued reply-direction packets
+MARK_BITS: Final = MARK_MASK | MARK_REPLY  # every bit egressd owns
+_U32: Final = 0xFFFFFFFF
+
+
+def with_verdict(mark: int, verdict: int) -> int:
+    """The mark to give ``pkt.set_mark`` before ``pkt.repeat()``: other software's bits kept.
+
+    ``verdict`` is MARK_SEEN, MARK_ALLOW or MARK_DENY.
+    """
+    return (mark & ~MARK_BITS & _U32) | verdict
+
+
+def is_reply(mark: int) -> bool:
+    """True when the rules queued this packet as the reply direction of its connection."""
+    return bool(mark & MARK_REPLY)
+
+
+# -- names ------------------------------------------------------------------------------
+CHAIN_OUT: Final = "EGRESSD-OUT"
+CHAIN_IN: Final = "EGRESSD-IN"
+CHAIN_FWD: Final = "EGRESSD-FWD"
+CHAIN_QORIG: Final = "EGRESSD-QORIG"
+CHAIN_QREPLY: Final = "EGRESSD-QREPLY"
+CHAIN_DENY: Final = "EGRESSD-DENY"
+CHAIN_SCRUB: Final = "EGRESSD-SCRUB"
+
+# table -> our chains, and table -> (builtin chain, our chain) jumps, in install order.
+CHAINS: Final[dict[str, tuple[str, ...]]] = {
+    "filter": (CHAIN_OUT, CHAIN_IN, CHAIN_FWD, CHAIN_QORIG, CHAIN_QREPLY, CHAIN_DENY),
+    "mangle": (CHAIN_SCRUB,),
+}
+JUMPS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
+    "filter": (("OUTPUT", CHAIN_OUT), ("INPUT", CHAIN_IN), ("FORWARD", CHAIN_FWD)),
+    "mangle": (("OUTPUT", CHAIN_SCRUB),),
+}
+BUILTIN: Final[dict[str, frozenset[str]]] = {
+    "filter": frozenset({"INPUT", "FORWARD", "OUTPUT"}),
+    "mangle": frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}),
+}
+
+NFT_QUEUE_UNAVAILABLE: Final = "nft queue expression unavailable: CONFIG_NFT_QUEUE"
+_ACCT: Final = "net/netfilter/nf_conntrack_acct"
+
+
+class NetfilterError(RuntimeError):
+    """A rule operation failed; the message names the command and the kernel's complaint."""
+
+
+class NftQueueUnavailable(NetfilterError):
+    """The nft backend was asked for on a kernel without the nft ``queue`` expression."""
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """Everything the rendered rules depend on (so a render is a pure function of it)."""
+
+    queue_num: int
+    fail_open: bool
+    max_packets: int
+    ipv6: bool = True
+    # Interfaces that lead to containers (iptables wildcards like "veth+" allowed). Empty:
+    # judge every forwarded connection except inbound ones that were DNATed to a container.
+    forward_ifaces: tuple[str, ...] = ()
+    # Queue TCP/UDP packets conntrack calls INVALID (a raw-socket sender's crafted packets
+    # have no connection to pin a verdict on): judged one by one.
+    judge_invalid: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.queue_num <= 0xFFFF:
+            raise ValueError(f"queue_num {self.queue_num} is outside 0..65535")
+        if not 1 <= self.max_packets <= 1_000_000:
+            raise ValueError(f"max_packets {self.max_packets} is outside 1..1000000")
+        for name in self.forward_ifaces:
+            if not name or len(name) > 15 or any(c.isspace() or c in "'\"" for c in name):
+                raise ValueError(f"bad interface name {name!r}")
+
+
+# -- rendering (pure) ---------------------------------------------------------------------
+def _hex(v: int) -> str:
+    return f"0x{v:x}"
+
+
+def _verdict_rules(chain: str) -> list[str]:
+    """Shared head of OUT/IN/FWD: remember a verdict the daemon just gave, enforce pinned ones."""
+    m = _hex(MARK_MASK)
+    return [
+        f"-A {chain} -m mark ! --mark 0x0/{m} -j CONNMARK --save-mark --nfmask {m} --ctmask {m}",
+        f"-A {chain} -m connmark --mark {_hex(MARK_DENY)}/{m} -j {CHAIN_DENY}",
+        # A packet without conntrack (INVALID) keeps its verdict only in its own mark.
+        f"-A {chain} -m mark --mark {_hex(MARK_DENY)}/{m} -j {CHAIN_DENY}",
+        f"-A {chain} -m mark ! --mark 0x0/{m} -j RETURN",
+        f"-A {chain} -m connmark --mark {_hex(MARK_ALLOW)}/{m} -j RETURN",
+    ]
+
+
+def _queue_target(cfg: RuleConfig) -> str:
+    return f"-j NFQUEUE --queue-num {cfg.queue_num}" + (" --queue-bypass" if cfg.fail_open else "")
+
+
+def render(cfg: RuleConfig, family: int, present_jumps: frozenset[tuple[str, str, str]] = frozenset()) -> str:
+    """The ``iptables-restore --noflush`` input that installs (or replaces) egressd's rules.
+
+    Declaring a chain that exists flushes it, so a re-install replaces our rules in one
+    transaction per table; jumps already in ``present_jumps`` ((table, builtin, chain)) are
+    not added twice.
+    """
+    if family not in (4, 6):
+        raise ValueError(f"family must be 4 or 6, not {family}")
+    q = _queue_target(cfg)
+    n = cfg.max_packets
+    seen = f"-m connmark --mark {_hex(MARK_SEEN)}/{_hex(MARK_MASK)}"
+    cb = "-m connbytes --connbytes 0:{n} --connbytes-dir {d} --connbytes-mode packets"
+    skip_multicast = "-m addrtype --dst-type MULTICAST -j RETURN"
+
+    f: list[str] = ["*filter", *(f":{c} - [0:0]" for c in CHAINS["filter"])]
+    # Locally originated: everything but loopback and the replies of inbound connections.
+    f += [f"-A {CHAIN_OUT} -o lo -j RETURN", f"-A {CHAIN_OUT} -m conntrack --ctdir REPLY -j RETURN"]
+    f += [f"-A {CHAIN_OUT} {skip_multicast}"]
+    if family == 4:
+        f += [f"-A {CHAIN_OUT} -m addrtype --dst-type BROADCAST -j RETURN"]
+    f += _verdict_rules(CHAIN_OUT)
+    f += [f"-A {CHAIN_OUT} -j {CHAIN_QORIG}"]
+    # Arriving: only the replies of connections this node originated.
+    f += [f"-A {CHAIN_IN} -i lo -j RETURN", f"-A {CHAIN_IN} -m conntrack --ctdir ORIGINAL -j RETURN"]
+    f += _verdict_rules(CHAIN_IN)
+    f += [f"-A {CHAIN_IN} -j {CHAIN_QREPLY}"]
+    # Forwarded: connections from containers, both directions.
+    f += _verdict_rules(CHAIN_FWD)
+    if cfg.forward_ifaces:
+        for ifc in cfg.forward_ifaces:
+            f += [
+                f"-A {CHAIN_FWD} -i {ifc} -m conntrack --ctdir ORIGINAL -j {CHAIN_QORIG}",
+                f"-A {CHAIN_FWD} -o {ifc} -m conntrack --ctdir REPLY -j {CHAIN_QREPLY}",
+            ]
+    else:
+        f += [
+            f"-A {CHAIN_FWD} -m conntrack --ctstate DNAT -j RETURN",
+            f"-A {CHAIN_FWD} {skip_multicast}",
+            f"-A {CHAIN_FWD} -m conntrack --ctdir ORIGINAL -j {CHAIN_QORIG}",
+            f"-A {CHAIN_FWD} -m conntrack --ctdir REPLY -j {CHAIN_QREPLY}",
+        ]
+    # Original direction: the head; an unseen connection whatever its age; INVALID packets.
+    f += [
+        f"-A {CHAIN_QORIG} {cb.format(n=n, d='original')} {q}",
+        f"-A {CHAIN_QORIG} {seen} -j RETURN",
+        f"-A {CHAIN_QORIG} -m conntrack --ctstate NEW,RELATED,ESTABLISHED {q}",
+    ]
+    if cfg.judge_invalid:
+        f += [f"-A {CHAIN_QORIG} -p {p} -m conntrack --ctstate INVALID {q}" for p in ("tcp", "udp")]
+    # Reply direction: tag it for the daemon, then the same three-way split.
+    f += [
+        f"-A {CHAIN_QREPLY} -j MARK --or-mark {_hex(MARK_REPLY)}",
+        f"-A {CHAIN_QREPLY} {cb.format(n=n, d='reply')} {q}",
+        f"-A {CHAIN_QREPLY} {seen} -j RETURN",
+        f"-A {CHAIN_QREPLY} -m conntrack --ctstate RELATED,ESTABLISHED {q}",
+    ]
+    # Denied: fail fast, never answer a reset with a reset.
+    udp_reject = "icmp-port-unreachable" if family == 4 else "icmp6-adm-prohibited"
+    f += [
+        f"-A {CHAIN_DENY} -p tcp -m tcp ! --tcp-flags RST RST -j REJECT --reject-with tcp-reset",
+        f"-A {CHAIN_DENY} -p udp -j REJECT --reject-with {udp_reject}",
+        f"-A {CHAIN_DENY} -j DROP",
+    ]
+    f += _jumps("filter", present_jumps)
+    f += ["COMMIT"]
+
+    mg: list[str] = ["*mangle", f":{CHAIN_SCRUB} - [0:0]"]
+    keep = _hex(~MARK_BITS & _U32)
+    mg += [f"-A {CHAIN_SCRUB} -m mark ! --mark 0x0/{_hex(MARK_BITS)} -j MARK --and-mark {keep}"]
+    mg += _jumps("mangle", present_jumps)
+    mg += ["COMMIT"]
+    return "\n".join([*f, *mg]) + "\n"
+
+
+def _jumps(table: str, present: frozenset[tuple[str, str, str]]) -> list[str]:
+    # -I 1: ahead of anything that ACCEPTs (Docker, kube-proxy) in the same builtin chain.
+    return [f"-I {b} 1 -j {c}" for b, c in JUMPS[table] if (table, b, c) not in present]
+
+
+# -- iptables-save parsing (pure) ---------------------------------------------------------
+@dataclass
+class TableState:
+    """One table as iptables-save shows it: chains with their policy, rules in order."""
+
+    chains: dict[str, str] = field(default_factory=dict)  # name -> policy ("-" for user chains)
+    rules: list[tuple[str, str]] = field(default_factory=list)  # (chain, the rest of the -A line)
+    counters: list[str] = field(default_factory=list)  # "[pkts:bytes]" per rule when saved with -c
+
+
+def parse_save(text: str) -> dict[str, TableState]:
+    """Parse ``iptables-save`` output (with or without -c counters) into tables."""
+    tables: dict[str, TableState] = {}
+    cur: TableState | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        counter = ""
+        if line.startswith("[") and "] " in line:  # -c counters prefix: "[pkts:bytes] -A ..."
+            counter, line = line.split(" ", 1)
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            cur = tables.setdefault(line[1:], TableState())
+        elif cur is None or line == "COMMIT":
+            continue
+        elif line.startswith(":"):
+            parts = line[1:].split()
+            if parts:
+                cur.chains[parts[0]] = parts[1] if len(parts) > 1 else "-"
+        elif line.startswith("-A "):
+            parts = line.split(None, 2)
+            if len(parts) >= 2:
+                cur.rules.append((parts[1], parts[2] if len(parts) > 2 else ""))
+                cur.counters.append(counter)
+    return tables
+
+
+def present_jumps(tables: dict[str, TableState]) -> frozenset[tuple[str, str, str]]:
+    """Our jumps already in place, as (table, builtin chain, our chain)."""
+    out: set[tuple[str, str, str]] = set()
+    for table, jumps in JUMPS.items():
+        st = tables.get(table)
+        if st is None:
+            continue
+        for b, c in jumps:
+            if (b, f"-j {c}") in st.rules:
+                out.add((table, b, c))
+    return frozenset(out)
+
+
+def render_remove(tables: dict[str, TableState]) -> str:
+    """The ``iptables-restore --noflush`` input that deletes our jumps and chains; "" if none."""
+    out: list[str] = []
+    for table, ours in CHAINS.items():
+        st = tables.get(table)
+        if st is None:
+            continue
+        lines = [
+            f"-D {b} -j {c}" for b, rest in st.rules for c in ours if rest == f"-j {c}" and b not in ours
+        ]
+        present = [c for c in ours if c in st.chains]
+        lines += [f"-F {c}" for c in present]
+        lines += [f"-X {c}" for c in present]
+        if lines:
+            out += [f"*{table}", *lines, "COMMIT"]
+    return "\n".join(out) + "\n" if out else ""
+
+
+def ours_only(tables: dict[str, TableState]) -> str:
+    """The part of a save that is egressd's: our chains, their rules and the jumps to them."""
+    out: list[str] = []
+    for table, ours in CHAINS.items():
+        st = tables.get(table)
+        if st is None:
+            continue
+        lines = [f":{c} {st.chains[c]}" for c in ours if c in st.chains]
+        jumps = {f"-j {c}" for c in ours}
+        lines += [
+            f"{cnt} -A {ch} {rest}".lstrip()
+            for (ch, rest), cnt in zip(st.rules, st.counters, strict=True)
+            if ch in ours or rest in jumps
+        ]
+        if lines:
+            out += [f"*{table}", *lines, "COMMIT"]
+    return "\n".join(out)
+
+
+def _empty_table(st: TableState, table: str) -> bool:
+    """No rules, no user chains, every policy ACCEPT: the table has no effect on any packet."""
+    return (
+        not st.rules
+        and set(st.chains) <= BUILTIN.get(table, frozenset())
+        and all(p == "ACCEPT" for p in st.chains.values())
+    )
+
+
+# -- running the tools --------------------------------------------------------------------
+def _prefix(netns: str | None) -> list[str]:
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
+def _run(
+    argv: Sequence[str], netns: str | None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    cmd = [*_prefix(netns), *argv]
+    try:
+        return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=60, check=False)
+    except FileNotFoundError as e:
+        raise NetfilterError(f"{cmd[0]} not found: install iptables (and iproute2 for --netns)") from e
+    except subprocess.TimeoutExpired as e:
+        raise NetfilterError(f"{' '.join(cmd)} did not finish in 60 s (xtables lock held?)") from e
+
+
+def _check(p: subprocess.CompletedProcess[str], what: str, stdin: str | None = None) -> str:
+    if p.returncode != 0:
+        msg = (p.stderr or p.stdout).strip()
+        detail = f"\n--- input ---\n{stdin}" if stdin else ""
+        raise NetfilterError(f"{what} failed (exit {p.returncode}): {msg}{detail}")
+    return p.stdout
+
+
+def _tool(family: int, suffix: str = "") -> str:
+    return ("iptables" if family == 4 else "ip6tables") + suffix
+
+
+def _save(family: int, netns: str | None, counters: bool = False) -> dict[str, TableState]:
+    argv = [_tool(family, "-save"), *(["-c"] if counters else [])]
+    return parse_save(_check(_run(argv, netns), " ".join(argv)))
+
+
+def _restore(family: int, text: str, netns: str | None) -> None:
+    # -w: wait for the xtables lock instead of failing when kube-proxy/docker hold it.
+    argv = [_tool(family, "-restore"), "-w", "10", "--noflush"]
+    _check(_run(argv, netns, stdin=text), " ".join(argv), stdin=text)
+
+
+def backend(netns: str | None = None) -> str:
+    """'nf_tables' or 'legacy': which iptables flavour the system's iptables is."""
+    out = _check(_run(["iptables", "-V"], netns), "iptables -V")
+    return "nf_tables" if "nf_tables" in out else "legacy"
+
+
+def _drop_empty_tables(family: int, netns: str | None) -> None:
+    """Delete filter/mangle tables our install created and nobody else uses.
+
+    With the nf_tables backend a table appears the first time any rule is added to it and
+    stays, empty, after our chains are gone. Removing it makes remove() leave no trace (an
+    empty table with ACCEPT policies does nothing but cost a hook call per packet). The
+    base chains are deleted first in the same transaction: the kernel refuses to delete a
+    chain that still has rules, so a rule someone added meanwhile aborts the whole delete.
+    """
+    if shutil.which("nft") is None or backend(netns) != "nf_tables":
+        return
+    fam = "ip" if family == 4 else "ip6"
+    for table, st in _save(family, netns).items():
+        if table not in CHAINS or not _empty_table(st, table):
+            continue
+        # iptables-save lists every builtin chain; nft has only those ever used.
+        listing = _run(["nft", "list", "table", fam, table], netns)
+        if listing.returncode != 0:
+            continue
+        chains = [ln.split()[1] for ln in listing.stdout.splitlines() if ln.strip().startswith("chain ")]
+        script = "".join(f"delete chain {fam} {table} {c}\n" for c in chains)
+        script += f"delete table {fam} {table}\n"
+        _run(["nft", "-f", "-"], netns, stdin=script)  # best effort: a refusal leaves it as it was
+
+
+def _sysctl_path(name: str) -> Path:
+    return Path("/proc/sys") / name
+
+
+def _read_sysctl(name: str, netns: str | None) -> str | None:
+    if netns:
+        p = _run(["cat", str(_sysctl_path(name))], netns)
+        return p.stdout.strip() if p.returncode == 0 else None
+    try:
+        return _sysctl_path(name).read_text().strip()
+    except OSError:
+        return None
+
+
+def _write_sysctl(name: str, value: str, netns: str | None) -> bool:
+    if netns:
+        return _run(["sysctl", "-qw", f"{name.replace('/', '.')}={value}"], netns).returncode == 0
+    try:
+        _sysctl_path(name).write_text(value)
+    except OSError:
+        return False
+    return True
+
+
+def ensure_conntrack_accounting(netns: str | None = None) -> None:
+    """Turn ``nf_conntrack_acct`` on (connbytes counts nothing without it) and check it is on.
+
+    Inserting a connbytes rule turns it on too; this makes it explicit and survives a
+    read-only /proc/sys (systemd's ProtectKernelTunables) when the value is already 1.
+    """
+    if _read_sysctl(_ACCT, netns) == "1":
+        return
+    _write_sysctl(_ACCT, "1", netns)
+    if _read_sysctl(_ACCT, netns) != "1":
+        raise NetfilterError(
+            "net.netfilter.nf_conntrack_acct could not be set to 1 (read-only /proc/sys?): "
+            "set it before starting egressd (sysctl.d or ExecStartPre=+)"
+        )
+
+
+def probe_nft_queue(netns: str | None = None) -> bool:
+    """True when nftables can express ``queue`` (checked by the kernel, nothing committed)."""
+    if shutil.which("nft") is None:
+        return False
+    base = (
+        "add table inet egressd_probe\n"
+        "add chain inet egressd_probe c { type filter hook output priority 0; }\n"
+    )
+    control = _run(["nft", "-c", "-f", "-"], netns, stdin=base)
+    if control.returncode != 0:
+        return False
+    probe = _run(["nft", "-c", "-f", "-"], netns, stdin=base + "add rule inet egressd_probe c queue num 0\n")
+    return probe.returncode == 0
+
+
+# -- the API the daemon and the CLI use ---------------------------------------------------
+def install(
+    queue_num: int,
+    *,
+    fail_open: bool,
+    max_packets: int,
+    ipv6: bool = True,
+    forward_ifaces: Sequence[str] = (),
+    judge_invalid: bool = True,
+    backend_name: str = "iptables",
+    netns: str | None = None,
+) -> None:
+    """Install (or replace) egressd's rules for IPv4 and, unless ``ipv6=False``, IPv6.
+
+    Each family is one ``iptables-restore`` transaction per table, so a half-written rule
+    set cannot happen within a family; if IPv6 fails after IPv4 succeeded, IPv4 is removed
+    again and the error raised. ``netns`` runs every command inside that named namespace.
+    """
+    cfg = RuleConfig(
+        queue_num=queue_num,
+        fail_open=fail_open,
+        max_packets=max_packets,
+        ipv6=ipv6,
+        forward_ifaces=tuple(forward_ifaces),
+        judge_invalid=judge_invalid,
+    )
+    if backend_name == "nft":
+        if not probe_nft_queue(netns):
+            raise NftQueueUnavailable(NFT_QUEUE_UNAVAILABLE)
+        raise NetfilterError("the nft backend is not implemented; use backend 'iptables' (iptables-nft)")
+    if backend_name != "iptables":
+        raise NetfilterError(f"unknown backend {backend_name!r} (iptables or nft)")
+    with contextlib.suppress(NetfilterError):
+        ensure_conntrack_accounting(netns)  # nf_conntrack may not be loaded yet; checked again below
+    families = (4, 6) if ipv6 else (4,)
+    try:
+        for fam in families:
+            _restore(fam, render(cfg, fam, present_jumps(_save(fam, netns))), netns)
+        if not ipv6:
+            _remove_family(6, netns)  # a previous install may have had IPv6
+        ensure_conntrack_accounting(netns)
+    except NetfilterError:
+        with contextlib.suppress(NetfilterError):
+            remove(netns=netns)
+        raise
+
+
+def _remove_family(family: int, netns: str | None) -> None:
+    if shutil.which(_tool(family, "-save")) is None:
+        return
+    script = render_remove(_save(family, netns))
+    if script:
+        _restore(family, script, netns)
+    _drop_empty_tables(family, netns)
+
+
+def remove(*, netns: str | None = None) -> None:
+    """Delete egressd's jumps and chains (both families) and nothing else. Idempotent."""
+    errors: list[str] = []
+    for fam in (4, 6):
+        try:
+            _remove_family(fam, netns)
+        except NetfilterError as e:
+            errors.append(str(e))
+    if errors:
+        raise NetfilterError("; ".join(errors))
+
+
+def installed(*, netns: str | None = None) -> bool:
+    """True when the IPv4 rules are in place (our chain exists and OUTPUT jumps to it)."""
+    tables = _save(4, netns)
+    f = tables.get("filter")
+    return f is not None and CHAIN_OUT in f.chains and ("OUTPUT", f"-j {CHAIN_OUT}") in f.rules
+
+
+def show(*, netns: str | None = None) -> str:
+    """egressd's rules as iptables-save prints them, with packet counters, per family."""
+    parts: list[str] = []
+    for fam in (4, 6):
+        if shutil.which(_tool(fam, "-save")) is None:
+            continue
+        body = ours_only(_save(fam, netns, counters=True))
+        parts.append(f"# IPv{fam} ({_tool(fam)})\n" + (body or "# not installed"))
+    parts.append(f"# net.netfilter.nf_conntrack_acct = {_read_sysctl(_ACCT, netns) or 'unavailable'}")
+    return "\n".join(parts) + "\n"
+
+
+# -- CLI front (wired to `egressd rules install|remove|show`) -----------------------------
+CAP_NET_ADMIN: Final = 12
+
+
+def has_net_admin(status: str | None = None) -> bool:
+    """CAP_NET_ADMIN in the effective set: what iptables-nft and NFQUEUE need (not uid 0).
+
+    The systemd unit runs egressd as an unprivileged user with the capability ambient.
+    """
+    if status is None:
+        try:
+            status = Path("/proc/self/status").read_text()
+        except OSError:
+            return os.geteuid() == 0
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            try:
+                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+            except (IndexError, ValueError):
+                return False
+    return os.geteuid() == 0
+
+
+DEFAULT_QUEUE: Final = 0
+DEFAULT_MAX_PACKETS: Final = 32
+
+
+def add_rules_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``egressd rules``: an action and the install knobs."""
+    p.add_argument("action", choices=("install", "remove", "show", "status"))
+    p.add_argument("--queue", type=int, default=DEFAULT_QUEUE, help="NFQUEUE number (default %(default)s)")
+    p.add_argument(
+        "--max-packets",
+        type=int,
+        default=DEFAULT_MAX_PACKETS,
+        help="packets per direction queued before an undecided flow passes (default %(default)s)",
+    )
+    p.add_argument("--fail-closed", action="store_true", help="drop when no daemon listens (default: pass)")
+    p.add_argument("--no-ipv6", action="store_true", help="IPv4 only")
+    p.add_argument(
+        "--forward-iface", action="append", default=[], metavar="IFACE", help="container-side interface"
+    )
+    p.add_argument("--backend", choices=("iptables", "nft"), default="iptables")
+    p.add_argument("--netns", default=None, help="run inside this named network namespace")
+
+
+def run_rules(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Do what ``add_rules_arguments`` parsed. Exit 0 done, 1 not installed (status), 2 error."""
+    if not has_net_admin():
+        print("egressd rules: needs CAP_NET_ADMIN (root, or the service's ambient capability)", file=err)
+        return 2
+    try:
+        if args.action == "install":
+            install(
+                args.queue,
+                fail_open=not args.fail_closed,
+                max_packets=args.max_packets,
+                ipv6=not args.no_ipv6,
+                forward_ifaces=args.forward_iface,
+                backend_name=args.backend,
+                netns=args.netns,
+            )
+            print(f"egressd rules installed (queue {args.queue})", file=out)
+        elif args.action == "remove":
+            remove(netns=args.netns)
+            print("egressd rules removed", file=out)
+        elif args.action == "show":
+            out.write(show(netns=args.netns))
+        else:
+            ok = installed(netns=args.netns)
+            print("installed" if ok else "not installed", file=out)
+            return 0 if ok else 1
+    except (NetfilterError, ValueError) as e:
+        print(f"egressd rules {args.action}: {e}", file=err)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m egressd.netfilter", description="egressd's kernel rules")
+    add_rules_arguments(p)
+    return run_rules(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

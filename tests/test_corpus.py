@@ -1,0 +1,42 @@
+"""egressd on real captures from other projects (../shared/corpus), scored against their labels.
+
+Skipped with a message when the corpus is absent (it is not part of the repository). The
+per-group table next to ndpiReader 4.2's figures is printed at the end of the test run.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.corpus_eval import Score, corpus_dir, evaluate
+
+ROOT = corpus_dir()
+pytestmark = pytest.mark.skipif(ROOT is None, reason="../shared/corpus not found (set EGRESSD_CORPUS)")
+
+
+@pytest.fixture(scope="module")
+def score() -> Score:
+    assert ROOT is not None
+    s = evaluate(ROOT)
+    pytest.corpus_table = s.table()  # type: ignore[attr-defined]
+    return s
+
+
+def test_every_mining_flow_is_detected_as_mining(score: Score) -> None:
+    misses = [o for o in score.misses() if o.want == "mining"]
+    assert not misses, "\n".join(f"{o.capture}: {o.flow} [{o.label}] got {o.got}" for o in misses)
+
+
+def test_every_ssh_flow_is_detected_as_ssh(score: Score) -> None:
+    misses = [o for o in score.misses() if o.want == "ssh"]
+    assert not misses, "\n".join(f"{o.capture}: {o.flow} [{o.label}] got {o.got}" for o in misses)
+
+
+def test_no_benign_p2p_rpc_or_scan_flow_is_flagged_as_mining_or_ssh(score: Score) -> None:
+    fps = score.false_positives()
+    assert not fps, "\n".join(f"{o.capture}: {o.flow} [{o.label}] got {o.got}" for o in fps)
+
+
+def test_every_scored_flow_was_seen(score: Score) -> None:
+    assert not score.unmatched, "\n".join(score.unmatched)
+    assert score.outcomes, "the corpus produced no scored flows"
