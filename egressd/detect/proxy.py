@@ -210,6 +210,7 @@ class _Socks:
     inner_fwd: int = -1
     inner_rev: int = -1
     request_ok: bool = False
+    request_at: int = -1  # where the SOCKS5 request starts (after any authentication)
     reply_ok: bool = False
     open: bool = False  # an offset could still be learned
 
@@ -356,6 +357,7 @@ def _socks5_request(fwd: bytes, pos: int, s: _Socks) -> None:
     if isinstance(addr, int):
         return
     s.request_ok = True
+    s.request_at = pos
     s.info["command"] = _CMD_NAMES[cmd]
     s.info["target"] = addr[0]
     if cmd == _CMD_CONNECT:
@@ -389,12 +391,21 @@ def _socks_result(s: _Socks, fwd: bytes, saw_selection: bool) -> Result:
         s.open = False  # tunnel open, or a BIND/UDP ASSOCIATE with no stream to follow
     return Detection(
         kind=PROXY_SOCKS,
-        evidence=printable(fwd, 48),
+        evidence=_socks5_evidence(fwd, s),
         info=s.info,
         refine=s.open,
         inner_fwd=s.inner_fwd,
         inner_rev=s.inner_rev,
     )
+
+
+def _socks5_evidence(fwd: bytes, s: _Socks) -> str:
+    """Greeting and request bytes; never the RFC 1929 password that may sit between them."""
+    greeting = fwd[: 2 + fwd[1]]
+    if s.request_at < 0:
+        return printable(greeting, 48)
+    end = s.inner_fwd if s.inner_fwd >= 0 else s.request_at + 4
+    return printable(greeting, 24) + " " + printable(fwd[s.request_at : end], 48)
 
 
 # --- SOCKS4 / 4a --------------------------------------------------------------------------

@@ -1,0 +1,158 @@
+"""The live-traffic subcommands: ``run``, ``rules``, ``status``, ``demo``.
+
+Kept apart from cli.py so that ``egressd test`` and ``egressd validate`` (which security teams
+run in CI, often without root or netfilterqueue) never import the daemon's dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from egressd import netfilter
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        help="judge live egress: install the kernel rules, bind the NFQUEUE, serve until SIGTERM",
+        description=(
+            "Run the daemon: installs egressd's iptables/ip6tables chains (removed again on exit), binds the "
+            "NFQUEUE and judges every flow this node or its containers originate. SIGHUP reloads the policy "
+            "(a broken one is rejected with file:line and the running one stays); SIGTERM stops cleanly."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit codes: 0 stopped cleanly, 1 kernel/queue error, 2 bad policy or missing privileges.",
+    )
+    p.add_argument("--policy", metavar="FILE", help="policy YAML (default: the shipped rules/default.yaml)")
+    p.add_argument("--queue", type=int, default=None, help="NFQUEUE number (default: the policy's settings.queue_num)")
+    p.add_argument("--events", metavar="FILE", help="append decision events (JSON lines) to FILE, flushed per event")
+    p.add_argument("--events-stdout", action="store_true", help="also write decision events to stdout")
+    p.add_argument(
+        "--status-socket",
+        default="/run/egressd/status.sock",
+        metavar="PATH",
+        help="Unix socket (mode 0600) for `egressd status` (default %(default)s; 'none' disables)",
+    )
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus text on this (loopback) address")
+    p.add_argument(
+        "--no-rules", action="store_true", help="do not install/remove kernel rules (they are managed elsewhere)"
+    )
+    p.add_argument(
+        "--forward-iface",
+        action="append",
+        default=[],
+        metavar="IFACE",
+        help="judge forwarded traffic only from these container-side interfaces (iptables wildcards, e.g. veth+)",
+    )
+    p.set_defaults(handler=cmd_run)
+
+    r = sub.add_parser(
+        "rules",
+        help="install, remove or show egressd's kernel rules (for operators and ExecStopPost=)",
+        description="Manage egressd's own iptables/ip6tables chains and jumps; nothing else is touched.",
+    )
+    netfilter.add_rules_arguments(r)
+    r.set_defaults(handler=netfilter.run_rules)
+
+    s = sub.add_parser("status", help="counters of the running daemon: packets, flows, verdicts by rule, drops")
+    s.add_argument("--socket", default="/run/egressd/status.sock", help="the daemon's status socket (default %(default)s)")
+    s.add_argument("--json", action="store_true", help="print the raw JSON")
+    s.set_defaults(handler=cmd_status)
+
+    d = sub.add_parser(
+        "demo",
+        help="the daemon on the shipped default policy in throw-away namespaces, with real traffic",
+        description=(
+            "Creates a 'node' and an 'internet' network namespace on documentation addresses, starts "
+            "`egressd run` in the node, drives real traffic through it (ssh -R to a real sshd, a Stratum "
+            "handshake, HTTPS, DNS, a bulk transfer) and shows what egressd did and why. The host's own "
+            "traffic is never touched. Needs root."
+        ),
+    )
+    d.add_argument("--policy", metavar="FILE", help="policy for the demo (default: the shipped default)")
+    d.add_argument("--keep", action="store_true", help="leave the namespaces up after the demo (for poking around)")
+    d.set_defaults(handler=cmd_demo)
+
+
+def _policy_path(arg: str | None) -> Path:
+    from egressd.paths import default_policy
+
+    return Path(arg) if arg else default_policy()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from egressd.daemon import Options, run
+
+    try:
+        policy = _policy_path(args.policy)
+    except FileNotFoundError as e:
+        print(f"egressd run: {e}", file=sys.stderr)
+        return 2
+    opts = Options(
+        policy=policy,
+        queue_num=args.queue,
+        events=args.events,
+        events_stdout=args.events_stdout,
+        status_socket=None if args.status_socket == "none" else args.status_socket,
+        metrics=args.metrics,
+        install_rules=not args.no_rules,
+        forward_ifaces=tuple(args.forward_iface),
+    )
+    return run(opts)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from egressd.daemon import read_status
+
+    try:
+        st = read_status(args.socket)
+    except (OSError, ValueError) as e:
+        print(f"egressd status: no daemon answers on {args.socket}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(highlight=False)
+    e = st["engine"]
+    con.print(
+        f"egressd pid {st['pid']}, up {st['uptime_s']} s, policy {st['policy']} (mode {st['mode']}, fail {st['fail']}), "
+        f"queue {st['queue_num']}"
+    )
+    con.print(
+        f"packets {e['packets']}  flows {e['flows']} (tracked {st['flows_tracked']})  dropped {e['dropped']}  "
+        f"malformed {e['malformed']}  errors {e['errors'] + st['callback_errors']}  overload {e['overload']}"
+    )
+    k = st.get("kernel_queue")
+    if k:
+        con.print(
+            f"kernel queue: total {k['queue_total']}  queue_dropped {k['queue_dropped']}  "
+            f"user_dropped {k['user_dropped']}  netlink ENOBUFS {st['netlink_enobufs']}"
+        )
+    lat = st["verdict_latency_us"]
+    con.print(f"verdict latency: mean {lat['mean']} µs, max {lat['max']} µs")
+    if st.get("reload_failures"):
+        con.print(f"[red]last rejected reload:[/red] {st['last_reload_error']}")
+    t = Table("rule", "decisions", title="decisions by rule", title_justify="left")
+    for rule, n in sorted(e["rules"].items(), key=lambda kv: -kv[1]):
+        t.add_row(rule, str(n))
+    con.print(t)
+    if e["detections"]:
+        t2 = Table("detection", "flows", title="detections", title_justify="left")
+        for kind, n in sorted(e["detections"].items(), key=lambda kv: -kv[1]):
+            t2.add_row(kind, str(n))
+        con.print(t2)
+    ev = st["events"]
+    con.print(f"events written {ev['written']}, write errors {ev['errors']} {ev['last_error']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from egressd.demo import run_demo
+
+    return run_demo(args.policy, keep=args.keep)
