@@ -19,7 +19,6 @@ Usage: bench/replay.py [--corpus DIR] [--rounds N]
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -29,11 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from egressd.paths import default_policy  # noqa: E402
-from egressd.pcapio import Reader  # noqa: E402
-from egressd.policy import load_policy  # noqa: E402
-from egressd.replay import replay  # noqa: E402
-from tests.corpus_eval import corpus_dir  # noqa: E402
+from egressd.paths import default_policy
+from egressd.pcapio import Reader
+from egressd.policy import load_policy
+from egressd.replay import replay
+from tests.corpus_eval import corpus_dir
 
 
 def count_packets(path: Path) -> int:

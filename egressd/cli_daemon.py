@@ -119,14 +119,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     con = Console(highlight=False)
-    e = st["engine"]
+    eng = st["engine"]
     con.print(
         f"egressd pid {st['pid']}, up {st['uptime_s']} s, policy {st['policy']} (mode {st['mode']}, fail {st['fail']}), "
         f"queue {st['queue_num']}"
     )
     con.print(
-        f"packets {e['packets']}  flows {e['flows']} (tracked {st['flows_tracked']})  dropped {e['dropped']}  "
-        f"malformed {e['malformed']}  errors {e['errors'] + st['callback_errors']}  overload {e['overload']}"
+        f"packets {eng['packets']}  flows {eng['flows']} (tracked {st['flows_tracked']})  dropped {eng['dropped']}  "
+        f"malformed {eng['malformed']}  errors {eng['errors'] + st['callback_errors']}  overload {eng['overload']}"
     )
     k = st.get("kernel_queue")
     if k:
@@ -139,12 +139,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if st.get("reload_failures"):
         con.print(f"[red]last rejected reload:[/red] {st['last_reload_error']}")
     t = Table("rule", "decisions", title="decisions by rule", title_justify="left")
-    for rule, n in sorted(e["rules"].items(), key=lambda kv: -kv[1]):
+    for rule, n in sorted(eng["rules"].items(), key=lambda kv: -kv[1]):
         t.add_row(rule, str(n))
     con.print(t)
-    if e["detections"]:
+    if eng["detections"]:
         t2 = Table("detection", "flows", title="detections", title_justify="left")
-        for kind, n in sorted(e["detections"].items(), key=lambda kv: -kv[1]):
+        for kind, n in sorted(eng["detections"].items(), key=lambda kv: -kv[1]):
             t2.add_row(kind, str(n))
         con.print(t2)
     ev = st["events"]

@@ -29,12 +29,13 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from egressd import netfilter, nfq, procstats, sdnotify
-from egressd.engine import ACCEPT, ACCEPT_PIN, DIR_ORIGINAL, DIR_REPLY, Engine
+from egressd.engine import ACCEPT, ACCEPT_MIDSTREAM, ACCEPT_PIN, DIR_ORIGINAL, DIR_REPLY, Engine
 from egressd.eventlog import EventLog
 from egressd.policy import Policy, PolicyError, load_policy
 
@@ -86,6 +87,9 @@ class Daemon:
         )
         if v == ACCEPT:
             pkt.set_mark(netfilter.with_verdict(mark, netfilter.MARK_SEEN))
+        elif v == ACCEPT_MIDSTREAM:
+            pkt.accept()
+            return
         elif v == ACCEPT_PIN:
             pkt.set_mark(netfilter.with_verdict(mark, netfilter.MARK_ALLOW))
         else:
@@ -367,14 +371,16 @@ def run(opts: Options) -> int:
         )
         return 2
     d = Daemon(opts, policy)
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
     try:
         import uvloop
 
-        runner = uvloop.run
+        loop_factory = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
-        runner = asyncio.run
+        pass
     try:
-        return int(runner(d.main()))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(d.main())
     except (netfilter.NetfilterError, nfq.NfqError) as e:
         print(f"egressd run: {e}", file=sys.stderr)
         return 1

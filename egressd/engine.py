@@ -24,18 +24,17 @@ counted and gets the policy's ``on_error`` verdict.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from typing import Final
 
 from egressd.detect import base as d
-from egressd.detect.base import NEED_MORE, NOT_THIS, Detection, Outcome, StreamContext
-from egressd.detect.dns import answers_by_ip, detect_dns_stream, iter_tcp_messages, parse_message
+from egressd.detect.base import NEED_MORE, NOT_THIS, Detection, StreamContext, StreamDetector
+from egressd.detect.dns import DnsMessage, answers_by_ip, detect_dns_stream, iter_tcp_messages, parse_message
 from egressd.detect.proxy import detect_proxy
 from egressd.detect.ssh import detect_ssh
 from egressd.detect.stratum import detect_stratum
 from egressd.detect.tls import detect_tls
 from egressd.events import PROTO_NAMES, Event, ip_text
-from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, Flow, FlowTable, make_key
+from egressd.flow import PINNED_ACCEPT, PINNED_DROP, Flow, FlowTable, make_key
 from egressd.packet import (
     PROTO_TCP,
     PROTO_UDP,
@@ -54,8 +53,12 @@ from egressd.stream import StreamHead
 ACCEPT: Final = 0  # let this packet pass, keep sending this flow
 ACCEPT_PIN: Final = 1  # let it pass and pin: the kernel handles the rest of the flow
 DROP: Final = 2  # drop it and pin: the rest of the flow is dropped/reset by the kernel
+# Accept, keep watching, but leave the kernel's view of the flow as "never seen": a flow
+# picked up mid-stream has already passed the kernel's per-connection head bound, so it
+# must stay queued on every packet until the engine pins it (netfilter.py, SEEN state).
+ACCEPT_MIDSTREAM: Final = 3
 
-VERDICT_NAMES: Final = {ACCEPT: "accept", ACCEPT_PIN: "accept+pin", DROP: "drop"}
+VERDICT_NAMES: Final = {ACCEPT: "accept", ACCEPT_PIN: "accept+pin", DROP: "drop", ACCEPT_MIDSTREAM: "accept"}
 
 # Direction hints from the shell. The daemon knows the conntrack direction of each packet;
 # a capture does not, and the engine infers it from the flow's first packet.
@@ -67,7 +70,6 @@ _DNS_PORTS: Final = frozenset({53, 5353})
 
 _RANK: Final = {"accept": 0, "alert": 1, "drop": 2}
 
-StreamDetector = Callable[[bytes, bytes, StreamContext], "Detection | Outcome"]
 
 # Order matters only for the evidence shown first; every detector sees the same bytes.
 _TCP_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
@@ -293,7 +295,7 @@ class Engine:
                 return self._pin_accept(flow, ts, "packet-limit")
         else:
             flow.credit -= 1
-        return ACCEPT
+        return ACCEPT_MIDSTREAM if flow.midstream else ACCEPT
 
     # -- detection ----------------------------------------------------------------------
     def _detect(self, flow: Flow, ts: float) -> int | None:
@@ -304,7 +306,7 @@ class Engine:
         fdata = fwd.data if not flow.inner_fwd else fwd.data[flow.inner_fwd :]
         rdata = rev.data if not flow.inner_rev else rev.data[flow.inner_rev :]
         for entry in list(flow.active_detectors):
-            name, fn = entry  # type: ignore[misc]
+            name, fn = entry
             r = fn(fdata, rdata, ctx)
             if r is NEED_MORE:
                 continue
@@ -322,7 +324,7 @@ class Engine:
                 if (inner_f, inner_r) != (flow.inner_fwd, flow.inner_rev):
                     # The tunnelled stream starts here: look at it afresh with every other detector.
                     flow.inner_fwd, flow.inner_rev = inner_f, inner_r
-                    keep = [e for e in flow.active_detectors if e[0] == "proxy"]  # type: ignore[index]
+                    keep = [e for e in flow.active_detectors if e[0] == "proxy"]
                     flow.active_detectors = keep + list(_INNER_DETECTORS)
                     for n, _ in _INNER_DETECTORS:
                         self._forget(flow, n)
@@ -343,7 +345,7 @@ class Engine:
             v = self._rejudge(flow, ts)
             if v is not None:
                 return v
-        if not flow.active_detectors or (fwd.full or fwd.closed) and (rev.full or rev.closed):
+        if not flow.active_detectors or ((fwd.full or fwd.closed) and (rev.full or rev.closed)):
             return self._pin_accept(flow, ts, "classified")
         return None
 
@@ -417,12 +419,12 @@ class Engine:
         if not from_orig or flow.fwd_pkts >= self._max_packets:
             # The answer is what we needed from a DNS flow; pin it.
             return self._pin_accept(flow, ts, "classified")
-        return ACCEPT
+        return ACCEPT_MIDSTREAM if flow.midstream else ACCEPT
 
-    def _learn(self, msg: object, ts: float) -> None:
+    def _learn(self, msg: DnsMessage, ts: float) -> None:
         """Remember which name each answered address came from (bounded LRU)."""
-        for ip, name, ttl in answers_by_ip(msg):  # type: ignore[arg-type]
-            names = (name,)
+        for ip, name, ttl in answers_by_ip(msg):
+            names: tuple[str, ...] = (name,)
             old = self._dns.get(ip)
             if old is not None and old[1] >= ts and name not in old[0]:
                 names = (name, *old[0])[:4]

@@ -89,8 +89,8 @@ class Event:
     def event_type(self) -> str:
         if (
             self.verdict != "accept"
-            or self.detection is not None
-            and self.detection["kind"] not in ("tls", "dns")
+            or (self.detection is not None
+            and self.detection["kind"] not in ("tls", "dns"))
         ):
             return "alert"
         return "flow"

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Final
 from egressd.stream import StreamHead
 
 if TYPE_CHECKING:
-    from egressd.detect.base import Detection
+    from egressd.detect.base import Detection, StreamDetector
     from egressd.policy import Decision
 
 FlowKey = tuple[int, bytes, int, bytes, int]
@@ -106,7 +106,7 @@ class Flow:
         self.decision: Decision | None = None
         self.detections: dict[str, Detection] = {}  # by detector name
         self.domains: tuple[str, ...] = ()
-        self.active_detectors: list[object] = []
+        self.active_detectors: list[tuple[str, StreamDetector]] = []
         self.inner_fwd = 0
         self.inner_rev = 0
         self.reported: tuple[str, str] | None = None  # (action, rule) last written as an event
@@ -145,7 +145,7 @@ class FlowTable:
             flow.release()
             self.done[flow.key] = flow
 
-    def make_room(self, now: float, idle_of: dict[int, float]) -> Flow | None | bool:
+    def make_room(self, now: float, idle_of: dict[int, float]) -> Flow | bool | None:
         """Free one slot if the table is full.
 
         Returns True when there is room without eviction, an evicted *active* flow (the

@@ -12,7 +12,7 @@ from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
-from egressd.engine import ACCEPT, ACCEPT_PIN, DIR_ORIGINAL, DIR_REPLY, DROP, Engine
+from egressd.engine import ACCEPT, ACCEPT_MIDSTREAM, ACCEPT_PIN, DIR_ORIGINAL, DIR_REPLY, DROP, Engine
 from egressd.paths import default_policy
 from egressd.policy import Policy, load_policy
 
@@ -46,7 +46,10 @@ class Conn:
         self.ip = IPv6 if v6 else IP
 
     def syn(self) -> bytes:
-        return bytes(self.ip(src=self.src, dst=self.dst) / TCP(sport=self.sport, dport=self.dport, flags="S", seq=self.cseq - 1))
+        return bytes(
+            self.ip(src=self.src, dst=self.dst)
+            / TCP(sport=self.sport, dport=self.dport, flags="S", seq=self.cseq - 1)
+        )
 
     def synack(self) -> bytes:
         return bytes(
@@ -56,11 +59,17 @@ class Conn:
 
     def c(self, data: bytes, off: int | None = None, flags: str = "PA") -> bytes:
         seq = self.cseq + (off if off is not None else 0)
-        return bytes(self.ip(src=self.src, dst=self.dst) / TCP(sport=self.sport, dport=self.dport, flags=flags, seq=seq) / data)
+        return bytes(
+            self.ip(src=self.src, dst=self.dst)
+            / TCP(sport=self.sport, dport=self.dport, flags=flags, seq=seq)
+            / data
+        )
 
     def s(self, data: bytes, off: int = 0) -> bytes:
         return bytes(
-            self.ip(src=self.dst, dst=self.src) / TCP(sport=self.dport, dport=self.sport, flags="PA", seq=self.sseq + off) / data
+            self.ip(src=self.dst, dst=self.src)
+            / TCP(sport=self.dport, dport=self.sport, flags="PA", seq=self.sseq + off)
+            / data
         )
 
 
@@ -153,11 +162,19 @@ def test_dns_answer_names_the_later_flow(tmp_path: Path) -> None:
         """,
     )
     eng = Engine(pol)
-    q = IP(src=NODE, dst="203.0.113.53") / UDP(sport=5555, dport=53) / DNS(rd=1, qd=DNSQR(qname="x.blocked.example"))
+    q = (
+        IP(src=NODE, dst="203.0.113.53")
+        / UDP(sport=5555, dport=53)
+        / DNS(rd=1, qd=DNSQR(qname="x.blocked.example"))
+    )
     a = (
         IP(src="203.0.113.53", dst=NODE)
         / UDP(sport=53, dport=5555)
-        / DNS(qr=1, qd=DNSQR(qname="x.blocked.example"), an=DNSRR(rrname="x.blocked.example", rdata="203.0.113.99", ttl=30))
+        / DNS(
+            qr=1,
+            qd=DNSQR(qname="x.blocked.example"),
+            an=DNSRR(rrname="x.blocked.example", rdata="203.0.113.99", ttl=30),
+        )
     )
     assert eng.feed(bytes(q), 10.0) == DROP  # the lookup itself names a blocked domain
     eng2 = Engine(pol)
@@ -177,10 +194,17 @@ def test_dns_learned_name_expires_with_its_ttl(tmp_path: Path) -> None:
         """,
     )
     eng = Engine(pol)
-    a = IP(src="203.0.113.53", dst=NODE) / UDP(sport=53, dport=5555) / DNS(
-        qr=1, qd=DNSQR(qname="x.example"), an=DNSRR(rrname="x.example", rdata="203.0.113.98", ttl=10)
+    a = (
+        IP(src="203.0.113.53", dst=NODE)
+        / UDP(sport=53, dport=5555)
+        / DNS(qr=1, qd=DNSQR(qname="x.example"), an=DNSRR(rrname="x.example", rdata="203.0.113.98", ttl=10))
     )
-    eng.feed(bytes(IP(src=NODE, dst="203.0.113.53") / UDP(sport=5555, dport=53) / DNS(qd=DNSQR(qname="x.example"))), 0.0)
+    eng.feed(
+        bytes(
+            IP(src=NODE, dst="203.0.113.53") / UDP(sport=5555, dport=53) / DNS(qd=DNSQR(qname="x.example"))
+        ),
+        0.0,
+    )
     eng.feed(bytes(a), 0.0)
     assert eng.feed(Conn("203.0.113.98", 80, sport=1).syn(), 5.0) == DROP
     assert eng.feed(Conn("203.0.113.98", 80, sport=2).syn(), 5000.0) != DROP
@@ -249,14 +273,20 @@ def test_ssh_inside_http_connect_is_still_ssh(default: Policy) -> None:
     c = Conn("203.0.113.50", 3128)
     req = b"CONNECT 203.0.113.20:22 HTTP/1.1\r\nHost: 203.0.113.20:22\r\n\r\n"
     rep = b"HTTP/1.1 200 Connection established\r\n\r\n"
-    v = feed_all(eng, [c.syn(), c.synack(), c.c(req), c.s(rep), c.s(SERVER_BANNER, len(rep)), c.c(CLIENT_BANNER, len(req))])
+    v = feed_all(
+        eng,
+        [c.syn(), c.synack(), c.c(req), c.s(rep), c.s(SERVER_BANNER, len(rep)), c.c(CLIENT_BANNER, len(req))],
+    )
     assert DROP in v
     ev = eng.events[-1]
     assert "ssh" in ev.detections and "proxy.http-connect" in ev.detections
 
 
 def test_inconsistent_retransmission_is_reported(tmp_path: Path) -> None:
-    pol = write_policy(tmp_path, "default: accept\nrules:\n  - {name: ev, description: e, match: {detection: evasion}, action: drop}\n")
+    pol = write_policy(
+        tmp_path,
+        "default: accept\nrules:\n  - {name: ev, description: e, match: {detection: evasion}, action: drop}\n",
+    )
     eng = Engine(pol)
     c = Conn("203.0.113.77", 80)
     v = feed_all(eng, [c.syn(), c.synack(), c.c(b"GET / HTTP/1.1\r\n"), c.c(b"XXXXXXXXXXXXXXXX")])
@@ -321,7 +351,9 @@ def _client_hello(sni: str) -> bytes:
 _pkt_bytes = st.one_of(
     st.binary(max_size=120),
     st.builds(
-        lambda sp, dp, fl, seq, data: bytes(IP(src=NODE, dst=POOL) / TCP(sport=sp, dport=dp, flags=fl, seq=seq) / data),
+        lambda sp, dp, fl, seq, data: bytes(
+            IP(src=NODE, dst=POOL) / TCP(sport=sp, dport=dp, flags=fl, seq=seq) / data
+        ),
         st.integers(1, 65535),
         st.sampled_from([22, 53, 443, 3333]),
         st.sampled_from(["S", "SA", "A", "PA", "F", "R", "FA"]),
@@ -343,7 +375,7 @@ def test_arbitrary_packet_sequences_never_raise_and_stay_bounded(pkts: list[byte
     eng = Engine(pol)
     eng.table.max_flows = 8
     for i, p in enumerate(pkts):
-        assert eng.feed(p, float(i)) in (ACCEPT, ACCEPT_PIN, DROP)
+        assert eng.feed(p, float(i)) in (ACCEPT, ACCEPT_PIN, DROP, ACCEPT_MIDSTREAM)
     assert eng.counters.errors == 0
     assert len(eng.table) <= 8
     for f in eng.table.active.values():
@@ -351,3 +383,9 @@ def test_arbitrary_packet_sequences_never_raise_and_stay_bounded(pkts: list[byte
             if h is not None:
                 assert len(h.data) <= pol.settings.head_bytes
                 assert h.pending_bytes <= pol.settings.head_bytes
+
+
+def test_midstream_flow_stays_unmarked_until_pinned(default: Policy) -> None:
+    eng = Engine(default)
+    c = Conn(ALLOWED, 443)
+    assert eng.feed(c.c(b"\x17\x03\x03\x00\x10" + b"x" * 16), 1.0, DIR_ORIGINAL) == ACCEPT_MIDSTREAM

@@ -45,7 +45,17 @@ def test_json_output_has_one_decision_event_per_flow(capsys: pytest.CaptureFixtu
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert events
     for e in events:
-        for key in ("src_ip", "src_port", "dest_ip", "dest_port", "proto", "verdict", "rule", "timestamp", "flow_id"):
+        for key in (
+            "src_ip",
+            "src_port",
+            "dest_ip",
+            "dest_port",
+            "proto",
+            "verdict",
+            "rule",
+            "timestamp",
+            "flow_id",
+        ):
             assert key in e
     mining = [e for e in events if e.get("detection", {}).get("kind", "").startswith("mining")]
     assert mining and all(e["verdict"] == "drop" for e in mining)

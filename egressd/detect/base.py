@@ -15,6 +15,7 @@ Detection kinds are dotted names; a policy rule that matches ``mining`` matches
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -111,3 +112,7 @@ class StreamContext:
     rev_closed: bool = False
     fwd_full: bool = False
     rev_full: bool = False
+
+
+StreamDetector = Callable[[bytes, bytes, StreamContext], Result]
+"""``detect_x(fwd, rev, ctx)``: fwd = originator's head bytes, rev = responder's."""

@@ -57,7 +57,12 @@ _AUTH_NONE: Final = 0
 _AUTH_GSSAPI: Final = 1
 _AUTH_USERPASS: Final = 2
 _AUTH_REJECTED: Final = 0xFF
-_AUTH_NAMES: Final = {_AUTH_NONE: "none", _AUTH_GSSAPI: "gssapi", _AUTH_USERPASS: "userpass"}
+_AUTH_NAMES: Final = {
+    _AUTH_NONE: "none",
+    _AUTH_GSSAPI: "gssapi",
+    _AUTH_USERPASS: "userpass",
+    _AUTH_REJECTED: "none-acceptable",
+}
 _CMD_CONNECT: Final = 1
 _CMD_NAMES: Final = {1: "connect", 2: "bind", 3: "udp-associate"}
 _ATYP_IPV4: Final = 1
@@ -272,12 +277,11 @@ def _socks5(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
         selected = -1
     s = _Socks(info={"version": "5"})
     if selected >= 0:
-        s.info["auth"] = _AUTH_NAMES.get(
-            selected, "none-acceptable" if selected == 0xFF else f"0x{selected:02x}"
-        )
+        s.info["auth"] = _AUTH_NAMES.get(selected, f"0x{selected:02x}")
     if selected == -1:
-        if len(fwd) > pos:  # something follows the greeting that is neither request nor auth
-            return NOT_THIS
+        if len(fwd) > pos and fwd[pos] != _RFC1929_VERSION:
+            return NOT_THIS  # something follows the greeting that is neither request nor auth
+        # A bare greeting (or auth bytes that could be GSS-API): the selection will tell.
         return NOT_THIS if fwd_final and rev_final else NEED_MORE
     if selected not in (_AUTH_NONE, _AUTH_USERPASS):
         # Refused, or a method whose messages we do not read (GSS-API): no target to learn.
