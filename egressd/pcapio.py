@@ -43,6 +43,7 @@ _PCAP_NS: Final = 0xA1B23C4D
 _PCAP_MODIFIED: Final = 0xA1B2CD34  # Alexey Kuznetzov's patched libpcap: 24-byte records
 _PCAPNG_SHB: Final = 0x0A0D0D0A
 _PCAPNG_BOM: Final = 0x1A2B3C4D
+_PCAPNG_BOM_SWAPPED: Final = 0x4D3C2B1A
 
 _BT_IDB: Final = 0x00000001
 _BT_OPB: Final = 0x00000002
@@ -494,8 +495,12 @@ class Reader:
                 0, f"file too short ({size} bytes) to be a capture; {_describe_magic(bytes(buf[:size]))}"
             )
         if struct.unpack_from("<I", buf, 0)[0] == _PCAPNG_SHB:
-            if size < 12:
+            if size < 28:
                 raise self._error(0, f"truncated pcapng Section Header Block: {size} of at least 28 bytes")
+            bom = struct.unpack_from("<I", buf, 8)[0]
+            if bom not in (_PCAPNG_BOM, _PCAPNG_BOM_SWAPPED):
+                raise self._error(8, _bad_bom(buf, 0))
+            self._shb(buf, 0, 28, "<" if bom == _PCAPNG_BOM else ">")  # the version, before any output
             return self._pcapng(buf)
         for endian in ("<", ">"):
             magic = struct.unpack_from(endian + "I", buf, 0)[0]
@@ -599,27 +604,23 @@ class Reader:
                         f"truncated pcapng block at byte {off} after {records} packets: "
                         f"{size - off} bytes remain, a block needs at least 12",
                     )
-                btype = u32.unpack_from(buf, off)[0]
+                btype, blen = u32x2.unpack_from(buf, off)
                 if btype == _PCAPNG_SHB:
                     bom = struct.unpack_from("<I", buf, off + 8)[0]
                     if bom == _PCAPNG_BOM:
                         e = "<"
-                    elif bom == 0x4D3C2B1A:
+                    elif bom == _PCAPNG_BOM_SWAPPED:
                         e = ">"
                     else:
-                        raise self._error(
-                            off + 8,
-                            f"bad pcapng byte-order magic at byte {off + 8}: "
-                            f"{bytes(buf[off + 8 : off + 12]).hex(' ')} (expected 1a 2b 3c 4d, either order)",
-                        )
+                        raise self._error(off + 8, _bad_bom(buf, off))
                     u32x2 = struct.Struct(e + "II")
                     u32 = struct.Struct(e + "I")
                     epb = struct.Struct(e + "IIIII")
                     opb = struct.Struct(e + "HHIIII")
                     ifaces = []
+                    blen = u32x2.unpack_from(buf, off)[1]
                 elif off == 0:
                     raise self._error(0, "pcapng file does not start with a Section Header Block")
-                blen = u32x2.unpack_from(buf, off)[1]
                 if blen < 12 or blen % 4:
                     why = "below 12" if blen < 12 else "not a multiple of 4"
                     raise self._error(
@@ -665,6 +666,8 @@ class Reader:
                     last_ts = ((tsh << 32) | tsl) / div + tsoff
                     start = b + 28
                 elif btype == _BT_SPB:
+                    if blen < 16:
+                        raise self._error(b, f"corrupt pcapng Simple Packet Block at byte {b}: {blen} bytes")
                     if not ifaces:
                         raise self._error(
                             b,
@@ -704,12 +707,19 @@ class Reader:
                 records += 1
                 lt_counts[lt] = lt_counts.get(lt, 0) + 1
                 end = start + caplen
-                p = handler(buf, start, end)
-                if p < 0:
-                    non_ip += 1
-                    k = _non_ip_kind(buf, start, end, lt)
-                    stats.non_ip_kinds[k] = stats.non_ip_kinds.get(k, 0) + 1
-                    continue
+                if (
+                    lt == LINKTYPE_ETHERNET
+                    and caplen >= 14
+                    and (buf[start + 12] << 8 | buf[start + 13]) in _ET_IP
+                ):
+                    p = start + 14
+                else:
+                    p = handler(buf, start, end)
+                    if p < 0:
+                        non_ip += 1
+                        k = _non_ip_kind(buf, start, end, lt)
+                        stats.non_ip_kinds[k] = stats.non_ip_kinds.get(k, 0) + 1
+                        continue
                 packets += 1
                 nbytes += end - p
                 yield last_ts, buf[p:end]
@@ -771,6 +781,11 @@ class Reader:
                 tsoff = struct.unpack_from(e + "q", buf, p + 4)[0]
             p += 4 + ((olen + 3) & ~3)
         return lt, _handler(lt, e == ">"), snap, div, tsoff
+
+
+def _bad_bom(buf: _Buf, off: int) -> str:
+    got = bytes(buf[off + 8 : off + 12]).hex(" ")
+    return f"bad pcapng byte-order magic at byte {off + 8}: {got} (expected 1a 2b 3c 4d, either order)"
 
 
 def _block_name(btype: int) -> str:

@@ -297,6 +297,8 @@ TLS_CLIENT_HELLO = bytes.fromhex("160301002f0100002b0303") + bytes(32) + bytes.f
         b'{"id":1,"method":"mining.subscribe"}\n',
         bytes.fromhex("f9beb4d976657273696f6e00"),
         b"\x00" * 32,
+        b'Content-Length: 46\r\n\r\n{"jsonrpc":"2.0","id":1,"method":"initialize"}',
+        b"CONNECTION: upgrade\r\n",
     ],
 )
 def test_other_protocols_are_not_this_at_once(fwd: bytes) -> None:

@@ -134,8 +134,8 @@ def test_protocol_versions_in_use_are_ssh(version: bytes) -> None:
 
 def test_lowercase_ssh_prefix_is_not_a_banner() -> None:
     # OpenSSH compares "SSH-" with memcmp; "ssh-2.0-..." is just a line of text.
-    assert detect_ssh(b"ssh-2.0-OpenSSH_9.6\r\n", b"", CLOSED) is NOT_THIS
-    assert detect_ssh(b"ssh-2.0-OpenSSH_9.6\r\n", b"sSH-2.0-x\r\n", CTX) is NOT_THIS
+    assert detect_ssh(b"ssh-2.0-OpenSSH_9.6\r\n", b"", CTX) is NEED_MORE
+    assert detect_ssh(b"ssh-2.0-OpenSSH_9.6\r\n", b"sSH-2.0-x\r\n", CLOSED) is NOT_THIS
 
 
 @pytest.mark.parametrize(
@@ -186,10 +186,21 @@ def test_unterminated_banner_counts_when_the_direction_closes() -> None:
     assert isinstance(detect_ssh(b"SSH-2.0-OpenSSH_9", b"", closed), Detection)
 
 
-def test_two_sides_that_both_start_with_other_text_are_not_ssh() -> None:
-    # Only a server may send lines before its banner; the client must start with "SSH-".
+def test_text_from_both_sides_is_given_up_only_when_they_end() -> None:
     http = b"GET / HTTP/1.1\r\nHost: example\r\n\r\n"
-    assert detect_ssh(http, b"HTTP/1.1 200 OK\r\n\r\n", CTX) is NOT_THIS
+    assert detect_ssh(http, b"HTTP/1.1 200 OK\r\n\r\n", CTX) is NEED_MORE
+    assert detect_ssh(http, b"HTTP/1.1 200 OK\r\n\r\n", CLOSED) is NOT_THIS
+
+
+def test_client_lines_before_its_banner_are_still_ssh() -> None:
+    # RFC 4253 reserves this for servers, but Go's x/crypto/ssh and paramiko servers accept
+    # it from clients too, so it is a cheap disguise that must not hide the session.
+    fwd = b"GET / HTTP/1.1\r\n\r\n" + CLIENT_BANNER + kexinit(KEX_PLAIN) + msg(30)
+    rev = b"HTTP/1.1 200 OK\r\n\r\n" + SERVER_BANNER + kexinit(KEX_PLAIN, "server") + msg(31)
+    found = detection(detect_ssh(fwd, rev, CTX))
+    assert found.kind == SSH
+    assert found.info["role"] == "normal"  # the key exchange decides, not the preambles
+    assert found.info["role_conflict"] == "pre-banner-lines"
 
 
 def test_text_from_one_side_alone_may_still_be_a_server_preamble() -> None:
@@ -275,11 +286,35 @@ def test_server_only_kexinit_flag_from_the_responder_is_normal() -> None:
     assert found.info["role"] == "normal"
 
 
-def test_conflicting_role_facts_leave_the_role_unknown() -> None:
-    fwd = CLIENT_BANNER + kexinit(KEX_CLIENT) + msg(31)  # ext-info-c says client, 31 says server
+def test_kex_message_overrules_a_faked_kexinit_flag() -> None:
+    fwd = CLIENT_BANNER + kexinit(KEX_CLIENT) + msg(31)  # lists ext-info-c, but sends a server reply
     found = detection(detect_ssh(fwd, b"", CTX))
+    assert found.kind == SSH_REVERSE
+    assert found.info["role_basis"] == "kex-message"
+    assert found.info["role_conflict"] == "kexinit-client-flag"
+
+
+def test_weak_facts_that_disagree_leave_the_role_unknown() -> None:
+    fwd = CLIENT_BANNER + kexinit(KEX_CLIENT)
+    rev = SERVER_BANNER + kexinit(KEX_CLIENT, "server")  # both claim ext-info-c
+    found = detection(detect_ssh(fwd, rev, CTX))
     assert found.info["role"] == "unknown"
     assert found.kind == SSH
+    assert found.refine is True
+
+
+def test_kex_messages_that_contradict_each_other_leave_the_role_unknown() -> None:
+    fwd = CLIENT_BANNER + kexinit(KEX_PLAIN) + msg(30)
+    rev = SERVER_BANNER + kexinit(KEX_PLAIN, "server") + msg(30)  # both send an INIT
+    assert detection(detect_ssh(fwd, rev, CTX)).info["role"] == "unknown"
+
+
+def test_role_from_weak_facts_only_keeps_refining() -> None:
+    fwd = CLIENT_BANNER + kexinit(KEX_CLIENT)
+    rev = SERVER_BANNER + kexinit(KEX_SERVER, "server")
+    found = detection(detect_ssh(fwd, rev, CTX))
+    assert found.info["role"] == "normal"
+    assert found.refine is True  # until the kex message shows who really is the client
 
 
 def test_half_duplex_client_side_is_detected_with_its_role() -> None:
@@ -392,7 +427,12 @@ LSP = b'Content-Length: 52\r\n\r\n{"jsonrpc":"2.0","id":1,"method":"initialize"}
     ],
 )
 def test_other_protocols_are_not_ssh(fwd: bytes, rev: bytes) -> None:
-    assert detect_ssh(fwd, rev, CTX) is NOT_THIS
+    assert detect_ssh(fwd, rev, CLOSED) is NOT_THIS
+
+
+@pytest.mark.parametrize("data", [TLS_CLIENT_HELLO, BITCOIN_VERSION, b"line\rfeed\n"])
+def test_binary_or_bare_cr_rules_ssh_out_without_waiting(data: bytes) -> None:
+    assert detect_ssh(data, data, CTX) is NOT_THIS
 
 
 def test_binary_client_data_alone_is_not_ssh_once_closed() -> None:

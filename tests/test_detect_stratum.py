@@ -45,7 +45,8 @@ XMR_LOGIN = (
 )
 XMR_LOGIN_RESULT = (
     b'{"id":1,"jsonrpc":"2.0","error":null,"result":{"id":"1be0b7b6","job":{"blob":"0e0ef4d8a8a3","job_id":'
-    b'"58","target":"b88d0600","algo":"rx/0","seed_hash":"a5e1"},"extensions":["algo","keepalive"],"status":"OK"}}\n'
+    b'"58","target":"b88d0600","algo":"rx/0","seed_hash":"a5e1"},'
+    b'"extensions":["algo","keepalive"],"status":"OK"}}\n'
 )
 
 

@@ -489,6 +489,24 @@ def test_pcapng_unsupported_version(tmp_path: Path) -> None:
     assert "version 2.0" in str(error(tmp_path, shb(major=2) + idb(1)))
 
 
+def test_pcapng_first_section_header_is_checked_when_the_reader_opens(tmp_path: Path) -> None:
+    data = bytearray(shb() + idb(1) + epb(eth(IP4)))
+    data[8:12] = b"\x01\x02\x03\x04"
+    with pytest.raises(CaptureError, match="byte-order magic"):
+        Reader(write(tmp_path, bytes(data)))
+
+
+def test_pcapng_later_section_header_with_bad_byte_order_magic(tmp_path: Path) -> None:
+    second = bytearray(shb())
+    second[8:12] = b"\0\0\0\0"
+    err = error(tmp_path, shb() + idb(1) + epb(eth(IP4)) + bytes(second))
+    assert "byte-order magic" in str(err) and err.packets == 1
+
+
+def test_pcapng_simple_packet_block_shorter_than_its_header(tmp_path: Path) -> None:
+    assert "Simple Packet Block" in str(error(tmp_path, shb() + idb(1) + block(3, b"")))
+
+
 def test_pcapng_captured_length_larger_than_block(tmp_path: Path) -> None:
     b = bytearray(epb(eth(IP4)))
     struct.pack_into("<I", b, 20, 4000)

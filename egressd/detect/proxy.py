@@ -216,7 +216,6 @@ class _Socks:
     inner_rev: int = -1
     request_ok: bool = False
     request_at: int = -1  # where the SOCKS5 request starts (after any authentication)
-    reply_ok: bool = False
     open: bool = False  # an offset could still be learned
 
 
@@ -383,7 +382,6 @@ def _socks5_reply(rev: bytes, pos: int, s: _Socks) -> None:
     s.info["reply"] = "succeeded" if rep == 0 else f"error {rep}"
     if isinstance(addr, int):
         return
-    s.reply_ok = rep == 0
     if rep == 0 and s.inner_fwd >= 0:
         s.inner_rev = addr[1]
 

@@ -11,12 +11,14 @@ Identification (RFC 4253 §4.2, as OpenSSH reads it in ``kex_exchange_identifica
 a line is bytes up to LF, CRs before the LF are dropped, a NUL or a CR followed by
 anything but CR/LF kills the connection. The first line longer than 4 bytes that starts
 with exactly ``SSH-`` (case-sensitive, OpenSSH uses memcmp) is the banner and must parse
-as ``SSH-%d.%d-%[^\\n]``; a malformed one ends the session, so it is NOT this. Only the
-server may send other lines first (OpenSSH's server refuses them from a client), at most
-``MAX_PRE_BANNER_LINES`` of them, each at most ``MAX_LINE`` bytes. The RFC caps the banner
-at 255 bytes but OpenSSH accepts 8192, so a longer banner is still SSH (padding it is an
-evasion, not another protocol); once ``RFC_BANNER_LEN`` bytes of a well-formed
-``SSH-x.y-`` line are seen it counts without waiting for the LF.
+as ``SSH-%d.%d-%[^\\n]``; a malformed one ends the session, so it is NOT this. RFC 4253
+lets only the server send other lines first, at most ``MAX_PRE_BANNER_LINES`` of them
+(OpenSSH's server refuses them from a client, but Go's x/crypto/ssh and paramiko accept
+them from either side), so a direction is given up only when its own bytes rule SSH out,
+never because both sides began with text. The RFC caps the banner at 255 bytes but
+OpenSSH accepts 8192, so a longer banner is still SSH (padding it is an evasion, not
+another protocol); once ``RFC_BANNER_LEN`` bytes of a well-formed ``SSH-x.y-`` line are
+seen it counts without waiting for the LF.
 
 Role, from protocol facts only (each is a vote for "this direction is the client/server"):
 
@@ -33,15 +35,22 @@ Role, from protocol facts only (each is a vote for "this direction is the client
 * a non-SSH side whose first line is an HTTP request is an HTTP client, so the SSH side
   answering it is the server (a browser pointed at port 22).
 
-Conflicting votes give ``role=unknown``. HASSH (Salesforce) is md5 of
+The key-exchange message and SSH-1 packet types are *strong* (a peer cannot fake them
+without breaking the handshake) and decide; the others are *weak* (standard peers follow
+them, custom ones can fake them for free) and only decide when no strong fact is known,
+and ``refine`` stays on until a strong one is. Conflicting votes give ``role=unknown``
+(``role_conflict`` lists the facts that disagree). HASSH (Salesforce) is md5 of
 ``kex;enc;mac;comp`` from the SSH *client's* KEXINIT (client-to-server lists) and
 HASSH-server the same from the server's (server-to-client lists), assigned by SSH role
 (TCP orientation while the role is unknown, as Zeek and Suricata do).
 
-Bounds: a pure function over at most the 8 KiB head per direction, re-run from scratch on
-every call: one ``find`` per line (≤ 1024 lines), at most ``_MAX_PACKETS`` packet headers
-and one KEXINIT per direction. Never raises: every length is checked against the bytes
-present before use; packet_length <= 4 or > 256 KiB is malformed (Suricata's evasion test).
+Bounds: a pure function over the head (8 KiB per direction), re-run from scratch on
+every call, so it must be cheap on a growing buffer: the lines before the banner are
+found, checked and counted with find/count/one regex search (C loops, no Python loop per
+line), then at most ``_MAX_PACKETS`` packet headers and one KEXINIT are read per
+direction. Never raises: every length is checked against the bytes present before use;
+packet_length < 5 or > 256 KiB is malformed (OpenSSH's limits; Suricata rejects <= 1 as
+an evasion attempt).
 """
 
 from __future__ import annotations
@@ -132,6 +141,15 @@ _NOT: Final = 1  # this direction cannot be an SSH peer
 _BANNER: Final = 2  # identification line found
 
 
+@dataclass(frozen=True, slots=True)
+class _Vote:
+    """One fact about which SSH role a direction plays."""
+
+    role: str  # CLIENT or SERVER, for the direction that carries the fact
+    why: str
+    strong: bool
+
+
 @dataclass(slots=True)
 class _Side:
     """What one direction's head says. Internal, rebuilt on every call."""
@@ -150,8 +168,7 @@ class _Side:
     ssh1_type: int = -1
     malformed: bool = False
     done: bool = False  # nothing more to learn from this direction's packets
-    votes: list[str] = field(default_factory=list)  # "client"/"server" from direct facts
-    basis: list[str] = field(default_factory=list)
+    votes: list[_Vote] = field(default_factory=list)
 
 
 def _scan_int(line: bytes, pos: int) -> tuple[int, int] | None:
@@ -328,11 +345,9 @@ def _scan_packets(data: bytes, final: bool, side: _Side, ssh1: bool) -> None:
             side.kexinit = lists
             names = set(lists[0].split(b","))
             if names & _CLIENT_MARKERS:
-                side.votes.append(CLIENT)
-                side.basis.append("kexinit-client-flag")
+                side.votes.append(_Vote(CLIENT, "kexinit-client-flag", strong=False))
             if names & _SERVER_MARKERS:
-                side.votes.append(SERVER)
-                side.basis.append("kexinit-server-flag")
+                side.votes.append(_Vote(SERVER, "kexinit-server-flag", strong=False))
             pos = end
             continue
         if msg in _SKIPPABLE:
@@ -365,11 +380,9 @@ def _scan_ssh1(data: bytes, final: bool, side: _Side) -> None:
         return
     side.ssh1_type = data[type_at]
     if side.ssh1_type == _SSH1_SMSG_PUBLIC_KEY:
-        side.votes.append(SERVER)
-        side.basis.append("ssh1-public-key")
+        side.votes.append(_Vote(SERVER, "ssh1-public-key", strong=True))
     elif side.ssh1_type == _SSH1_CMSG_SESSION_KEY:
-        side.votes.append(CLIENT)
-        side.basis.append("ssh1-session-key")
+        side.votes.append(_Vote(CLIENT, "ssh1-session-key", strong=True))
     side.done = True
 
 
@@ -430,31 +443,49 @@ def _kex_vote(fwd: _Side, rev: _Side) -> str | None:
     return None
 
 
-def _role(fwd: _Side, rev: _Side) -> tuple[str, list[str]]:
-    orientations: set[str] = set()
-    basis: list[str] = []
+@dataclass(frozen=True, slots=True)
+class _Role:
+    role: str
+    strong: bool  # decided by a fact a peer cannot fake without breaking the key exchange
+    basis: tuple[str, ...]
+    conflict: tuple[str, ...]
+
+
+def _role(fwd: _Side, rev: _Side) -> _Role:
+    """Strong facts (kex message, SSH-1 packet types) decide; weak ones only when none exist.
+
+    Weak facts (KEXINIT flags, pre-banner lines, an HTTP client on the other side) are what
+    standard peers do, but a custom peer can fake them at no cost: OpenSSH ignores an
+    ``ext-info-c`` in a server's list, and Go's x/crypto/ssh and paramiko accept lines
+    before the banner from either side. So they never overrule the key exchange.
+    """
+    votes: list[tuple[str, _Vote]] = []
     for side, is_fwd in ((fwd, True), (rev, False)):
         for vote in side.votes:
-            orientations.add(ROLE_NORMAL if (vote == CLIENT) == is_fwd else ROLE_INVERTED)
-        basis.extend(side.basis)
+            votes.append((ROLE_NORMAL if (vote.role == CLIENT) == is_fwd else ROLE_INVERTED, vote))
     kex = _kex_vote(fwd, rev)
     if kex is not None:
-        orientations.add(kex)
-        basis.append("kex-message")
-    if len(orientations) == 1:
-        return orientations.pop(), basis
-    return ROLE_UNKNOWN, basis
+        votes.append((kex, _Vote(CLIENT, "kex-message", strong=True)))
+    for strong in (True, False):
+        said = {orientation for orientation, vote in votes if vote.strong == strong}
+        if not said:
+            continue
+        if len(said) > 1:
+            break
+        role = said.pop()
+        basis = tuple(dict.fromkeys(v.why for o, v in votes if o == role))
+        conflict = tuple(dict.fromkeys(v.why for o, v in votes if o != role))
+        return _Role(role, strong, basis, conflict)
+    return _Role(ROLE_UNKNOWN, False, (), tuple(dict.fromkeys(v.why for _, v in votes)))
 
 
 def _direct_votes(fwd: _Side, rev: _Side) -> None:
     """Facts that need both sides' identification state: pre-banner lines, HTTP clients."""
     for side, other in ((fwd, rev), (rev, fwd)):
         if side.state == _BANNER and side.pre_lines:
-            side.votes.append(SERVER)
-            side.basis.append("pre-banner-lines")
+            side.votes.append(_Vote(SERVER, "pre-banner-lines", strong=False))
         if side.state != _BANNER and side.http_client and other.state == _BANNER:
-            other.votes.append(SERVER)
-            other.basis.append("http-client-peer")
+            other.votes.append(_Vote(SERVER, "http-client-peer", strong=False))
 
 
 def _hassh(lists: tuple[bytes, ...], server: bool) -> str:
@@ -480,25 +511,23 @@ def detect_ssh(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
     _scan_ident(fwd, fwd_final, f)
     _scan_ident(rev, rev_final, r)
     if f.state != _BANNER and r.state != _BANNER:
-        if f.state == _NOT and r.state == _NOT:
-            return NOT_THIS
-        # Only a server may send lines before its banner, so when both ends have spoken and
-        # neither began with "SSH-", at most one of them can still turn out to be SSH and
-        # the other (the client) already broke the protocol.
-        if fwd and rev and not _ssh_start(fwd) and not _ssh_start(rev):
-            return NOT_THIS
-        return NEED_MORE
+        # Text from both sides is not enough to give up: Go's x/crypto/ssh and paramiko
+        # accept lines before the banner from a client too, so each side is judged alone.
+        return NOT_THIS if f.state == _NOT and r.state == _NOT else NEED_MORE
     if f.state == _BANNER:
         _scan_packets(fwd, fwd_final, f, _is_ssh1(f, r))
     if r.state == _BANNER:
         _scan_packets(rev, rev_final, r, _is_ssh1(r, f))
     _direct_votes(f, r)
-    role, basis = _role(f, r)
+    decided = _role(f, r)
+    role = decided.role
     client, server = (r, f) if role == ROLE_INVERTED else (f, r)
 
     info: dict[str, str] = {"role": role}
-    if basis:
-        info["role_basis"] = ",".join(dict.fromkeys(basis))
+    if decided.basis:
+        info["role_basis"] = ",".join(decided.basis)
+    if decided.conflict:
+        info["role_conflict"] = ",".join(decided.conflict)
     for name, side in (("client", client), ("server", server)):
         if side.state == _BANNER:
             info[name] = _software(side)
@@ -523,7 +552,7 @@ def detect_ssh(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
     evidence = " ".join(
         f"{arrow}{printable(side.raw, 96)}" for arrow, side in ((">", f), ("<", r)) if side.state == _BANNER
     )
-    complete = role != ROLE_UNKNOWN and _kex_known(f) and _kex_known(r)
+    complete = decided.strong and _kex_known(f) and _kex_known(r)
     learnable = _can_learn(f, fwd_final) or _can_learn(r, rev_final)
     return Detection(
         kind=SSH_REVERSE if role == ROLE_INVERTED else SSH,
@@ -531,11 +560,6 @@ def detect_ssh(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
         info=info,
         refine=learnable and not complete,
     )
-
-
-def _ssh_start(data: bytes) -> bool:
-    """True while ``data`` is, or is a prefix of, something starting with ``SSH-``."""
-    return data[:4] == _SSH[: len(data)]
 
 
 def _kex_known(side: _Side) -> bool:

@@ -89,9 +89,6 @@ _POOL_METHODS: Final = frozenset(
         "mining.set_extranonce",
         "mining.set_version_mask",
         "mining.set_goal",
-        "client.reconnect",
-        "client.show_message",
-        "client.get_version",
     }
 )
 _CLIENT_KINDS: Final = (MINING_STRATUM, MINING_ETH, MINING_XMR, MINING_GETWORK)
@@ -104,12 +101,11 @@ _POOL_HEADERS: Final = (b"x-stratum", b"x-long-polling", b"x-roll-ntime", b"x-is
 # Per-direction outcomes.
 _NEED: Final = 0
 _NOT: Final = 1
-_HIT: Final = 2
 
 
 @dataclass(slots=True)
 class _Hit:
-    """One direction's finding. Internal."""
+    """One direction's finding (the other outcomes are the ints _NEED and _NOT). Internal."""
 
     kind: str
     method: str

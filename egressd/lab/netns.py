@@ -38,6 +38,7 @@ INET_V6: Final = "2001:db8:1::1"
 # One address per peer role, all in 203.0.113.0/24 and 2001:db8:2::/64.
 SERVICES: Final[dict[str, tuple[str, str]]] = {
     "ssh_allowed": ("203.0.113.10", "2001:db8:2::10"),
+    "ssh_named": ("203.0.113.11", "2001:db8:2::11"),  # reachable by name only (git.example.org)
     "ssh_evil": ("203.0.113.20", "2001:db8:2::20"),
     "pool": ("203.0.113.30", "2001:db8:2::30"),
     "tls": ("203.0.113.40", "2001:db8:2::40"),
