@@ -8,8 +8,8 @@ STAMP := build/.stamps
 
 # Everything the daemon, the tests, the capture script and the benchmarks use.
 APT_PACKAGES := python3 python3-venv python3-dev build-essential libnetfilter-queue-dev \
-	iptables conntrack iproute2 iputils-ping kmod procps \
-	openssh-server openssh-client openssl curl ncat socat dnsmasq-base dnsutils \
+	iptables nftables conntrack iproute2 iputils-ping kmod procps \
+	openssh-server openssh-client openssl curl ncat socat microsocks dnsmasq-base dnsutils \
 	tcpdump iperf3 libndpi-bin systemd
 
 .PHONY: help setup deps venv run demo test test-fast lint typecheck bench pcaps clean

@@ -132,7 +132,9 @@ def main() -> int:
             return 0
         n = min(theirs)
         start = ndpi_startup(ndpi, args.rounds)
-        print(f"ndpiReader   : {n:7.3f} s  {packets / n:10.0f} packets/s (includes its start-up of {start * 1000:.0f} ms)")
+        print(
+            f"ndpiReader   : {n:7.3f} s  {packets / n:10.0f} packets/s (includes its start-up of {start * 1000:.0f} ms)"
+        )
         print(f"ratio egressd/ndpiReader (packets/s): {n / e:.2f}")
     return 0
 

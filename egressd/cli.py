@@ -45,12 +45,8 @@ def _add_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="expectation YAML (flows -> verdict/detection/rule); with several captures, applied to each",
     )
     p.add_argument("--json", action="store_true", help="one EVE-style JSON event per line on stdout")
-    p.add_argument(
-        "--only-flagged", action="store_true", help="show only flows with a detection or not accepted"
-    )
-    p.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)"
-    )
+    p.add_argument("--only-flagged", action="store_true", help="show only flows with a detection or not accepted")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
 
 
 def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -61,9 +57,7 @@ def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "policies", nargs="+", metavar="POLICY", help="policy YAML file(s), e.g. rules/default.yaml"
-    )
+    p.add_argument("policies", nargs="+", metavar="POLICY", help="policy YAML file(s), e.g. rules/default.yaml")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,9 +101,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             # validate() accepts a file of lists only (rules/lists/*.yaml); it is not a policy.
             print(f"{path}: ok (a list file, for policies to include)")
             continue
-        print(
-            f"{path}: ok ({len(pol.rules)} rules, mode {pol.mode}, default {pol.default}, {len(pol.files)} file(s))"
-        )
+        print(f"{path}: ok ({len(pol.rules)} rules, mode {pol.mode}, default {pol.default}, {len(pol.files)} file(s))")
     return EXIT_FAIL if bad else EXIT_OK
 
 

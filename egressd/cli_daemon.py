@@ -58,7 +58,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     r.set_defaults(handler=netfilter.run_rules)
 
     s = sub.add_parser("status", help="counters of the running daemon: packets, flows, verdicts by rule, drops")
-    s.add_argument("--socket", default="/run/egressd/status.sock", help="the daemon's status socket (default %(default)s)")
+    s.add_argument(
+        "--socket", default="/run/egressd/status.sock", help="the daemon's status socket (default %(default)s)"
+    )
     s.add_argument("--json", action="store_true", help="print the raw JSON")
     s.set_defaults(handler=cmd_status)
 
@@ -121,8 +123,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     con = Console(highlight=False)
     eng = st["engine"]
     con.print(
-        f"egressd pid {st['pid']}, up {st['uptime_s']} s, policy {st['policy']} (mode {st['mode']}, fail {st['fail']}), "
-        f"queue {st['queue_num']}"
+        f"egressd pid {st['pid']}, up {st['uptime_s']} s, policy {st['policy']} "
+        f"(mode {st['mode']}, fail {st['fail']}), queue {st['queue_num']}"
     )
     con.print(
         f"packets {eng['packets']}  flows {eng['flows']} (tracked {st['flows_tracked']})  dropped {eng['dropped']}  "
@@ -155,4 +157,4 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from egressd.demo import run_demo
 
-    return run_demo(args.policy, keep=args.keep)
+    return int(run_demo(args.policy, keep=args.keep))

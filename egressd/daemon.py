@@ -82,9 +82,7 @@ class Daemon:
     def _on_packet(self, pkt: Any) -> None:
         """netfilterqueue calls this per packet; it must end in exactly one verdict."""
         mark = pkt.get_mark()
-        v = self.engine.feed(
-            pkt.get_payload(), self._now, DIR_REPLY if mark & netfilter.MARK_REPLY else DIR_ORIGINAL
-        )
+        v = self.engine.feed(pkt.get_payload(), self._now, DIR_REPLY if mark & netfilter.MARK_REPLY else DIR_ORIGINAL)
         if v == ACCEPT:
             pkt.set_mark(netfilter.with_verdict(mark, netfilter.MARK_SEEN))
         elif v == ACCEPT_MIDSTREAM:
@@ -274,9 +272,7 @@ class Daemon:
                 os.umask(old)
         if self.opts.metrics:
             host, _, port = self.opts.metrics.rpartition(":")
-            self._servers.append(
-                await asyncio.start_server(self._serve_metrics, host or "127.0.0.1", int(port))
-            )
+            self._servers.append(await asyncio.start_server(self._serve_metrics, host or "127.0.0.1", int(port)))
         ticker = asyncio.create_task(self._ticker())
         print(
             f"egressd: judging egress on queue {self.queue_num} (policy {self.policy.path}, mode {self.policy.mode}, "
@@ -293,9 +289,18 @@ class Daemon:
             loop.remove_reader(self._queue.fileno())
             for s in self._servers:
                 s.close()
-            # Remove the rules first: with fail-open and no rules, nothing waits on a queue
-            # that is about to lose its listener.
-            self._remove_rules()
+            # fail: open -> remove the rules first, so nothing waits on a queue that is about
+            # to lose its listener. fail: closed -> leave them: with nobody bound to the queue
+            # (and no --queue-bypass) every judged packet is dropped until egressd is back.
+            if self.fail_open:
+                self._remove_rules()
+            else:
+                print(
+                    "egressd: fail: closed - the kernel rules stay in place; egress is blocked until "
+                    "egressd runs again (or `egressd rules remove`)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self._queue.close()
             self.engine.finish(time.time())
             self._drain_events()
@@ -333,14 +338,10 @@ def prometheus_text(st: dict[str, Any]) -> str:
         e["errors"] + st["callback_errors"],
         "Internal errors (the packet still got a verdict).",
     )
-    metric(
-        "overload_total", e["overload"], "New flows judged by on_overload because the flow table was full."
-    )
+    metric("overload_total", e["overload"], "New flows judged by on_overload because the flow table was full.")
     metric("flows_tracked", st["flows_tracked"], "Flows in the table.", "gauge")
     metric("reload_failures_total", st["reload_failures"], "Rejected policy reloads.")
-    metric(
-        "verdict_latency_mean_us", st["verdict_latency_us"]["mean"], "Mean time to judge a packet.", "gauge"
-    )
+    metric("verdict_latency_mean_us", st["verdict_latency_us"]["mean"], "Mean time to judge a packet.", "gauge")
     for kind, n in sorted(e["detections"].items()):
         out.append(f'egressd_detections_total{{kind="{kind}"}} {n}')
     for rule, n in sorted(e["rules"].items()):

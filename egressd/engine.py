@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import Final
 
+from egressd.defrag import Reassembler
 from egressd.detect import base as d
 from egressd.detect.base import NEED_MORE, NOT_THIS, Detection, StreamContext, StreamDetector
 from egressd.detect.dns import DnsMessage, answers_by_ip, detect_dns_stream, iter_tcp_messages, parse_message
@@ -34,7 +35,7 @@ from egressd.detect.ssh import detect_ssh
 from egressd.detect.stratum import detect_stratum
 from egressd.detect.tls import detect_tls
 from egressd.events import PROTO_NAMES, Event, ip_text
-from egressd.flow import PINNED_ACCEPT, PINNED_DROP, Flow, FlowTable, make_key
+from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, Flow, FlowTable, make_key
 from egressd.packet import (
     PROTO_TCP,
     PROTO_UDP,
@@ -47,7 +48,7 @@ from egressd.packet import (
     decode,
 )
 from egressd.policy import Decision, FlowFacts, Policy
-from egressd.stream import StreamHead
+from egressd.stream import GREW, NOTHING, StreamHead
 
 # Verdicts returned by feed(); small ints so the hot path allocates nothing for them.
 ACCEPT: Final = 0  # let this packet pass, keep sending this flow
@@ -144,9 +145,7 @@ class Engine:
         self.events: deque[Event] = deque()
         self._fid = 0
         self._dns: OrderedDict[bytes, tuple[tuple[str, ...], float]] = OrderedDict()
-        self._frags: OrderedDict[tuple[bytes, bytes, int, int], tuple[int, bytes, int, bytes, int]] = (
-            OrderedDict()
-        )
+        self._defrag = Reassembler()
         self.policy = policy
         self.table = FlowTable(policy.settings.max_flows)
         self._apply_settings(policy)
@@ -177,14 +176,14 @@ class Engine:
                 self.counters.malformed += 1
                 return self._error_verdict
             assert type(p) is Packet
+            if p.frag_offset or p.more_frags:
+                return self._fragment(data, p, ts, direction)
             return self._packet(p, ts, direction)
         except Exception:  # never let one packet stop the loop; it still gets a verdict
             self.counters.errors += 1
             return self._error_verdict
 
     def _packet(self, p: Packet, ts: float, direction: int) -> int:
-        if p.frag_offset:
-            return self._later_fragment(p)
         key = make_key(p.proto, p.src, p.sport, p.dst, p.dport)
         flow = self.table.get(key)
         if flow is None:
@@ -236,8 +235,6 @@ class Engine:
         names = self._dns_names(dst, ts)
         if names:
             flow.domains = names
-        if p.more_frags:
-            self._remember_fragment(p, key)
         self.table.add(flow)
         flow.decision = self.policy.judge(self._facts(flow))
         v = self._settle(flow, ts, "first-packet")
@@ -260,20 +257,19 @@ class Engine:
             flow.fwd_pkts += 1
         else:
             flow.rev_pkts += 1
-        if p.more_frags:
-            self._remember_fragment(p, flow.key)
         if p.proto == PROTO_UDP:
             return self._udp_dns(flow, p, ts, from_orig)
         head = flow.fwd if from_orig else flow.rev
         assert head is not None
-        grew = False
+        placed = NOTHING
         flags = p.tcp_flags
         if flags & TCP_SYN:
             head.start(p.seq + 1)
             if p.payload:  # TCP Fast Open: data in the SYN
-                grew = head.add(p.seq + 1, p.payload, p.truncated)
+                placed = head.add(p.seq + 1, p.payload, p.truncated)
         elif p.payload:
-            grew = head.add(p.seq, p.payload, p.truncated)
+            placed = head.add(p.seq, p.payload, p.truncated)
+        grew = placed == GREW
         closed_now = False
         if flags & (TCP_FIN | TCP_RST) and not head.closed:
             head.closed = True
@@ -287,7 +283,7 @@ class Engine:
         # before the handshake is complete. Each growing segment also buys one empty packet
         # (the ACK it elicits). Growth is bounded by the head size, so a flow is pinned
         # after at most 2 * head_bytes + max_packets packets whatever the peers do.
-        if grew:
+        if placed != NOTHING:  # held out-of-order bytes are progress too (bounded by the head)
             flow.credit += 1
         elif p.payload or not flow.credit:
             flow.stale += 1
@@ -389,9 +385,7 @@ class Engine:
             self._record(
                 flow,
                 "pool",
-                Detection(
-                    d.MINING_POOL_DOMAIN, f"{host} matches pool list entry {hit}", info={"domain": host}
-                ),
+                Detection(d.MINING_POOL_DOMAIN, f"{host} matches pool list entry {hit}", info={"domain": host}),
             )
 
     def _udp_dns(self, flow: Flow, p: Packet, ts: float, from_orig: bool) -> int:
@@ -501,22 +495,31 @@ class Engine:
         return DROP if act == "drop" else ACCEPT_PIN
 
     # -- fragments ----------------------------------------------------------------------
-    def _remember_fragment(self, p: Packet, key: tuple[int, bytes, int, bytes, int]) -> None:
-        fk = (p.src, p.dst, p.frag_id, p.proto)
-        self._frags[fk] = key
-        while len(self._frags) > 4096:
-            self._frags.popitem(last=False)
-
-    def _later_fragment(self, p: Packet) -> int:
-        """A non-first fragment carries no ports: it follows the verdict of its first fragment."""
+    def _fragment(self, data: bytes, p: Packet, ts: float, direction: int) -> int:
+        """An IP fragment: held (bounded) until its datagram is whole, which is then judged
+        like any packet. The fragments before the last one pass: without the last one the
+        receiver cannot reassemble the datagram, so its verdict decides for all of them."""
         self.counters.fragments += 1
-        key = self._frags.get((p.src, p.dst, p.frag_id, p.proto))
-        flow = self.table.get(key) if key is not None else None
-        if flow is None:
+        done = self._defrag.add(data, p, ts)
+        if done is None:
+            return ACCEPT
+        whole, overlap = done
+        q = decode(whole)
+        if type(q) is not Packet:
+            self.counters.malformed += 1
             return self._error_verdict
-        if flow.state == PINNED_DROP:
-            return DROP
-        return ACCEPT
+        v = self._packet(q, ts, direction)
+        if overlap:
+            flow = self.table.get(make_key(q.proto, q.src, q.sport, q.dst, q.dport))
+            if flow is not None and "fragments" not in flow.detections:
+                self._record(
+                    flow, "fragments", Detection(d.FRAGMENT_OVERLAP, "IP fragments overlap with different bytes")
+                )
+                if flow.state == PENDING:
+                    r = self._rejudge(flow, ts)
+                    if r is not None:
+                        return r
+        return v
 
     # -- time and end of input ----------------------------------------------------------
     def sweep(self, now: float) -> None:
@@ -527,9 +530,7 @@ class Engine:
     def finish(self, now: float) -> None:
         """End of input (a capture replay): report every flow still being classified."""
         for f in list(self.table.active.values()):
-            f.state = (
-                PINNED_ACCEPT if f.decision is None or not self._effective_drop(f.decision) else PINNED_DROP
-            )
+            f.state = PINNED_ACCEPT if f.decision is None or not self._effective_drop(f.decision) else PINNED_DROP
             self._report(f, now, "end")
         self.table.active.clear()
 

@@ -11,6 +11,7 @@ moved or truncated by logrotate is noticed on the next ``check_rotation`` and re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import TextIO
@@ -85,8 +86,6 @@ class EventLog:
 
     def close(self) -> None:
         if self._fh is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._fh.close()
-            except OSError:
-                pass
             self._fh = None

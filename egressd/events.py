@@ -87,11 +87,7 @@ class Event:
 
     @property
     def event_type(self) -> str:
-        if (
-            self.verdict != "accept"
-            or (self.detection is not None
-            and self.detection["kind"] not in ("tls", "dns"))
-        ):
+        if self.verdict != "accept" or (self.detection is not None and self.detection["kind"] not in ("tls", "dns")):
             return "alert"
         return "flow"
 

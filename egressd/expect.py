@@ -165,17 +165,13 @@ def check(exp: ExpectFile, events: list[Event]) -> list[str]:
         for e in hits:
             flow = f"{e.proto} {e.src_ip}:{e.src_port} -> {e.dest_ip}:{e.dest_port}"
             if x.verdict is not None and e.verdict != x.verdict:
-                problems.append(
-                    f"{x.describe()}: {flow} verdict {e.verdict} (rule {e.rule}), expected {x.verdict}"
-                )
+                problems.append(f"{x.describe()}: {flow} verdict {e.verdict} (rule {e.rule}), expected {x.verdict}")
             if x.rule is not None and e.rule != x.rule:
                 problems.append(f"{x.describe()}: {flow} decided by rule {e.rule}, expected {x.rule}")
             if x.detection is not None:
                 if x.detection == "none":
                     if e.detections:
-                        problems.append(
-                            f"{x.describe()}: {flow} has detections {e.detections}, expected none"
-                        )
+                        problems.append(f"{x.describe()}: {flow} has detections {e.detections}, expected none")
                 elif not any(kind_matches(x.detection, k) for k in e.detections):
                     problems.append(
                         f"{x.describe()}: {flow} detections {e.detections or 'none'}, expected {x.detection}"

@@ -40,9 +40,7 @@ _EXT_DSTOPTS: Final = 60
 _EXT_MOBILITY: Final = 135
 _EXT_HIP: Final = 139
 _EXT_SHIM6: Final = 140
-_EXT_GENERIC: Final = frozenset(
-    {_EXT_HOPOPTS, _EXT_ROUTING, _EXT_DSTOPTS, _EXT_MOBILITY, _EXT_HIP, _EXT_SHIM6}
-)
+_EXT_GENERIC: Final = frozenset({_EXT_HOPOPTS, _EXT_ROUTING, _EXT_DSTOPTS, _EXT_MOBILITY, _EXT_HIP, _EXT_SHIM6})
 _EXT_NONE: Final = 59
 MAX_EXT_HEADERS: Final = 16
 
@@ -190,15 +188,16 @@ def _transport(
 ) -> Packet | Malformed:
     if frag_off:
         # Non-first fragment: no transport header here.
-        return Packet(
-            v, src, dst, proto, 0, 0, 0, 0, 0, buf[off:end], total, truncated, frag_off, more, ident
-        )
+        return Packet(v, src, dst, proto, 0, 0, 0, 0, 0, buf[off:end], total, truncated, frag_off, more, ident)
     avail = end - off
     if proto == PROTO_TCP:
         if avail < 20:
             if more:
-                # A first fragment too small to hold the TCP header (RFC 1858 tiny fragment).
-                return Malformed(f"tiny first fragment: {avail} bytes of TCP header", v)
+                # A first fragment too small to hold the TCP header (RFC 1858 tiny fragment):
+                # an evasion trick. Hand it over whole; the engine reassembles the datagram
+                # and judges the complete TCP header.
+                sp, dp = _PORTS.unpack_from(buf, off) if avail >= 4 else (0, 0)
+                return Packet(v, src, dst, proto, sp, dp, 0, 0, 0, buf[off:end], total, truncated, 0, more, ident)
             return Malformed(f"TCP header needs 20 bytes, got {avail}", v)
         sport, dport, seq, ack, doff, flags = _TCP.unpack_from(buf, off)
         thl = (doff >> 4) * 4
@@ -217,18 +216,14 @@ def _transport(
         if ulen < 8 and ulen != 0:  # 0: jumbogram / GSO
             return Malformed(f"UDP length {ulen} < 8", v)
         stop = end if ulen == 0 or off + ulen > end else off + ulen
-        return Packet(
-            v, src, dst, proto, sport, dport, 0, 0, 0, buf[off + 8 : stop], total, truncated, 0, more, ident
-        )
-    if proto == PROTO_ICMP or proto == PROTO_ICMPV6:
+        return Packet(v, src, dst, proto, sport, dport, 0, 0, 0, buf[off + 8 : stop], total, truncated, 0, more, ident)
+    if proto in (PROTO_ICMP, PROTO_ICMPV6):
         if avail < 4:
             return Malformed(f"ICMP header needs 4 bytes, got {avail}", v)
         t, c = buf[off], buf[off + 1]
         # Echo id as "port" so that ping flows are told apart.
         ident_port = _U16.unpack_from(buf, off + 4)[0] if avail >= 8 else 0
-        p = Packet(
-            v, src, dst, proto, ident_port, 0, 0, 0, 0, buf[off + 4 : end], total, truncated, 0, more, ident
-        )
+        p = Packet(v, src, dst, proto, ident_port, 0, 0, 0, 0, buf[off + 4 : end], total, truncated, 0, more, ident)
         p.icmp_type = t
         p.icmp_code = c
         return p

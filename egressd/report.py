@@ -108,9 +108,7 @@ class Output:
         if not problems:
             con.print(Text(f"{capture}: all expectations in {expect_path} met", style="green"))
             return
-        con.print(
-            Text(f"{capture}: {len(problems)} expectation(s) in {expect_path} not met:", style="bold red")
-        )
+        con.print(Text(f"{capture}: {len(problems)} expectation(s) in {expect_path} not met:", style="bold red"))
         for p in problems:
             con.print(f"  - {p}")
 

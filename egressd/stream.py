@@ -21,6 +21,11 @@ from __future__ import annotations
 
 from typing import Final
 
+# What add() did with a segment.
+NOTHING: Final = 0  # nothing new (duplicate, beyond the head, or dropped at the bound)
+HELD: Final = 1  # new bytes ahead of a gap, kept until the gap is filled
+GREW: Final = 2  # the contiguous head grew: detectors should look again
+
 _MOD: Final = 1 << 32
 _HALF: Final = 1 << 31
 
@@ -43,15 +48,15 @@ class StreamHead:
         if self.isn < 0:
             self.isn = isn % _MOD
 
-    def add(self, seq: int, payload: bytes, truncated: bool = False) -> bool:
-        """Place a segment; returns True when ``data`` grew (detectors should look again).
+    def add(self, seq: int, payload: bytes, truncated: bool = False) -> int:
+        """Place a segment; returns GREW, HELD or NOTHING.
 
         ``truncated``: the capture holds only the first part of this segment (NFQUEUE copy
         range, GSO super-packet, pcap snaplen). The bytes after it will never be seen, so the
         head ends there once it is reached.
         """
         if self.full or not payload:
-            return False
+            return NOTHING
         if self.isn < 0:
             self.start(seq)
         off = (seq - self.isn) % _MOD
@@ -60,11 +65,11 @@ class StreamHead:
             # reaches into the stream still has to be checked against what we have.
             back = _MOD - off
             if back >= len(payload):
-                return False
+                return NOTHING
             payload = payload[back:]
             off = 0
         if off >= self.limit:
-            return False
+            return NOTHING
         room = self.limit - off
         if len(payload) > room:
             payload = payload[:room]
@@ -77,12 +82,11 @@ class StreamHead:
             if self.data[off:overlap_end] != payload[: overlap_end - off]:
                 self.inconsistent = True
             if end <= have:
-                return False
+                return NOTHING
             payload = payload[have - off :]
             off = have
         if off > have:
-            self._hold(off, payload, truncated)
-            return False
+            return HELD if self._hold(off, payload, truncated) else NOTHING
         self.data += payload
         if truncated:
             self.full = True
@@ -91,23 +95,24 @@ class StreamHead:
             self.full = True
             self.pending.clear()
             self.pending_bytes = 0
-        return True
+        return GREW
 
-    def _hold(self, off: int, payload: bytes, truncated: bool) -> None:
-        """Keep an out-of-order segment; bounded, first copy wins on overlap."""
+    def _hold(self, off: int, payload: bytes, truncated: bool) -> bool:
+        """Keep an out-of-order segment (True if anything new was kept); bounded, first copy wins."""
         old = self.pending.get(off)
         if old is not None:
             n = min(len(old[0]), len(payload))
             if old[0][:n] != payload[:n]:
                 self.inconsistent = True
             if len(old[0]) >= len(payload):
-                return
+                return False
             self.pending_bytes -= len(old[0])
             payload = old[0] + payload[len(old[0]) :]
         if self.pending_bytes + len(payload) > self.limit:
-            return  # bound reached: drop it; the sender retransmits once the gap is filled
+            return False  # bound reached: drop it; the sender retransmits once the gap is filled
         self.pending[off] = (payload, truncated)
         self.pending_bytes += len(payload)
+        return True
 
     def _drain(self) -> None:
         """Move held segments that now touch the contiguous edge into ``data``.

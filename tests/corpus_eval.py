@@ -130,7 +130,5 @@ def evaluate(root: Path) -> Score:
                 ok = not (_detected("mining", kinds) or _detected("ssh", kinds))
             else:
                 ok = _detected(want, kinds)
-            score.outcomes.append(
-                Outcome(cap["file"], f["label"], want, kinds, ok, f.get("ndpi42_outcome", ""), desc)
-            )
+            score.outcomes.append(Outcome(cap["file"], f["label"], want, kinds, ok, f.get("ndpi42_outcome", ""), desc))
     return score

@@ -224,6 +224,15 @@ def test_bad_json_closes_the_connection(tmp_path: Path) -> None:
         assert "bad JSON" in pl.requests()[0]["error"]
 
 
+def test_oddly_shaped_request_gets_an_error_and_the_session_goes_on(tmp_path: Path) -> None:
+    with pool(tmp_path, "v1") as pl, socket.create_connection(("127.0.0.1", pl.port), timeout=5) as s:
+        f = s.makefile("rb")
+        s.sendall(b'{"id": 1, "method": "mining.submit", "params": [[1], {"a": 2}]}\n')
+        assert json.loads(f.readline())["error"][0] in (20, 24, 25)
+        s.sendall(b'{"id": 2, "method": "mining.subscribe", "params": ["x/1"]}\n')
+        assert json.loads(f.readline())["result"][2] == 4
+
+
 def test_connections_beyond_the_maximum_are_refused(tmp_path: Path) -> None:
     with (
         pool(tmp_path, "v1", "127.0.0.1", "--max-conns", "1") as pl,
@@ -303,6 +312,13 @@ def test_v1_authorize_after_subscribe_pushes_difficulty_then_job() -> None:
     out = s.handle({"id": 2, "method": "mining.authorize", "params": ["w", "x"]})
     assert [m.get("method") for m in out] == [None, "mining.set_difficulty", "mining.notify"]
     assert len(out[2]["params"]) == 9
+
+
+def test_unhashable_worker_name_is_an_error_reply_not_an_exception() -> None:
+    s = V1Session(1)
+    s.handle({"id": 1, "method": "mining.subscribe", "params": []})
+    (r,), problem = s.safe_handle({"id": 2, "method": "mining.submit", "params": [["w"], "j", "0", "0", "0"]})
+    assert r["error"][0] == 20 and problem is not None
 
 
 def test_eth_subscribe_without_the_protocol_name_is_refused() -> None:

@@ -25,9 +25,7 @@ def _ok(buf: bytes) -> Packet:
 
 
 def test_ipv4_tcp_fields() -> None:
-    raw = bytes(
-        IP(src="198.51.100.2", dst="203.0.113.20") / TCP(sport=40000, dport=22, flags="S", seq=7) / b"hi"
-    )
+    raw = bytes(IP(src="198.51.100.2", dst="203.0.113.20") / TCP(sport=40000, dport=22, flags="S", seq=7) / b"hi")
     p = _ok(raw)
     assert (p.version, p.proto, p.sport, p.dport, p.seq) == (4, PROTO_TCP, 40000, 22, 7)
     assert p.src == bytes([198, 51, 100, 2]) and p.dst == bytes([203, 0, 113, 20])
@@ -37,11 +35,7 @@ def test_ipv4_tcp_fields() -> None:
 
 
 def test_ipv4_options_are_skipped_by_ihl() -> None:
-    raw = bytes(
-        IP(src="198.51.100.2", dst="203.0.113.20", options=b"\x01\x01\x01\x00")
-        / UDP(sport=5, dport=53)
-        / b"q"
-    )
+    raw = bytes(IP(src="198.51.100.2", dst="203.0.113.20", options=b"\x01\x01\x01\x00") / UDP(sport=5, dport=53) / b"q")
     p = _ok(raw)
     assert p.proto == PROTO_UDP and p.payload == b"q"
 
@@ -92,10 +86,15 @@ def test_ipv4_later_fragment_carries_no_ports() -> None:
     assert p.frag_offset == 24 and p.sport == 0 and p.payload.startswith(b"0123")
 
 
-def test_tiny_first_fragment_is_malformed() -> None:
-    raw = bytes(IP(proto=6, flags="MF") / (b"\x00" * 8))
-    m = decode(raw)
-    assert isinstance(m, Malformed) and "fragment" in m.reason
+def test_tiny_first_fragment_is_handed_over_for_reassembly() -> None:
+    raw = bytes(IP(proto=6, flags="MF") / (b"\x01\x02\x03\x04" + b"\x00" * 4))
+    p = _ok(raw)
+    assert p.more_frags and p.frag_offset == 0 and (p.sport, p.dport) == (0x0102, 0x0304)
+
+
+def test_short_tcp_header_without_fragmentation_is_malformed() -> None:
+    m = decode(bytes(IP(proto=6) / (b"\x00" * 8)))
+    assert isinstance(m, Malformed) and "TCP header" in m.reason
 
 
 def test_icmp_echo_id_used_as_port() -> None:
@@ -139,9 +138,7 @@ def test_arbitrary_bytes_never_raise(buf: bytes) -> None:
 @settings(max_examples=1500, deadline=None)
 @given(st.binary(min_size=1, max_size=120), st.integers(0, 119))
 def test_mutated_real_packets_never_raise(noise: bytes, at: int) -> None:
-    base = bytearray(
-        bytes(IP(src="198.51.100.2", dst="203.0.113.1") / TCP(options=[("MSS", 1460)]) / b"SSH-2.0-x\r\n")
-    )
+    base = bytearray(bytes(IP(src="198.51.100.2", dst="203.0.113.1") / TCP(options=[("MSS", 1460)]) / b"SSH-2.0-x\r\n"))
     for i, b in enumerate(noise):
         base[(at + i) % len(base)] = b
     assert isinstance(decode(bytes(base)), Packet | Malformed)

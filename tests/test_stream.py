@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egressd.stream import StreamHead
+from egressd.stream import GREW, HELD, NOTHING, StreamHead
 
 BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"
 
@@ -15,17 +15,17 @@ BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"
 def test_in_order_segments_concatenate() -> None:
     h = StreamHead(8192)
     h.start(1000)
-    assert h.add(1000, b"SSH-2.0-")
-    assert h.add(1008, b"OpenSSH\r\n")
+    assert h.add(1000, b"SSH-2.0-") == GREW
+    assert h.add(1008, b"OpenSSH\r\n") == GREW
     assert h.data == b"SSH-2.0-OpenSSH\r\n"
 
 
 def test_out_of_order_segment_waits_for_the_gap() -> None:
     h = StreamHead(8192)
     h.start(0)
-    assert not h.add(8, b"OpenSSH\r\n")
+    assert h.add(8, b"OpenSSH\r\n") == HELD
     assert h.data == b""
-    assert h.add(0, b"SSH-2.0-")
+    assert h.add(0, b"SSH-2.0-") == GREW
     assert h.data == b"SSH-2.0-OpenSSH\r\n"
 
 
@@ -33,7 +33,7 @@ def test_identical_retransmission_changes_nothing() -> None:
     h = StreamHead(8192)
     h.start(5)
     h.add(5, b"hello ")
-    assert not h.add(5, b"hello ")
+    assert h.add(5, b"hello ") == NOTHING
     assert h.data == b"hello "
     assert not h.inconsistent
 
@@ -60,7 +60,7 @@ def test_partial_overlap_extends_the_stream() -> None:
     h = StreamHead(8192)
     h.start(0)
     h.add(0, b"abcd")
-    assert h.add(2, b"cdef")
+    assert h.add(2, b"cdef") == GREW
     assert h.data == b"abcdef"
     assert not h.inconsistent
 
@@ -72,13 +72,13 @@ def test_head_is_bounded_by_limit() -> None:
     h.add(10, b"b" * 10)
     assert h.data == b"a" * 10 + b"b" * 6
     assert h.full
-    assert not h.add(20, b"c")
+    assert h.add(20, b"c") == NOTHING
 
 
 def test_segments_beyond_the_head_are_ignored_and_not_held() -> None:
     h = StreamHead(16)
     h.start(0)
-    assert not h.add(100, b"x" * 10)
+    assert h.add(100, b"x" * 10) == NOTHING
     assert h.pending == {}
 
 
@@ -117,11 +117,7 @@ def test_pending_bytes_are_bounded() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(min_size=1, max_size=600), st.integers(min_value=0, max_value=2**32 - 1), st.randoms())
 def test_any_segmentation_and_order_yields_the_same_stream(data: bytes, isn: int, rnd: random.Random) -> None:
-    cuts = (
-        sorted(rnd.sample(range(1, len(data)), k=min(len(data) - 1, rnd.randint(0, 20))))
-        if len(data) > 1
-        else []
-    )
+    cuts = sorted(rnd.sample(range(1, len(data)), k=min(len(data) - 1, rnd.randint(0, 20)))) if len(data) > 1 else []
     bounds = [0, *cuts, len(data)]
     segs = [(bounds[i], data[bounds[i] : bounds[i + 1]]) for i in range(len(bounds) - 1)]
     # add retransmissions of random earlier segments, then shuffle

@@ -70,6 +70,7 @@ DNS: Final = "dns"
 PROXY_CONNECT: Final = "proxy.http-connect"
 PROXY_SOCKS: Final = "proxy.socks"
 STREAM_INCONSISTENT: Final = "evasion.inconsistent-retransmission"
+FRAGMENT_OVERLAP: Final = "evasion.fragment-overlap"
 
 
 def kind_matches(pattern: str, kind: str) -> bool:

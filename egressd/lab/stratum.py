@@ -88,6 +88,11 @@ def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _list_params(req: Json) -> list[Any]:
+    p = req.get("params")
+    return p if isinstance(p, list) else []
+
+
 def _hex(seed: str, nbytes: int) -> str:
     """Deterministic pseudo-random hex of ``nbytes`` bytes (jobs that look like jobs)."""
     out = b""
@@ -117,6 +122,15 @@ class PoolSession:
 
     def handle(self, req: Json) -> list[Json]:
         raise NotImplementedError
+
+    def safe_handle(self, req: Json) -> tuple[list[Json], str | None]:
+        """``handle``, but a request shaped in a way no session expects gets an error reply
+        instead of killing the connection task (a lab peer must survive odd clients)."""
+        try:
+            return self.handle(req), None
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            why = f"unexpected request shape: {e!r}"
+            return [{"id": req.get("id"), "result": None, "error": [20, why, None]}], why
 
 
 class V1Session(PoolSession):
@@ -160,7 +174,7 @@ class V1Session(PoolSession):
 
     def handle(self, req: Json) -> list[Json]:
         m = req.get("method")
-        p = req.get("params") or []
+        p = _list_params(req)
         if m == "mining.configure":
             exts = p[0] if p and isinstance(p[0], list) else []
             opts = p[1] if len(p) > 1 and isinstance(p[1], dict) else {}
@@ -221,7 +235,7 @@ class EthSession(V1Session):
 
     def handle(self, req: Json) -> list[Json]:
         m = req.get("method")
-        p = req.get("params") or []
+        p = _list_params(req)
         if m == "mining.subscribe":
             if len(p) < 2 or p[1] != ETH_PROTOCOL:
                 return [self.err(req, 20, f"this pool speaks {ETH_PROTOCOL} only")]
@@ -267,7 +281,7 @@ class EthProxySession(PoolSession):
 
     def handle(self, req: Json) -> list[Json]:
         m = req.get("method")
-        p = req.get("params") or []
+        p = _list_params(req)
         if m == "eth_submitLogin":
             if not p or not isinstance(p[0], str):
                 return [self.reply(req, None, {"code": -1, "message": "missing login"})]
@@ -343,7 +357,7 @@ class GetworkRpc(PoolSession):
 
     def handle(self, req: Json) -> list[Json]:
         m = req.get("method")
-        p = req.get("params") or []
+        p = _list_params(req)
         if m == "getwork":
             if p:  # a solution: the 128-byte block header we handed out, nonce filled in
                 ok = (
@@ -522,9 +536,12 @@ class Pool:
                 except ValueError as e:
                     self.log("request", conn=c.conn_id, method=None, line=text, error=f"bad JSON: {e}")
                     return buf, "bad JSON"
-                method = req.get("method")
-                self.log("request", conn=c.conn_id, method=method, id=req.get("id"), line=text)
-                for reply in session.handle(req):
+                replies, problem = session.safe_handle(req)
+                extra = {"error": problem} if problem else {}
+                self.log(
+                    "request", conn=c.conn_id, method=req.get("method"), id=req.get("id"), line=text, **extra
+                )
+                for reply in replies:
                     writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
                 await writer.drain()
             if len(buf) > self.cfg.max_line:
@@ -598,11 +615,11 @@ class Pool:
                     writer, 400, {"result": None, "error": "parse error", "id": None}, close=True
                 )
                 return buf, "bad JSON"
+            (reply,), problem = rpc.safe_handle(req)
             self.log(
                 "request", conn=c.conn_id, method=req.get("method"), id=req.get("id"), http=lines[0],
-                agent=headers.get("user-agent", ""), line=body,
+                agent=headers.get("user-agent", ""), line=body, **({"error": problem} if problem else {}),
             )  # fmt: skip
-            (reply,) = rpc.handle(req)
             close = headers.get("connection", "").lower() == "close"
             await self._http_reply(writer, 200, reply, close=close)
             if close:
@@ -1041,7 +1058,7 @@ def run_client(cfg: ClientConfig) -> ClientReport:
         rep.handshake_complete = True
     except ClientError as e:
         rep.error = str(e)
-    except (KeyError, IndexError, TypeError) as e:
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
         rep.error = f"unexpected message shape from the pool: {e!r}"
     finally:
         if sock is not None:
