@@ -231,13 +231,18 @@ def start_sshd(
     return peer
 
 
-def ssh_argv(keys: SshKeys, host: str, *extra: str, port: int = 22, connect_timeout: int = 5) -> list[str]:
-    """An ``ssh`` client command for the lab: the lab key only, no prompts, no known_hosts."""
+def ssh_argv(
+    keys: SshKeys, host: str, *command: str, options: Sequence[str] = (), port: int = 22, connect_timeout: int = 5
+) -> list[str]:
+    """An ``ssh`` client command for the lab: the lab key only, no prompts, no known_hosts.
+
+    ``options`` go before the destination (``-N``, ``-R ...``, ``-o ...``), ``command`` after it.
+    """
     return [
         "ssh", "-F", "/dev/null", "-i", str(keys.client_key), "-o", "IdentitiesOnly=yes",
         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
         "-o", f"ConnectTimeout={connect_timeout}", "-o", "LogLevel=ERROR", "-p", str(port),
-        *extra, f"root@{host}",
+        *options, f"root@{host}", *command,
     ]  # fmt: skip
 
 
@@ -407,8 +412,8 @@ class LabPeers:
     def pool(self, variant: str, port: int, v6: bool = False) -> Pool:
         return self.pools[(variant, "v6" if v6 else "v4", port)]
 
-    def ssh(self, host: str, *extra: str, port: int = 22) -> list[str]:
-        return ssh_argv(self.keys, host, *extra, port=port)
+    def ssh(self, host: str, *command: str, options: Sequence[str] = (), port: int = 22) -> list[str]:
+        return ssh_argv(self.keys, host, *command, options=options, port=port)
 
 
 def start_lab_peers(lab: Lab, tmp: Path, bulk_bytes: int = 20 * 1024 * 1024) -> LabPeers:
