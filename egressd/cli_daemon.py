@@ -133,7 +133,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     k = st.get("kernel_queue")
     if k:
         con.print(
-            f"kernel queue: total {k['queue_total']}  queue_dropped {k['queue_dropped']}  "
+            f"kernel queue: waiting now {k['queue_total']}  queue_dropped {k['queue_dropped']}  "
             f"user_dropped {k['user_dropped']}  netlink ENOBUFS {st['netlink_enobufs']}"
         )
     lat = st["verdict_latency_us"]

@@ -138,6 +138,18 @@ class Daemon:
                 file=sys.stderr,
                 flush=True,
             )
+        if self._rules_installed and self.kernel_head(new) != self.kernel_head(self.policy):
+            # head_bytes/max_packets changed: the kernel's bound must follow, or a larger head
+            # could be outlasted by a slow sender. install() replaces the rules in one
+            # transaction per table; pinned connections keep their connmarks.
+            try:
+                self._install_rules(new)
+            except netfilter.NetfilterError as e:
+                self.reload_failures += 1
+                self.last_reload_error = f"kernel rules for the new head size: {e}"
+                print(f"egressd: reload rejected: {self.last_reload_error}", file=sys.stderr, flush=True)
+                sdnotify.ready("reload rejected; running previous policy")
+                return False
         self.engine.reload(new)
         self.policy = new
         self.reloads += 1
@@ -233,29 +245,21 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         settings = self.policy.settings
+        # Bind the queue first: if another daemon already owns it, fail before touching
+        # the kernel rules that daemon relies on.
+        self._queue = nfq.Queue(
+            self.queue_num,
+            self._on_packet,
+            fail_open=self.fail_open,
+            max_len=settings.queue_len,
+            on_error=self._on_callback_error,
+        )
         if self.opts.install_rules:
-            # The kernel's per-direction head bound must exceed what the engine can need,
-            # or a 1-byte-segment sender could outlast it: the engine pins a flow within
-            # 2 * head_bytes + max_packets packets (Engine._inspect), whatever the peers do.
-            kernel_head = 2 * settings.head_bytes + settings.max_packets + 16
-            netfilter.install(
-                self.queue_num,
-                fail_open=self.fail_open,
-                max_packets=kernel_head,
-                forward_ifaces=self.opts.forward_ifaces,
-            )
-            self._rules_installed = True
-        try:
-            self._queue = nfq.Queue(
-                self.queue_num,
-                self._on_packet,
-                fail_open=self.fail_open,
-                max_len=settings.queue_len,
-                on_error=self._on_callback_error,
-            )
-        except BaseException:
-            self._remove_rules()
-            raise
+            try:
+                self._install_rules(self.policy)
+            except BaseException:
+                self._queue.close()
+                raise
         loop.add_reader(self._queue.fileno(), self._readable)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -309,6 +313,26 @@ class Daemon:
                 with contextlib.suppress(OSError):
                     os.unlink(self.opts.status_socket)
         return 0
+
+    @staticmethod
+    def kernel_head(policy: Policy) -> int:
+        """The kernel's per-direction head bound for a policy.
+
+        It must exceed what the engine can need, or a 1-byte-segment sender could outlast
+        it: the engine pins a flow within 2 * head_bytes + max_packets packets
+        (Engine._inspect), whatever the peers do.
+        """
+        s = policy.settings
+        return 2 * s.head_bytes + s.max_packets + 16
+
+    def _install_rules(self, policy: Policy) -> None:
+        netfilter.install(
+            self.queue_num,
+            fail_open=self.fail_open,
+            max_packets=self.kernel_head(policy),
+            forward_ifaces=self.opts.forward_ifaces,
+        )
+        self._rules_installed = True
 
     def _remove_rules(self) -> None:
         if self._rules_installed:

@@ -36,7 +36,10 @@ class Output:
     def __init__(self, *, json_lines: bool, only_flagged: bool, progress: bool) -> None:
         self.json = json_lines
         self.only_flagged = only_flagged
+        # A pipe or a CI log has no width of its own: do not squeeze the table into 80 columns.
         self.out = Console(highlight=False, soft_wrap=False)
+        if not self.out.is_terminal:
+            self.out = Console(highlight=False, soft_wrap=False, width=200)
         self.err = Console(stderr=True, highlight=False)
         self.progress = progress and self.err.is_terminal
 
@@ -82,7 +85,8 @@ class Output:
                 flow += " (mid-stream)"
             det = ""
             if e.detection is not None:
-                det = f"{e.detection['kind']}: {e.detection['evidence']}"
+                ev = e.detection["evidence"]
+                det = f"{e.detection['kind']}: {ev if len(ev) <= 72 else ev[:69] + '...'}"
                 others = [k for k in e.detections if k != e.detection["kind"]]
                 if others:
                     det += f" (+{', '.join(others)})"

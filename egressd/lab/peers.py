@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from egressd.lab.netns import SERVICES, Lab
 
@@ -103,7 +103,7 @@ def listening(lab: Lab, ns: str, port: int, addr: str | None = None, udp: bool =
         wanted.add(hostport(addr, port))
     for line in out.splitlines():
         cols = line.split()
-        if len(cols) >= 4 and (addr is None and cols[3].endswith(f":{port}") or _strip_scope(cols[3]) in wanted):
+        if len(cols) >= 4 and ((addr is None and cols[3].endswith(f":{port}")) or _strip_scope(cols[3]) in wanted):
             return True
     return False
 
@@ -143,7 +143,10 @@ def wait_listening(
         time.sleep(0.05)
 
 
-def _started(lab: Lab, peer: Peer, udp: bool = False) -> Peer:
+P = TypeVar("P", bound=Peer)
+
+
+def _started(lab: Lab, peer: P, udp: bool = False) -> P:
     try:
         wait_listening(lab, peer.ns, peer.listen, udp=udp, peer=peer)
     except PeerError:
@@ -226,9 +229,7 @@ def start_sshd(
     cfg = write_sshd_config(tmp, name, keys, listen, gateway_ports)
     log = tmp / f"{name}.log"
     proc = _spawn(lab, ns, [SSHD, "-D", "-e", "-f", str(cfg)], log)
-    peer = Sshd(name, ns, proc, log, tuple(listen), config=cfg)
-    _started(lab, peer)
-    return peer
+    return _started(lab, Sshd(name, ns, proc, log, tuple(listen), config=cfg))
 
 
 def ssh_argv(
@@ -266,9 +267,7 @@ def make_cert(tmp: Path, names: Sequence[str], stem: str = "tls") -> Cert:
     return c
 
 
-def start_tls_server(
-    lab: Lab, tmp: Path, cert: Cert, addr: str, port: int = 443, name: str | None = None
-) -> Peer:
+def start_tls_server(lab: Lab, tmp: Path, cert: Cert, addr: str, port: int = 443, name: str | None = None) -> Peer:
     """``openssl s_server -www``: answers any TLS client with a status page (HTTP 200)."""
     name = name or f"s_server-{addr}-{port}"
     log = tmp / f"{name}.log"
@@ -368,17 +367,23 @@ class Pool(Peer):
 
 
 def start_pool(
-    lab: Lab, tmp: Path, variant: str, addr: str, port: int, lifetime: float = 900.0
+    lab: Lab, tmp: Path, variant: str, addr: str, port: int, lifetime: float = 900.0, idle_timeout: float = 30.0
 ) -> Pool:
+    """The lab pool, logging to ``Pool.log``.
+
+    ``idle_timeout`` decides when the pool logs a connection egressd reset: the REJECT
+    answers the sender only (the node), so the pool learns of it, and logs the ``close``
+    event with the bytes it received, only when the connection has been idle that long.
+    """
     name = f"pool-{variant}-{addr}-{port}"
     log = tmp / f"{name}.jsonl"
     argv = [
         PY, "-m", "egressd.lab.stratum", "pool", "--listen", hostport(addr, port), "--variant", variant,
-        "--log", str(log), "--lifetime", str(lifetime), "--idle-timeout", "30",
+        "--log", str(log), "--lifetime", str(lifetime), "--idle-timeout", str(idle_timeout),
     ]  # fmt: skip
     log.touch()
     proc = _spawn(lab, "inet", argv, tmp / f"{name}.out")
-    return _started(lab, Pool(name, "inet", proc, log, ((addr, port),), variant=variant))  # type: ignore[return-value]
+    return _started(lab, Pool(name, "inet", proc, log, ((addr, port),), variant=variant))
 
 
 # -- the standard set ---------------------------------------------------------------------------
@@ -390,6 +395,7 @@ POOLS: Final[tuple[tuple[str, str, int], ...]] = (
     ("eth", "v4", 4444),
     ("v1", "v6", 3333),
 )
+POOL_IDLE: Final = 3.0  # seconds: a reset miner's connection shows up in the pool's log this soon
 PROXY_PORT: Final = 3128
 BULK_PORT: Final = 80
 
@@ -440,7 +446,7 @@ def start_lab_peers(lab: Lab, tmp: Path, bulk_bytes: int = 20 * 1024 * 1024) -> 
     peers.proxy = start_http_proxy(lab, tmp, SERVICES["proxy"][0], PROXY_PORT)
     for variant, fam, port in POOLS:
         addr = SERVICES["pool"][1 if fam == "v6" else 0]
-        peers.pools[(variant, fam, port)] = start_pool(lab, tmp, variant, addr, port)
+        peers.pools[(variant, fam, port)] = start_pool(lab, tmp, variant, addr, port, idle_timeout=POOL_IDLE)
     return peers
 
 

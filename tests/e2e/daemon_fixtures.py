@@ -1,0 +1,136 @@
+"""Helpers of the daemon end-to-end tests (the fixtures are in conftest_daemon.py).
+
+Kept out of the fixture plugin so that test modules can import them without importing the
+plugin before pytest does (pytest rewrites the asserts of a plugin only if it imports it first).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import _WHY
+
+from egressd.lab import peers
+from egressd.lab.netns import SERVICES, Lab
+from egressd.paths import default_policy
+
+PY = sys.executable
+
+# Every test module of the daemon suite sets ``pytestmark = NEEDS_KERNEL``.
+NEEDS_KERNEL = [
+    pytest.mark.netns,
+    pytest.mark.skipif(_WHY is not None, reason=_WHY or ""),
+    pytest.mark.timeout(60),
+]
+
+Event = dict[str, Any]
+
+
+@dataclass
+class DaemonLab:
+    """The module's lab, its peers, and where per-test files go."""
+
+    lab: Lab
+    peers: peers.LabPeers
+    tmp: Path
+
+    def run(self, argv: list[str], timeout: float = 20.0) -> tuple[subprocess.CompletedProcess[str], float]:
+        """Run ``argv`` in the node namespace; returns the result and its wall time in seconds."""
+        t = time.monotonic()
+        p = self.lab.run_node(argv, timeout=timeout)
+        return p, time.monotonic() - t
+
+    def stratum(self, target: str, variant: str, *extra: str, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+        """One miner handshake (``egressd.lab.stratum client``) from the node: (exit code, report)."""
+        argv = [PY, "-m", "egressd.lab.stratum", "client", "--connect", target, "--variant", variant]
+        p, _ = self.run([*argv, "--timeout", str(timeout), *extra], timeout=timeout + 10)
+        lines = p.stdout.strip().splitlines()
+        assert lines, f"the stratum client printed nothing: {p.stderr}"
+        rep: dict[str, Any] = json.loads(lines[-1])
+        return p.returncode, rep
+
+    def curl_tls(self, name: str, addr: str, max_time: float = 5.0) -> tuple[subprocess.CompletedProcess[str], float]:
+        """HTTPS GET of ``https://name/`` at ``addr`` (certificate not checked: it is the lab's)."""
+        pin = f"{name}:443:[{addr}]" if ":" in addr else f"{name}:443:{addr}"
+        argv = ["curl", "-sS", "-k", "--noproxy", "*", "--max-time", str(max_time), "--resolve", pin]
+        return self.run([*argv, "-o", "/dev/null", "-w", "%{http_code}", f"https://{name}/"], timeout=max_time + 10)
+
+    def dig(self, name: str, rtype: str = "A") -> tuple[subprocess.CompletedProcess[str], float]:
+        """A lookup at the lab's resolver, one try of one second (a dropped query fails fast)."""
+        return self.run(["dig", f"@{SERVICES['dns'][0]}", name, rtype, "+time=1", "+tries=1"], timeout=10)
+
+    def egressd(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """The ``egressd`` command in the node namespace (``rules remove``, ``status``...)."""
+        return self.lab.run_node([*peers.egressd_argv(), *args], timeout=timeout)
+
+    def saves(self) -> str:
+        """iptables-save and ip6tables-save of the node namespace, one after the other."""
+        return "".join(self.lab.run_node([t], timeout=10).stdout for t in ("iptables-save", "ip6tables-save"))
+
+
+def policy_copy(tmp: Path, edit: Callable[[str], str] = lambda s: s) -> Path:
+    """A copy of the shipped rules directory (the default policy includes lists/) with
+    ``edit`` applied to default.yaml; returns the copy's default.yaml."""
+    src = default_policy().parent
+    dst = tmp / f"rules-{time.monotonic_ns()}"
+    shutil.copytree(src, dst)
+    pol = dst / "default.yaml"
+    pol.write_text(edit(pol.read_text()))
+    return pol
+
+
+def set_key(text: str, key: str, value: str) -> str:
+    """Replace a top-level ``key: ...`` line of a policy (the rest of the file unchanged)."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith(f"{key}:"):
+            lines[i] = f"{key}: {value}\n"
+            return "".join(lines)
+    raise AssertionError(f"no top-level {key!r} in the policy")
+
+
+def events_to(d: peers.Egressd, addr: str, port: int, timeout: float = 3.0, count: int = 1) -> list[Event]:
+    """The daemon's events for flows to ``addr:port``, waiting (bounded) until ``count`` exist."""
+    return d.wait_events(lambda e: e["dest_ip"] == addr and e["dest_port"] == port, timeout, count=count)
+
+
+def one_event(d: peers.Egressd, addr: str, port: int, timeout: float = 3.0) -> Event:
+    """The one event for the flow to ``addr:port`` (this test's daemon sees exactly one such flow)."""
+    evs = events_to(d, addr, port, timeout)
+    assert len(evs) == 1, f"{len(evs)} events to {peers.hostport(addr, port)}; all events: {d.events()}"
+    return evs[0]
+
+
+def wait_pool_open(pool: peers.Pool, since: int, timeout: float = 3.0) -> list[Event]:
+    """The pool's events after ``since`` once a connection was opened (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        evs = pool.events(since)
+        if any(e["event"] == "open" for e in evs) or time.monotonic() > deadline:
+            return evs
+        time.sleep(0.05)
+
+
+def wait_pool_close(pool: peers.Pool, since: int, timeout: float = 8.0) -> list[Event]:
+    """``close`` events of the pool's connections opened after ``since``, once all closed (bounded).
+
+    A connection egressd reset is reset on the node's side only; the pool closes it after
+    its idle timeout (3 s in the lab) and only then logs what it received.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        evs = pool.events(since)
+        opened = {e["conn"] for e in evs if e["event"] == "open"}
+        closes = [e for e in evs if e["event"] == "close" and e["conn"] in opened]
+        if (opened and len(closes) == len(opened)) or time.monotonic() > deadline:
+            return closes
+        time.sleep(0.1)

@@ -1,0 +1,415 @@
+"""What the adversarial daemon tests share: a lab, per-test policies, the daemon, load generators.
+
+Why a harness of its own (and no tests in this file): the adversarial suite drives the real
+``egressd run`` — not the test-only consumer of conftest.py — under exhaustion, faults and
+evasion, and ``bench/flood.py`` runs the same generators for longer. Everything here is
+bounded in time and count, sends only between the lab's namespaces on documentation
+addresses, and stops what it starts by pid.
+
+Every lab here uses the prefix ``egadv`` (the bench uses ``egadvb``), so these tests never
+collide with a colleague's namespaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from egressd import netfilter
+from egressd.lab import peers
+from egressd.lab.netns import NODE_V4, SERVICES, Lab, have_netns
+from egressd.paths import default_policy
+
+PREFIX = "egadv"
+PY = sys.executable
+POOL_V4 = SERVICES["pool"][0]
+BULK_V4 = SERVICES["bulk"][0]
+PROXY_V4 = SERVICES["proxy"][0]
+DNS_V4 = SERVICES["dns"][0]
+EVIL_V4 = SERVICES["ssh_evil"][0]
+SINK_V4 = SERVICES["tls"][0]  # a plain address for sinks that must match no rule
+
+
+def why_skip() -> str | None:
+    """Why the live suite cannot run here (None: it can)."""
+    if not have_netns():
+        return "needs root and iproute2 (network namespaces)"
+    for tool in ("iptables-restore", "ip6tables-restore", "iptables-save", "conntrack"):
+        if shutil.which(tool) is None:
+            return f"{tool} missing (apt install iptables conntrack)"
+    try:
+        import netfilterqueue  # noqa: F401
+    except ImportError:
+        return "python netfilterqueue is not installed"
+    if not (Path(PY).parent / "egressd").is_file():
+        return "the egressd console script is not installed beside this interpreter (pip install -e .)"
+    return None
+
+
+WHY = why_skip()
+live = [pytest.mark.netns, pytest.mark.skipif(WHY is not None, reason=WHY or "")]
+
+
+def need(*tools: str) -> None:
+    """Skip the calling test (with the reason) when a tool it drives is missing."""
+    for t in tools:
+        if shutil.which(t) is None:
+            pytest.skip(f"{t} missing (make deps installs it)")
+
+
+# -- the lab -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def adv_lab(prefix: str = PREFIX) -> Iterator[Lab]:
+    lb = Lab(prefix)
+    try:
+        yield lb.create()
+    finally:
+        lb.close()
+
+
+@pytest.fixture
+def alab() -> Iterator[Lab]:
+    with adv_lab() as lb:
+        yield lb
+
+
+# -- policies --------------------------------------------------------------------------------
+def write_policy(
+    directory: Path,
+    *,
+    top: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    prepend_rules: Sequence[dict[str, Any]] = (),
+    without_rules: Sequence[str] = (),
+    name: str = "policy.yaml",
+) -> Path:
+    """The shipped default policy with the given changes, written beside a copy of its lists."""
+    src = default_policy()
+    directory.mkdir(parents=True, exist_ok=True)
+    doc = yaml.safe_load(src.read_text())
+    for inc in doc.get("include", []):
+        dst = directory / inc
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src.parent / inc, dst)
+    doc.update(top or {})
+    doc.setdefault("settings", {}).update(settings or {})
+    doc["rules"] = [*prepend_rules, *(r for r in doc["rules"] if r["name"] not in without_rules)]
+    path = directory / name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, path)  # a reload never reads a half-written file
+    return path
+
+
+# -- the daemon ------------------------------------------------------------------------------
+def start_daemon(
+    lb: Lab,
+    tmp: Path,
+    policy: Path,
+    *,
+    wrapper: Sequence[str] = (),
+    extra: Sequence[str] = (),
+    name: str = "egressd",
+    events: Path | None = None,
+    timeout: float = 20.0,
+) -> peers.Egressd:
+    """``egressd run`` in the node namespace (optionally under ``wrapper``, e.g. setpriv)."""
+    ev = events or tmp / f"{name}.events.jsonl"
+    sock, err = tmp / f"{name}.sock", tmp / f"{name}.stderr"
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()  # a SIGKILLed predecessor leaves its socket behind
+    argv = [
+        *wrapper, *peers.egressd_argv(), "run", "--policy", str(policy), "--events", str(ev),
+        "--status-socket", str(sock), *extra,
+    ]  # fmt: skip
+    with open(err, "ab") as fh:
+        proc = lb.spawn("node", argv, stdout=subprocess.DEVNULL, stderr=fh, stdin=subprocess.DEVNULL)
+    d = peers.Egressd(lb, proc, policy, ev, sock, err)
+    deadline = time.monotonic() + timeout
+    while True:
+        if not d.alive():
+            lb.procs.remove(proc)
+            raise RuntimeError(f"egressd run exited ({proc.returncode}): {d.stderr_text()[-1500:]}")
+        if sock.exists():
+            with contextlib.suppress(OSError, ValueError):
+                d.status(timeout=1.0)
+                return d
+        if time.monotonic() > deadline:
+            d.stop(signal.SIGKILL)
+            raise RuntimeError(f"egressd did not answer on {sock} in {timeout:g} s: {d.stderr_text()[-1500:]}")
+        time.sleep(0.05)
+
+
+def kill9(d: peers.Egressd) -> None:
+    """SIGKILL by pid and reap: no clean-up runs, the kernel rules stay as they were."""
+    d.stop(signal.SIGKILL, timeout=5.0)
+
+
+def wait_status(
+    d: peers.Egressd, pred: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+) -> dict[str, Any]:
+    """Poll the status socket until ``pred`` holds (the kernel counters refresh once a second)."""
+    deadline = time.monotonic() + timeout
+    st = d.status()
+    while not pred(st) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        st = d.status()
+    return st
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def rss_kb(pid: int) -> int:
+    return int(proc_status(pid)["VmRSS"].split()[0])
+
+
+# -- peers and clients -----------------------------------------------------------------------
+def stratum(
+    lb: Lab, host: str, port: int, *args: str, variant: str = "v1", timeout: float = 3.0
+) -> dict[str, Any]:
+    """One miner handshake from the node; its JSON report (``handshake_complete`` says it all)."""
+    r = lb.run_node(
+        [PY, "-m", "egressd.lab.stratum", "client", "--connect", peers.hostport(host, port),
+         "--variant", variant, "--timeout", str(timeout), *args],
+        timeout=timeout + 10,
+    )  # fmt: skip
+    try:
+        rep: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"handshake_complete": False, "error": f"no report: {r.stdout!r} {r.stderr[-300:]!r}"}
+    return rep
+
+
+def ncat_status(lb: Lab, ns: str, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    run = lb.run_node if ns == "node" else lb.run_inet
+    return run(list(argv), timeout=20)
+
+
+# -- counting what reaches the inet side ------------------------------------------------------
+def inet_counter(lb: Lab, match: Sequence[str], action: str = "DROP") -> None:
+    """Count (and by default drop) arriving packets in the inet namespace's raw PREROUTING."""
+    lb.run_inet(["iptables", "-w", "-t", "raw", "-A", "PREROUTING", *match, "-j", action], check=True)
+
+
+def inet_count(lb: Lab, contains: str = "") -> int:
+    """Packets counted by the raw PREROUTING rules (only those whose listing has ``contains``)."""
+    out = lb.run_inet(["iptables", "-w", "-t", "raw", "-L", "PREROUTING", "-n", "-v", "-x"]).stdout
+    total = 0
+    for line in out.splitlines()[2:]:
+        cols = line.split()
+        if cols and cols[0].isdigit() and contains in line:
+            total += int(cols[0])
+    return total
+
+
+def queue_rule_hits(lb: Lab) -> int:
+    """Packets the node's IPv4 NFQUEUE rules were hit by (netfilter.show()'s counters)."""
+    total = 0
+    for line in netfilter.show(netns=lb.node).split("# IPv6")[0].splitlines():
+        if "-j NFQUEUE" in line and line.startswith("["):
+            total += int(line[1:].split(":", 1)[0])
+    return total
+
+
+# -- load generators (run as a separate process in the node namespace) ------------------------
+# Unique-tuple flood: as many new TCP connections (each from a new source port, held open
+# until the end so each stays a flow being classified) and UDP datagrams (each from a new
+# socket) as fit in ``seconds``, at most ``max_conns`` / ``max_dgrams``. Prints JSON counts.
+FLOOD = r"""
+import json, os, select, socket, sys, time
+host, tport, uport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+seconds, max_conns, max_dgrams = float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+end = time.monotonic() + seconds
+held, pending = [], {}
+out = {"syn": 0, "established": 0, "failed": 0, "dgrams": 0, "dgram_errors": 0}
+while time.monotonic() < end and (out["syn"] < max_conns or out["dgrams"] < max_dgrams):
+    if out["syn"] < max_conns and len(pending) < 128:
+        s = socket.socket(); s.setblocking(False)
+        try:
+            s.connect((host, tport))
+        except BlockingIOError:
+            pass
+        except OSError:
+            out["failed"] += 1; s.close(); s = None
+        if s is not None:
+            pending[s.fileno()] = s
+        out["syn"] += 1
+    if out["dgrams"] < max_dgrams:
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            u.sendto(b"flood-%08d" % out["dgrams"], (host, uport)); out["dgrams"] += 1
+        except OSError:
+            out["dgram_errors"] += 1
+        u.close()
+    if pending:
+        _, w, _ = select.select([], list(pending), [], 0)
+        for fd in w:
+            s = pending.pop(fd)
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                out["established"] += 1; held.append(s)
+            else:
+                out["failed"] += 1; s.close()
+    if len(held) > 600:  # stay far below the fd limit (1024): close the oldest cleanly
+        held.pop(0).close()
+for s in held + list(pending.values()):
+    s.close()
+print(json.dumps(out), flush=True)
+"""
+
+# A burst of UDP datagrams, every one a new flow (16 source sockets x 40000 destination
+# ports from ``base``: up to 640k distinct tuples): at most ``count`` datagrams, for at most
+# ``seconds``. Prints how many were sent.
+UDP_PORTS_BURST = r"""
+import socket, sys, time
+host, base, count = sys.argv[1], int(sys.argv[2]), min(int(sys.argv[3]), 640000)
+end = time.monotonic() + (float(sys.argv[4]) if len(sys.argv) > 4 else 60.0)
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(16)]
+sent = 0
+for i in range(count):
+    if i % 256 == 0 and time.monotonic() > end:
+        break
+    try:
+        socks[i // 40000].sendto(b"burst-%06d" % i, (host, base + i % 40000)); sent += 1
+    except OSError:
+        pass
+print(sent, flush=True)
+"""
+
+# A TCP listener that accepts and holds connections (a flood target), bounded in life.
+HOLD_SERVER = r"""
+import socket, sys, time, select
+host, port, life = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port)); s.listen(4096); s.setblocking(False)
+end = time.monotonic() + life
+conns = []
+while time.monotonic() < end:
+    r, _, _ = select.select([s], [], [], 0.2)
+    if r:
+        try:
+            while True:
+                c, _ = s.accept(); conns.append(c)
+                if len(conns) > 600:
+                    conns.pop(0).close()
+        except BlockingIOError:
+            pass
+"""
+
+
+class Ctl:
+    """A helper process driven line by line over stdin/stdout (bounded waits, stopped by pid)."""
+
+    def __init__(self, lb: Lab, ns: str, code: str, *args: str) -> None:
+        self.lb = lb
+        self.proc = lb.spawn(
+            ns, [PY, "-u", "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+
+    def line(self, timeout: float = 10.0) -> str:
+        """The next line the process prints ("" at EOF or timeout)."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                break
+            ch = os.read(fd, 1)
+            if not ch:
+                break
+            buf += ch
+        return buf.decode(errors="replace").strip()
+
+    def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def ask(self, text: str, timeout: float = 10.0) -> str:
+        self.send(text)
+        return self.line(timeout)
+
+    def close(self) -> None:
+        self.lb.stop(self.proc)
+
+
+def spawn_node_py(lb: Lab, code: str, *args: str) -> subprocess.Popen[bytes]:
+    return lb.spawn("node", [PY, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def spawn_inet_py(lb: Lab, code: str, *args: str) -> subprocess.Popen[bytes]:
+    return lb.spawn("inet", [PY, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def finish(lb: Lab, p: subprocess.Popen[bytes], timeout: float = 30.0) -> str:
+    """Wait for a bounded generator to end by itself (stopped by pid if it overruns)."""
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        lb.stop(p)
+        out, err = p.communicate()
+    if p in lb.procs:
+        lb.procs.remove(p)
+    if p.returncode != 0:
+        raise RuntimeError(f"generator exited {p.returncode}: {err.decode(errors='replace')[-800:]}")
+    return out.decode(errors="replace")
+
+
+def events_of(d: peers.Egressd, **want: Any) -> list[dict[str, Any]]:
+    return [e for e in d.events() if all(e.get(k) == v for k, v in want.items())]
+
+
+__all__ = [
+    "BULK_V4",
+    "Ctl",
+    "DNS_V4",
+    "EVIL_V4",
+    "FLOOD",
+    "HOLD_SERVER",
+    "NODE_V4",
+    "POOL_V4",
+    "PREFIX",
+    "PROXY_V4",
+    "PY",
+    "SINK_V4",
+    "UDP_PORTS_BURST",
+    "WHY",
+    "adv_lab",
+    "alab",
+    "events_of",
+    "finish",
+    "inet_count",
+    "inet_counter",
+    "kill9",
+    "live",
+    "need",
+    "proc_status",
+    "queue_rule_hits",
+    "rss_kb",
+    "spawn_inet_py",
+    "spawn_node_py",
+    "start_daemon",
+    "stratum",
+    "wait_status",
+    "write_policy",
+]
