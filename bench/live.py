@@ -5,8 +5,8 @@ Why ratios, side by side: these machines are shared and noisy (NFQUEUE.md: +-15 
 itself drops under bulk load), so a figure remembered from another run means nothing. Every
 metric is measured "without" and "with" egressd interleaved (A B A B ...) in the same lab,
 and the table reports the median of each side, the median of the per-round ratios and their
-spread. Each "with" run gets a freshly started daemon (``egressd run`` on
-rules/default.yaml, stopped with SIGTERM, which removes its rules), so runs do not inherit
+spread. Each "with" round gets a freshly started daemon (``egressd run`` on
+rules/default.yaml, stopped with SIGTERM, which removes its rules), so rounds do not inherit
 each other's flow table or conntrack marks.
 
 What is measured (the lab: egressd.lab.netns, a "node" and an "inet" namespace on
@@ -763,7 +763,7 @@ def build_rows(res: dict[str, Pair], info: dict[str, Pair]) -> list[Row]:
         frac = [w / s for s, w in zip(j.without, j.with_, strict=False) if s]
         rows.append(
             Row(
-                "  packets Python judged / TCP segments",
+                "  Python-judged packets / TCP segments in+out",
                 f"{med(j.without):.0f} seg",
                 f"{med(j.with_):.0f} pkt",
                 f"{med(frac):.5f}" if frac else "-",

@@ -111,8 +111,10 @@ class Daemon:
 
     def _drain_events(self) -> None:
         evs = self.engine.events
-        while evs:
-            self.log.write(evs.popleft())
+        if evs:
+            while evs:
+                self.log.write(evs.popleft())
+            self.log.flush()
 
     def _on_callback_error(self, e: BaseException) -> None:
         self.callback_errors += 1

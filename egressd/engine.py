@@ -186,6 +186,14 @@ class Engine:
     def _packet(self, p: Packet, ts: float, direction: int) -> int:
         key = make_key(p.proto, p.src, p.sport, p.dst, p.dport)
         flow = self.table.get(key)
+        if flow is not None and p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN and p.seq != flow.syn_seq:
+            # A new connection on a 4-tuple we remember (the port was reused after TIME_WAIT,
+            # or tcp_tw_reuse): the kernel sees a new connection, so must we. Answering it
+            # from the old flow's pinned verdict would let it through unjudged.
+            self.table.discard(key)
+            if flow.state == PENDING:
+                self._report(flow, ts, "end")
+            flow = None
         if flow is None:
             return self._new_flow(p, key, ts, direction)
         flow.last_ts = ts
@@ -228,6 +236,8 @@ class Engine:
         self._fid += 1
         flow = Flow(self._fid, key, p.version, p.proto, src, sport, dst, dport, ts)
         flow.midstream = midstream
+        if p.proto == PROTO_TCP and p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+            flow.syn_seq = p.seq
         flow.bytes = p.ip_len
         self.counters.flows += 1
         if midstream:
@@ -259,22 +269,38 @@ class Engine:
             flow.rev_pkts += 1
         if p.proto == PROTO_UDP:
             return self._udp_dns(flow, p, ts, from_orig)
-        head = flow.fwd if from_orig else flow.rev
-        assert head is not None
+        head, other = (flow.fwd, flow.rev) if from_orig else (flow.rev, flow.fwd)
+        assert head is not None and other is not None
         placed = NOTHING
         flags = p.tcp_flags
         if flags & TCP_SYN:
             head.start(p.seq + 1)
+            if flags & TCP_ACK:
+                other.start(p.ack)
             if p.payload:  # TCP Fast Open: data in the SYN
                 placed = head.add(p.seq + 1, p.payload, p.truncated)
-        elif p.payload:
-            placed = head.add(p.seq, p.payload, p.truncated)
+        else:
+            if flags & TCP_ACK and other.isn < 0 and not other.data:
+                # The kernel does not queue a dataless SYN-ACK (netfilter.py): the peer's
+                # initial sequence number is what this side acknowledges before the peer
+                # has sent anything. Reply data, when queued, arrives before any ack of it.
+                other.start(p.ack, tentative=True)
+            if p.payload:
+                placed = head.add(p.seq, p.payload, p.truncated)
         grew = placed == GREW
         closed_now = False
-        if flags & (TCP_FIN | TCP_RST) and not head.closed:
+        if flags & TCP_RST:
+            # A reset ends the connection for both sides.
+            closed_now = not (head.closed and other.closed)
+            head.closed = other.closed = True
+        elif flags & TCP_FIN and not head.closed:
             head.closed = True
             closed_now = True
-        if grew or closed_now or (head.inconsistent and "stream" not in flow.detections):
+        if not head.data and not other.data:
+            # Nothing to look at yet: a dataless connection ends here once both sides closed.
+            if head.closed and other.closed:
+                return self._pin_accept(flow, ts, "closed")
+        elif grew or closed_now or (head.inconsistent and "stream" not in flow.detections):
             verdict = self._detect(flow, ts)
             if verdict is not None:
                 return verdict

@@ -39,6 +39,18 @@ _CATEGORY = {
 }
 
 
+_iso_cache: list[object] = [-1, ""]
+
+
+def _iso(t: float) -> str:
+    """EVE timestamp; the seconds part is formatted once per second (events come in bursts)."""
+    sec = int(t)
+    if _iso_cache[0] != sec:
+        _iso_cache[0] = sec
+        _iso_cache[1] = _dt.datetime.fromtimestamp(sec, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_iso_cache[1]}.{min(int((t - sec) * 1e6 + 0.5), 999999):06d}+0000"
+
+
 def ip_text(packed: bytes) -> str:
     if len(packed) == 4:
         return f"{packed[0]}.{packed[1]}.{packed[2]}.{packed[3]}"
@@ -92,7 +104,7 @@ class Event:
         return "flow"
 
     def to_dict(self) -> dict[str, Any]:
-        ts = _dt.datetime.fromtimestamp(self.timestamp, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+0000")
+        ts = _iso(self.timestamp)
         d: dict[str, Any] = {
             "timestamp": ts,
             "event_type": self.event_type,

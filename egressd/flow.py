@@ -69,6 +69,7 @@ class Flow:
         "src",
         "stale",
         "state",
+        "syn_seq",
         "version",
     )
 
@@ -95,6 +96,7 @@ class Flow:
         self.first_ts = ts
         self.last_ts = ts
         self.midstream = False
+        self.syn_seq = -1  # the originator's SYN sequence number: tells a new connection from a retransmission
         self.fwd: StreamHead | None = None
         self.rev: StreamHead | None = None
         self.fwd_pkts = 0
@@ -162,6 +164,10 @@ class FlowTable:
             del self.active[key]
             return oldest
         return False
+
+    def discard(self, key: FlowKey) -> None:
+        self.active.pop(key, None)
+        self.done.pop(key, None)
 
     def add(self, flow: Flow) -> None:
         self.active[flow.key] = flow

@@ -31,7 +31,7 @@ _HALF: Final = 1 << 31
 
 
 class StreamHead:
-    __slots__ = ("closed", "data", "full", "inconsistent", "isn", "limit", "pending", "pending_bytes")
+    __slots__ = ("closed", "data", "full", "inconsistent", "isn", "limit", "pending", "pending_bytes", "tentative")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -42,11 +42,17 @@ class StreamHead:
         self.full = False  # no more bytes will be added (limit reached, or a capture gap)
         self.closed = False  # FIN or RST seen from this side
         self.inconsistent = False
+        self.tentative = False  # isn was inferred from the peer's ack number, not seen in a SYN
 
-    def start(self, isn: int) -> None:
-        """Fix the initial sequence number (SYN seq + 1, or the first seq seen mid-stream)."""
+    def start(self, isn: int, tentative: bool = False) -> None:
+        """Fix the initial sequence number (SYN seq + 1, or the first seq seen mid-stream).
+
+        ``tentative``: inferred from what the other side acknowledged. A sender controls its
+        own ack numbers, so a first segment that lands outside the head window re-bases a
+        tentative start instead of being ignored (a bogus ack must not hide the reply)."""
         if self.isn < 0:
             self.isn = isn % _MOD
+            self.tentative = tentative
 
     def add(self, seq: int, payload: bytes, truncated: bool = False) -> int:
         """Place a segment; returns GREW, HELD or NOTHING.
@@ -60,6 +66,9 @@ class StreamHead:
         if self.isn < 0:
             self.start(seq)
         off = (seq - self.isn) % _MOD
+        if self.tentative and not self.data and not self.pending and off >= self.limit:
+            self.isn, off = seq % _MOD, 0
+        self.tentative = False
         if off >= _HALF:
             # Before the ISN (a retransmission of handshake bytes or garbage): the part that
             # reaches into the stream still has to be checked against what we have.

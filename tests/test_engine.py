@@ -377,3 +377,43 @@ def test_midstream_flow_stays_unmarked_until_pinned(default: Policy) -> None:
     eng = Engine(default)
     c = Conn(ALLOWED, 443)
     assert eng.feed(c.c(b"\x17\x03\x03\x00\x10" + b"x" * 16), 1.0, DIR_ORIGINAL) == ACCEPT_MIDSTREAM
+
+
+def test_reused_four_tuple_with_a_new_syn_is_judged_again(default: Policy) -> None:
+    # A finished (pinned ALLOW) connection must not answer for a new one on the same ports.
+    eng = Engine(default)
+    c = Conn(SSHD, 2222)
+    fin = bytes(IP(src=NODE, dst=SSHD) / TCP(sport=c.sport, dport=2222, flags="FA", seq=c.cseq))
+    sfin = bytes(IP(src=SSHD, dst=NODE) / TCP(sport=2222, dport=c.sport, flags="FA", seq=c.sseq))
+    assert feed_all(eng, [c.syn(), c.synack(), fin, sfin])[-1] == ACCEPT_PIN
+    c2 = Conn(SSHD, 2222)
+    c2.cseq += 77777
+    assert eng.feed(c2.syn(), 2.0) == ACCEPT
+    assert eng.feed(c2.c(CLIENT_BANNER), 2.1) == DROP
+
+
+def test_syn_retransmission_of_a_dropped_flow_stays_dropped(tmp_path: Path) -> None:
+    pol = write_policy(tmp_path, "default: drop\nrules: []\n")
+    eng = Engine(pol)
+    c = Conn(POOL, 3333)
+    assert eng.feed(c.syn(), 1.0) == DROP
+    assert eng.feed(c.syn(), 2.0) == DROP
+    assert eng.counters.flows == 1
+
+
+def test_rst_ends_the_flow_for_both_sides(tmp_path: Path) -> None:
+    pol = write_policy(tmp_path, "default: accept\nrules: []\n")
+    eng = Engine(pol)
+    c = Conn(POOL, 3333)
+    rst = bytes(IP(src=POOL, dst=NODE) / TCP(sport=3333, dport=c.sport, flags="RA", seq=c.sseq))
+    assert feed_all(eng, [c.syn(), rst])[-1] == ACCEPT_PIN
+    assert not eng.table.active
+
+
+def test_reply_isn_is_taken_from_the_ack_when_the_syn_ack_is_not_queued(default: Policy) -> None:
+    eng = Engine(default)
+    c = Conn(POOL, 3333)
+    ack = bytes(IP(src=NODE, dst=POOL) / TCP(sport=c.sport, dport=3333, flags="A", seq=c.cseq, ack=c.sseq))
+    notify = b'{"id":null,"method":"mining.notify","params":["1","2"]}\n'
+    assert feed_all(eng, [c.syn(), ack, c.s(notify)])[-1] == DROP
+    assert "mining.pool" in eng.events[-1].detections

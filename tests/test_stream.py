@@ -129,3 +129,18 @@ def test_any_segmentation_and_order_yields_the_same_stream(data: bytes, isn: int
         h.add((isn + off) % (1 << 32), seg)
     assert h.data == data
     assert not h.inconsistent
+
+
+def test_tentative_start_is_rebased_by_a_first_segment_far_outside_the_window() -> None:
+    h = StreamHead(8192)
+    h.start(1_000_000, tentative=True)  # what the other side claimed to acknowledge
+    assert h.add(5, b"SSH-2.0-x\r\n") == GREW
+    assert h.data == b"SSH-2.0-x\r\n"
+
+
+def test_tentative_start_keeps_out_of_order_segments_inside_the_window() -> None:
+    h = StreamHead(8192)
+    h.start(100, tentative=True)
+    assert h.add(104, b"efgh") == HELD
+    assert h.add(100, b"abcd") == GREW
+    assert h.data == b"abcdefgh"

@@ -29,7 +29,6 @@ from test_adversarial_harness import (
     live,
     start_daemon,
     stratum,
-    wait_status,
     write_policy,
 )
 
@@ -149,13 +148,15 @@ def run_crash(lb: Lab, tmp: Path, fail: str) -> CrashRun:
 @pytest.fixture(scope="module")
 def crash_open(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashRun]:
     with adv_lab() as lb:
-        yield run_crash(lb, tmp_path_factory.mktemp("crash_open"), "open")
+        res = run_crash(lb, tmp_path_factory.mktemp("crash_open"), "open")
+    yield res  # the lab is gone: the next scenario may use the prefix
 
 
 @pytest.fixture(scope="module")
 def crash_closed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashRun]:
     with adv_lab() as lb:
-        yield run_crash(lb, tmp_path_factory.mktemp("crash_closed"), "closed")
+        res = run_crash(lb, tmp_path_factory.mktemp("crash_closed"), "closed")
+    yield res  # the lab is gone: the next scenario may use the prefix
 
 
 def test_killed_fail_open_daemon_lets_new_connections_pass(crash_open: CrashRun) -> None:
@@ -177,7 +178,9 @@ def test_allow_pinned_transfer_survives_kill_and_restart(mode: str, request: pyt
 
 
 @pytest.mark.parametrize("mode", ["open", "closed"])
-def test_deny_pinned_flow_stays_dead_while_down_and_after_restart(mode: str, request: pytest.FixtureRequest) -> None:
+def test_deny_pinned_flow_stays_dead_while_down_and_after_restart(
+    mode: str, request: pytest.FixtureRequest
+) -> None:
     run: CrashRun = request.getfixturevalue(f"crash_{mode}")
     assert run.dns_before == 1, "only the harmless query of the flow may have left"
     assert run.dns_down == 1 and run.dns_after == 1
@@ -192,7 +195,9 @@ def test_connection_open_across_restart_is_judged_midstream_and_blocked(
     assert run.held_answer.startswith("error"), run.held_answer
     assert run.pool_requests_after_restart == 0
     blocked = [e for e in run.held_events if e["action"] == "blocked"]
-    assert blocked and blocked[0]["midstream"] is True and blocked[0]["rule"] == "drop-mining", run.held_events
+    assert blocked and blocked[0]["midstream"] is True and blocked[0]["rule"] == "drop-mining", (
+        run.held_events
+    )
 
 
 # -- 5. the event log ---------------------------------------------------------------------------
@@ -286,7 +291,9 @@ def test_event_log_follows_truncation_without_a_hole(alab: Lab, tmp_path: Path) 
 @contextlib.contextmanager
 def small_tmpfs(path: Path, size: str = "256k") -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "egadv-full", str(path)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "egadv-full", str(path)], check=True
+    )
     try:
         yield path
     finally:
@@ -323,4 +330,3 @@ def test_full_disk_does_not_stop_enforcement_and_is_reported(alab: Lab, tmp_path
         rules = [e["rule"] for e in _lines(d.events_path)]
         assert rules[0] == "drop-mining" and rules[-1] == "drop-mining"
         d.stop()
-

@@ -149,7 +149,9 @@ def start_daemon(
                 return d
         if time.monotonic() > deadline:
             d.stop(signal.SIGKILL)
-            raise RuntimeError(f"egressd did not answer on {sock} in {timeout:g} s: {d.stderr_text()[-1500:]}")
+            raise RuntimeError(
+                f"egressd did not answer on {sock} in {timeout:g} s: {d.stderr_text()[-1500:]}"
+            )
         time.sleep(0.05)
 
 
@@ -321,7 +323,11 @@ class Ctl:
     def __init__(self, lb: Lab, ns: str, code: str, *args: str) -> None:
         self.lb = lb
         self.proc = lb.spawn(
-            ns, [PY, "-u", "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            ns,
+            [PY, "-u", "-c", code, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
 
     def line(self, timeout: float = 10.0) -> str:
@@ -381,7 +387,6 @@ def events_of(d: peers.Egressd, **want: Any) -> list[dict[str, Any]]:
 
 __all__ = [
     "BULK_V4",
-    "Ctl",
     "DNS_V4",
     "EVIL_V4",
     "FLOOD",
@@ -394,6 +399,7 @@ __all__ = [
     "SINK_V4",
     "UDP_PORTS_BURST",
     "WHY",
+    "Ctl",
     "adv_lab",
     "alab",
     "events_of",
