@@ -60,65 +60,104 @@ class ExpectFile:
     items: tuple[Expectation, ...]
 
 
+MAX_BYTES = 1 << 20
+MAX_DEPTH = 16
+
+
 def load(path: str | Path) -> ExpectFile:
+    """Parse and check an expectation file; anything wrong with it is an ExpectError (exit 2)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except OSError as e:
         raise ExpectError(f"{p}: cannot read expectation file: {e.strerror or e}") from e
+    if len(raw) > MAX_BYTES:
+        raise ExpectError(f"{p}: larger than {MAX_BYTES >> 20} MiB; expectation files are small text files")
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ExpectError(f"{p}: not UTF-8 text (byte {e.start})") from e
+    try:
+        _refuse_yaml_features(p, text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
         raise ExpectError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from e
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        # SafeLoader's constructors fail with plain exceptions on values like "!!int x".
+        raise ExpectError(f"{p}: a value cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(data, dict) or not isinstance(data.get("flows"), list):
         raise ExpectError(f"{p}:1:1: an expectation file is a mapping with a 'flows' list")
     lines = _item_lines(node)
     items = []
-    for i, raw in enumerate(data["flows"]):
+    for i, item in enumerate(data["flows"]):
         line = lines[i] if i < len(lines) else 0
-        where = f"{p}:{line}"
-        if not isinstance(raw, dict):
-            raise ExpectError(f"{where}: each entry of 'flows' is a mapping")
-        unknown = set(raw) - _ITEM_KEYS
-        if unknown:
-            raise ExpectError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_ITEM_KEYS)}")
-        match = raw.get("match") or {}
-        if not isinstance(match, dict) or set(match) - _MATCH_KEYS:
-            raise ExpectError(f"{where}: 'match' takes only {sorted(_MATCH_KEYS)}")
-        for k in ("src", "dst"):
-            if k in match:
-                try:
-                    match[k] = str(ipaddress.ip_address(str(match[k])))
-                except ValueError as e:
-                    raise ExpectError(f"{where}: match.{k}: {match[k]!r} is not an IP address") from e
-        if "proto" in match:
-            match["proto"] = str(match["proto"]).upper().replace("ICMPV6", "IPV6-ICMP")
-        verdict = raw.get("verdict")
-        if verdict is not None and verdict not in _VERDICTS:
-            raise ExpectError(f"{where}: verdict must be one of {sorted(_VERDICTS)}, not {verdict!r}")
-        count = raw.get("count")
-        if count is not None and (not isinstance(count, int) or count < 0):
-            raise ExpectError(f"{where}: count must be a whole number >= 0")
-        items.append(
-            Expectation(
-                line,
-                match,
-                verdict,
-                _opt_str(raw, "detection"),
-                _opt_str(raw, "rule"),
-                count,
-                _opt_str(raw, "domain"),
-            )
-        )
+        items.append(_item(f"{p}:{line}", line, item))
     pol = data.get("policy")
-    policy = (p.parent / str(pol)).resolve() if pol else None
+    if pol is not None and (not isinstance(pol, str) or "\0" in pol):
+        raise ExpectError(f"{p}: 'policy' is a path to a policy file")
+    policy = (p.parent / pol).resolve() if pol else None
     return ExpectFile(str(p), policy, tuple(items))
 
 
-def _opt_str(raw: dict[str, Any], key: str) -> str | None:
+def _refuse_yaml_features(p: Path, text: str) -> None:
+    """No anchors/aliases (a billion-laughs file would expand when printed) and bounded nesting."""
+    depth = 0
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, yaml.AliasEvent) or getattr(ev, "anchor", None):
+            raise ExpectError(f"{p}:{_where(ev)}: YAML anchors and aliases are not allowed here")
+        if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ExpectError(f"{p}:{_where(ev)}: nested more than {MAX_DEPTH} levels")
+        elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+def _where(ev: yaml.Event) -> str:
+    m = ev.start_mark
+    return f"{m.line + 1}:{m.column + 1}" if m is not None else "1:1"
+
+
+def _item(where: str, line: int, raw: object) -> Expectation:
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise ExpectError(f"{where}: each entry of 'flows' is a mapping with text keys")
+    unknown = set(raw) - _ITEM_KEYS
+    if unknown:
+        raise ExpectError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_ITEM_KEYS)}")
+    match = raw.get("match") or {}
+    if not isinstance(match, dict) or not all(isinstance(k, str) for k in match) or set(match) - _MATCH_KEYS:
+        raise ExpectError(f"{where}: 'match' takes only {sorted(_MATCH_KEYS)}")
+    match = dict(match)
+    for k, v in match.items():
+        if not isinstance(v, (str, int)) or isinstance(v, bool):
+            raise ExpectError(f"{where}: match.{k} must be a single value, not {type(v).__name__}")
+    for k in ("src", "dst"):
+        if k in match:
+            try:
+                match[k] = str(ipaddress.ip_address(str(match[k])))
+            except ValueError as e:
+                raise ExpectError(f"{where}: match.{k}: {match[k]!r} is not an IP address") from e
+    if "proto" in match:
+        match["proto"] = str(match["proto"]).upper().replace("ICMPV6", "IPV6-ICMP")
+    verdict = raw.get("verdict")
+    if verdict is not None and (not isinstance(verdict, str) or verdict not in _VERDICTS):
+        raise ExpectError(f"{where}: verdict must be one of {sorted(_VERDICTS)}, not {verdict!r}")
+    count = raw.get("count")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+        raise ExpectError(f"{where}: count must be a whole number >= 0")
+    for k in ("detection", "rule", "domain"):
+        v = raw.get(k)
+        if v is not None and not isinstance(v, str):
+            raise ExpectError(f"{where}: {k} must be text")
+    return Expectation(
+        line, match, verdict, _opt_str(raw, "detection"), _opt_str(raw, "rule"), count, _opt_str(raw, "domain")
+    )
+
+
+def _opt_str(raw: dict[Any, Any], key: str) -> str | None:
     v = raw.get(key)
     return None if v is None else str(v)
 

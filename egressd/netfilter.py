@@ -3,7 +3,16 @@
 Why these rules look the way they do (every point measured on this kernel, see NFQUEUE.md
 and tests/e2e/test_kernel_*.py):
 
-* Only the *head* of a connection goes to Python. The daemon's verdict is written into the
+* Only the *head* of a connection goes to Python, and of the head only what the engine can
+  use: the originator's SYN (its sequence number, and the first judgement), every packet
+  that carries payload (the detectors' input) and every FIN/RST (the end of the flow). A TCP
+  segment with exactly zero payload and SYN, RST and FIN all clear (a pure ACK, a window
+  update) carries nothing a detector reads, and neither does a dataless SYN-ACK (the engine
+  takes the reply's initial sequence number from its first data segment or from the ack
+  number of the originator's first ACK): those pass without a verdict. Measured: a dataless
+  connection costs 3 verdicts instead of 5 (SYN, FIN, FIN), and connect() waits for one
+  verdict instead of two (the SYN's, not the SYN-ACK's as well).
+* The daemon's verdict is written into the
   packet mark (``pkt.set_mark`` + ``pkt.repeat()``); the repeated packet re-enters our
   chain, ``CONNMARK --save-mark`` copies it to the conntrack entry, and from then on the
   kernel alone handles the flow. A plain ``accept()`` would resume at the next hook and no
@@ -55,7 +64,34 @@ Layout (both families; the same text is rendered for iptables and ip6tables)::
     filter OUTPUT  -> EGRESSD-OUT  (not lo, not replies of inbound connections) -> EGRESSD-QORIG
     filter INPUT   -> EGRESSD-IN   (reply direction only: banners, DNS answers)  -> EGRESSD-QREPLY
     filter FORWARD -> EGRESSD-FWD  (containers; inbound DNATed connections skipped)
+    EGRESSD-QORIG  -g EGRESSD-ENQ-ORIG   (the packets that would be queued, and only those)
+    EGRESSD-QREPLY -g EGRESSD-ENQ-REPLY
     mangle OUTPUT  -> EGRESSD-SCRUB
+
+The two ENQ chains are where "nothing to read" is decided, so their rules cost nothing for
+packets that were never going to be queued (pinned flows never get there, a SEEN flow past
+its head RETURNs before). They are entered by goto: their RETURN goes back to the chain
+that called QORIG/QREPLY, exactly as if the packet had not been a queue candidate, so a
+skipped packet is neither queued nor marked and the connmark keeps whatever state it had
+(an unseen flow stays unseen, a SEEN flow stays SEEN). INVALID packets (crafted, no
+connection to pin on) are still judged one by one, dataless or not.
+
+"Exactly zero payload" has to be exact (one byte of data must reach the detectors), and
+iptables cannot subtract, so the test is a ``u32`` match (xt_u32) per TCP data offset
+(5..15 words; 11 rules per chain): the IP length field equals the headers' length. It only
+accepts the plain layout, anything else is queued as before:
+
+    IPv4  byte 0 = 0x45 (no IP options), total length (bytes 2-3) = 20 + 4*doff, MF and the
+          fragment offset (bytes 6-7 & 0x3FFF) zero, protocol (byte 9) = 6, and the TCP data
+          offset (high nibble of byte 32) = doff
+    IPv6  payload length (bytes 4-5) = 4*doff and next header (byte 6) = 6 (so no extension
+          header, no fragment header), and the data offset (high nibble of byte 52) = doff
+    flags (byte 33 / 53): SYN, RST, FIN clear (ACK either way); in the reply direction also
+          exactly SYN+ACK (with RST, FIN clear)
+
+Conntrack reassembles fragments before these hooks, so the fragment test is a second line
+of defence. The length fields are what the receiving stack believes (it trims a longer
+packet to them), so a segment that says "no payload" delivers none.
 """
 
 from __future__ import annotations
@@ -100,12 +136,23 @@ CHAIN_IN: Final = "EGRESSD-IN"
 CHAIN_FWD: Final = "EGRESSD-FWD"
 CHAIN_QORIG: Final = "EGRESSD-QORIG"
 CHAIN_QREPLY: Final = "EGRESSD-QREPLY"
+CHAIN_ENQ_ORIG: Final = "EGRESSD-ENQ-ORIG"
+CHAIN_ENQ_REPLY: Final = "EGRESSD-ENQ-REPLY"
 CHAIN_DENY: Final = "EGRESSD-DENY"
 CHAIN_SCRUB: Final = "EGRESSD-SCRUB"
 
 # table -> our chains, and table -> (builtin chain, our chain) jumps, in install order.
 CHAINS: Final[dict[str, tuple[str, ...]]] = {
-    "filter": (CHAIN_OUT, CHAIN_IN, CHAIN_FWD, CHAIN_QORIG, CHAIN_QREPLY, CHAIN_DENY),
+    "filter": (
+        CHAIN_OUT,
+        CHAIN_IN,
+        CHAIN_FWD,
+        CHAIN_QORIG,
+        CHAIN_QREPLY,
+        CHAIN_ENQ_ORIG,
+        CHAIN_ENQ_REPLY,
+        CHAIN_DENY,
+    ),
     "mangle": (CHAIN_SCRUB,),
 }
 JUMPS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
@@ -176,6 +223,49 @@ def _queue_target(cfg: RuleConfig) -> str:
     return f"-j NFQUEUE --queue-num {cfg.queue_num}" + (" --queue-bypass" if cfg.fail_open else "")
 
 
+# -- what is not worth a verdict ----------------------------------------------------------
+TCP_DATA_OFFSETS: Final = range(5, 16)  # the TCP header is 5..15 32-bit words (RFC 9293)
+_TCP_SYN: Final = 0x02
+_TCP_ACK: Final = 0x10
+_TCP_SYN_RST_FIN: Final = 0x07
+
+
+def nodata_u32(family: int, doff: int, *, reply: bool) -> str:
+    """The ``u32`` test: a TCP segment of data offset ``doff`` with zero payload, nothing to read.
+
+    The IP length field must equal the IP plus TCP header length for this one data offset
+    (u32 has no arithmetic, hence one test per offset). The word holding the data offset
+    and the flags is masked to doff + SYN/RST/FIN (+ ACK for the reply's SYN-ACK) and
+    compared with a list of allowed values. The length comes first: it rejects nearly
+    every packet that carries data, so a data packet costs one comparison per rule.
+    """
+    if family not in (4, 6):
+        raise ValueError(f"family must be 4 or 6, not {family}")
+    if doff not in TCP_DATA_OFFSETS:
+        raise ValueError(f"TCP data offset {doff} is outside 5..15")
+    flags = (0, _TCP_ACK, _TCP_SYN | _TCP_ACK) if reply else (0,)
+    mask = 0xF000 | _TCP_SYN_RST_FIN | (_TCP_ACK if reply else 0)
+    values = ",".join(f"0x{doff << 12 | f:04X}" for f in flags)
+    if family == 4:
+        # Word 0: version 4 + IHL 5 (no options) and the total length; word 4: MF + offset;
+        # word 8: protocol; word 32 (TCP bytes 12-15): data offset, flags.
+        return (
+            f"0&0xFF00FFFF=0x4500{20 + 4 * doff:04X} && 4&0x3FFF=0 && 8>>16&0xFF=6"
+            f" && 32>>16&0x{mask:04X}={values}"
+        )
+    # Word 4: payload length + next header (TCP, so no extension header); word 52: TCP 12-15.
+    return f"4&0xFFFFFF00=0x{4 * doff:04X}0600 && 52>>16&0x{mask:04X}={values}"
+
+
+def _enqueue_rules(chain: str, family: int, q: str, *, reply: bool) -> list[str]:
+    """The tail every queued packet goes through: dataless segments RETURN, the rest is queued."""
+    skip = [
+        f'-A {chain} -p tcp -m u32 --u32 "{nodata_u32(family, d, reply=reply)}" -j RETURN'
+        for d in TCP_DATA_OFFSETS
+    ]
+    return [*skip, f"-A {chain} {q}"]
+
+
 def render(cfg: RuleConfig, family: int, present_jumps: frozenset[tuple[str, str, str]] = frozenset()) -> str:
     """The ``iptables-restore --noflush`` input that installs (or replaces) egressd's rules.
 
@@ -219,20 +309,24 @@ def render(cfg: RuleConfig, family: int, present_jumps: frozenset[tuple[str, str
             f"-A {CHAIN_FWD} -m conntrack --ctdir REPLY -j {CHAIN_QREPLY}",
         ]
     # Original direction: the head; an unseen connection whatever its age; INVALID packets.
+    # -g, not -j: a RETURN in the ENQ chain ends QORIG too (the packet is not queued).
     f += [
-        f"-A {CHAIN_QORIG} {cb.format(n=n, d='original')} {q}",
+        f"-A {CHAIN_QORIG} {cb.format(n=n, d='original')} -g {CHAIN_ENQ_ORIG}",
         f"-A {CHAIN_QORIG} {seen} -j RETURN",
-        f"-A {CHAIN_QORIG} -m conntrack --ctstate NEW,RELATED,ESTABLISHED {q}",
+        f"-A {CHAIN_QORIG} -m conntrack --ctstate NEW,RELATED,ESTABLISHED -g {CHAIN_ENQ_ORIG}",
     ]
     if cfg.judge_invalid:
         f += [f"-A {CHAIN_QORIG} -p {p} -m conntrack --ctstate INVALID {q}" for p in ("tcp", "udp")]
     # Reply direction: tag it for the daemon, then the same three-way split.
     f += [
         f"-A {CHAIN_QREPLY} -j MARK --or-mark {_hex(MARK_REPLY)}",
-        f"-A {CHAIN_QREPLY} {cb.format(n=n, d='reply')} {q}",
+        f"-A {CHAIN_QREPLY} {cb.format(n=n, d='reply')} -g {CHAIN_ENQ_REPLY}",
         f"-A {CHAIN_QREPLY} {seen} -j RETURN",
-        f"-A {CHAIN_QREPLY} -m conntrack --ctstate RELATED,ESTABLISHED {q}",
+        f"-A {CHAIN_QREPLY} -m conntrack --ctstate RELATED,ESTABLISHED -g {CHAIN_ENQ_REPLY}",
     ]
+    # Queue what the engine can use; dataless ACKs (and the reply's dataless SYN-ACK) pass.
+    f += _enqueue_rules(CHAIN_ENQ_ORIG, family, q, reply=False)
+    f += _enqueue_rules(CHAIN_ENQ_REPLY, family, q, reply=True)
     # Denied: fail fast, never answer a reset with a reset.
     udp_reject = "icmp-port-unreachable" if family == 4 else "icmp6-adm-prohibited"
     f += [

@@ -115,8 +115,12 @@ class StreamHead:
                 self.inconsistent = True
             if len(old[0]) >= len(payload):
                 return False
-            self.pending_bytes -= len(old[0])
-            payload = old[0] + payload[len(old[0]) :]
+            merged = old[0] + payload[len(old[0]) :]
+            if self.pending_bytes - len(old[0]) + len(merged) > self.limit:
+                return False  # keep the old copy; the bound holds
+            self.pending_bytes += len(merged) - len(old[0])
+            self.pending[off] = (merged, truncated)
+            return True
         if self.pending_bytes + len(payload) > self.limit:
             return False  # bound reached: drop it; the sender retransmits once the gap is filled
         self.pending[off] = (payload, truncated)

@@ -32,7 +32,7 @@ from egressd.policy.model import (
 )
 from egressd.policy.rules import compile_rules, compile_settings
 from egressd.policy.shapes import ListDef, State, as_choice, as_text, is_null, known_keys, location, pairs
-from egressd.policy.source import compose, node_kind, quote, read_text
+from egressd.policy.source import TooManyProblems, compose, node_kind, quote, read_text
 from egressd.policy.values import domain_or_error, parse_cidr, parse_port_range
 
 TOP_KEYS: Final = (
@@ -314,6 +314,8 @@ def _guarded(
     """A reload must never take the daemon down: a loader bug becomes a diagnostic too."""
     try:
         return _load(path, text, as_policy)
+    except TooManyProblems as exc:
+        return None, list(exc.items)
     except Exception as exc:  # last line of defence: reported, not swallowed
         name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else repr(path)
         detail = f"{type(exc).__name__}: {exc}"[:300]

@@ -28,7 +28,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from egressd.policy.model import Diagnostic
 
 MAX_DEPTH: Final = 64
-MAX_FILE_BYTES: Final = 8 << 20
+MAX_FILE_BYTES: Final = 1 << 20
 
 TAG_PREFIX: Final = "tag:yaml.org,2002:"
 STR_TAG: Final = TAG_PREFIX + "str"
@@ -44,17 +44,37 @@ _ALLOWED_TAGS: Final = frozenset(
 ) | {"!"}
 
 
+MAX_DIAGNOSTICS: Final = 100
+
+
+class TooManyProblems(Exception):
+    """Raised once a file has produced MAX_DIAGNOSTICS problems: a hostile file (a megabyte
+    of aliases) must be refused in bounded time and memory, and nobody reads problem 101."""
+
+    def __init__(self, items: list[Diagnostic]) -> None:
+        super().__init__(f"more than {MAX_DIAGNOSTICS} problems")
+        self.items = items
+
+
 class Reporter:
     """Collects diagnostics; every message is a plain sentence for the person editing the file."""
 
     def __init__(self) -> None:
         self.items: list[Diagnostic] = []
 
+    def _add(self, d: Diagnostic) -> None:
+        self.items.append(d)
+        if len(self.items) >= MAX_DIAGNOSTICS:
+            self.items.append(
+                Diagnostic(d.file, d.line, d.col, f"more than {MAX_DIAGNOSTICS} problems; stopping here")
+            )
+            raise TooManyProblems(self.items)
+
     def at(self, file: str, line: int, col: int, message: str) -> None:
-        self.items.append(Diagnostic(file, line, col, message))
+        self._add(Diagnostic(file, line, col, message))
 
     def mark(self, mark: yaml.Mark, message: str) -> None:
-        self.items.append(Diagnostic(str(mark.name), mark.line + 1, mark.column + 1, message))
+        self._add(Diagnostic(str(mark.name), mark.line + 1, mark.column + 1, message))
 
     def node(self, node: Node, message: str) -> None:
         if node.tag == ALIAS_TAG:
