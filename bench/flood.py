@@ -121,7 +121,7 @@ def bench_queue(seconds: float, lens: list[int]) -> None:
             row = [fail, qlen, q.sent, q.delivered, q.judged, k["queue_dropped"], k["user_dropped"]]
             row += [max(0, q.rule_hits - k["id_sequence"]), q.status["netlink_enobufs"]]
             rows.append([*row, f"{done}/{len(q.attempts)}", q.pool_requests])
-    cols = "fail|queue_len|sent|delivered|judged|q_dropped|u_dropped|uninspected|enobufs|stratum ok|pool reqs"
+    cols = "fail|queue_len|sent|delivered|judged|q_dropped|u_dropped|not queued|enobufs|stratum ok|pool reqs"
     print(table(cols.split("|"), rows))
     print(
         "uninspected = NFQUEUE rule hits - packets the kernel queued (fail-open overflow; no counter has it)"

@@ -249,10 +249,7 @@ def nodata_u32(family: int, doff: int, *, reply: bool) -> str:
     if family == 4:
         # Word 0: version 4 + IHL 5 (no options) and the total length; word 4: MF + offset;
         # word 8: protocol; word 32 (TCP bytes 12-15): data offset, flags.
-        return (
-            f"0&0xFF00FFFF=0x4500{20 + 4 * doff:04X} && 4&0x3FFF=0 && 8>>16&0xFF=6"
-            f" && 32>>16&0x{mask:04X}={values}"
-        )
+        return f"0&0xFF00FFFF=0x4500{20 + 4 * doff:04X} && 4&0x3FFF=0 && 8>>16&0xFF=6 && 32>>16&0x{mask:04X}={values}"
     # Word 4: payload length + next header (TCP, so no extension header); word 52: TCP 12-15.
     return f"4&0xFFFFFF00=0x{4 * doff:04X}0600 && 52>>16&0x{mask:04X}={values}"
 
@@ -260,8 +257,7 @@ def nodata_u32(family: int, doff: int, *, reply: bool) -> str:
 def _enqueue_rules(chain: str, family: int, q: str, *, reply: bool) -> list[str]:
     """The tail every queued packet goes through: dataless segments RETURN, the rest is queued."""
     skip = [
-        f'-A {chain} -p tcp -m u32 --u32 "{nodata_u32(family, d, reply=reply)}" -j RETURN'
-        for d in TCP_DATA_OFFSETS
+        f'-A {chain} -p tcp -m u32 --u32 "{nodata_u32(family, d, reply=reply)}" -j RETURN' for d in TCP_DATA_OFFSETS
     ]
     return [*skip, f"-A {chain} {q}"]
 
@@ -407,9 +403,7 @@ def render_remove(tables: dict[str, TableState]) -> str:
         st = tables.get(table)
         if st is None:
             continue
-        lines = [
-            f"-D {b} -j {c}" for b, rest in st.rules for c in ours if rest == f"-j {c}" and b not in ours
-        ]
+        lines = [f"-D {b} -j {c}" for b, rest in st.rules for c in ours if rest == f"-j {c}" and b not in ours]
         present = [c for c in ours if c in st.chains]
         lines += [f"-F {c}" for c in present]
         lines += [f"-X {c}" for c in present]
@@ -451,9 +445,7 @@ def _prefix(netns: str | None) -> list[str]:
     return ["ip", "netns", "exec", netns] if netns else []
 
 
-def _run(
-    argv: Sequence[str], netns: str | None, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
+def _run(argv: Sequence[str], netns: str | None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [*_prefix(netns), *argv]
     try:
         return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=60, check=False)
@@ -561,10 +553,7 @@ def probe_nft_queue(netns: str | None = None) -> bool:
     """True when nftables can express ``queue`` (checked by the kernel, nothing committed)."""
     if shutil.which("nft") is None:
         return False
-    base = (
-        "add table inet egressd_probe\n"
-        "add chain inet egressd_probe c { type filter hook output priority 0; }\n"
-    )
+    base = "add table inet egressd_probe\nadd chain inet egressd_probe c { type filter hook output priority 0; }\n"
     control = _run(["nft", "-c", "-f", "-"], netns, stdin=base)
     if control.returncode != 0:
         return False
@@ -698,9 +687,7 @@ def add_rules_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fail-closed", action="store_true", help="drop when no daemon listens (default: pass)")
     p.add_argument("--no-ipv6", action="store_true", help="IPv4 only")
-    p.add_argument(
-        "--forward-iface", action="append", default=[], metavar="IFACE", help="container-side interface"
-    )
+    p.add_argument("--forward-iface", action="append", default=[], metavar="IFACE", help="container-side interface")
     p.add_argument("--backend", choices=("iptables", "nft"), default="iptables")
     p.add_argument("--netns", default=None, help="run inside this named network namespace")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
+import struct
 
 import pytest
 
@@ -95,8 +97,8 @@ def test_render_queue_rules_carry_bypass_only_when_fail_open() -> None:
 
 def test_render_head_bound_uses_max_packets_per_direction() -> None:
     text = nf.render(CFG, 6)
-    assert "--connbytes 0:12 --connbytes-dir original --connbytes-mode packets -j NFQUEUE" in text
-    assert "--connbytes 0:12 --connbytes-dir reply --connbytes-mode packets -j NFQUEUE" in text
+    assert f"--connbytes 0:12 --connbytes-dir original --connbytes-mode packets -g {nf.CHAIN_ENQ_ORIG}" in text
+    assert f"--connbytes 0:12 --connbytes-dir reply --connbytes-mode packets -g {nf.CHAIN_ENQ_REPLY}" in text
 
 
 def test_render_saves_and_matches_only_within_the_mask() -> None:
@@ -130,14 +132,14 @@ def test_render_input_only_considers_reply_direction() -> None:
 def test_render_reply_packets_are_tagged_before_they_are_queued() -> None:
     rules = _lines(nf.render(CFG, 4), f"-A {nf.CHAIN_QREPLY} ")
     assert rules[0] == f"-A {nf.CHAIN_QREPLY} -j MARK --or-mark 0x40000000"
-    assert all("NFQUEUE" in r or "RETURN" in r for r in rules[1:])
+    assert all(f"-g {nf.CHAIN_ENQ_REPLY}" in r or "RETURN" in r for r in rules[1:])
 
 
 def test_render_unseen_connections_are_queued_whatever_their_age() -> None:
     rules = _lines(nf.render(CFG, 4), f"-A {nf.CHAIN_QORIG} ")
-    assert "connbytes" in rules[0] and "NFQUEUE" in rules[0]
+    assert "connbytes" in rules[0] and rules[0].endswith(f"-g {nf.CHAIN_ENQ_ORIG}")
     assert rules[1] == f"-A {nf.CHAIN_QORIG} -m connmark --mark 0x10000000/0x30000000 -j RETURN"
-    assert "--ctstate NEW,RELATED,ESTABLISHED -j NFQUEUE" in rules[2]
+    assert f"--ctstate NEW,RELATED,ESTABLISHED -g {nf.CHAIN_ENQ_ORIG}" in rules[2]
 
 
 def test_render_udp_reject_differs_per_family() -> None:
@@ -147,10 +149,7 @@ def test_render_udp_reject_differs_per_family() -> None:
 
 def test_render_deny_never_answers_a_reset_with_a_reset() -> None:
     rules = _lines(nf.render(CFG, 4), f"-A {nf.CHAIN_DENY} ")
-    assert (
-        rules[0]
-        == f"-A {nf.CHAIN_DENY} -p tcp -m tcp ! --tcp-flags RST RST -j REJECT --reject-with tcp-reset"
-    )
+    assert rules[0] == f"-A {nf.CHAIN_DENY} -p tcp -m tcp ! --tcp-flags RST RST -j REJECT --reject-with tcp-reset"
     assert rules[-1] == f"-A {nf.CHAIN_DENY} -j DROP"
 
 
@@ -203,6 +202,169 @@ def test_rule_config_rejects_bad_values(kw: dict[str, object]) -> None:
     base: dict[str, object] = {"queue_num": 1, "fail_open": True, "max_packets": 8}
     with pytest.raises(ValueError):
         nf.RuleConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+# -- the dataless skip rules -------------------------------------------------------------------
+def _chain(text: str, chain: str) -> list[str]:
+    return _lines(text, f"-A {chain} ")
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("chain", [nf.CHAIN_ENQ_ORIG, nf.CHAIN_ENQ_REPLY])
+def test_render_enqueue_chain_tries_one_skip_rule_per_data_offset_then_queues(family: int, chain: str) -> None:
+    rules = _chain(nf.render(CFG, family), chain)
+    assert len(rules) == 12
+    assert all(r.startswith(f'-A {chain} -p tcp -m u32 --u32 "') and r.endswith('" -j RETURN') for r in rules[:11])
+    assert rules[11] == f"-A {chain} -j NFQUEUE --queue-num 5 --queue-bypass"
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_render_every_queue_path_but_invalid_goes_through_the_skip_rules(family: int) -> None:
+    text = nf.render(CFG, family)
+    for chain in (nf.CHAIN_QORIG, nf.CHAIN_QREPLY):
+        for r in _chain(text, chain):
+            assert "NFQUEUE" not in r or "--ctstate INVALID" in r, r
+    # goto, never jump: a RETURN from the skip rules must not fall back into QORIG/QREPLY.
+    assert f"-j {nf.CHAIN_ENQ_ORIG}" not in text and f"-j {nf.CHAIN_ENQ_REPLY}" not in text
+    assert text.count(f"-g {nf.CHAIN_ENQ_ORIG}") == 2 and text.count(f"-g {nf.CHAIN_ENQ_REPLY}") == 2
+
+
+def test_nodata_u32_for_a_plain_ipv4_header_by_hand() -> None:
+    # 0x45: IPv4 without options; 0x28 = 40 = 20 (IP) + 20 (TCP, data offset 5); byte 32 is
+    # the TCP data offset nibble, byte 33 the flags (0x07: FIN, SYN, RST).
+    assert nf.nodata_u32(4, 5, reply=False) == (
+        "0&0xFF00FFFF=0x45000028 && 4&0x3FFF=0 && 8>>16&0xFF=6 && 32>>16&0xF007=0x5000"
+    )
+
+
+def test_nodata_u32_for_an_ipv6_reply_by_hand() -> None:
+    # Payload length 32 (data offset 8: the timestamp option) and next header 6; byte 52 is
+    # TCP's byte 12. In the reply direction a SYN-ACK (0x12) is dataless too.
+    assert nf.nodata_u32(6, 8, reply=True) == "4&0xFFFFFF00=0x00200600 && 52>>16&0xF017=0x8000,0x8010,0x8012"
+
+
+@pytest.mark.parametrize(("family", "doff"), [(4, 4), (4, 16), (6, 0), (5, 5)])
+def test_nodata_u32_refuses_what_cannot_be_a_tcp_header(family: int, doff: int) -> None:
+    with pytest.raises(ValueError):
+        nf.nodata_u32(family, doff, reply=False)
+
+
+def _u32(expr: str, pkt: bytes) -> bool:
+    """xt_u32's evaluation (net/netfilter/xt_u32.c): big-endian words from the network header."""
+
+    def word(at: int) -> int:
+        return int(struct.unpack_from("!I", pkt, at)[0])
+
+    for test in expr.split("&&"):
+        loc, values = test.split("=")
+        tokens = re.findall(r"0x[0-9a-fA-F]+|\d+|<<|>>|[&@]", loc)
+        pos, at = int(tokens[0], 0), 0
+        if len(pkt) < 4 or pos > len(pkt) - 4:
+            return False
+        val = word(pos)
+        for op, num in zip(tokens[1::2], (int(t, 0) for t in tokens[2::2]), strict=True):
+            if op == "&":
+                val &= num
+            elif op == "<<":
+                val = val << num & 0xFFFFFFFF
+            elif op == ">>":
+                val >>= num
+            else:  # "@": move by the value, read at the next number
+                at += val
+                if at + 4 > len(pkt) or num > len(pkt) - at - 4:
+                    return False
+                val = word(at + num)
+        ranges = [[int(x, 0) for x in v.split(":")] for v in values.split(",")]
+        if not any(r[0] <= val <= r[-1] for r in ranges):
+            return False
+    return True
+
+
+def _skipped(pkt: bytes, family: int, chain: str) -> bool:
+    """Whether a rendered skip rule of ``chain`` RETURNs this packet (a TCP one: -p tcp holds)."""
+    exprs = [r.split('--u32 "')[1].split('"')[0] for r in _chain(nf.render(CFG, family), chain) if "u32" in r]
+    assert len(exprs) == 11
+    return any(_u32(e, pkt) for e in exprs)
+
+
+ACK, PSH, SYN, FIN, RST, URG, ECE = 0x10, 0x08, 0x02, 0x01, 0x04, 0x20, 0x40
+
+
+def _tcp(doff: int = 8, payload: bytes = b"", flags: int = ACK) -> bytes:
+    head = struct.pack("!HHIIBBHHH", 40000, 443, 1000, 2000, doff << 4, flags, 502, 0, 0)
+    return head + b"\x01" * (4 * doff - 20) + payload  # NOP options fill the header
+
+
+def _v4(seg: bytes, ihl: int = 5, frag: int = 0x4000, proto: int = 6) -> bytes:
+    head = struct.pack("!BBHHHBBH", 0x40 | ihl, 0, 4 * ihl + len(seg), 7, frag, 64, proto, 0)
+    return head + bytes([198, 51, 100, 2, 203, 0, 113, 40]) + b"\x01" * (4 * ihl - 20) + seg
+
+
+def _v6(seg: bytes, ext: bytes = b"", first: int = 6) -> bytes:
+    head = struct.pack("!IHBB", 0x60000000, len(ext) + len(seg), first, 64)
+    return head + b"\x20\x01\x0d\xb8" + bytes(12) + b"\x20\x01\x0d\xb8" + bytes(11) + b"\x01" + ext + seg
+
+
+def _ip(family: int, seg: bytes) -> bytes:
+    return _v4(seg) if family == 4 else _v6(seg)
+
+
+BOTH = [nf.CHAIN_ENQ_ORIG, nf.CHAIN_ENQ_REPLY]
+DSTOPTS = bytes([6, 0, 1, 4, 0, 0, 0, 0])  # next header TCP, 8 bytes, one PadN option
+FRAGMENT = bytes([6, 0, 0, 0, 0, 0, 0, 9])  # next header TCP, offset 0, M=0 (an atomic fragment)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("doff", list(nf.TCP_DATA_OFFSETS))
+def test_a_dataless_ack_is_skipped_at_every_data_offset(family: int, doff: int) -> None:
+    for chain in BOTH:
+        assert _skipped(_ip(family, _tcp(doff)), family, chain)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("size", [1, 3, 4, 40])
+def test_any_payload_is_queued_at_every_data_offset(family: int, size: int) -> None:
+    # 4 and 40 bytes make the IP length equal to another data offset's dataless length.
+    for doff in nf.TCP_DATA_OFFSETS:
+        for chain in BOTH:
+            assert not _skipped(_ip(family, _tcp(doff, b"d" * size)), family, chain), (doff, chain)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("flags", range(0x80))
+def test_only_syn_rst_fin_free_segments_and_the_replys_syn_ack_are_skipped(family: int, flags: int) -> None:
+    pkt = _ip(family, _tcp(8, b"", flags))
+    assert _skipped(pkt, family, nf.CHAIN_ENQ_ORIG) == (flags & (SYN | RST | FIN) == 0)
+    syn_ack = flags & (SYN | RST | FIN | ACK) == SYN | ACK
+    assert _skipped(pkt, family, nf.CHAIN_ENQ_REPLY) == (flags & (SYN | RST | FIN) == 0 or syn_ack)
+
+
+def test_a_syn_ack_with_data_is_queued() -> None:
+    for family in (4, 6):
+        assert not _skipped(_ip(family, _tcp(10, b"hello", SYN | ACK)), family, nf.CHAIN_ENQ_REPLY)
+
+
+@pytest.mark.parametrize("ihl", [6, 15])
+def test_ipv4_with_ip_options_is_queued(ihl: int) -> None:
+    for chain in BOTH:
+        assert not _skipped(_v4(_tcp(5), ihl=ihl), 4, chain)
+
+
+@pytest.mark.parametrize("frag", [0x2000, 0x6000, 0x0001, 0x1FFF], ids=["MF", "DF+MF", "offset1", "offsetmax"])
+def test_ipv4_fragments_are_queued(frag: int) -> None:
+    assert _skipped(_v4(_tcp(5), frag=0x4000), 4, nf.CHAIN_ENQ_ORIG)  # DF alone is no fragment
+    for chain in BOTH:
+        assert not _skipped(_v4(_tcp(5), frag=frag), 4, chain)
+
+
+@pytest.mark.parametrize(("ext", "first"), [(DSTOPTS, 60), (FRAGMENT, 44)], ids=["dstopts", "fragment"])
+def test_ipv6_extension_headers_are_queued(ext: bytes, first: int) -> None:
+    for chain in BOTH:
+        assert not _skipped(_v6(_tcp(5), ext, first), 6, chain)
+
+
+def test_a_non_tcp_protocol_with_a_tcp_like_body_is_not_skipped() -> None:
+    assert not _skipped(_v4(_tcp(5), proto=17), 4, nf.CHAIN_ENQ_ORIG)
 
 
 # -- parsing a save ----------------------------------------------------------------------------

@@ -182,8 +182,30 @@ def read_text(path: str) -> tuple[str | None, str]:
         return None, f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line})"
 
 
+MAX_EVENTS: Final = 100_000  # YAML events (values, list/mapping starts and ends) in one file
+_FastLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _too_many_values(text: str) -> Any:
+    """Count YAML events with libyaml's C parser before the (pure-Python, line-tracking)
+    composer runs: a megabyte of ``{}, `` must be refused in milliseconds, not seconds.
+    Syntax errors are left to the composer, which reports them with their position."""
+    try:
+        for i, ev in enumerate(yaml.parse(text, Loader=_FastLoader)):
+            if i >= MAX_EVENTS:
+                return ev.start_mark
+    except yaml.YAMLError:
+        return None
+    return None
+
+
 def compose(text: str, name: str, report: Reporter) -> Node | None:
     """The document's root node, or None when it is empty or unusable (already reported)."""
+    mark = _too_many_values(text)
+    if mark is not None:
+        line, col = mark.line + 1, mark.column + 1
+        report.at(name, line, col, f"more than {MAX_EVENTS} YAML values in one file; split it or shorten it")
+        return None
     try:
         loader = _NodeLoader(text, name, report)
     except yaml.reader.ReaderError as exc:
