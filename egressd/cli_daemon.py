@@ -134,7 +134,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if k:
         con.print(
             f"kernel queue: waiting now {k['queue_total']}  queue_dropped {k['queue_dropped']}  "
-            f"user_dropped {k['user_dropped']}  netlink ENOBUFS {st['netlink_enobufs']}"
+            f"user_dropped {k['user_dropped']}  passed uninspected {k.get('uninspected', 0)}  "
+            f"netlink ENOBUFS {st['netlink_enobufs']}"
         )
     lat = st["verdict_latency_us"]
     con.print(f"verdict latency: mean {lat['mean']} µs, max {lat['max']} µs")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -41,6 +42,7 @@ from egressd.policy import Policy, PolicyError, load_policy
 
 BATCH = 64  # packets per wake-up before the loop gets a chance to run other work
 TICK = 1.0  # seconds between housekeeping rounds (sweep, rotation, kernel counters, watchdog)
+UNINSPECTED_EVERY = 2  # ticks between reads of the rule counters (an iptables-save per family)
 
 
 @dataclass
@@ -72,6 +74,8 @@ class Daemon:
         self.lat_batches = 0
         self.lat_max_ns = 0
         self.callback_errors = 0
+        self.uninspected = 0  # queue overflow passed by the kernel without a verdict (fail: open)
+        self._ticks = 0
         self._now = time.time()
         self._stop: asyncio.Event | None = None
         self._queue: nfq.Queue | None = None
@@ -91,6 +95,9 @@ class Daemon:
         elif v == ACCEPT_PIN:
             pkt.set_mark(netfilter.with_verdict(mark, netfilter.MARK_ALLOW))
         else:
+            # Write the alert before the verdict reaches the kernel: the peer learns of the
+            # drop from the reset, and whatever happens to us next, the reason is on disk.
+            self._drain_events()
             pkt.set_mark(netfilter.with_verdict(mark, netfilter.MARK_DENY))
         pkt.repeat()
 
@@ -134,9 +141,10 @@ class Daemon:
             )
             sdnotify.ready(f"reload rejected ({self.reload_failures}); running previous policy")
             return False
-        if new.fail != self.policy.fail or new.settings.queue_num != self.policy.settings.queue_num:
+        old_s, new_s = self.policy.settings, new.settings
+        if (new.fail, new_s.queue_num, new_s.queue_len) != (self.policy.fail, old_s.queue_num, old_s.queue_len):
             print(
-                "egressd: note: 'fail' and 'settings.queue_num' take effect at the next restart",
+                "egressd: note: 'fail', 'settings.queue_num' and 'settings.queue_len' take effect at the next restart",
                 file=sys.stderr,
                 flush=True,
             )
@@ -175,8 +183,29 @@ class Daemon:
             self.log.check_rotation()
             with contextlib.suppress(OSError):
                 self.kernel = procstats.find(procstats.read(), self.queue_num)
+            self._ticks += 1
+            if self._rules_installed and self.fail_open and self._ticks % UNINSPECTED_EVERY == 0:
+                self._count_uninspected()
             sdnotify.watchdog()
             sdnotify.status(self._status_line())
+
+    def _count_uninspected(self) -> None:
+        """With fail: open the kernel passes queue overflow uninspected and counts it nowhere
+        (NFQUEUE.md): the NFQUEUE rules' packet counters minus what the queue accepted
+        (id_sequence) and dropped is that number. Reported, never silently lost."""
+        k = self.kernel
+        if k is None:
+            return
+        try:
+            text = netfilter.show()
+        except (netfilter.NetfilterError, OSError):
+            return
+        hits = 0
+        for line in text.splitlines():
+            if "-j NFQUEUE" in line and line.startswith("["):
+                with contextlib.suppress(ValueError):
+                    hits += int(line[1:].split(":", 1)[0])
+        self.uninspected = max(self.uninspected, hits - k.id_sequence - k.queue_dropped - k.user_dropped)
 
     def _status_line(self) -> str:
         c = self.engine.counters
@@ -209,6 +238,7 @@ class Daemon:
                 "queue_dropped": k.queue_dropped,
                 "user_dropped": k.user_dropped,
                 "id_sequence": k.id_sequence,
+                "uninspected": self.uninspected,
             },
             "netlink_enobufs": self._queue.enobufs if self._queue is not None else 0,
             "events": {
@@ -277,8 +307,8 @@ class Daemon:
             finally:
                 os.umask(old)
         if self.opts.metrics:
-            host, _, port = self.opts.metrics.rpartition(":")
-            self._servers.append(await asyncio.start_server(self._serve_metrics, host or "127.0.0.1", int(port)))
+            host, port = parse_metrics_address(self.opts.metrics)
+            self._servers.append(await asyncio.start_server(self._serve_metrics, host, port))
         ticker = asyncio.create_task(self._ticker())
         print(
             f"egressd: judging egress on queue {self.queue_num} (policy {self.policy.path}, mode {self.policy.mode}, "
@@ -345,6 +375,23 @@ class Daemon:
             self._rules_installed = False
 
 
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """HOST:PORT for --metrics; the host must be a loopback address. The counters say what the
+    node's policy is and what it caught: they are for a local scraper (or an SSH tunnel), never
+    for the network the node's workloads can reach."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--metrics {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9713")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"--metrics {text!r}: the host must be a loopback address (127.0.0.1 or ::1)") from None
+    if not ip.is_loopback:
+        raise ValueError(f"--metrics {text!r}: {host} is not a loopback address; metrics are served locally only")
+    return host, int(port)
+
+
 def prometheus_text(st: dict[str, Any]) -> str:
     """Counters in the Prometheus text exposition format (no client library needed)."""
     out: list[str] = []
@@ -375,6 +422,7 @@ def prometheus_text(st: dict[str, Any]) -> str:
     k = st["kernel_queue"]
     if k is not None:
         metric("queue_dropped_total", k["queue_dropped"], "Packets the kernel dropped: queue full.")
+        metric("uninspected_total", k["uninspected"], "Packets passed without a verdict: queue full, fail: open.")
         metric("user_dropped_total", k["user_dropped"], "Packets the kernel dropped: netlink buffer full.")
     metric("netlink_enobufs_total", st["netlink_enobufs"], "Netlink receive-buffer overflows reported to us.")
     metric("event_write_errors_total", st["events"]["errors"], "Events that could not be written.")
@@ -397,6 +445,12 @@ def run(opts: Options) -> int:
             file=sys.stderr,
         )
         return 2
+    if opts.metrics:
+        try:
+            parse_metrics_address(opts.metrics)
+        except ValueError as e:
+            print(f"egressd run: {e}", file=sys.stderr)
+            return 2
     d = Daemon(opts, policy)
     loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
     try:

@@ -35,7 +35,7 @@ from egressd.detect.ssh import detect_ssh
 from egressd.detect.stratum import detect_stratum
 from egressd.detect.tls import detect_tls
 from egressd.events import PROTO_NAMES, Event, ip_text
-from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, Flow, FlowTable, make_key
+from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, SETTLED, Flow, FlowTable, make_key
 from egressd.packet import (
     PROTO_TCP,
     PROTO_UDP,
@@ -146,6 +146,8 @@ class Engine:
         self._fid = 0
         self._dns: OrderedDict[bytes, tuple[tuple[str, ...], float]] = OrderedDict()
         self._defrag = Reassembler()
+        self._overload_last = -1e18
+        self._overload_pending = 0
         self.policy = policy
         self.table = FlowTable(policy.settings.max_flows)
         self._apply_settings(policy)
@@ -166,6 +168,7 @@ class Engine:
         flows still being classified are judged by the new policy from the next packet on."""
         self.policy = policy
         self._apply_settings(policy)
+        self.table.shrink()
 
     # -- the hot path -------------------------------------------------------------------
     def feed(self, data: bytes, ts: float, direction: int = DIR_UNKNOWN) -> int:
@@ -367,7 +370,13 @@ class Engine:
             v = self._rejudge(flow, ts)
             if v is not None:
                 return v
-        if not flow.active_detectors or ((fwd.full or fwd.closed) and (rev.full or rev.closed)):
+        ended = (fwd.full or fwd.closed) and (rev.full or rev.closed)
+        if flow.dport in _DNS_PORTS or flow.sport in _DNS_PORTS:
+            # DNS over TCP: every query pipelined on the connection is judged, up to the head
+            # (a harmless first lookup must not open the way for a pool's name).
+            if ended or fwd.full or fwd.closed:
+                return self._pin_accept(flow, ts, "classified")
+        elif not flow.active_detectors or ended:
             return self._pin_accept(flow, ts, "classified")
         return None
 
@@ -436,9 +445,13 @@ class Engine:
             v = self._rejudge(flow, ts)
             if v is not None:
                 return v
-        if not from_orig or flow.fwd_pkts >= self._max_packets:
-            # The answer is what we needed from a DNS flow; pin it.
-            return self._pin_accept(flow, ts, "classified")
+        if not from_orig and flow.state == PENDING:
+            # Answered: report it and move it where it may be evicted, but do not pin it.
+            # Every later query on this socket is judged too (a harmless lookup first must not
+            # open the way for a pool's name); the kernel's head bound caps how many.
+            flow.state = SETTLED
+            self.table.finish(flow)
+            self._report(flow, ts, "classified")
         return ACCEPT_MIDSTREAM if flow.midstream else ACCEPT
 
     def _learn(self, msg: DnsMessage, ts: float) -> None:
@@ -508,17 +521,27 @@ class Engine:
 
     def _overload(self, p: Packet, ts: float) -> int:
         """The table is full of flows still being classified: apply ``on_overload`` to the
-        new flow without tracking it (never by forgetting one that is being judged)."""
+        new flow without tracking it (never by forgetting one that is being judged).
+
+        ``accept`` lets the packet pass *unpinned*: the connection stays queued and is judged
+        (mid-stream) as soon as the table has room, so a flood cannot carry a miner through
+        for the life of its connection. Events are rate-limited to one per second carrying the
+        count since the last one: a flood must not become a disk-filling flood of log lines."""
         self.counters.overload += 1
-        act = self.policy.on_overload
-        self._fid += 1
-        ev = Event(
-            ts, self._fid, ip_text(p.src), p.sport, ip_text(p.dst), p.dport, PROTO_NAMES.get(p.proto, str(p.proto)),
-            act, "blocked" if act == "drop" else "allowed", "on_overload",
-            "flow table full of flows still being classified", "overload", self.policy.mode,
-        )  # fmt: skip
-        self.events.append(ev)
-        return DROP if act == "drop" else ACCEPT_PIN
+        self._overload_pending += 1
+        if ts - self._overload_last >= 1.0 or ts < self._overload_last:
+            act = self.policy.on_overload
+            self._fid += 1
+            ev = Event(
+                ts, self._fid, ip_text(p.src), p.sport, ip_text(p.dst), p.dport,
+                PROTO_NAMES.get(p.proto, str(p.proto)), act, "blocked" if act == "drop" else "allowed",
+                "on_overload", "flow table full of flows still being classified", "overload", self.policy.mode,
+            )  # fmt: skip
+            ev.extra = {"overload_count": self._overload_pending}
+            self.events.append(ev)
+            self._overload_last = ts
+            self._overload_pending = 0
+        return DROP if self.policy.on_overload == "drop" else ACCEPT_MIDSTREAM
 
     # -- fragments ----------------------------------------------------------------------
     def _fragment(self, data: bytes, p: Packet, ts: float, direction: int) -> int:

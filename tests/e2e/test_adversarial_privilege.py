@@ -126,10 +126,6 @@ def test_unprivileged_daemon_stops_cleanly_and_removes_its_rules(priv: PrivLab) 
     assert not netfilter.installed(netns=priv.lab.node)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="--metrics accepts a non-loopback address and serves the counters to the network: see lead",
-)
 @pytest.mark.parametrize("addr", ["0.0.0.0", NODE_V4])
 def test_metrics_refuse_a_non_loopback_address(addr: str, tmp_path: Path) -> None:
     with adv_lab(PREFIX + "m") as lb:  # the module's own lab may still be up

@@ -12,7 +12,7 @@ import socket
 import struct
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 from conftest import ACCEPT, PY, SEEN, Consumer, Container, Seen, consumer, in_netns, svc, wait_listening
@@ -132,7 +132,7 @@ class Seg:
     sport: int
     dport: int
     seq: int
-    hook: int
+    hook: int = field(compare=False)
 
 
 def _seg(p: Seen) -> Seg:
@@ -155,12 +155,18 @@ def _closer(lb: Lab, host: str, count: int = 1) -> None:
 
 
 def _settle(c: Consumer, at_least: int, timeout: float = 3.0) -> list[Seg]:
-    """The segments queued once ``at_least`` arrived and nothing more came for a moment."""
+    """The distinct segments queued once ``at_least`` arrived and nothing more came for a moment.
+
+    A retransmission (same direction, flags, sequence number and length) is the same
+    question asked twice, not another kind of packet reaching the queue, so it is counted
+    once. The peer's FIN is sometimes sent twice: a dataless ACK that passes can overtake
+    it while it waits for its verdict (see netfilter.py, "Reordering").
+    """
     deadline = time.monotonic() + timeout
     while len(c.packets) < at_least and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(0.3)  # anything late (a retransmission, a stray ACK) would show up now
-    return [_seg(p) for p in c.packets]
+    time.sleep(0.3)  # anything late (a stray ACK) would show up now
+    return list(dict.fromkeys(_seg(p) for p in c.packets))
 
 
 def _client(lb: Lab, host: str, mode: str) -> int:
