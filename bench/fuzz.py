@@ -83,7 +83,7 @@ from egressd.engine import (  # noqa: E402
     DROP,
     Engine,
 )
-from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, make_key  # noqa: E402
+from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, SETTLED, make_key  # noqa: E402
 from egressd.packet import Malformed, Packet, decode  # noqa: E402
 from egressd.pcapio import MAX_CAPLEN, CaptureError, Reader  # noqa: E402
 from egressd.policy import ACTIONS, FlowFacts, Policy, PolicyError, load_policy, load_policy_text  # noqa: E402
@@ -1886,7 +1886,12 @@ class EngineTarget(Target[_EngineCase]):
             key = make_key(p.proto, p.src, p.sport, p.dst, p.dport)
             flow = table.active.get(key) or table.done.get(key)
             if flow is not None and flow.last_ts == x.ts:
-                want = {PINNED_DROP: (DROP,), PINNED_ACCEPT: (ACCEPT_PIN,), PENDING: (ACCEPT, ACCEPT_MIDSTREAM)}
+                want = {
+                    PINNED_DROP: (DROP,),
+                    PINNED_ACCEPT: (ACCEPT_PIN,),
+                    PENDING: (ACCEPT, ACCEPT_MIDSTREAM),
+                    SETTLED: (ACCEPT, ACCEPT_MIDSTREAM),  # answered DNS: reported, still judged
+                }
                 if v not in want[flow.state]:
                     raise Violation(f"verdict {v} for a flow in state {flow.state}")
         self.events += len(eng.events)
