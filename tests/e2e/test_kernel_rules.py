@@ -34,9 +34,7 @@ def test_remove_keeps_other_software_rules_and_chains(klab: Lab) -> None:
         klab.run_node([tool, "-w", "-A", "OTHER-FW", "-p", "tcp", "--dport", "9", "-j", "DROP"], check=True)
         klab.run_node([tool, "-w", "-A", "OUTPUT", "-j", "OTHER-FW"], check=True)
         klab.run_node([tool, "-w", "-A", "FORWARD", "-p", "udp", "-j", "ACCEPT"], check=True)
-        klab.run_node(
-            [tool, "-w", "-t", "mangle", "-A", "OUTPUT", "-j", "MARK", "--set-mark", "0x4000"], check=True
-        )
+        klab.run_node([tool, "-w", "-t", "mangle", "-A", "OUTPUT", "-j", "MARK", "--set-mark", "0x4000"], check=True)
     before = _saves(klab)
     netfilter.install(3, fail_open=False, max_packets=16, netns=klab.node)
     during = _saves(klab)
