@@ -75,7 +75,7 @@ from egressd.detect.stratum import detect_stratum  # noqa: E402
 from egressd.detect.tls import ClientHello, detect_tls, parse_client_hello  # noqa: E402
 from egressd.engine import (  # noqa: E402
     ACCEPT,
-    ACCEPT_MIDSTREAM,
+    ACCEPT_PLAIN,
     ACCEPT_PIN,
     DIR_ORIGINAL,
     DIR_REPLY,
@@ -1689,7 +1689,7 @@ class EngineTarget(Target[_EngineCase]):
 
     name = "engine"
     weight = 14.0
-    VERDICTS: Final = frozenset({ACCEPT, ACCEPT_PIN, DROP, ACCEPT_MIDSTREAM})
+    VERDICTS: Final = frozenset({ACCEPT, ACCEPT_PIN, DROP, ACCEPT_PLAIN})
 
     def __init__(self, seeds: Seeds, rng: random.Random) -> None:
         super().__init__(seeds, rng)
@@ -1705,7 +1705,7 @@ class EngineTarget(Target[_EngineCase]):
         self.events = 0
         self.max_flows = 0
         self.max_head = 0
-        self.verdicts = {ACCEPT: 0, ACCEPT_PIN: 0, DROP: 0, ACCEPT_MIDSTREAM: 0}
+        self.verdicts = {ACCEPT: 0, ACCEPT_PIN: 0, DROP: 0, ACCEPT_PLAIN: 0}
 
     # -- sessions
     def _tcp_session(self, rng: random.Random) -> list[tuple[bytes, int]]:
@@ -1889,8 +1889,8 @@ class EngineTarget(Target[_EngineCase]):
                 want = {
                     PINNED_DROP: (DROP,),
                     PINNED_ACCEPT: (ACCEPT_PIN,),
-                    PENDING: (ACCEPT, ACCEPT_MIDSTREAM),
-                    SETTLED: (ACCEPT, ACCEPT_MIDSTREAM),  # answered DNS: reported, still judged
+                    PENDING: (ACCEPT, ACCEPT_PLAIN),
+                    SETTLED: (ACCEPT, ACCEPT_PLAIN),  # answered DNS: reported, still judged
                 }
                 if v not in want[flow.state]:
                     raise Violation(f"verdict {v} for a flow in state {flow.state}")
@@ -1913,7 +1913,7 @@ class EngineTarget(Target[_EngineCase]):
             f"max {self.max_flows}/{self.engine.table.max_flows} flows, max head {self.max_head} B, "
             f"flows {c.flows}, evicted {c.evicted}, overload {c.overload}, malformed {c.malformed}, "
             f"fragments {c.fragments}, verdicts accept {v[ACCEPT]} pin {v[ACCEPT_PIN]} drop {v[DROP]} "
-            f"midstream {v[ACCEPT_MIDSTREAM]}, {self.events} events"
+            f"midstream {v[ACCEPT_PLAIN]}, {self.events} events"
         )
 
     def measures(self) -> dict[str, float]:

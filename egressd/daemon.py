@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from egressd import netfilter, nfq, procstats, sdnotify
-from egressd.engine import ACCEPT, ACCEPT_MIDSTREAM, ACCEPT_PIN, DIR_ORIGINAL, DIR_REPLY, Engine
+from egressd.engine import ACCEPT, ACCEPT_PLAIN, ACCEPT_PIN, DIR_ORIGINAL, DIR_REPLY, Engine
 from egressd.eventlog import EventLog
 from egressd.policy import Policy, PolicyError, load_policy
 
@@ -89,7 +89,7 @@ class Daemon:
         v = self.engine.feed(pkt.get_payload(), self._now, DIR_REPLY if mark & netfilter.MARK_REPLY else DIR_ORIGINAL)
         if v == ACCEPT:
             pkt.set_mark(netfilter.with_verdict(mark, netfilter.MARK_SEEN))
-        elif v == ACCEPT_MIDSTREAM:
+        elif v == ACCEPT_PLAIN:
             pkt.accept()
             return
         elif v == ACCEPT_PIN:

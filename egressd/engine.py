@@ -51,15 +51,17 @@ from egressd.policy import Decision, FlowFacts, Policy
 from egressd.stream import GREW, NOTHING, StreamHead
 
 # Verdicts returned by feed(); small ints so the hot path allocates nothing for them.
-ACCEPT: Final = 0  # let this packet pass, keep sending this flow
+ACCEPT: Final = 0  # let this packet pass, keep sending this flow (the flow's first packet: marks it SEEN)
 ACCEPT_PIN: Final = 1  # let it pass and pin: the kernel handles the rest of the flow
 DROP: Final = 2  # drop it and pin: the rest of the flow is dropped/reset by the kernel
-# Accept, keep watching, but leave the kernel's view of the flow as "never seen": a flow
-# picked up mid-stream has already passed the kernel's per-connection head bound, so it
-# must stay queued on every packet until the engine pins it (netfilter.py, SEEN state).
-ACCEPT_MIDSTREAM: Final = 3
+# Accept, keep watching, and leave the connection's kernel state as it is. Every packet but
+# the first of a fresh flow: the first one's verdict already told the kernel the flow is SEEN
+# (netfilter.py), so later ones need no mark and no re-traversal of the rules. And every
+# packet of a flow picked up mid-stream: it has already passed the kernel's per-connection
+# head bound, so it must stay "never seen" (queued on every packet) until it is pinned.
+ACCEPT_PLAIN: Final = 3
 
-VERDICT_NAMES: Final = {ACCEPT: "accept", ACCEPT_PIN: "accept+pin", DROP: "drop", ACCEPT_MIDSTREAM: "accept"}
+VERDICT_NAMES: Final = {ACCEPT: "accept", ACCEPT_PIN: "accept+pin", DROP: "drop", ACCEPT_PLAIN: "accept"}
 
 # Direction hints from the shell. The daemon knows the conntrack direction of each packet;
 # a capture does not, and the engine infers it from the flow's first packet.
@@ -320,7 +322,7 @@ class Engine:
                 return self._pin_accept(flow, ts, "packet-limit")
         else:
             flow.credit -= 1
-        return ACCEPT_MIDSTREAM if flow.midstream else ACCEPT
+        return self._accept(flow)
 
     # -- detection ----------------------------------------------------------------------
     def _detect(self, flow: Flow, ts: float) -> int | None:
@@ -452,7 +454,13 @@ class Engine:
             flow.state = SETTLED
             self.table.finish(flow)
             self._report(flow, ts, "classified")
-        return ACCEPT_MIDSTREAM if flow.midstream else ACCEPT
+        return self._accept(flow)
+
+    def _accept(self, flow: Flow) -> int:
+        """ACCEPT (mark SEEN) for the first packet of a fresh flow, ACCEPT_PLAIN otherwise."""
+        if flow.midstream or flow.fwd_pkts + flow.rev_pkts > 1:
+            return ACCEPT_PLAIN
+        return ACCEPT
 
     def _learn(self, msg: DnsMessage, ts: float) -> None:
         """Remember which name each answered address came from (bounded LRU)."""
@@ -541,7 +549,7 @@ class Engine:
             self.events.append(ev)
             self._overload_last = ts
             self._overload_pending = 0
-        return DROP if self.policy.on_overload == "drop" else ACCEPT_MIDSTREAM
+        return DROP if self.policy.on_overload == "drop" else ACCEPT_PLAIN
 
     # -- fragments ----------------------------------------------------------------------
     def _fragment(self, data: bytes, p: Packet, ts: float, direction: int) -> int:
@@ -551,7 +559,7 @@ class Engine:
         self.counters.fragments += 1
         done = self._defrag.add(data, p, ts)
         if done is None:
-            return ACCEPT
+            return ACCEPT_PLAIN
         whole, overlap = done
         q = decode(whole)
         if type(q) is not Packet:

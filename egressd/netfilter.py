@@ -219,6 +219,15 @@ def _hex(v: int) -> str:
     return f"0x{v:x}"
 
 
+def _fast_allow(chain: str) -> str:
+    """The first rule of OUT/IN/FWD: the bulk of traffic belongs to connections pinned ALLOW,
+    and carries no verdict mark of its own (only packets the daemon just repeated do), so it
+    leaves with one cheap match instead of walking the loopback/addrtype/conntrack checks.
+    Measured: bulk throughput with egressd 0.89 of without before, see bench/live.py."""
+    m = _hex(MARK_MASK)
+    return f"-A {chain} -m mark --mark 0x0/{m} -m connmark --mark {_hex(MARK_ALLOW)}/{m} -j RETURN"
+
+
 def _verdict_rules(chain: str) -> list[str]:
     """Shared head of OUT/IN/FWD: remember a verdict the daemon just gave, enforce pinned ones."""
     m = _hex(MARK_MASK)
@@ -292,6 +301,7 @@ def render(cfg: RuleConfig, family: int, present_jumps: frozenset[tuple[str, str
 
     f: list[str] = ["*filter", *(f":{c} - [0:0]" for c in CHAINS["filter"])]
     # Locally originated: everything but loopback and the replies of inbound connections.
+    f += [_fast_allow(CHAIN_OUT)]
     f += [f"-A {CHAIN_OUT} -o lo -j RETURN", f"-A {CHAIN_OUT} -m conntrack --ctdir REPLY -j RETURN"]
     f += [f"-A {CHAIN_OUT} {skip_multicast}"]
     if family == 4:
@@ -299,10 +309,12 @@ def render(cfg: RuleConfig, family: int, present_jumps: frozenset[tuple[str, str
     f += _verdict_rules(CHAIN_OUT)
     f += [f"-A {CHAIN_OUT} -j {CHAIN_QORIG}"]
     # Arriving: only the replies of connections this node originated.
+    f += [_fast_allow(CHAIN_IN)]
     f += [f"-A {CHAIN_IN} -i lo -j RETURN", f"-A {CHAIN_IN} -m conntrack --ctdir ORIGINAL -j RETURN"]
     f += _verdict_rules(CHAIN_IN)
     f += [f"-A {CHAIN_IN} -j {CHAIN_QREPLY}"]
     # Forwarded: connections from containers, both directions.
+    f += [_fast_allow(CHAIN_FWD)]
     f += _verdict_rules(CHAIN_FWD)
     if cfg.forward_ifaces:
         for ifc in cfg.forward_ifaces:

@@ -172,9 +172,7 @@ def await_ack(
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise NfqError(
-                f"queue {queue_num}: no answer from the kernel to the flags message in {timeout} s"
-            )
+            raise NfqError(f"queue {queue_num}: no answer from the kernel to the flags message in {timeout} s")
         readable, _, _ = select.select([sock], [], [], left)
         if not readable:
             continue
@@ -256,9 +254,7 @@ class Guard:
 
     __slots__ = ("callback", "errors", "fail_open", "on_error")
 
-    def __init__(
-        self, callback: Callable[..., None], fail_open: bool, on_error: ErrorHook | None = None
-    ) -> None:
+    def __init__(self, callback: Callable[..., None], fail_open: bool, on_error: ErrorHook | None = None) -> None:
         self.callback = callback
         self.fail_open = fail_open
         self.on_error = on_error

@@ -491,9 +491,7 @@ class Reader:
         if size == 0:
             raise self._error(0, "empty file (0 bytes): there is no capture header to read")
         if size < 4:
-            raise self._error(
-                0, f"file too short ({size} bytes) to be a capture; {_describe_magic(bytes(buf[:size]))}"
-            )
+            raise self._error(0, f"file too short ({size} bytes) to be a capture; {_describe_magic(bytes(buf[:size]))}")
         if struct.unpack_from("<I", buf, 0)[0] == _PCAPNG_SHB:
             if size < 28:
                 raise self._error(0, f"truncated pcapng Section Header Block: {size} of at least 28 bytes")
@@ -516,9 +514,7 @@ class Reader:
         lt = network & 0xFFFF  # the upper bits carry FCS-length flags (pcap spec, LinkType field)
         handler = _handler(lt, endian == ">")
         if handler is None:
-            raise self._error(
-                20, f"unsupported link type {linktype_name(lt)}; supported: {_supported_list()}"
-            )
+            raise self._error(20, f"unsupported link type {linktype_name(lt)}; supported: {_supported_list()}")
         s = self.stats
         s.format = "pcap-ns" if magic == _PCAP_NS else "pcap-modified" if magic == _PCAP_MODIFIED else "pcap"
         s.sections = 1
@@ -671,8 +667,7 @@ class Reader:
                     if not ifaces:
                         raise self._error(
                             b,
-                            f"pcapng Simple Packet Block at byte {b} comes before any "
-                            "Interface Description Block",
+                            f"pcapng Simple Packet Block at byte {b} comes before any Interface Description Block",
                         )
                     iid = 0
                     lt, handler, snap, _div, _tsoff = ifaces[0]
@@ -707,11 +702,7 @@ class Reader:
                 records += 1
                 lt_counts[lt] = lt_counts.get(lt, 0) + 1
                 end = start + caplen
-                if (
-                    lt == LINKTYPE_ETHERNET
-                    and caplen >= 14
-                    and (buf[start + 12] << 8 | buf[start + 13]) in _ET_IP
-                ):
+                if lt == LINKTYPE_ETHERNET and caplen >= 14 and (buf[start + 12] << 8 | buf[start + 13]) in _ET_IP:
                     p = start + 14
                 else:
                     p = handler(buf, start, end)
@@ -741,20 +732,14 @@ class Reader:
 
     def _shb(self, buf: _Buf, off: int, blen: int, e: str) -> None:
         if blen < 28:
-            raise self._error(
-                off, f"corrupt pcapng Section Header Block at byte {off}: {blen} bytes, need 28"
-            )
+            raise self._error(off, f"corrupt pcapng Section Header Block at byte {off}: {blen} bytes, need 28")
         major, minor = struct.unpack_from(e + "HH", buf, off + 12)
         if major != 1:
-            raise self._error(
-                off, f"unsupported pcapng version {major}.{minor} at byte {off} (only 1.x exists)"
-            )
+            raise self._error(off, f"unsupported pcapng version {major}.{minor} at byte {off} (only 1.x exists)")
 
     def _idb(self, buf: _Buf, off: int, blen: int, e: str) -> tuple[int, LinkHandler | None, int, float, int]:
         if blen < 20:
-            raise self._error(
-                off, f"corrupt pcapng Interface Description Block at byte {off}: {blen} bytes, need 20"
-            )
+            raise self._error(off, f"corrupt pcapng Interface Description Block at byte {off}: {blen} bytes, need 20")
         lt, _reserved, snap = struct.unpack_from(e + "HHI", buf, off + 8)
         div = 1e6
         tsoff = 0
@@ -766,8 +751,7 @@ class Reader:
             if p + 4 + olen > stop:
                 raise self._error(
                     p,
-                    f"corrupt option {code} in the Interface Description Block at byte {off}: "
-                    "it runs past the block",
+                    f"corrupt option {code} in the Interface Description Block at byte {off}: it runs past the block",
                 )
             if code == _OPT_IF_TSRESOL and olen >= 1:
                 r = buf[p + 4]

@@ -13,7 +13,7 @@ from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
-from egressd.engine import ACCEPT, ACCEPT_MIDSTREAM, ACCEPT_PIN, DIR_ORIGINAL, DIR_REPLY, DROP, Engine
+from egressd.engine import ACCEPT, ACCEPT_PLAIN, ACCEPT_PIN, DIR_ORIGINAL, DIR_REPLY, DROP, Engine
 from egressd.paths import default_policy
 from egressd.policy import Policy, load_policy
 
@@ -78,7 +78,8 @@ def feed_all(eng: Engine, pkts: list[bytes]) -> list[int]:
 def test_stratum_subscribe_is_dropped_on_the_packet_that_completes_it(default: Policy) -> None:
     eng = Engine(default)
     c = Conn(POOL, 3333)
-    assert feed_all(eng, [c.syn(), c.synack()]) == [ACCEPT, ACCEPT]
+    # The first packet marks the flow SEEN in the kernel; later ones need no mark of their own.
+    assert feed_all(eng, [c.syn(), c.synack()]) == [ACCEPT, ACCEPT_PLAIN]
     verdicts = [eng.feed(c.c(SUBSCRIBE[i : i + 1], i), 2000.0 + i) for i in range(len(SUBSCRIBE))]
     assert verdicts[-1] == DROP
     assert DROP not in verdicts[:-20], "decided before the method name could be known"
@@ -107,7 +108,7 @@ def test_ssh_to_unlisted_destination_is_dropped_at_the_client_banner(default: Po
     eng = Engine(default)
     c = Conn(SSHD, 2222)
     v = feed_all(eng, [c.syn(), c.synack(), c.c(CLIENT_BANNER[:10]), c.c(CLIENT_BANNER[10:], 10)])
-    assert v[:3] == [ACCEPT, ACCEPT, ACCEPT]
+    assert v[:3] == [ACCEPT, ACCEPT_PLAIN, ACCEPT_PLAIN]
     assert v[3] == DROP
     ev = eng.events[-1]
     assert ev.detection is not None and ev.detection["kind"].startswith("ssh")
@@ -132,7 +133,7 @@ def test_tls_flow_is_pinned_once_classified(tmp_path: Path) -> None:
     hello = _client_hello("tls.example.net")
     server_hello_start = b"\x16\x03\x03\x00\x7a\x02\x00\x00\x76\x03\x03" + b"\x11" * 32
     v = feed_all(eng, [c.syn(), c.synack(), c.c(hello), c.s(server_hello_start)])
-    assert v[-2] == ACCEPT, "an SSH server could still speak first on the reply side"
+    assert v[-2] == ACCEPT_PLAIN, "an SSH server could still speak first on the reply side"
     assert v[-1] == ACCEPT_PIN
     assert eng.events[-1].domain == "tls.example.net"
 
@@ -363,7 +364,7 @@ def test_arbitrary_packet_sequences_never_raise_and_stay_bounded(pkts: list[byte
     eng = Engine(pol)
     eng.table.max_flows = 8
     for i, p in enumerate(pkts):
-        assert eng.feed(p, float(i)) in (ACCEPT, ACCEPT_PIN, DROP, ACCEPT_MIDSTREAM)
+        assert eng.feed(p, float(i)) in (ACCEPT, ACCEPT_PIN, DROP, ACCEPT_PLAIN)
     assert eng.counters.errors == 0
     assert len(eng.table) <= 8
     for f in eng.table.active.values():
@@ -376,7 +377,7 @@ def test_arbitrary_packet_sequences_never_raise_and_stay_bounded(pkts: list[byte
 def test_midstream_flow_stays_unmarked_until_pinned(default: Policy) -> None:
     eng = Engine(default)
     c = Conn(ALLOWED, 443)
-    assert eng.feed(c.c(b"\x17\x03\x03\x00\x10" + b"x" * 16), 1.0, DIR_ORIGINAL) == ACCEPT_MIDSTREAM
+    assert eng.feed(c.c(b"\x17\x03\x03\x00\x10" + b"x" * 16), 1.0, DIR_ORIGINAL) == ACCEPT_PLAIN
 
 
 def test_reused_four_tuple_with_a_new_syn_is_judged_again(default: Policy) -> None:

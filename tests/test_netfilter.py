@@ -117,15 +117,23 @@ def test_render_verdict_is_saved_before_anything_can_queue_the_packet_again() ->
     assert save < deny < queue
 
 
+@pytest.mark.parametrize("chain", [nf.CHAIN_OUT, nf.CHAIN_IN, nf.CHAIN_FWD])
+def test_render_pinned_allow_traffic_leaves_at_the_first_rule(chain: str) -> None:
+    # Bulk traffic of pinned connections carries no verdict mark (only repeated packets do):
+    # one rule, before any addrtype/conntrack check, lets it go.
+    rules = _lines(nf.render(CFG, 4), f"-A {chain} ")
+    assert rules[0] == f"-A {chain} -m mark --mark 0x0/0x30000000 -m connmark --mark 0x20000000/0x30000000 -j RETURN"
+
+
 def test_render_output_skips_loopback_and_replies_to_inbound_connections_first() -> None:
     rules = _lines(nf.render(CFG, 4), f"-A {nf.CHAIN_OUT} ")
-    assert rules[0] == f"-A {nf.CHAIN_OUT} -o lo -j RETURN"
-    assert rules[1] == f"-A {nf.CHAIN_OUT} -m conntrack --ctdir REPLY -j RETURN"
+    assert rules[1] == f"-A {nf.CHAIN_OUT} -o lo -j RETURN"
+    assert rules[2] == f"-A {nf.CHAIN_OUT} -m conntrack --ctdir REPLY -j RETURN"
 
 
 def test_render_input_only_considers_reply_direction() -> None:
     rules = _lines(nf.render(CFG, 4), f"-A {nf.CHAIN_IN} ")
-    assert rules[1] == f"-A {nf.CHAIN_IN} -m conntrack --ctdir ORIGINAL -j RETURN"
+    assert rules[2] == f"-A {nf.CHAIN_IN} -m conntrack --ctdir ORIGINAL -j RETURN"
     assert rules[-1] == f"-A {nf.CHAIN_IN} -j {nf.CHAIN_QREPLY}"
 
 

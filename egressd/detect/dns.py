@@ -151,9 +151,7 @@ def _label_text(label: bytes) -> str:
     return "".join(chr(b) if b in _PLAIN else f"\\{b:03d}" for b in label)
 
 
-def read_name(
-    msg: bytes, pos: int, cache: dict[int, tuple[str, int]] | None = None
-) -> tuple[str, int] | None:
+def read_name(msg: bytes, pos: int, cache: dict[int, tuple[str, int]] | None = None) -> tuple[str, int] | None:
     """The name at ``pos`` and the offset just after it *in place* (after the first
     pointer, if any); None when malformed. Lowercased, no trailing dot, root is "".
 

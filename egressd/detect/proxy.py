@@ -184,11 +184,7 @@ def _connect_reply(rev: bytes, final: bool, info: dict[str, str]) -> tuple[int, 
                 info["status"] = "invalid"
                 return -1, False
             return -1, not final
-        if (
-            not rev.startswith(b"HTTP/1.", pos)
-            or rev[pos + 8] != 0x20
-            or not rev[pos + 9 : pos + 12].isdigit()
-        ):
+        if not rev.startswith(b"HTTP/1.", pos) or rev[pos + 8] != 0x20 or not rev[pos + 9 : pos + 12].isdigit():
             info["status"] = "invalid"
             return -1, False
         status = int(rev[pos + 9 : pos + 12])

@@ -412,11 +412,7 @@ class GetworkRpc(PoolSession):
             ok = bool(p) and isinstance(p[0], str) and len(p[0]) >= 160
             return [self.reply(req, None if ok else "rejected")]
         if m == "getmininginfo":
-            return [
-                self.reply(
-                    req, {"blocks": 850000, "difficulty": 8.6e13, "networkhashps": 6e20, "chain": "main"}
-                )
-            ]
+            return [self.reply(req, {"blocks": 850000, "difficulty": 8.6e13, "networkhashps": 6e20, "chain": "main"})]
         return [self.reply(req, None, {"code": -32601, "message": "Method not found"})]
 
 
@@ -510,9 +506,7 @@ class Pool:
         c.bytes_in += len(data)
         return data
 
-    async def _lines(
-        self, c: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[bytes, str]:
+    async def _lines(self, c: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[bytes, str]:
         session = SESSIONS[self.cfg.variant](c.conn_id)
         buf = b""
         while True:
@@ -538,18 +532,14 @@ class Pool:
                     return buf, "bad JSON"
                 replies, problem = session.safe_handle(req)
                 extra = {"error": problem} if problem else {}
-                self.log(
-                    "request", conn=c.conn_id, method=req.get("method"), id=req.get("id"), line=text, **extra
-                )
+                self.log("request", conn=c.conn_id, method=req.get("method"), id=req.get("id"), line=text, **extra)
                 for reply in replies:
                     writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
                 await writer.drain()
             if len(buf) > self.cfg.max_line:
                 return buf, f"line longer than {self.cfg.max_line} bytes"
 
-    async def _http(
-        self, c: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[bytes, str]:
+    async def _http(self, c: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[bytes, str]:
         rpc = GetworkRpc(c.conn_id)
         buf = b""
         while True:
@@ -573,9 +563,7 @@ class Pool:
                 k, _, v = h.partition(":")
                 headers[k.strip().lower()] = v.strip()
             if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-                self.log(
-                    "request", conn=c.conn_id, method=None, line=lines[0], error="not an HTTP/1.x request"
-                )
+                self.log("request", conn=c.conn_id, method=None, line=lines[0], error="not an HTTP/1.x request")
                 await self._http_reply(writer, 400, {"error": "bad request"}, close=True)
                 return b"", "bad HTTP request"
             if "chunked" in headers.get("transfer-encoding", "").lower():
@@ -608,12 +596,8 @@ class Pool:
                 if not isinstance(req, dict):
                     raise ValueError("not a JSON object")
             except ValueError as e:
-                self.log(
-                    "request", conn=c.conn_id, method=None, http=lines[0], line=body, error=f"bad JSON: {e}"
-                )
-                await self._http_reply(
-                    writer, 400, {"result": None, "error": "parse error", "id": None}, close=True
-                )
+                self.log("request", conn=c.conn_id, method=None, http=lines[0], line=body, error=f"bad JSON: {e}")
+                await self._http_reply(writer, 400, {"result": None, "error": "parse error", "id": None}, close=True)
                 return buf, "bad JSON"
             (reply,), problem = rpc.safe_handle(req)
             self.log(
@@ -830,9 +814,7 @@ def _connect(cfg: ClientConfig, deadline: float) -> socket.socket:
 
 def _via_connect(wire: _Wire, cfg: ClientConfig) -> None:
     target = format_hostport(cfg.host, cfg.port)
-    wire.send(
-        f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: egressd-lab\r\n\r\n".encode(), "CONNECT"
-    )
+    wire.send(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: egressd-lab\r\n\r\n".encode(), "CONNECT")
     wire.first_sent = False  # --split applies to the pool's first message, not the proxy's
     head = wire.until(b"\r\n\r\n", "the proxy's CONNECT reply")
     status = head.split(b"\r\n", 1)[0]
@@ -890,9 +872,7 @@ def _v1(rpc: JsonLineClient, cfg: ClientConfig, rep: ClientReport) -> None:
 
 
 def _eth(rpc: JsonLineClient, cfg: ClientConfig, rep: ClientReport) -> None:
-    sub = rpc.call(
-        {"method": "mining.subscribe", "params": ["ethminer/0.19.0", ETH_PROTOCOL]}, "mining.subscribe"
-    )
+    sub = rpc.call({"method": "mining.subscribe", "params": ["ethminer/0.19.0", ETH_PROTOCOL]}, "mining.subscribe")
     res = sub.get("result")
     if not (isinstance(res, list) and len(res) >= 2 and isinstance(res[0], list) and ETH_PROTOCOL in res[0]):
         raise ClientError(f"the pool does not speak {ETH_PROTOCOL}: {str(res)[:120]}")
@@ -913,16 +893,12 @@ def _eth(rpc: JsonLineClient, cfg: ClientConfig, rep: ClientReport) -> None:
 
 
 _WALLET_ETH: Final = "0xb85150eb365e7df0941f0cf08235f987ba91506a"
-_WALLET_XMR: Final = (
-    "44AFFq5kSiGBoZ4NMDwYtN18obc8AemS33DBLWs3H7otXft3XjrpDtQGv7SqSsaBYBb98uNbr2VBBEt7f2wfn3RVGQBEP3A"
-)
+_WALLET_XMR: Final = "44AFFq5kSiGBoZ4NMDwYtN18obc8AemS33DBLWs3H7otXft3XjrpDtQGv7SqSsaBYBb98uNbr2VBBEt7f2wfn3RVGQBEP3A"
 
 
 def _ethproxy(rpc: JsonLineClient, cfg: ClientConfig, rep: ClientReport) -> None:
     base = {"jsonrpc": "2.0", "worker": "rig1"}
-    login = rpc.call(
-        {**base, "method": "eth_submitLogin", "params": [_WALLET_ETH, cfg.password]}, "eth_submitLogin"
-    )
+    login = rpc.call({**base, "method": "eth_submitLogin", "params": [_WALLET_ETH, cfg.password]}, "eth_submitLogin")
     if login.get("result") is not True:
         raise ClientError(f"eth_submitLogin was not accepted: {login}")
     rep.steps.append("login")
@@ -1099,9 +1075,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--user", default="lab.worker1")
     c.add_argument("--password", default="x")
     via = c.add_mutually_exclusive_group()
-    via.add_argument(
-        "--via-connect", type=_hostport_arg, metavar="PROXY:PORT", help="through an HTTP CONNECT proxy"
-    )
+    via.add_argument("--via-connect", type=_hostport_arg, metavar="PROXY:PORT", help="through an HTTP CONNECT proxy")
     via.add_argument("--via-socks5", type=_hostport_arg, metavar="PROXY:PORT", help="through a SOCKS5 proxy")
     return ap
 

@@ -72,9 +72,7 @@ def _read(
             if site is None:
                 st.report.at(display, 1, 1, f"cannot load the policy: {why}")
             elif why == "the file does not exist":
-                st.report.node(
-                    site, f"included file {quote(str(site.value))} does not exist (looked for {display})"
-                )
+                st.report.node(site, f"included file {quote(str(site.value))} does not exist (looked for {display})")
             else:
                 st.report.node(site, f"cannot include {quote(str(site.value))}: {why}")
             return
@@ -108,9 +106,7 @@ def _read(
         keys = {}
         for key, knode, vnode in items:
             if key in TOP_KEYS and key not in INCLUDED_FILE_KEYS:
-                st.report.node(
-                    knode, f"{quote(key)} can only be set in the main policy file, not in an included file"
-                )
+                st.report.node(knode, f"{quote(key)} can only be set in the main policy file, not in an included file")
             else:
                 keys.update(known_keys([(key, knode, vnode)], INCLUDED_FILE_KEYS, st, "an included file"))
     if "include" in keys:
@@ -122,9 +118,7 @@ def _read(
         if isinstance(rules, SequenceNode):
             st.rule_nodes.extend(rules.value)
         elif not is_null(rules):
-            st.report.node(
-                rules, f"'rules' must be a list of rules (lines starting with '- '), not {node_kind(rules)}"
-            )
+            st.report.node(rules, f"'rules' must be a list of rules (lines starting with '- '), not {node_kind(rules)}")
     if is_main:
         st.main = {k: v for k, (_, v) in keys.items()}
 
@@ -216,8 +210,7 @@ def _list_items(ldef: ListDef, node: Node, st: State, what: str) -> None:
         if value.startswith("$"):
             st.report.node(
                 item,
-                f"a list cannot contain another list ({quote(value)}); "
-                "name both lists in the rule, as [$a, $b]",
+                f"a list cannot contain another list ({quote(value)}); name both lists in the rule, as [$a, $b]",
             )
             continue
         if ldef.type == "cidr":
@@ -243,9 +236,7 @@ def _list_items(ldef: ListDef, node: Node, st: State, what: str) -> None:
 # ---------------------------------------------------------------------------------- entry points
 
 
-def _load(
-    path: str | os.PathLike[str], text: str | None, as_policy: bool
-) -> tuple[Policy | None, list[Diagnostic]]:
+def _load(path: str | os.PathLike[str], text: str | None, as_policy: bool) -> tuple[Policy | None, list[Diagnostic]]:
     display = os.fspath(path)
     st = State()
     try:
@@ -277,13 +268,9 @@ def _load(
             )
         fail = as_choice(m["fail"], st, "fail mode", FAIL_MODES) if "fail" in m else "open"
         overload = (
-            as_choice(m["on_overload"], st, "on_overload action", OVERLOAD_ACTIONS)
-            if "on_overload" in m
-            else "drop"
+            as_choice(m["on_overload"], st, "on_overload action", OVERLOAD_ACTIONS) if "on_overload" in m else "drop"
         )
-        on_error = (
-            as_choice(m["on_error"], st, "on_error action", ERROR_ACTIONS) if "on_error" in m else "accept"
-        )
+        on_error = as_choice(m["on_error"], st, "on_error action", ERROR_ACTIONS) if "on_error" in m else "accept"
         settings, pool = compile_settings(m.get("settings"), st)
         rules = compile_rules(st)
         if not st.report.items and None not in (mode, default, fail, overload, on_error):
@@ -302,9 +289,7 @@ def _load(
                 rules=tuple(rules),
             )
     order = {f: i for i, f in enumerate(st.files)}
-    diags = sorted(
-        dict.fromkeys(st.report.items), key=lambda d: (order.get(d.file, len(order)), d.line, d.col)
-    )
+    diags = sorted(dict.fromkeys(st.report.items), key=lambda d: (order.get(d.file, len(order)), d.line, d.col))
     return (policy if not diags else None), diags
 
 

@@ -232,13 +232,9 @@ class Match:
         """``src``/``dst`` are the flow's addresses as integers, converted once per judge()."""
         if self.protos is not None and f.proto not in self.protos:
             return False
-        if self.dst_ports is not None and (
-            f.proto not in PORT_PROTOS or not self.dst_ports.contains(f.dport)
-        ):
+        if self.dst_ports is not None and (f.proto not in PORT_PROTOS or not self.dst_ports.contains(f.dport)):
             return False
-        if self.src_ports is not None and (
-            f.proto not in PORT_PROTOS or not self.src_ports.contains(f.sport)
-        ):
+        if self.src_ports is not None and (f.proto not in PORT_PROTOS or not self.src_ports.contains(f.sport)):
             return False
         kinds = self.kinds
         if kinds is not None:
@@ -270,13 +266,9 @@ class Match:
         """
         if self.protos is not None and f.proto not in self.protos:
             return False
-        if self.dst_ports is not None and (
-            f.proto not in PORT_PROTOS or not self.dst_ports.contains(f.dport)
-        ):
+        if self.dst_ports is not None and (f.proto not in PORT_PROTOS or not self.dst_ports.contains(f.dport)):
             return False
-        if self.src_ports is not None and (
-            f.proto not in PORT_PROTOS or not self.src_ports.contains(f.sport)
-        ):
+        if self.src_ports is not None and (f.proto not in PORT_PROTOS or not self.src_ports.contains(f.sport)):
             return False
         if self.dst is not None and not self.dst.contains(f.version, dst):
             return False

@@ -229,7 +229,4 @@ class Policy:
         return self._default_decision
 
     def __repr__(self) -> str:
-        return (
-            f"Policy(path={self.path!r}, mode={self.mode!r}, default={self.default!r}, "
-            f"rules={len(self.rules)})"
-        )
+        return f"Policy(path={self.path!r}, mode={self.mode!r}, default={self.default!r}, rules={len(self.rules)})"

@@ -45,9 +45,7 @@ _CONDITION_TYPES: Final = {
 # ---------------------------------------------------------------------------------- rules
 
 
-def _values(
-    key: str, node: Node, st: State
-) -> tuple[list[IPNetwork], list[tuple[int, int]], list[str]] | None:
+def _values(key: str, node: Node, st: State) -> tuple[list[IPNetwork], list[tuple[int, int]], list[str]] | None:
     """Literal values and $list references of one address/port/name condition, merged."""
     want = _CONDITION_TYPES[key]
     scalars = values_of(node, st, f"{quote(key)}")
@@ -179,9 +177,7 @@ def _match(node: Node, st: State, what: str) -> Match | None:
                 continue
             cidrs, ports, domains = vals
             want = _CONDITION_TYPES[key]
-            sets[key] = (
-                CidrSet(cidrs) if want == "cidr" else PortSet(ports) if want == "port" else DomainSet(domains)
-            )
+            sets[key] = CidrSet(cidrs) if want == "cidr" else PortSet(ports) if want == "port" else DomainSet(domains)
     if protos is not None and not (protos & PORT_PROTOS):
         for key in ("dst_port", "src_port"):
             if key in keys:
@@ -261,9 +257,7 @@ def _rule(node: Node, st: State, names: dict[str, str]) -> tuple[str | None, Rul
                 st.report.node(vnode, "a rule's name cannot be empty")
                 name = None
             elif name == "default":
-                st.report.node(
-                    vnode, "the rule name 'default' is reserved: decisions by the policy default use it"
-                )
+                st.report.node(vnode, "the rule name 'default' is reserved: decisions by the policy default use it")
                 name = None
             elif name in names:
                 st.report.node(vnode, f"duplicate rule name {quote(name)} (first defined at {names[name]})")

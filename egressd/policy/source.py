@@ -39,9 +39,7 @@ NULL_TAG: Final = TAG_PREFIX + "null"
 # Tag of the inert node that stands in for a refused alias (never a tag a file can produce:
 # it has no "!" handle), so problems *at* the alias are not reported a second time.
 ALIAS_TAG: Final = "egressd:refused-alias"
-_ALLOWED_TAGS: Final = frozenset(
-    TAG_PREFIX + t for t in ("str", "int", "float", "bool", "null", "seq", "map")
-) | {"!"}
+_ALLOWED_TAGS: Final = frozenset(TAG_PREFIX + t for t in ("str", "int", "float", "bool", "null", "seq", "map")) | {"!"}
 
 
 MAX_DIAGNOSTICS: Final = 100
@@ -65,9 +63,7 @@ class Reporter:
     def _add(self, d: Diagnostic) -> None:
         self.items.append(d)
         if len(self.items) >= MAX_DIAGNOSTICS:
-            self.items.append(
-                Diagnostic(d.file, d.line, d.col, f"more than {MAX_DIAGNOSTICS} problems; stopping here")
-            )
+            self.items.append(Diagnostic(d.file, d.line, d.col, f"more than {MAX_DIAGNOSTICS} problems; stopping here"))
             raise TooManyProblems(self.items)
 
     def at(self, file: str, line: int, col: int, message: str) -> None:
@@ -149,10 +145,7 @@ def _position(text: str, index: int) -> tuple[int, int]:
 def _syntax_message(err: yaml.MarkedYAMLError) -> str:
     problem = err.problem or "invalid YAML"
     if err.context == "while scanning an alias" or err.context == "while scanning an anchor":
-        return (
-            f"YAML syntax error: {problem} (a value starting with '*' or '&' must be quoted, "
-            'e.g. "*.example.com")'
-        )
+        return f"YAML syntax error: {problem} (a value starting with '*' or '&' must be quoted, e.g. \"*.example.com\")"
     if err.context and err.context_mark is not None:
         return f"YAML syntax error: {problem} ({err.context} at line {err.context_mark.line + 1})"
     if err.context:
@@ -211,9 +204,7 @@ def compose(text: str, name: str, report: Reporter) -> Node | None:
     except yaml.reader.ReaderError as exc:
         line, col = _position(text, exc.position)
         char = exc.character if isinstance(exc.character, int) else 0
-        report.at(
-            name, line, col, f"the file contains a control character YAML does not allow (U+{char:04X})"
-        )
+        report.at(name, line, col, f"the file contains a control character YAML does not allow (U+{char:04X})")
         return None
     try:
         root: Node | None = loader.get_single_node()
