@@ -75,8 +75,8 @@ from egressd.detect.stratum import detect_stratum  # noqa: E402
 from egressd.detect.tls import ClientHello, detect_tls, parse_client_hello  # noqa: E402
 from egressd.engine import (  # noqa: E402
     ACCEPT,
-    ACCEPT_PLAIN,
     ACCEPT_PIN,
+    ACCEPT_PLAIN,
     DIR_ORIGINAL,
     DIR_REPLY,
     DIR_UNKNOWN,

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from egressd import netfilter, nfq, procstats, sdnotify
-from egressd.engine import ACCEPT, ACCEPT_PLAIN, ACCEPT_PIN, DIR_ORIGINAL, DIR_REPLY, Engine
+from egressd.engine import ACCEPT, ACCEPT_PIN, ACCEPT_PLAIN, DIR_ORIGINAL, DIR_REPLY, Engine
 from egressd.eventlog import EventLog
 from egressd.policy import Policy, PolicyError, load_policy
 

@@ -13,7 +13,7 @@ from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
-from egressd.engine import ACCEPT, ACCEPT_PLAIN, ACCEPT_PIN, DIR_ORIGINAL, DIR_REPLY, DROP, Engine
+from egressd.engine import ACCEPT, ACCEPT_PIN, ACCEPT_PLAIN, DIR_ORIGINAL, DIR_REPLY, DROP, Engine
 from egressd.paths import default_policy
 from egressd.policy import Policy, load_policy
 
