@@ -34,6 +34,7 @@ from egressd.detect.proxy import detect_proxy
 from egressd.detect.ssh import detect_ssh
 from egressd.detect.stratum import detect_stratum
 from egressd.detect.tls import detect_tls
+from egressd.detect.tunnels import detect_datagram, detect_stream
 from egressd.events import PROTO_NAMES, Event, ip_text
 from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, SETTLED, Flow, FlowTable, make_key
 from egressd.packet import (
@@ -80,6 +81,7 @@ _TCP_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
     ("ssh", detect_ssh),
     ("stratum", detect_stratum),
     ("tls", detect_tls),
+    ("tunnel", detect_stream),
 )
 _INNER_DETECTORS: Final = tuple(x for x in _TCP_DETECTORS if x[0] != "proxy")
 _DNS_STREAM: Final[tuple[str, StreamDetector]] = ("dns", detect_dns_stream)
@@ -90,6 +92,7 @@ _PRIORITY: Final = (
     "ssh.reverse",
     "evasion",
     "ssh",
+    "tunnel",
     "proxy",
     "tls",
     "dns",
@@ -262,9 +265,18 @@ class Engine:
             if p.dport == 53 or p.sport == 53:
                 flow.active_detectors.append(_DNS_STREAM)
             return self._inspect(flow, p, ts, from_orig)
-        if p.proto == PROTO_UDP and (dport in _DNS_PORTS or sport in _DNS_PORTS):
-            return self._inspect(flow, p, ts, from_orig)
-        # Other protocols and UDP without a detector: the first packet decides.
+        if p.proto == PROTO_UDP:
+            if dport in _DNS_PORTS or sport in _DNS_PORTS:
+                return self._inspect(flow, p, ts, from_orig)
+            # Other UDP is judged on its first datagram: a VPN handshake shows there, and
+            # pinning at once keeps QUIC and the like out of Python.
+            det = detect_datagram(p.payload, from_orig, sport, dport)
+            if det is not None:
+                self._record(flow, "tunnel", det)
+                v = self._rejudge(flow, ts)
+                if v is not None:
+                    return v
+        # Other protocols and UDP: the first packet decides.
         return self._pin_accept(flow, ts, "first-packet")
 
     def _inspect(self, flow: Flow, p: Packet, ts: float, from_orig: bool) -> int:

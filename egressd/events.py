@@ -28,12 +28,13 @@ PROTO_NAMES = {
 }
 
 # Severity per detection family (EVE: 1 = high). Unlisted kinds get 3.
-_SEVERITY = {"mining": 1, "ssh.reverse": 1, "evasion": 1, "ssh": 2, "proxy": 2}
+_SEVERITY = {"mining": 1, "ssh.reverse": 1, "evasion": 1, "ssh": 2, "tunnel": 2, "proxy": 2}
 _CATEGORY = {
     "mining": "Crypto Currency Mining Activity Detected",
     "ssh": "Potential Corporate Privacy Violation",
     "proxy": "Potential Corporate Privacy Violation",
     "evasion": "Attempted Evasion",
+    "tunnel": "Potential Corporate Privacy Violation",
     "tls": "Policy Violation",
     "dns": "Policy Violation",
 }

@@ -40,3 +40,8 @@ def test_no_benign_p2p_rpc_or_scan_flow_is_flagged_as_mining_or_ssh(score: Score
 def test_every_scored_flow_was_seen(score: Score) -> None:
     assert not score.unmatched, "\n".join(score.unmatched)
     assert score.outcomes, "the corpus produced no scored flows"
+
+
+def test_no_clean_flow_is_flagged_as_a_vpn_tunnel(score: Score) -> None:
+    fps = score.tunnel_false_positives()
+    assert not fps, "\n".join(f"{o.capture}: {o.flow} [{o.label}] got {o.got}" for o in fps)

@@ -71,6 +71,9 @@ PROXY_CONNECT: Final = "proxy.http-connect"
 PROXY_SOCKS: Final = "proxy.socks"
 STREAM_INCONSISTENT: Final = "evasion.inconsistent-retransmission"
 FRAGMENT_OVERLAP: Final = "evasion.fragment-overlap"
+TUNNEL_WIREGUARD: Final = "tunnel.wireguard"  # handshake initiation/response
+TUNNEL_IKE: Final = "tunnel.ike"  # IPsec key exchange (IKEv1/IKEv2)
+TUNNEL_OPENVPN: Final = "tunnel.openvpn"  # OpenVPN over TCP, hard-reset handshake
 
 
 def kind_matches(pattern: str, kind: str) -> bool:
