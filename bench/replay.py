@@ -35,12 +35,6 @@ from egressd.replay import replay
 from tests.corpus_eval import corpus_dir
 
 
-def count_packets(path: Path) -> int:
-    r = Reader(path)
-    n = sum(1 for _ in r)
-    return n + r.stats.non_ip
-
-
 def time_egressd(files: list[Path]) -> float:
     pol = load_policy(default_policy())
     t0 = time.perf_counter()

@@ -62,8 +62,6 @@ DROP: Final = 2  # drop it and pin: the rest of the flow is dropped/reset by the
 # head bound, so it must stay "never seen" (queued on every packet) until it is pinned.
 ACCEPT_PLAIN: Final = 3
 
-VERDICT_NAMES: Final = {ACCEPT: "accept", ACCEPT_PIN: "accept+pin", DROP: "drop", ACCEPT_PLAIN: "accept"}
-
 # Direction hints from the shell. The daemon knows the conntrack direction of each packet;
 # a capture does not, and the engine infers it from the flow's first packet.
 DIR_UNKNOWN: Final = 0

@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from egressd.detect.base import kind_matches
+
 PROTO_NAMES = {
     1: "ICMP",
     6: "TCP",
@@ -63,7 +65,7 @@ def ip_text(packed: bytes) -> str:
 def severity_of(kind: str) -> int:
     best = 3
     for prefix, sev in _SEVERITY.items():
-        if (kind == prefix or kind.startswith(prefix + ".")) and sev < best:
+        if kind_matches(prefix, kind) and sev < best:
             best = sev
     return best
 
