@@ -197,14 +197,9 @@ class Daemon:
         if k is None:
             return
         try:
-            text = netfilter.show()
+            hits = netfilter.queue_hits()
         except (netfilter.NetfilterError, OSError):
             return
-        hits = 0
-        for line in text.splitlines():
-            if "-j NFQUEUE" in line and line.startswith("["):
-                with contextlib.suppress(ValueError):
-                    hits += int(line[1:].split(":", 1)[0])
         self.uninspected = max(self.uninspected, hits - k.id_sequence - k.queue_dropped - k.user_dropped)
 
     def _status_line(self) -> str:

@@ -673,6 +673,22 @@ def show(*, netns: str | None = None) -> str:
     return "\n".join(parts) + "\n"
 
 
+def queue_hits(*, netns: str | None = None, families: tuple[int, ...] = (4, 6)) -> int:
+    """Packets egressd's NFQUEUE rules were hit by (their counters, summed over the families).
+
+    Hits minus what the queue accepted (id_sequence) and dropped is what a fail-open queue
+    let through uninspected: the kernel counts that nowhere else (NFQUEUE.md)."""
+    total = 0
+    for fam in families:
+        if shutil.which(_tool(fam, "-save")) is None:
+            continue
+        for line in ours_only(_save(fam, netns, counters=True)).splitlines():
+            if "-j NFQUEUE" in line and line.startswith("["):
+                with contextlib.suppress(ValueError):
+                    total += int(line[1:].split(":", 1)[0])
+    return total
+
+
 # -- CLI front (wired to `egressd rules install|remove|show`) -----------------------------
 CAP_NET_ADMIN: Final = 12
 

@@ -215,11 +215,7 @@ def inet_count(lb: Lab, contains: str = "") -> int:
 
 def queue_rule_hits(lb: Lab) -> int:
     """Packets the node's IPv4 NFQUEUE rules were hit by (netfilter.show()'s counters)."""
-    total = 0
-    for line in netfilter.show(netns=lb.node).split("# IPv6")[0].splitlines():
-        if "-j NFQUEUE" in line and line.startswith("["):
-            total += int(line[1:].split(":", 1)[0])
-    return total
+    return netfilter.queue_hits(netns=lb.node, families=(4,))
 
 
 # -- load generators (run as a separate process in the node namespace) ------------------------
