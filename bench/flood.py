@@ -15,7 +15,7 @@ as long as asked and prints what a reviewer needs to judge the daemon under load
 * storm: SIGHUPs at a bounded rate for ``--storm-seconds`` while HTTP downloads (sha256
   checked) and Stratum handshakes loop.
 
-Needs root (namespaces, iptables, NFQUEUE). Everything runs in namespaces named ``egadvb-*``
+Needs root (namespaces, iptables, NFQUEUE). Everything runs in namespaces named ``egadvb<pid>-*``
 on documentation addresses, bounded in time and count, stopped by pid.
 
 Usage: bench/flood.py [--seconds 10] [--queue-seconds 5] [--storm-seconds 60] [--storm-rate 100]
@@ -25,6 +25,7 @@ Usage: bench/flood.py [--seconds 10] [--queue-seconds 5] [--storm-seconds 60] [-
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import threading
@@ -55,7 +56,7 @@ from test_adversarial_load import MAX_FLOWS, run_queue_overflow, run_reload_stor
 
 from egressd.lab import peers  # noqa: E402
 
-PREFIX = "egadvb"  # never the tests' "egadv": the bench may run beside them
+PREFIX = f"egadvb{os.getpid() % 100000}"  # never a test run's lab: the bench may run beside them
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import select
 import signal
 import socket
@@ -878,7 +879,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="bulk,conn,verdicts",
         help="comma list of bulk, conn, verdicts (default: all)",
     )
-    ap.add_argument("--lab-name", default="egbench", help="namespace prefix (default %(default)s)")
+    ap.add_argument(
+        "--lab-name", default=f"egbench{os.getpid() % 100000}", help="namespace prefix (default: egbench<pid>)"
+    )
     ap.add_argument(
         "--py-spy",
         type=Path,

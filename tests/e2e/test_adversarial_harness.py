@@ -6,9 +6,8 @@ evasion, and ``bench/flood.py`` runs the same generators for longer. Everything 
 bounded in time and count, sends only between the lab's namespaces on documentation
 addresses, and stops what it starts by pid.
 
-Every lab here is named ``egadv*`` (``egadv`` by default; ``egadvs``/``egadvd``/``egadvm`` where
-a second lab must coexist with a module's; ``egadvb`` for the bench), so these tests never
-collide with a colleague's namespaces.
+Every lab here is named ``egadv<pid>*`` (a suffix ``s``/``d``/``m`` where a second lab must coexist
+with a module's; ``egadvb<pid>`` for the bench), so two runs on one machine never share a lab.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from egressd.lab import peers
 from egressd.lab.netns import NODE_V4, SERVICES, Lab, have_netns
 from egressd.paths import default_policy
 
-PREFIX = "egadv"
+PREFIX = f"egadv{os.getpid() % 100000}"  # unique per run: two suites on one machine never share a lab
 PY = sys.executable
 POOL_V4 = SERVICES["pool"][0]
 BULK_V4 = SERVICES["bulk"][0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -27,9 +28,12 @@ def _demo(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _demo_namespaces() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
-    return [ln.split()[0] for ln in out.splitlines() if ln.startswith("egdemo")]
+def _demo_namespaces(out: str) -> list[str]:
+    """The demo's own namespaces (named in its first line) that still exist; other runs' are not ours."""
+    mine = set(re.findall(r"\begdemo\d+-\w+", out))
+    assert mine, f"the demo did not name its namespaces:\n{out[:2000]}"
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    return [ln.split()[0] for ln in listed.splitlines() if ln.split() and ln.split()[0] in mine]
 
 
 @pytest.mark.skipif(bool(demo._missing_tools()), reason=f"demo needs {demo._missing_tools()}")
@@ -52,7 +56,7 @@ def test_demo_shows_every_step_as_the_default_policy_intends_and_removes_its_lab
         assert line in out, f"{line!r} missing from:\n{out}"
     assert out.count("✓ as the default policy intends") == 9
     assert "works: tls.example.net -> 203.0.113.40" in out
-    assert _demo_namespaces() == []
+    assert _demo_namespaces(p.stdout) == []
 
 
 @pytest.mark.skipif(bool(demo._missing_tools()), reason=f"demo needs {demo._missing_tools()}")
@@ -65,7 +69,7 @@ def test_demo_exits_1_and_names_the_steps_a_monitor_policy_lets_through(tmp_path
     assert "5 step(s) did not behave as the default policy intends" in p.stdout
     assert "  - Reverse SSH tunnel to an outside server" in p.stdout
     assert "monitor mode: would drop" in p.stdout
-    assert _demo_namespaces() == []
+    assert _demo_namespaces(p.stdout) == []
 
 
 def test_demo_without_root_exits_2_and_says_why(
