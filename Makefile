@@ -10,15 +10,19 @@ STAMP := build/.stamps
 APT_PACKAGES := python3 python3-venv python3-dev build-essential libnetfilter-queue-dev \
 	iptables nftables conntrack iproute2 iputils-ping kmod procps \
 	openssh-server openssh-client openssl curl ncat socat microsocks dnsmasq-base dnsutils \
-	tcpdump iperf3 libndpi-bin systemd
+	tcpdump iperf3 libndpi-bin systemd \
+	mmdebstrap
+# mmdebstrap: the container image's root file system from Debian packages (deploy/container/build_image.py,
+# tests/e2e/test_image.py); no container runtime or registry needed.
 
-.PHONY: help setup deps venv run demo test test-fast lint typecheck bench pcaps clean
+.PHONY: help setup deps venv run demo test test-fast lint typecheck bench pcaps image k8s-policy clean
 
 help:
 	@echo "make run    - set up, then run the daemon on the shipped default policy in demo namespaces"
 	@echo "make test   - set up, then lint, type-check and run the whole test suite (e2e needs root)"
 	@echo "make bench  - replay and live benchmarks (ratios measured side by side)"
 	@echo "make pcaps  - regenerate pcaps/ from real programs in namespaces"
+	@echo "make image  - the OCI image archive build/image/egressd-oci.tar (mmdebstrap, no container runtime)"
 
 setup: deps venv
 
@@ -43,7 +47,7 @@ run demo: setup
 	$(PY) -m egressd_lab.demo
 
 lint: venv
-	$(VENV)/bin/ruff check egressd tests bench pcaps lab
+	$(VENV)/bin/ruff check egressd tests bench pcaps lab deploy
 	$(VENV)/bin/ruff format --check egressd
 	$(VENV)/bin/mypy --strict egressd lab/egressd_lab
 
@@ -59,6 +63,15 @@ bench: setup
 
 pcaps: setup
 	$(PY) pcaps/make.py
+
+image: setup
+	$(PY) deploy/container/build_image.py
+
+# The Kubernetes ConfigMap carries a copy of the shipped default (kustomize reads no file outside
+# its directory); tests/test_kubernetes_manifests.py fails when the copy is stale.
+k8s-policy:
+	cp rules/default.yaml deploy/kubernetes/base/policy/default.yaml
+	cp rules/lists/mining-pools.yaml deploy/kubernetes/base/policy/mining-pools.yaml
 
 clean:
 	rm -rf build $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -37,6 +37,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="Unix socket (mode 0600) for `egressd status` (default %(default)s; 'none' disables)",
     )
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus text on this (loopback) address")
+    # -- issue 12: the explicit opt-in for a cluster's Prometheus (docs/kubernetes.md) --------
+    p.add_argument(
+        "--metrics-allow-remote",
+        action="store_true",
+        help="let --metrics bind a non-loopback address (e.g. the node's own, for a cluster's Prometheus); "
+        "whoever reaches it learns the node's policy hits: restrict it with a firewall or NetworkPolicy",
+    )
     p.add_argument(
         "--no-rules", action="store_true", help="do not install/remove kernel rules (they are managed elsewhere)"
     )
@@ -96,6 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         events_stdout=args.events_stdout,
         status_socket=None if args.status_socket == "none" else args.status_socket,
         metrics=args.metrics,
+        metrics_allow_remote=args.metrics_allow_remote,
         install_rules=not args.no_rules,
         forward_ifaces=tuple(args.forward_iface),
     )

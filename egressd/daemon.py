@@ -53,6 +53,7 @@ class Options:
     events_stdout: bool = False
     status_socket: str | None = "/run/egressd/status.sock"
     metrics: str | None = None  # "127.0.0.1:9713"
+    metrics_allow_remote: bool = False  # --metrics-allow-remote: a non-loopback --metrics address
     install_rules: bool = True
     forward_ifaces: tuple[str, ...] = ()
 
@@ -302,7 +303,7 @@ class Daemon:
             finally:
                 os.umask(old)
         if self.opts.metrics:
-            host, port = parse_metrics_address(self.opts.metrics)
+            host, port = parse_metrics_address(self.opts.metrics, self.opts.metrics_allow_remote)
             self._servers.append(await asyncio.start_server(self._serve_metrics, host, port))
         ticker = asyncio.create_task(self._ticker())
         print(
@@ -370,10 +371,15 @@ class Daemon:
             self._rules_installed = False
 
 
-def parse_metrics_address(text: str) -> tuple[str, int]:
-    """HOST:PORT for --metrics; the host must be a loopback address. The counters say what the
-    node's policy is and what it caught: they are for a local scraper (or an SSH tunnel), never
-    for the network the node's workloads can reach."""
+def parse_metrics_address(text: str, allow_remote: bool = False) -> tuple[str, int]:
+    """HOST:PORT for --metrics; the host must be a loopback address unless ``allow_remote``.
+
+    The counters say what the node's policy is and what it caught: by default they are for a
+    local scraper (or an SSH tunnel), never for the network the node's workloads can reach.
+    A cluster's Prometheus scrapes a hostNetwork pod at the node's address, so
+    ``--metrics-allow-remote`` (never a default) accepts any IP literal; a name is refused
+    either way, so what is bound is exactly what the operator wrote.
+    """
     host, sep, port = text.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -381,9 +387,13 @@ def parse_metrics_address(text: str) -> tuple[str, int]:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"--metrics {text!r}: the host must be a loopback address (127.0.0.1 or ::1)") from None
-    if not ip.is_loopback:
-        raise ValueError(f"--metrics {text!r}: {host} is not a loopback address; metrics are served locally only")
+        need = "an IP address" if allow_remote else "a loopback address (127.0.0.1 or ::1)"
+        raise ValueError(f"--metrics {text!r}: the host must be {need}") from None
+    if not ip.is_loopback and not allow_remote:
+        raise ValueError(
+            f"--metrics {text!r}: {host} is not a loopback address; metrics are served locally only "
+            "unless --metrics-allow-remote is given"
+        )
     return host, int(port)
 
 
@@ -442,7 +452,7 @@ def run(opts: Options) -> int:
         return 2
     if opts.metrics:
         try:
-            parse_metrics_address(opts.metrics)
+            parse_metrics_address(opts.metrics, opts.metrics_allow_remote)
         except ValueError as e:
             print(f"egressd run: {e}", file=sys.stderr)
             return 2

@@ -1,0 +1,252 @@
+"""The container image's own file system, run for real (no container runtime, no registry).
+
+deploy/container/build_image.py builds the OCI image archive from Debian packages
+(mmdebstrap) and this checkout's wheel; this test unpacks the archive layer by layer (digests
+checked) and runs the image's ``/usr/local/bin/egressd run`` chrooted into it, in the node
+namespace of a lab it creates: the image's Python, iptables and entrypoint, nothing of the host.
+The process starts the way Kubernetes starts the DaemonSet's container: uid 0 holding only the
+capabilities deploy/kubernetes/base/daemonset.yaml adds (a bounding set of exactly those), with
+/proc/sys read-only as container runtimes mount it. It must come up as the egressd user with
+exactly the three measured capabilities, block a Stratum handshake to the lab's pool, answer
+the probe command, and remove its rules when stopped.
+
+Time: a cold build (mmdebstrap + wheels) takes minutes and is cached under build/image keyed
+by its inputs; with the cache warm the module takes ~15 s. Both are printed (pytest -s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from egressd import netfilter
+from egressd_lab import peers
+from egressd_lab.harness import POOL_V4, adv_lab, live, proc_status, stratum
+from egressd_lab.netns import Lab
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD = REPO / "deploy" / "container" / "build_image.py"
+sys.path[:0] = [str(BUILD.parent), str(REPO)]
+import build_image  # noqa: E402
+
+from tests.test_kubernetes_manifests import render  # noqa: E402
+
+pytestmark = [
+    *live,
+    pytest.mark.skipif(shutil.which("mmdebstrap") is None, reason="mmdebstrap missing (make deps installs it)"),
+    pytest.mark.timeout(900),  # a cold build; a warm one is seconds
+]
+
+UID = build_image.UID
+CAP = {"net_admin": 12, "sys_ptrace": 19, "dac_read_search": 2}
+DAEMON_CAPS = sum(1 << n for n in CAP.values())
+KDIR = REPO / "deploy" / "kubernetes"
+
+
+def daemonset() -> dict[str, Any]:
+    (ds,) = [o for o in render(KDIR) if o["kind"] == "DaemonSet"]
+    return ds
+
+
+def container() -> dict[str, Any]:
+    (c,) = daemonset()["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def pod_caps() -> list[str]:
+    """The capabilities the DaemonSet adds, as setpriv names them."""
+    return [c.lower() for c in container()["securityContext"]["capabilities"]["add"]]
+
+
+def kubelet_configmap_volume(directory: Path, data: dict[str, str], items: list[dict[str, str]], stamp: str) -> None:
+    """Lay out (or atomically swap) a ConfigMap volume as the kubelet does: the files in a
+    timestamped directory, ``..data`` a symlink to it replaced by rename, and each visible
+    name a symlink through ``..data`` that never changes itself."""
+    ts = directory / f"..{stamp}"
+    for item in items:
+        f = ts / item["path"]
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(data[item["key"]])
+    for p in (ts, *ts.rglob("*")):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    tmp = directory / "..data_tmp"
+    tmp.symlink_to(ts.name)
+    os.replace(tmp, directory / "..data")
+    for top in {Path(i["path"]).parts[0] for i in items}:
+        link = directory / top
+        if not link.is_symlink():
+            link.symlink_to(f"..data/{top}")
+
+
+@dataclass
+class Image:
+    root: Path
+    config: dict[str, Any]
+    info: dict[str, Any]
+
+
+@dataclass
+class Running:
+    lab: Lab
+    image: Image
+    proc: subprocess.Popen[bytes]
+    pool: peers.Pool
+    stdout: Path
+    stderr: Path
+    run_dir: Path
+    policy_dir: Path
+
+    def events(self) -> list[dict[str, Any]]:
+        """The EVE lines the daemon wrote to stdout (--events-stdout, as in the DaemonSet)."""
+        out = []
+        for line in self.stdout.read_text().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    def in_image(self, argv: list[str]) -> list[str]:
+        return in_image(self.image.root, argv, self.run_dir, self.policy_dir)
+
+
+def in_image(root: Path, argv: list[str], run_dir: Path, policy_dir: Path) -> list[str]:
+    """``argv`` in the image as Kubernetes starts the DaemonSet's container: a private mount
+    namespace; the image's root read-only (readOnlyRootFilesystem) with the pod's volumes on
+    it (the emptyDir at /run/egressd, the ConfigMap read-only at /etc/egressd); its own /proc
+    with /proc/sys read-only as runtimes mount it; chrooted, as uid 0 whose bounding set is the
+    capabilities the DaemonSet adds (what a runtime gives a container: nothing else)."""
+    r = str(root)
+    caps = ",".join("+" + c for c in pod_caps())
+    script = f"""set -e
+mount --bind "{r}" "{r}"
+mount -t proc proc "{r}/proc"
+mount --bind "{r}/proc/sys" "{r}/proc/sys"; mount -o remount,bind,ro "{r}/proc/sys"
+mount --bind "{run_dir}" "{r}/run/egressd"
+mount --bind "{policy_dir}" "{r}/etc/egressd"; mount -o remount,bind,ro "{r}/etc/egressd"
+mount -o remount,bind,ro "{r}"
+exec chroot "{r}" setpriv --bounding-set=-all,{caps} -- "$@"
+"""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "in-image", *argv]
+
+
+@pytest.fixture(scope="module")
+def image() -> Iterator[Image]:
+    out = REPO / "build" / "image"
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, str(BUILD), "--json", "--out", str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    info = json.loads(p.stdout)
+    print(
+        f"\nimage build: {time.monotonic() - t0:.1f} s (Debian layer {'cached' if info['base_cached'] else 'built'}); "
+        f"archive {info['archive_bytes']} bytes, layers {info['layers_compressed_bytes']} bytes compressed, "
+        f"{info['layers_unpacked_tar_bytes']} bytes unpacked"
+    )
+    root = Path(tempfile.mkdtemp(prefix="egressd-image-", dir="/tmp"))
+    try:
+        config = build_image.unpack(Path(info["archive"]), root)
+        yield Image(root, config, info)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def running(image: Image) -> Iterator[Running]:
+    """The image's entrypoint with the DaemonSet's args, in a lab's node namespace."""
+    work = Path(tempfile.mkdtemp(prefix="egressd-pod-", dir="/tmp"))
+    run_dir, policy_dir = work / "run", work / "policy"
+    run_dir.mkdir(mode=0o777)
+    run_dir.chmod(0o777)  # an emptyDir: root-owned, world-writable
+    policy_dir.mkdir(mode=0o755)
+    cm = next(o for o in render(KDIR) if o["kind"] == "ConfigMap")
+    vol = next(v for v in daemonset()["spec"]["template"]["spec"]["volumes"] if v["name"] == "policy")
+    kubelet_configmap_volume(policy_dir, cm["data"], vol["configMap"]["items"], "2026_12_05_08_00_00.000000001")
+    try:
+        with adv_lab() as lb:
+            pool = peers.start_pool(lb, work, "v1", POOL_V4, 3333, idle_timeout=3.0)
+            out, err = work / "stdout", work / "stderr"
+            argv = in_image(
+                image.root, [*image.config["config"]["Entrypoint"], *container()["args"]], run_dir, policy_dir
+            )
+            t0 = time.monotonic()
+            with out.open("wb") as fo, err.open("wb") as fe:
+                proc = lb.spawn("node", argv, stdout=fo, stderr=fe)
+            sock = run_dir / "status.sock"
+            deadline = time.monotonic() + 20
+            while not sock.exists():
+                assert proc.poll() is None, err.read_text()
+                assert time.monotonic() < deadline, f"no status socket: {err.read_text()}"
+                time.sleep(0.05)
+            print(f"\nimage's egressd up (status socket) {time.monotonic() - t0:.2f} s after exec")
+            yield Running(lb, image, proc, pool, out, err, run_dir, policy_dir)
+            if proc.poll() is None:
+                lb.stop(proc)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_image_config_runs_egressd(image: Image) -> None:
+    c = image.config["config"]
+    assert c["Entrypoint"] == ["/usr/local/bin/egressd"]
+    assert c["Cmd"] == ["run"]
+    assert (image.root / "opt/egressd/bin/egressd").is_file()
+    # no pip, no compiler, no apt in the image: only what packages.txt and the wheel bring
+    for absent in ("opt/egressd/bin/pip", "usr/bin/gcc", "usr/bin/apt-get", "usr/share/perl"):
+        assert not (image.root / absent).exists(), absent
+
+
+def test_image_size_is_reported(image: Image) -> None:
+    mib = image.info["layers_compressed_bytes"] / 2**20
+    print(f"\nimage: {mib:.1f} MiB compressed, {image.info['layers_unpacked_tar_bytes'] / 2**20:.1f} MiB unpacked")
+    assert 10 < mib < 150  # Debian's python3 alone is ~10 MiB compressed; a runaway layer would show here
+
+
+def test_daemon_runs_as_the_egressd_user_with_exactly_the_measured_capabilities(running: Running) -> None:
+    st = proc_status(running.proc.pid)
+    assert st["Name"].startswith("egressd") or "python" in st["Name"], st["Name"]
+    assert st["Uid"].split() == [str(UID)] * 4
+    assert st["Gid"].split() == [str(UID)] * 4
+    caps = {k: int(st[k], 16) for k in ("CapEff", "CapPrm", "CapAmb", "CapBnd")}
+    assert caps == dict.fromkeys(caps, DAEMON_CAPS), {k: hex(v) for k, v in caps.items()}
+
+
+def test_the_images_egressd_blocks_a_stratum_handshake(running: Running) -> None:
+    mark = running.pool.mark()
+    rep = stratum(running.lab, POOL_V4, 3333)
+    assert rep["connected"] and not rep["handshake_complete"], rep
+    assert running.pool.requests(mark) == []
+    deadline = time.monotonic() + 3
+    while not any(e.get("rule") == "drop-mining" for e in running.events()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ev = [e for e in running.events() if e.get("rule") == "drop-mining"]
+    assert ev and ev[-1]["dest_ip"] == POOL_V4 and ev[-1]["action"] == "blocked", running.events()
+
+
+def test_the_probe_command_answers(running: Running) -> None:
+    """The DaemonSet's readiness/liveness probe: ``egressd status`` through the image's entrypoint."""
+    (probe,) = {tuple(container()[k]["exec"]["command"]) for k in ("readinessProbe", "livenessProbe")}
+    p = running.lab.run_node(running.in_image(list(probe)))
+    assert p.returncode == 0, p.stderr
+    st = json.loads(p.stdout)
+    assert st["pid"] == running.proc.pid
+    assert st["engine"]["dropped"] >= 1
+
+
+def test_stop_removes_the_rules(running: Running) -> None:
+    assert netfilter.installed(netns=running.lab.node)
+    os.kill(running.proc.pid, signal.SIGTERM)
+    assert running.proc.wait(15) == 0, running.stderr.read_text()
+    running.lab.procs.remove(running.proc)
+    saves = "".join(running.lab.run_node([t]).stdout for t in ("iptables-save", "ip6tables-save"))
+    assert "EGRESSD" not in saves
+    assert not netfilter.installed(netns=running.lab.node)
