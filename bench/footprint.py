@@ -76,7 +76,11 @@ def memory_and_cpu(flows: int, tmp: Path) -> None:
         print(f"  daemon CPU                       {cpu:>9.2f} s over {wall:.1f} s wall")
         if judged:
             print(f"  CPU per 1,000 new flows          {1000 * cpu / judged:>9.3f} s")
-        d.stop()
+        d.stop()  # flushes the events of flows still open
+        evs = d.events()
+        if evs:
+            size = d.events_path.stat().st_size
+            print(f"  events / bytes per event         {len(evs):>9,} / {size / len(evs):.0f} (one-datagram UDP flows)")
 
 
 def events(rounds: int, tmp: Path) -> None:
@@ -99,17 +103,20 @@ def events(rounds: int, tmp: Path) -> None:
         time.sleep(1.5)
         d.stop()
         wall = time.monotonic() - t0
+        lines = [ln for ln in d.events_path.read_bytes().splitlines() if ln.strip()]
         evs = d.events()
-        size = d.events_path.stat().st_size
+        size = sum(len(ln) + 1 for ln in lines)
         flows = len({e["flow_id"] for e in evs})
-        kinds: dict[str, int] = {}
-        for e in evs:
-            kinds[e["event_type"]] = kinds.get(e["event_type"], 0) + 1
+        kinds: dict[str, list[int]] = {}
+        for ln, e in zip(lines, evs, strict=True):
+            kinds.setdefault(e["event_type"], []).append(len(ln) + 1)
         print(f"events (mixed workload: {rounds} rounds of DNS, HTTPS, HTTP, SSH, Stratum; {wall:.1f} s)")
         print(f"  flows with events                {flows:>9,}")
-        print(f"  events written                   {len(evs):>9,}  {kinds}")
+        print(f"  events written                   {len(evs):>9,}")
         print(f"  events per flow                  {len(evs) / max(flows, 1):>9.2f}")
         print(f"  bytes per event (mean)           {size / max(len(evs), 1):>9.0f}")
+        for kind, sizes in sorted(kinds.items()):
+            print(f"    {kind + ' events':<30} {len(sizes):>9,}  mean {sum(sizes) / len(sizes):.0f} bytes")
 
 
 def main() -> int:
