@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,10 +242,45 @@ def test_the_probe_command_answers(running: Running) -> None:
     assert st["engine"]["dropped"] >= 1
 
 
+def _swap_policy(running: Running, edit: Callable[[str], str], stamp: str) -> None:
+    cm = next(o for o in render(KDIR) if o["kind"] == "ConfigMap")
+    vol = next(v for v in daemonset()["spec"]["template"]["spec"]["volumes"] if v["name"] == "policy")
+    data = dict(cm["data"], **{"site.yaml": edit(cm["data"]["site.yaml"])})
+    kubelet_configmap_volume(running.policy_dir, data, vol["configMap"]["items"], stamp)
+
+
+def _wait_reloads(running: Running, count: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while running.stderr.read_text().count("policy reloaded") < count:
+        assert time.monotonic() < deadline, running.stderr.read_text()[-2000:]
+        time.sleep(0.1)
+
+
+def test_a_configmap_swap_reloads_the_policy(running: Running) -> None:
+    """The kubelet's atomic ..data swap of the policy volume, seen by --watch: the site layer
+    switched to monitor lets a Stratum handshake through (recorded, not dropped); swapped
+    back, the next one is blocked again. No restart, no signal."""
+    assert "--watch" in container()["args"]
+    _swap_policy(running, lambda site: site + "\nmode: monitor\n", "2026_12_05_08_10_00.000000001")
+    _wait_reloads(running, 1)
+    mark = running.pool.mark()
+    rep = stratum(running.lab, POOL_V4, 3333)
+    assert rep["handshake_complete"], rep
+    assert running.pool.requests(mark) != []
+    _swap_policy(running, lambda site: site, "2026_12_05_08_20_00.000000001")
+    _wait_reloads(running, 2)
+    mark = running.pool.mark()
+    rep = stratum(running.lab, POOL_V4, 3333)
+    assert rep["connected"] and not rep["handshake_complete"], rep
+    assert running.pool.requests(mark) == []
+
+
 def test_stop_removes_the_rules(running: Running) -> None:
     assert netfilter.installed(netns=running.lab.node)
+    t0 = time.monotonic()
     os.kill(running.proc.pid, signal.SIGTERM)
     assert running.proc.wait(15) == 0, running.stderr.read_text()
+    print(f"\nimage's egressd stopped {time.monotonic() - t0:.2f} s after SIGTERM")
     running.lab.procs.remove(running.proc)
     saves = "".join(running.lab.run_node([t]).stdout for t in ("iptables-save", "ip6tables-save"))
     assert "EGRESSD" not in saves
