@@ -123,7 +123,9 @@ class Running:
 def in_image(root: Path, argv: list[str], run_dir: Path, policy_dir: Path) -> list[str]:
     """``argv`` in the image as Kubernetes starts the DaemonSet's container: a private mount
     namespace; the image's root read-only (readOnlyRootFilesystem) with the pod's volumes on
-    it (the emptyDir at /run/egressd, the ConfigMap read-only at /etc/egressd); its own /proc
+    it (the emptyDir at /run/egressd, the ConfigMap read-only at /etc/egressd, the node's
+    cgroup-v2 tree read-only at /sys/fs/cgroup, mounted afresh: ``ip netns exec`` hides the
+    host's); its own /proc
     with /proc/sys read-only as runtimes mount it; chrooted, as uid 0 whose bounding set is the
     capabilities the DaemonSet adds (what a runtime gives a container: nothing else)."""
     r = str(root)
@@ -132,6 +134,8 @@ def in_image(root: Path, argv: list[str], run_dir: Path, policy_dir: Path) -> li
 mount --bind "{r}" "{r}"
 mount -t proc proc "{r}/proc"
 mount --bind "{r}/proc/sys" "{r}/proc/sys"; mount -o remount,bind,ro "{r}/proc/sys"
+mount -t sysfs -o ro sysfs "{r}/sys"
+mount -t cgroup2 -o ro cgroup2 "{r}/sys/fs/cgroup"
 mount --bind "{run_dir}" "{r}/run/egressd"
 mount --bind "{policy_dir}" "{r}/etc/egressd"; mount -o remount,bind,ro "{r}/etc/egressd"
 mount -o remount,bind,ro "{r}"
