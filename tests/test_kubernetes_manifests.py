@@ -261,15 +261,19 @@ def test_the_configmap_default_is_the_shipped_default(copy_: str, source: str) -
 
 
 def test_the_mounted_policy_loads(base: list[Obj], tmp_path: Path) -> None:
-    """The ConfigMap laid out as the kubelet mounts it (items -> paths) loads as the daemon loads it."""
+    """The ConfigMap laid out as the kubelet mounts it (items -> paths) loads from the path the
+    DaemonSet's --policy names: the site layer on top of the shipped default."""
     cm = by_kind(base, "ConfigMap")
     vol = next(v for v in by_kind(base, "DaemonSet")["spec"]["template"]["spec"]["volumes"] if v["name"] == "policy")
+    mount = next(m["mountPath"] for m in container(base)["volumeMounts"] if m["name"] == "policy")
     for item in vol["configMap"]["items"]:
         dst = tmp_path / item["path"]
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text(cm["data"][item["key"]])
-    policy = load_policy(tmp_path / "default.yaml")
-    assert any(r.name == "drop-mining" for r in policy.rules)
+    arg = next(a.split("=", 1)[1] for a in container(base)["args"] if a.startswith("--policy="))
+    policy = load_policy(tmp_path / Path(arg).relative_to(mount))
+    assert any(r.name == "drop-mining" for r in policy.rules)  # the default's rules are in force
+    assert len(policy.files) >= 3, policy.files  # site layer, default, its included list
 
 
 # -- kubectl's own kustomize, where installed -------------------------------------------------------
