@@ -30,6 +30,7 @@ KDIR = REPO / "deploy" / "kubernetes"
 K8S_VERSION = "1.31.0"  # the oldest minor the manifests claim (DaemonSet maxSurge is GA since 1.25)
 KUSTOMIZE_KEYS = {
     "apiVersion", "kind", "namespace", "resources", "configMapGenerator", "generatorOptions", "images", "patches",
+    "nameSuffix", "labels",
 }  # fmt: skip
 CLUSTER_SCOPED = {"Namespace"}
 # What the DaemonSet adds (the image test starts the image's egressd with exactly these).
@@ -87,23 +88,47 @@ def render(kdir: Path) -> list[Obj]:
         else:
             objs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     for gen in k.get("configMapGenerator", []):
-        assert k.get("generatorOptions", {}).get("disableNameSuffixHash") is True
         data = {Path(f).name: (kdir / f).read_text() for f in gen["files"]}
+        if gen.get("behavior") == "merge":
+            (cm,) = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == gen["name"]]
+            cm["data"].update(data)
+            continue
+        assert k.get("generatorOptions", {}).get("disableNameSuffixHash") is True
         objs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data})
     if "namespace" in k:
         for o in objs:
             if o["kind"] not in CLUSTER_SCOPED:
                 o["metadata"]["namespace"] = k["namespace"]
-    for img in k.get("images", []):
-        for o in objs:
-            for c in o.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
-                if c["image"] == img["name"]:
-                    c["image"] = f"{img['newName']}:{img['newTag']}"
     for p in k.get("patches", []):
         t = p["target"]
         hits = [i for i, o in enumerate(objs) if o["kind"] == t["kind"] and o["metadata"]["name"] == t["name"]]
         assert len(hits) == 1, f"patch target {t} matches {len(hits)} objects"
         objs[hits[0]] = json_patch(objs[hits[0]], yaml.safe_load(p["patch"]))
+    if "nameSuffix" in k:
+        renamed = {}
+        for o in objs:
+            renamed[(o["kind"], o["metadata"]["name"])] = o["metadata"]["name"] + k["nameSuffix"]
+            o["metadata"]["name"] += k["nameSuffix"]
+        for o in objs:  # the references kustomize follows, as far as these manifests have them
+            pod = o.get("spec", {}).get("template", {}).get("spec", {})
+            for v in pod.get("volumes", []):
+                if "configMap" in v:
+                    v["configMap"]["name"] = renamed.get(("ConfigMap", v["configMap"]["name"]), v["configMap"]["name"])
+            if "serviceAccountName" in pod:
+                sa = pod["serviceAccountName"]
+                pod["serviceAccountName"] = renamed.get(("ServiceAccount", sa), sa)
+    for lab in k.get("labels", []):
+        for o in objs:
+            o["metadata"].setdefault("labels", {}).update(lab["pairs"])
+            spec = o.get("spec", {})
+            if lab.get("includeSelectors") and "template" in spec:
+                spec["selector"].setdefault("matchLabels", {}).update(lab["pairs"])
+                spec["template"].setdefault("metadata", {}).setdefault("labels", {}).update(lab["pairs"])
+    for img in k.get("images", []):
+        for o in objs:
+            for c in o.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                if c["image"] == img["name"]:
+                    c["image"] = f"{img['newName']}:{img['newTag']}"
     return objs
 
 
@@ -112,9 +137,12 @@ def by_kind(objs: list[Obj], kind: str) -> Obj:
     return o
 
 
-@pytest.fixture(scope="module", params=["base", "metrics"])
+VARIANTS = {"default": KDIR, "metrics": KDIR / "metrics", "pool": KDIR / "pools" / "example-gpu-a"}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
 def rendered(request: pytest.FixtureRequest) -> list[Obj]:
-    return render(KDIR if request.param == "base" else KDIR / "metrics")
+    return render(VARIANTS[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +158,10 @@ def container(objs: list[Obj]) -> Obj:
 # -- schemas ----------------------------------------------------------------------------------
 def test_every_object_validates_against_the_kubernetes_schemas(rendered: list[Obj]) -> None:
     kinds = sorted(o["kind"] for o in rendered)
-    assert kinds == ["ConfigMap", "DaemonSet", "Namespace", "ResourceQuota", "ServiceAccount"]
+    assert kinds in (
+        ["ConfigMap", "DaemonSet", "Namespace", "ResourceQuota", "ServiceAccount"],
+        ["ConfigMap", "DaemonSet"],  # a pool: the namespace comes from deploy/kubernetes/namespace
+    )
     for o in rendered:
         assert kubernetes_validate.validate(o, K8S_VERSION, strict=True) == "1.31"
 
@@ -166,6 +197,7 @@ def test_host_namespaces_and_mounts_are_what_attribution_needs_and_read_only(ren
     assert pod["hostNetwork"] is True and pod["hostPID"] is True
     assert "hostIPC" not in pod
     assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == "egressd"
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m for m in container(rendered)["volumeMounts"]}
     host = {n for n, v in volumes.items() if "hostPath" in v}
@@ -190,8 +222,9 @@ def test_scheduling_priority_tolerations_and_rollout(rendered: list[Obj]) -> Non
     # one node at a time, old pod first: a surge pod could never bind the queue the old one holds
     assert ru["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
     assert ds["spec"]["minReadySeconds"] >= 5
-    quota = by_kind(rendered, "ResourceQuota")["spec"]["scopeSelector"]["matchExpressions"][0]
-    assert quota["values"] == ["system-node-critical"]
+    if any(o["kind"] == "ResourceQuota" for o in rendered):
+        quota = by_kind(rendered, "ResourceQuota")["spec"]["scopeSelector"]["matchExpressions"][0]
+        assert quota["values"] == ["system-node-critical"]
 
 
 def test_probes_ask_the_running_daemon(rendered: list[Obj]) -> None:
@@ -260,17 +293,18 @@ def test_the_configmap_default_is_the_shipped_default(copy_: str, source: str) -
     )
 
 
-def test_the_mounted_policy_loads(base: list[Obj], tmp_path: Path) -> None:
+def test_the_mounted_policy_loads(rendered: list[Obj], tmp_path: Path) -> None:
     """The ConfigMap laid out as the kubelet mounts it (items -> paths) loads from the path the
     DaemonSet's --policy names: the site layer on top of the shipped default."""
-    cm = by_kind(base, "ConfigMap")
-    vol = next(v for v in by_kind(base, "DaemonSet")["spec"]["template"]["spec"]["volumes"] if v["name"] == "policy")
-    mount = next(m["mountPath"] for m in container(base)["volumeMounts"] if m["name"] == "policy")
+    cm = by_kind(rendered, "ConfigMap")
+    pod = by_kind(rendered, "DaemonSet")["spec"]["template"]["spec"]
+    vol = next(v for v in pod["volumes"] if v["name"] == "policy")
+    mount = next(m["mountPath"] for m in container(rendered)["volumeMounts"] if m["name"] == "policy")
     for item in vol["configMap"]["items"]:
         dst = tmp_path / item["path"]
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text(cm["data"][item["key"]])
-    arg = next(a.split("=", 1)[1] for a in container(base)["args"] if a.startswith("--policy="))
+    arg = next(a.split("=", 1)[1] for a in container(rendered)["args"] if a.startswith("--policy="))
     policy = load_policy(tmp_path / Path(arg).relative_to(mount))
     assert any(r.name == "drop-mining" for r in policy.rules)  # the default's rules are in force
     assert len(policy.files) >= 3, policy.files  # site layer, default, its included list
@@ -278,8 +312,9 @@ def test_the_mounted_policy_loads(base: list[Obj], tmp_path: Path) -> None:
 
 # -- kubectl's own kustomize, where installed -------------------------------------------------------
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (render() is checked above)")
-@pytest.mark.parametrize("kdir", [KDIR, KDIR / "metrics"], ids=["base", "metrics"])
-def test_kubectl_kustomize_renders_the_same_objects(kdir: Path) -> None:
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_kubectl_kustomize_renders_the_same_objects(variant: str) -> None:
+    kdir = VARIANTS[variant]
     p = subprocess.run(["kubectl", "kustomize", str(kdir)], capture_output=True, text=True, timeout=60, check=False)
     assert p.returncode == 0, p.stderr
 
@@ -287,3 +322,33 @@ def test_kubectl_kustomize_renders_the_same_objects(kdir: Path) -> None:
         return json.dumps(o, sort_keys=True)
 
     assert sorted(map(key, (d for d in yaml.safe_load_all(p.stdout) if d))) == sorted(map(key, render(kdir)))
+
+
+# -- pools: one DaemonSet and ConfigMap per labelled pool, never two daemons on a node -------------------
+def _pool_term(objs: list[Obj]) -> Obj:
+    pod = by_kind(objs, "DaemonSet")["spec"]["template"]["spec"]
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    (expr,) = term["matchExpressions"]
+    return dict(expr)
+
+
+def test_the_default_and_a_pool_daemonset_select_disjoint_nodes_and_pods() -> None:
+    default, pool = render(KDIR), render(VARIANTS["pool"])
+    assert _pool_term(default) == {"key": "egressd.io/pool", "operator": "DoesNotExist"}
+    assert _pool_term(pool) == {"key": "egressd.io/pool", "operator": "In", "values": ["gpu-a"]}
+    d_ds, p_ds = by_kind(default, "DaemonSet"), by_kind(pool, "DaemonSet")
+    assert d_ds["metadata"]["name"] != p_ds["metadata"]["name"]
+    # the default's selector refuses pods with a pool label; the pool's requires its own
+    assert d_ds["spec"]["selector"]["matchExpressions"] == [{"key": "egressd.io/pool", "operator": "DoesNotExist"}]
+    assert p_ds["spec"]["selector"]["matchLabels"]["egressd.io/pool"] == "gpu-a"
+    assert p_ds["spec"]["template"]["metadata"]["labels"]["egressd.io/pool"] == "gpu-a"
+
+
+def test_a_pool_has_its_own_configmap_with_the_same_default_and_its_own_site_layer() -> None:
+    default, pool = render(KDIR), render(VARIANTS["pool"])
+    d_cm, p_cm = by_kind(default, "ConfigMap"), by_kind(pool, "ConfigMap")
+    vol = next(v for v in by_kind(pool, "DaemonSet")["spec"]["template"]["spec"]["volumes"] if v["name"] == "policy")
+    assert vol["configMap"]["name"] == p_cm["metadata"]["name"] != d_cm["metadata"]["name"]
+    assert p_cm["data"]["default.yaml"] == d_cm["data"]["default.yaml"]
+    assert p_cm["data"]["site.yaml"] != d_cm["data"]["site.yaml"]
+    assert "\nmode: monitor\n" in p_cm["data"]["site.yaml"]  # the rollout's first step
