@@ -238,10 +238,12 @@ def _packets(msgs: list[Msg], dport: int) -> list[bytes]:
         for i in range(0, len(data), 1400):
             chunk = data[i : i + 1400]
             if side == "c":
-                out.append(bytes(IP(src=NODE, dst=SERVER) / TCP(sport=40000, dport=dport, flags="PA", seq=cseq, ack=sseq) / chunk))  # fmt: skip
+                tcp = TCP(sport=40000, dport=dport, flags="PA", seq=cseq, ack=sseq)
+                out.append(bytes(IP(src=NODE, dst=SERVER) / tcp / chunk))
                 cseq += len(chunk)
             else:
-                out.append(bytes(IP(src=SERVER, dst=NODE) / TCP(sport=dport, dport=40000, flags="PA", seq=sseq, ack=cseq) / chunk))  # fmt: skip
+                tcp = TCP(sport=dport, dport=40000, flags="PA", seq=sseq, ack=cseq)
+                out.append(bytes(IP(src=SERVER, dst=NODE) / tcp / chunk))
                 sseq += len(chunk)
     out.append(bytes(IP(src=NODE, dst=SERVER) / TCP(sport=40000, dport=dport, flags="FA", seq=cseq, ack=sseq)))
     out.append(bytes(IP(src=SERVER, dst=NODE) / TCP(sport=dport, dport=40000, flags="FA", seq=sseq, ack=cseq + 1)))
