@@ -30,12 +30,13 @@ from egressd.defrag import Reassembler
 from egressd.detect import base as d
 from egressd.detect.base import NEED_MORE, NOT_THIS, Detection, StreamContext, StreamDetector
 from egressd.detect.dns import DnsMessage, answers_by_ip, detect_dns_stream, iter_tcp_messages, parse_message
+from egressd.detect.kinds import family_of
 from egressd.detect.proxy import detect_proxy
 from egressd.detect.ssh import detect_ssh
-from egressd.detect.stratum import detect_stratum
+from egressd.detect.stratum import detect_jsonrpc, detect_stratum
 from egressd.detect.tls import detect_tls
 from egressd.detect.tunnels import detect_datagram, detect_stream
-from egressd.events import PROTO_NAMES, Event, ip_text
+from egressd.events import Event, ip_text
 from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, SETTLED, Flow, FlowTable, make_key
 from egressd.packet import (
     PROTO_TCP,
@@ -49,6 +50,8 @@ from egressd.packet import (
     decode,
 )
 from egressd.policy import Decision, FlowFacts, Policy
+from egressd.policy.model import CONTENT_CLASSIFIED, CONTENT_NONE, CONTENT_PENDING, CONTENT_UNCLASSIFIED
+from egressd.protocols import eve_name
 from egressd.stream import GREW, NOTHING, StreamHead
 
 # Verdicts returned by feed(); small ints so the hot path allocates nothing for them.
@@ -78,30 +81,17 @@ _TCP_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
     ("proxy", detect_proxy),
     ("ssh", detect_ssh),
     ("stratum", detect_stratum),
+    ("rpc", detect_jsonrpc),
     ("tls", detect_tls),
     ("tunnel", detect_stream),
 )
 _INNER_DETECTORS: Final = tuple(x for x in _TCP_DETECTORS if x[0] != "proxy")
 _DNS_STREAM: Final[tuple[str, StreamDetector]] = ("dns", detect_dns_stream)
 
-# How much a finding matters when several were made on one flow (the event names the top one).
-_PRIORITY: Final = (
-    "mining",
-    "ssh.reverse",
-    "evasion",
-    "ssh",
-    "tunnel",
-    "proxy",
-    "tls",
-    "dns",
-)
-
 
 def _priority(kind: str) -> int:
-    for i, p in enumerate(_PRIORITY):
-        if d.kind_matches(p, kind):
-            return i
-    return len(_PRIORITY)
+    """How much a finding matters when one flow has several (the event names the top one)."""
+    return family_of(kind).rank
 
 
 class Counters:
@@ -164,6 +154,7 @@ class Engine:
         self._dns_cap = s.dns_cache
         self._error_verdict = DROP if policy.on_error == "drop" else ACCEPT
         self._monitor = policy.mode == "monitor"
+        self._needs_content = policy.needs_content()
         self.table.max_flows = s.max_flows
 
     def reload(self, policy: Policy) -> None:
@@ -219,6 +210,7 @@ class Engine:
             return self._overload(p, ts)
         if isinstance(room, Flow):
             self.counters.evicted += 1
+            self._conclude(room)
             self._report(room, ts, "end")
         src, sport, dst, dport = p.src, p.sport, p.dst, p.dport
         midstream = False
@@ -275,7 +267,7 @@ class Engine:
                 if v is not None:
                     return v
         # Other protocols and UDP: the first packet decides.
-        return self._pin_accept(flow, ts, "first-packet")
+        return self._pin_accept(flow, ts, "first-packet", bool(p.payload))
 
     def _inspect(self, flow: Flow, p: Packet, ts: float, from_orig: bool) -> int:
         if from_orig:
@@ -491,7 +483,7 @@ class Engine:
         return e[0]
 
     # -- judgement ----------------------------------------------------------------------
-    def _facts(self, flow: Flow) -> FlowFacts:
+    def _facts(self, flow: Flow, content: str = CONTENT_PENDING) -> FlowFacts:
         return FlowFacts(
             flow.proto,
             flow.version,
@@ -501,7 +493,28 @@ class Engine:
             flow.dport,
             flow.domains,
             tuple(x.kind for x in flow.detections.values()),
+            content,
         )
+
+    def _conclude(self, flow: Flow, payload: bool = False) -> None:
+        """Inspection of ``flow`` has ended: judge it once more, now that its content is known.
+
+        Only when the policy has ``content`` conditions (the shipped one does: a port-only
+        alert must not fire on a flow without payload, or on one a detector recognised as
+        something else). Like every judgement, it can only make the decision stricter.
+        """
+        if not self._needs_content:
+            return
+        if flow.detections:
+            content = CONTENT_CLASSIFIED
+        elif payload or (flow.fwd is not None and flow.fwd.data) or (flow.rev is not None and flow.rev.data):
+            content = CONTENT_UNCLASSIFIED
+        else:
+            content = CONTENT_NONE
+        new = self.policy.judge(self._facts(flow, content))
+        old = flow.decision
+        if old is None or _RANK[new.action] >= _RANK[old.action]:
+            flow.decision = new
 
     def _rejudge(self, flow: Flow, ts: float) -> int | None:
         new = self.policy.judge(self._facts(flow))
@@ -530,7 +543,11 @@ class Engine:
         self._report(flow, ts, reason)
         return DROP
 
-    def _pin_accept(self, flow: Flow, ts: float, reason: str) -> int:
+    def _pin_accept(self, flow: Flow, ts: float, reason: str, payload: bool = False) -> int:
+        self._conclude(flow, payload)
+        dec = flow.decision
+        if dec is not None and dec.action == "drop" and not self._monitor:
+            return self._pin_drop(flow, ts, reason)  # a rule on the content now known drops it
         flow.state = PINNED_ACCEPT
         self.table.finish(flow)
         self.counters.accept_pinned += 1
@@ -552,7 +569,7 @@ class Engine:
             self._fid += 1
             ev = Event(
                 ts, self._fid, ip_text(p.src), p.sport, ip_text(p.dst), p.dport,
-                PROTO_NAMES.get(p.proto, str(p.proto)), act, "blocked" if act == "drop" else "allowed",
+                eve_name(p.proto), act, "blocked" if act == "drop" else "allowed",
                 "on_overload", "flow table full of flows still being classified", "overload", self.policy.mode,
             )  # fmt: skip
             ev.extra = {"overload_count": self._overload_pending}
@@ -592,11 +609,13 @@ class Engine:
     def sweep(self, now: float) -> None:
         """Expire idle flows (the shell calls this about once a second, or at capture end)."""
         for f in self.table.expire(now, self._idle):
+            self._conclude(f)
             self._report(f, now, "end")
 
     def finish(self, now: float) -> None:
         """End of input (a capture replay): report every flow still being classified."""
         for f in list(self.table.active.values()):
+            self._conclude(f)
             f.state = PINNED_ACCEPT if f.decision is None or not self._effective_drop(f.decision) else PINNED_DROP
             self._report(f, now, "end")
         self.table.active.clear()
@@ -630,7 +649,7 @@ class Engine:
             src_port=flow.sport,
             dest_ip=ip_text(flow.dst),
             dest_port=flow.dport,
-            proto=PROTO_NAMES.get(flow.proto, str(flow.proto)),
+            proto=eve_name(flow.proto),
             verdict=dec.action,
             action="blocked" if blocked else "allowed",
             rule=dec.rule,

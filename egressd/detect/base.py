@@ -19,6 +19,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+# Detection kinds live in one registry (egressd.detect.kinds); re-exported for the detectors.
+from egressd.detect.kinds import (
+    DNS,
+    EVASION_SSH_CLIENT_PREAMBLE,
+    EVASION_SSH_LONG_BANNER,
+    EVASION_SSH_MALFORMED,
+    FRAGMENT_OVERLAP,
+    MINING_ETH,
+    MINING_GETWORK,
+    MINING_POOL,
+    MINING_POOL_DOMAIN,
+    MINING_STRATUM,
+    MINING_XMR,
+    PROXY_CONNECT,
+    PROXY_SOCKS,
+    RPC_JSONRPC,
+    SSH,
+    SSH_REVERSE,
+    STREAM_INCONSISTENT,
+    TLS,
+    TUNNEL_IKE,
+    TUNNEL_OPENVPN,
+    TUNNEL_WIREGUARD,
+    kind_matches,
+)
+
 
 class Outcome(enum.Enum):
     """The two non-detection outcomes. Identity-compared, never allocated per call."""
@@ -55,30 +81,6 @@ class Detection:
 
 
 Result = Detection | Outcome
-
-# Detection kinds used across the project (policy files name these).
-SSH: Final = "ssh"
-SSH_REVERSE: Final = "ssh.reverse"
-MINING_STRATUM: Final = "mining.stratum"  # Stratum v1 client (mining.subscribe/authorize/...)
-MINING_ETH: Final = "mining.eth-stratum"  # EthereumStratum / eth_submitLogin / eth_getWork
-MINING_XMR: Final = "mining.xmr"  # CryptoNote / XMRig "login" JSON-RPC
-MINING_GETWORK: Final = "mining.getwork"  # getwork / getblocktemplate in an HTTP POST
-MINING_POOL: Final = "mining.pool"  # the pool's side: mining.notify, set_difficulty, job blobs
-MINING_POOL_DOMAIN: Final = "mining.pool-domain"  # TLS SNI or DNS query for a pool domain
-TLS: Final = "tls"
-DNS: Final = "dns"
-PROXY_CONNECT: Final = "proxy.http-connect"
-PROXY_SOCKS: Final = "proxy.socks"
-STREAM_INCONSISTENT: Final = "evasion.inconsistent-retransmission"
-FRAGMENT_OVERLAP: Final = "evasion.fragment-overlap"
-TUNNEL_WIREGUARD: Final = "tunnel.wireguard"  # handshake initiation/response
-TUNNEL_IKE: Final = "tunnel.ike"  # IPsec key exchange (IKEv1/IKEv2)
-TUNNEL_OPENVPN: Final = "tunnel.openvpn"  # OpenVPN over TCP, hard-reset handshake
-
-
-def kind_matches(pattern: str, kind: str) -> bool:
-    """``mining`` matches ``mining`` and ``mining.xmr``, but not ``miningfoo``."""
-    return kind == pattern or (kind.startswith(pattern) and kind[len(pattern)] == ".")
 
 
 _PRINTABLE = bytes(range(0x20, 0x7F))
@@ -120,3 +122,36 @@ class StreamContext:
 
 StreamDetector = Callable[[bytes, bytes, StreamContext], Result]
 """``detect_x(fwd, rev, ctx)``: fwd = originator's head bytes, rev = responder's."""
+
+__all__ = [
+    "DNS",
+    "EVASION_SSH_CLIENT_PREAMBLE",
+    "EVASION_SSH_LONG_BANNER",
+    "EVASION_SSH_MALFORMED",
+    "FRAGMENT_OVERLAP",
+    "MINING_ETH",
+    "MINING_GETWORK",
+    "MINING_POOL",
+    "MINING_POOL_DOMAIN",
+    "MINING_STRATUM",
+    "MINING_XMR",
+    "NEED_MORE",
+    "NOT_THIS",
+    "PROXY_CONNECT",
+    "PROXY_SOCKS",
+    "RPC_JSONRPC",
+    "SSH",
+    "SSH_REVERSE",
+    "STREAM_INCONSISTENT",
+    "TLS",
+    "TUNNEL_IKE",
+    "TUNNEL_OPENVPN",
+    "TUNNEL_WIREGUARD",
+    "Detection",
+    "Outcome",
+    "Result",
+    "StreamContext",
+    "StreamDetector",
+    "kind_matches",
+    "printable",
+]

@@ -43,6 +43,7 @@ from egressd.detect.base import (
     MINING_XMR,
     NEED_MORE,
     NOT_THIS,
+    RPC_JSONRPC,
     Detection,
     Result,
     StreamContext,
@@ -101,6 +102,10 @@ _POOL_HEADERS: Final = (b"x-stratum", b"x-long-polling", b"x-roll-ntime", b"x-is
 # Per-direction outcomes.
 _NEED: Final = 0
 _NOT: Final = 1
+# Not mining, but read: a complete JSON-RPC message (an object with "method", "result" or
+# "error") whose method is none of the above. Reported as ``rpc.jsonrpc`` so that a port-only
+# policy rule knows the content was inspected and found to be something else.
+_RPC: Final = 2
 
 
 @dataclass(slots=True)
@@ -307,7 +312,16 @@ def _json_stream(data: bytes, start: int, final: bool) -> _Hit | int:
             value, end = _DECODER.raw_decode(text, msg_start)
         except (ValueError, RecursionError):
             break
-    return hit if hit is not None else _NOT
+    if hit is not None:
+        return hit
+    return _RPC if _is_rpc(first[0]) else _NOT
+
+
+def _is_rpc(value: object) -> bool:
+    """A JSON-RPC request, response or batch of them (1.0 and 2.0 alike)."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return isinstance(value, dict) and ("method" in value or "result" in value or "error" in value)
 
 
 def _headers(head: bytes) -> dict[bytes, bytes]:
@@ -346,6 +360,8 @@ def _http(data: bytes, start: int, final: bool, request: bool) -> _Hit | int:
         stripped = body.lstrip(_BLANK)
         if stripped[:1] in (b"{", b"["):
             hit = _json_stream(stripped, 0, True)
+            if hit == _RPC and header is None:
+                return _RPC
     if isinstance(hit, _Hit):
         if request and hit.kind == MINING_POOL:
             hit = _NOT  # a request carrying a pool message is not a pool
@@ -425,6 +441,29 @@ def detect_stratum(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
     r = _scan(rev, ctx.rev_closed or ctx.rev_full)
     hit = _pick(f, r)
     if hit is None:
-        return NOT_THIS if f == _NOT and r == _NOT else NEED_MORE
+        return NEED_MORE if f == _NEED or r == _NEED else NOT_THIS
     info = {"method": _clean(hit.method), **hit.info}
     return Detection(kind=hit.kind, evidence=hit.evidence, info=info)
+
+
+def detect_jsonrpc(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
+    """JSON-RPC that is *not* mining, read in full from both sides: ``rpc.jsonrpc``.
+
+    The other half of :func:`detect_stratum`, on the same parse: once neither side can still
+    show a miner's or a pool's message and at least one side sent a complete JSON-RPC
+    message, the flow is known to be something else, and a port-only rule must not call it
+    mining (an Ethereum or Bitcoin node's RPC on a port pools also use).
+    """
+    f = _scan(fwd, ctx.fwd_closed or ctx.fwd_full)
+    if f == _NOT and not rev:
+        return NOT_THIS if ctx.rev_closed or ctx.rev_full else NEED_MORE
+    r = _scan(rev, ctx.rev_closed or ctx.rev_full)
+    if isinstance(f, _Hit) or isinstance(r, _Hit):
+        return NOT_THIS  # mining: detect_stratum reports it
+    if f == _NEED or r == _NEED:
+        return NEED_MORE
+    if f != _RPC and r != _RPC:
+        return NOT_THIS
+    data = fwd if f == _RPC else rev
+    start = len(data) - len(data.lstrip(_BLANK))
+    return Detection(kind=RPC_JSONRPC, evidence=printable(data[start : start + _EVIDENCE_LEN]))

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
 from egressd.detect.base import kind_matches
+from egressd.protocols import PORT_PROTOS
 
 if TYPE_CHECKING:
     from egressd.policy.model import FlowFacts
@@ -39,7 +40,6 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Protocols that carry port numbers. A port condition never matches another protocol, so
 # ``dst_port: 53`` cannot match an ICMP flow whose (absent) ports the engine reports as 0.
-PORT_PROTOS: Final = frozenset({6, 17, 33, 132, 136})  # tcp, udp, dccp, sctp, udplite
 
 # Above this many ports a PortSet keeps intervals instead of a frozenset (memory bound).
 _PORTSET_MAX_SET: Final = 4096
@@ -179,7 +179,7 @@ class Match:
     and port are integer look-ups that reject most flows for most rules.
     """
 
-    __slots__ = ("domains", "dst", "dst_ports", "kinds", "nots", "protos", "src", "src_ports")
+    __slots__ = ("content", "domains", "dst", "dst_ports", "kinds", "nots", "protos", "src", "src_ports")
 
     def __init__(
         self,
@@ -191,6 +191,7 @@ class Match:
         dst_ports: PortSet | None = None,
         domains: DomainSet | None = None,
         kinds: tuple[str, ...] | None = None,
+        content: frozenset[str] | None = None,
         nots: tuple[Match, ...] = (),
     ) -> None:
         self.protos = protos
@@ -200,6 +201,7 @@ class Match:
         self.dst_ports = dst_ports
         self.domains = domains
         self.kinds = kinds
+        self.content = content
         self.nots = nots
 
     @property
@@ -213,6 +215,7 @@ class Match:
             and self.dst_ports is None
             and self.domains is None
             and self.kinds is None
+            and self.content is None
             and not self.nots
         )
 
@@ -223,6 +226,10 @@ class Match:
     @property
     def uses_detection(self) -> bool:
         return self.kinds is not None or any(n.uses_detection for n in self.nots)
+
+    @property
+    def uses_content(self) -> bool:
+        return self.content is not None or any(n.uses_content for n in self.nots)
 
     @property
     def uses_address(self) -> bool:
@@ -247,6 +254,8 @@ class Match:
                 break
             else:
                 return False
+        if self.content is not None and f.content not in self.content:
+            return False  # never while the content is still pending: it is in no such set
         if self.dst is not None and not self.dst.contains(f.version, dst):
             return False
         if self.src is not None and not self.src.contains(f.version, src):
@@ -276,4 +285,4 @@ class Match:
             return False
         if self.domains is not None and self.domains.match_any(f.domains) is None:
             return False
-        return all(sub.uses_detection or not sub.test(f, src, dst) for sub in self.nots)
+        return all(sub.uses_detection or sub.uses_content or not sub.test(f, src, dst) for sub in self.nots)

@@ -21,6 +21,16 @@ FAIL_MODES: Final = ("open", "closed")
 OVERLOAD_ACTIONS: Final = ("accept", "drop")
 ERROR_ACTIONS: Final = ("accept", "drop")
 
+# What a flow's payload turned out to be (``FlowFacts.content``, the match key ``content``).
+# Known only once inspection of the flow has ended (its verdict pinned, or the flow ended):
+# while it is PENDING no ``content`` condition holds, so a rule that needs the content can
+# never fire on the first packet, before any payload could be read.
+CONTENT_PENDING: Final = "pending"  # still being inspected
+CONTENT_NONE: Final = "none"  # no payload in either direction (a scan, a refused connection)
+CONTENT_UNCLASSIFIED: Final = "unclassified"  # payload that no detector recognised
+CONTENT_CLASSIFIED: Final = "classified"  # a detector recognised the payload (any kind)
+CONTENT_VALUES: Final = (CONTENT_NONE, CONTENT_UNCLASSIFIED, CONTENT_CLASSIFIED)
+
 
 @dataclass(frozen=True, slots=True)
 class FlowFacts:
@@ -29,6 +39,7 @@ class FlowFacts:
     ``domains`` are the names the engine tied to the destination (DNS answer for ``dst``,
     TLS SNI, HTTP CONNECT host), lowercased without the trailing dot. ``detections`` are
     dotted detection kinds (see :mod:`egressd.detect.base`). Both only grow during a flow.
+    ``content`` is one of the ``CONTENT_*`` values: PENDING until inspection has ended.
     """
 
     proto: int
@@ -39,6 +50,7 @@ class FlowFacts:
     dport: int
     domains: tuple[str, ...] = ()
     detections: tuple[str, ...] = ()
+    content: str = CONTENT_PENDING
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +227,10 @@ class Policy:
         ``pool_domains`` is set (detectors report ``mining.pool-domain`` from names). When
         False the engine need not keep a DNS cache for the policy's sake."""
         return len(self.pool_domains) > 0 or any(r.match.uses_domain for r in self.rules)
+
+    def needs_content(self) -> bool:
+        """True when some rule looks at ``content``: the engine judges again when inspection ends."""
+        return any(r.match.uses_content for r in self.rules)
 
     def needs_detection(self) -> bool:
         """True when some rule looks at detections; when False the first judgment is final."""
