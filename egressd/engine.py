@@ -330,7 +330,7 @@ class Engine:
     def _detect(self, flow: Flow, ts: float) -> int | None:
         fwd, rev = flow.fwd, flow.rev
         assert fwd is not None and rev is not None
-        ctx = StreamContext(flow.sport, flow.dport, fwd.closed, rev.closed, fwd.full, rev.full)
+        ctx = StreamContext(flow.sport, flow.dport, fwd.closed, rev.closed, fwd.full, rev.full, self._head)
         changed = False
         fdata = fwd.data if not flow.inner_fwd else fwd.data[flow.inner_fwd :]
         rdata = rev.data if not flow.inner_rev else rev.data[flow.inner_rev :]

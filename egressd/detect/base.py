@@ -110,6 +110,9 @@ class StreamContext:
     ``fwd`` is always originator -> responder. ``fwd_closed``/``rev_closed`` say that
     direction has ended (FIN/RST seen), so NEED_MORE can no longer be satisfied there.
     ``fwd_full``/``rev_full`` say the head buffer reached its cap: nothing more will come.
+    ``head`` is that cap, the policy's ``head_bytes``: the one byte limit every detector uses
+    (a detector with a limit of its own would wait for bytes that can never come, or give
+    up on bytes the head holds).
     """
 
     sport: int
@@ -118,6 +121,7 @@ class StreamContext:
     rev_closed: bool = False
     fwd_full: bool = False
     rev_full: bool = False
+    head: int = 8192  # the default head_bytes (egressd.policy.model.Settings)
 
 
 StreamDetector = Callable[[bytes, bytes, StreamContext], Result]
