@@ -1875,8 +1875,8 @@ class EngineTarget(Target[_EngineCase]):
                             f"a stream head holds {len(head.data)}+{head.pending_bytes} B, limit {head.limit}"
                         )
                     self.max_head = max(self.max_head, len(head.data))
-        if len(eng._dns) > POLICY_DNS_CACHE:
-            raise Violation(f"DNS cache holds {len(eng._dns)} entries, cap {POLICY_DNS_CACHE}")
+        if len(eng.dns) > POLICY_DNS_CACHE:
+            raise Violation(f"DNS cache holds {len(eng.dns)} entries, cap {POLICY_DNS_CACHE}")
         ra = eng._defrag
         if len(ra.dgrams) > defrag.MAX_DATAGRAMS or ra.bytes > defrag.MAX_BYTES:
             raise Violation("fragment reassembly past its bounds")

@@ -23,19 +23,20 @@ counted and gets the policy's ``on_error`` verdict.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Final
 
 from egressd.defrag import Reassembler
 from egressd.detect import base as d
 from egressd.detect.base import NEED_MORE, NOT_THIS, Detection, StreamContext, StreamDetector
-from egressd.detect.dns import DnsMessage, answers_by_ip, detect_dns_stream, iter_tcp_messages, parse_message
+from egressd.detect.dns import detect_dns_stream
 from egressd.detect.kinds import family_of
 from egressd.detect.proxy import detect_proxy
 from egressd.detect.ssh import detect_ssh
 from egressd.detect.stratum import detect_jsonrpc, detect_stratum
 from egressd.detect.tls import detect_tls
 from egressd.detect.tunnels import detect_datagram, detect_stream
+from egressd.dnsnames import DnsNames, is_dns_port
 from egressd.events import Event, ip_text
 from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, SETTLED, Flow, FlowTable, make_key
 from egressd.packet import (
@@ -70,8 +71,6 @@ ACCEPT_PLAIN: Final = 3
 DIR_UNKNOWN: Final = 0
 DIR_ORIGINAL: Final = 1
 DIR_REPLY: Final = 2
-
-_DNS_PORTS: Final = frozenset({53, 5353})
 
 _RANK: Final = {"accept": 0, "alert": 1, "drop": 2}
 
@@ -137,7 +136,7 @@ class Engine:
         self.counters = Counters()
         self.events: deque[Event] = deque()
         self._fid = 0
-        self._dns: OrderedDict[bytes, tuple[tuple[str, ...], float]] = OrderedDict()
+        self.dns = DnsNames(policy.settings.dns_cache)
         self._defrag = Reassembler()
         self._overload_last = -1e18
         self._overload_pending = 0
@@ -151,7 +150,7 @@ class Engine:
         self._head = s.head_bytes
         self._max_packets = s.max_packets
         self._idle = {PROTO_TCP: s.tcp_idle, PROTO_UDP: s.udp_idle}
-        self._dns_cap = s.dns_cache
+        self.dns.cap = s.dns_cache
         self._error_verdict = DROP if policy.on_error == "drop" else ACCEPT
         self._monitor = policy.mode == "monitor"
         self._needs_content = policy.needs_content()
@@ -240,7 +239,7 @@ class Engine:
         self.counters.flows += 1
         if midstream:
             self.counters.midstream += 1
-        names = self._dns_names(dst, ts)
+        names = self.dns.names_for(dst, ts)
         if names:
             flow.domains = names
         self.table.add(flow)
@@ -252,11 +251,11 @@ class Engine:
             flow.fwd = StreamHead(self._head)
             flow.rev = StreamHead(self._head)
             flow.active_detectors = list(_TCP_DETECTORS)
-            if p.dport == 53 or p.sport == 53:
+            if is_dns_port(sport, dport):
                 flow.active_detectors.append(_DNS_STREAM)
             return self._inspect(flow, p, ts, from_orig)
         if p.proto == PROTO_UDP:
-            if dport in _DNS_PORTS or sport in _DNS_PORTS:
+            if is_dns_port(sport, dport):
                 return self._inspect(flow, p, ts, from_orig)
             # Other UDP is judged on its first datagram: a VPN handshake shows there, and
             # pinning at once keeps QUIC and the like out of Python.
@@ -358,7 +357,7 @@ class Engine:
                     for n, _ in _INNER_DETECTORS:
                         self._forget(flow, n)
                     return self._detect(flow, ts)
-        if flow.dport in _DNS_PORTS or flow.sport in _DNS_PORTS:
+        if is_dns_port(flow.sport, flow.dport):
             changed |= self._tcp_dns(flow, fdata, rdata, ts)
         if (fwd.inconsistent or rev.inconsistent) and "stream" not in flow.detections:
             side = "originator" if fwd.inconsistent else "responder"
@@ -375,7 +374,7 @@ class Engine:
             if v is not None:
                 return v
         ended = (fwd.full or fwd.closed) and (rev.full or rev.closed)
-        if flow.dport in _DNS_PORTS or flow.sport in _DNS_PORTS:
+        if is_dns_port(flow.sport, flow.dport):
             # DNS over TCP: every query pipelined on the connection is judged, up to the head
             # (a harmless first lookup must not open the way for a pool's name).
             if ended or fwd.full or fwd.closed:
@@ -387,15 +386,9 @@ class Engine:
     def _tcp_dns(self, flow: Flow, fdata: bytes, rdata: bytes, ts: float) -> bool:
         """DNS over TCP (RFC 7766): query names are the flow's domains, answers teach names."""
         before = flow.domains
-        for m in iter_tcp_messages(fdata):
-            msg = parse_message(m)
-            if msg is not None and not msg.is_response:
-                for q in msg.questions:
-                    self._add_domain(flow, q.name)
-        for m in iter_tcp_messages(rdata):
-            msg = parse_message(m)
-            if msg is not None and msg.is_response:
-                self._learn(msg, ts)
+        for name in self.dns.observe(fdata, True, ts, tcp=True).queries:
+            self._add_domain(flow, name)
+        self.dns.observe(rdata, False, ts, tcp=True)
         return flow.domains is not before
 
     def _record(self, flow: Flow, name: str, det: Detection) -> bool:
@@ -428,23 +421,13 @@ class Engine:
             )
 
     def _udp_dns(self, flow: Flow, p: Packet, ts: float, from_orig: bool) -> int:
-        msg = parse_message(p.payload)
-        changed = False
-        if msg is not None:
-            if msg.is_response:
-                # Learn from every answer, whichever side we think sent it (a capture may
-                # start after the query): answers are what name the addresses.
-                self._learn(msg, ts)
-            elif from_orig:
-                for q in msg.questions:
-                    before = flow.domains
-                    self._add_domain(flow, q.name)
-                    changed |= flow.domains is not before
-                if "dns" not in flow.detections and msg.questions:
-                    q0 = msg.questions[0]
-                    flow.detections["dns"] = Detection(
-                        d.DNS, f"query {q0.name} type {q0.qtype}", info={"qname": q0.name}
-                    )
+        seen = self.dns.observe(p.payload, from_orig, ts, tcp=False)
+        before = flow.domains
+        for name in seen.queries:
+            self._add_domain(flow, name)
+        changed = flow.domains is not before
+        if seen.detection is not None and "dns" not in flow.detections:
+            flow.detections["dns"] = seen.detection
         if changed:
             v = self._rejudge(flow, ts)
             if v is not None:
@@ -463,24 +446,6 @@ class Engine:
         if flow.midstream or flow.fwd_pkts + flow.rev_pkts > 1:
             return ACCEPT_PLAIN
         return ACCEPT
-
-    def _learn(self, msg: DnsMessage, ts: float) -> None:
-        """Remember which name each answered address came from (bounded LRU)."""
-        for ip, name, ttl in answers_by_ip(msg):
-            names: tuple[str, ...] = (name,)
-            old = self._dns.get(ip)
-            if old is not None and old[1] >= ts and name not in old[0]:
-                names = (name, *old[0])[:4]
-            self._dns[ip] = (names, ts + max(ttl, 0) + 60.0)
-            self._dns.move_to_end(ip)
-            while len(self._dns) > self._dns_cap:
-                self._dns.popitem(last=False)
-
-    def _dns_names(self, ip: bytes, ts: float) -> tuple[str, ...]:
-        e = self._dns.get(ip)
-        if e is None or e[1] < ts:
-            return ()
-        return e[0]
 
     # -- judgement ----------------------------------------------------------------------
     def _facts(self, flow: Flow, content: str = CONTENT_PENDING) -> FlowFacts:
