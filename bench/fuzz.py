@@ -74,13 +74,14 @@ from egressd.detect.ssh import detect_ssh  # noqa: E402
 from egressd.detect.stratum import detect_stratum  # noqa: E402
 from egressd.detect.tls import ClientHello, detect_tls, parse_client_hello  # noqa: E402
 from egressd.engine import (  # noqa: E402
-    ACCEPT,
-    ACCEPT_PIN,
-    ACCEPT_PLAIN,
     DIR_ORIGINAL,
     DIR_REPLY,
     DIR_UNKNOWN,
-    DROP,
+    DROP_PACKET,
+    PASS,
+    PASS_MARK_SEEN,
+    PIN_ALLOW,
+    PIN_DENY,
     Engine,
 )
 from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, SETTLED, make_key  # noqa: E402
@@ -1689,7 +1690,7 @@ class EngineTarget(Target[_EngineCase]):
 
     name = "engine"
     weight = 14.0
-    VERDICTS: Final = frozenset({ACCEPT, ACCEPT_PIN, DROP, ACCEPT_PLAIN})
+    VERDICTS: Final = frozenset({PASS_MARK_SEEN, PIN_ALLOW, PIN_DENY, PASS, DROP_PACKET})
 
     def __init__(self, seeds: Seeds, rng: random.Random) -> None:
         super().__init__(seeds, rng)
@@ -1705,7 +1706,7 @@ class EngineTarget(Target[_EngineCase]):
         self.events = 0
         self.max_flows = 0
         self.max_head = 0
-        self.verdicts = {ACCEPT: 0, ACCEPT_PIN: 0, DROP: 0, ACCEPT_PLAIN: 0}
+        self.verdicts = {PASS_MARK_SEEN: 0, PIN_ALLOW: 0, PIN_DENY: 0, PASS: 0, DROP_PACKET: 0}
 
     # -- sessions
     def _tcp_session(self, rng: random.Random) -> list[tuple[bytes, int]]:
@@ -1887,10 +1888,10 @@ class EngineTarget(Target[_EngineCase]):
             flow = table.active.get(key) or table.done.get(key)
             if flow is not None and flow.last_ts == x.ts:
                 want = {
-                    PINNED_DROP: (DROP,),
-                    PINNED_ACCEPT: (ACCEPT_PIN,),
-                    PENDING: (ACCEPT, ACCEPT_PLAIN),
-                    SETTLED: (ACCEPT, ACCEPT_PLAIN),  # answered DNS: reported, still judged
+                    PINNED_DROP: (PIN_DENY,),
+                    PINNED_ACCEPT: (PIN_ALLOW,),
+                    PENDING: (PASS_MARK_SEEN, PASS),
+                    SETTLED: (PASS_MARK_SEEN, PASS),  # answered DNS: reported, still judged
                 }
                 if v not in want[flow.state]:
                     raise Violation(f"verdict {v} for a flow in state {flow.state}")
@@ -1912,8 +1913,8 @@ class EngineTarget(Target[_EngineCase]):
         return (
             f"max {self.max_flows}/{self.engine.table.max_flows} flows, max head {self.max_head} B, "
             f"flows {c.flows}, evicted {c.evicted}, overload {c.overload}, malformed {c.malformed}, "
-            f"fragments {c.fragments}, verdicts accept {v[ACCEPT]} pin {v[ACCEPT_PIN]} drop {v[DROP]} "
-            f"midstream {v[ACCEPT_PLAIN]}, {self.events} events"
+            f"fragments {c.fragments}, verdicts pass-mark-seen {v[PASS_MARK_SEEN]} pin-allow {v[PIN_ALLOW]} "
+            f"pin-deny {v[PIN_DENY]} pass {v[PASS]} drop-packet {v[DROP_PACKET]}, {self.events} events"
         )
 
     def measures(self) -> dict[str, float]:
@@ -1925,7 +1926,7 @@ class EngineTarget(Target[_EngineCase]):
             "overload": c.overload,
             "fragments": c.fragments,
             "detections": sum(c.detections.values()),
-            "drops": self.verdicts[DROP],
+            "drops": self.verdicts[PIN_DENY],
         }
 
 

@@ -38,7 +38,7 @@ from egressd.detect.tls import detect_tls
 from egressd.detect.tunnels import detect_datagram, detect_stream
 from egressd.dnsnames import DnsNames, is_dns_port
 from egressd.events import Event, ip_text
-from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, SETTLED, Flow, FlowTable, make_key
+from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, Flow, FlowTable, make_key
 from egressd.packet import (
     PROTO_TCP,
     PROTO_UDP,
@@ -54,17 +54,37 @@ from egressd.policy import Decision, FlowFacts, Policy
 from egressd.policy.model import CONTENT_CLASSIFIED, CONTENT_NONE, CONTENT_PENDING, CONTENT_UNCLASSIFIED
 from egressd.protocols import eve_name
 from egressd.stream import GREW, NOTHING, StreamHead
+from egressd.verdict import (
+    ALLOWED,
+    ANSWERED,
+    DENIED,
+    DROP_PACKET,
+    FIRST_PACKET,
+    LATE,
+    ON_ERROR,
+    ON_OVERLOAD,
+    PASS,
+    PASS_MARK_SEEN,
+    PIN_ALLOW,
+    PIN_DENY,
+    TRANSITIONS,
+    UNDECIDED,
+)
 
-# Verdicts returned by feed(); small ints so the hot path allocates nothing for them.
-ACCEPT: Final = 0  # let this packet pass, keep sending this flow (the flow's first packet: marks it SEEN)
-ACCEPT_PIN: Final = 1  # let it pass and pin: the kernel handles the rest of the flow
-DROP: Final = 2  # drop it and pin: the rest of the flow is dropped/reset by the kernel
-# Accept, keep watching, and leave the connection's kernel state as it is. Every packet but
-# the first of a fresh flow: the first one's verdict already told the kernel the flow is SEEN
-# (netfilter.py), so later ones need no mark and no re-traversal of the rules. And every
-# packet of a flow picked up mid-stream: it has already passed the kernel's per-connection
-# head bound, so it must stay "never seen" (queued on every packet) until it is pinned.
-ACCEPT_PLAIN: Final = 3
+# Verdicts returned by feed() (egressd.verdict: what each does to the packet and to the
+# connection's kernel state, and the one table of flow-state transitions).
+__all__ = [
+    "DIR_ORIGINAL",
+    "DIR_REPLY",
+    "DIR_UNKNOWN",
+    "DROP_PACKET",
+    "PASS",
+    "PASS_MARK_SEEN",
+    "PIN_ALLOW",
+    "PIN_DENY",
+    "Counters",
+    "Engine",
+]
 
 # Direction hints from the shell. The daemon knows the conntrack direction of each packet;
 # a capture does not, and the engine infers it from the flow's first packet.
@@ -151,7 +171,7 @@ class Engine:
         self._max_packets = s.max_packets
         self._idle = {PROTO_TCP: s.tcp_idle, PROTO_UDP: s.udp_idle}
         self.dns.cap = s.dns_cache
-        self._error_verdict = DROP if policy.on_error == "drop" else ACCEPT
+        self._error_verdict = ON_ERROR[policy.on_error]  # per packet: never pins the connection
         self._monitor = policy.mode == "monitor"
         self._needs_content = policy.needs_content()
         self.table.max_flows = s.max_flows
@@ -194,10 +214,8 @@ class Engine:
             return self._new_flow(p, key, ts, direction)
         flow.last_ts = ts
         flow.bytes += p.ip_len
-        if flow.state == PINNED_DROP:
-            return DROP
-        if flow.state == PINNED_ACCEPT:
-            return ACCEPT_PIN
+        if flow.state == PINNED_DROP or flow.state == PINNED_ACCEPT:
+            return TRANSITIONS[flow.state][LATE][1]
         from_orig = p.src == flow.src and p.sport == flow.sport
         if from_orig and p.src == p.dst and p.sport == p.dport:
             from_orig = direction != DIR_REPLY
@@ -436,16 +454,17 @@ class Engine:
             # Answered: report it and move it where it may be evicted, but do not pin it.
             # Every later query on this socket is judged too (a harmless lookup first must not
             # open the way for a pool's name); the kernel's head bound caps how many.
-            flow.state = SETTLED
+            flow.state, v = TRANSITIONS[flow.state][ANSWERED]
             self.table.finish(flow)
             self._report(flow, ts, "classified")
+            return v
         return self._accept(flow)
 
     def _accept(self, flow: Flow) -> int:
-        """ACCEPT (mark SEEN) for the first packet of a fresh flow, ACCEPT_PLAIN otherwise."""
-        if flow.midstream or flow.fwd_pkts + flow.rev_pkts > 1:
-            return ACCEPT_PLAIN
-        return ACCEPT
+        """Undecided: PASS_MARK_SEEN for the first packet of a fresh flow, PASS otherwise."""
+        event = UNDECIDED if flow.midstream or flow.fwd_pkts + flow.rev_pkts > 1 else FIRST_PACKET
+        flow.state, v = TRANSITIONS[flow.state][event]
+        return v
 
     # -- judgement ----------------------------------------------------------------------
     def _facts(self, flow: Flow, content: str = CONTENT_PENDING) -> FlowFacts:
@@ -502,22 +521,22 @@ class Engine:
         return decision.action == "drop" and not self._monitor
 
     def _pin_drop(self, flow: Flow, ts: float, reason: str) -> int:
-        flow.state = PINNED_DROP
+        flow.state, v = TRANSITIONS[flow.state][DENIED]
         self.table.finish(flow)
         self.counters.dropped += 1
         self._report(flow, ts, reason)
-        return DROP
+        return v
 
     def _pin_accept(self, flow: Flow, ts: float, reason: str, payload: bool = False) -> int:
         self._conclude(flow, payload)
         dec = flow.decision
         if dec is not None and dec.action == "drop" and not self._monitor:
             return self._pin_drop(flow, ts, reason)  # a rule on the content now known drops it
-        flow.state = PINNED_ACCEPT
+        flow.state, v = TRANSITIONS[flow.state][ALLOWED]
         self.table.finish(flow)
         self.counters.accept_pinned += 1
         self._report(flow, ts, reason)
-        return ACCEPT_PIN
+        return v
 
     def _overload(self, p: Packet, ts: float) -> int:
         """The table is full of flows still being classified: apply ``on_overload`` to the
@@ -541,7 +560,7 @@ class Engine:
             self.events.append(ev)
             self._overload_last = ts
             self._overload_pending = 0
-        return DROP if self.policy.on_overload == "drop" else ACCEPT_PLAIN
+        return ON_OVERLOAD[self.policy.on_overload]
 
     # -- fragments ----------------------------------------------------------------------
     def _fragment(self, data: bytes, p: Packet, ts: float, direction: int) -> int:
@@ -551,7 +570,7 @@ class Engine:
         self.counters.fragments += 1
         done = self._defrag.add(data, p, ts)
         if done is None:
-            return ACCEPT_PLAIN
+            return PASS
         whole, overlap = done
         q = decode(whole)
         if type(q) is not Packet:
@@ -581,7 +600,8 @@ class Engine:
         """End of input (a capture replay): report every flow still being classified."""
         for f in list(self.table.active.values()):
             self._conclude(f)
-            f.state = PINNED_ACCEPT if f.decision is None or not self._effective_drop(f.decision) else PINNED_DROP
+            drop = f.decision is not None and self._effective_drop(f.decision)
+            f.state = TRANSITIONS[f.state][DENIED if drop else ALLOWED][0]
             self._report(f, now, "end")
         self.table.active.clear()
 
