@@ -417,6 +417,8 @@ class Engine:
         flow.detections[name] = det
         if old is None or old.kind != det.kind:
             self.counters.detections[det.kind] = self.counters.detections.get(det.kind, 0) + 1
+        for anomaly in det.anomalies:  # each its own finding (keyed by detector and kind)
+            self._record(flow, f"{name}:{anomaly.kind}", anomaly)
         host = det.info.get("sni") or _host_of(det.info.get("target"))
         if host:
             self._add_domain(flow, host)

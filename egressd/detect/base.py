@@ -68,7 +68,9 @@ class Detection:
     inversion from the KEX messages later), so the engine keeps feeding it.
     ``inner_fwd``/``inner_rev`` are set by wrapper protocols (HTTP CONNECT, SOCKS): the
     offsets in each direction's head where the tunnelled stream begins, so the other
-    detectors can be run again on what is inside.
+    detectors can be run again on what is inside. ``anomalies`` are further findings of
+    other kinds made on the way (``evasion.*``: a padded banner, a malformed packet); the
+    engine records each as a finding of its own, so a policy can match it.
     """
 
     kind: str
@@ -78,6 +80,7 @@ class Detection:
     refine: bool = False
     inner_fwd: int = -1
     inner_rev: int = -1
+    anomalies: tuple[Detection, ...] = ()
 
 
 Result = Detection | Outcome

@@ -62,6 +62,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from egressd.detect.base import (
+    EVASION_SSH_CLIENT_PREAMBLE,
+    EVASION_SSH_LONG_BANNER,
+    EVASION_SSH_MALFORMED,
     NEED_MORE,
     NOT_THIS,
     SSH,
@@ -663,7 +666,48 @@ def detect_ssh(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
         evidence=evidence,
         info=info,
         refine=learnable and not complete,
+        anomalies=_anomalies(f, r, fwd, rev, client if decided.strong else None),
     )
+
+
+def _anomalies(f: _Side, r: _Side, fwd: bytes, rev: bytes, client: _Side | None) -> tuple[Detection, ...]:
+    """What a standard peer never does, as ``evasion.*`` findings a policy can match.
+
+    A banner padded past RFC 4253's 255 bytes (OpenSSH reads 8 KiB, a filter may not), binary
+    bytes after a banner that are no SSH packet (Suricata's "invalid record"), and lines
+    before the *client's* banner once the key exchange has shown which side is the client
+    (RFC 4253 §4.2 reserves them for servers; Go and paramiko servers accept them, so they
+    are a cheap disguise). Only sides that stand as SSH count: a quoted line is not a banner.
+    """
+    out: list[Detection] = []
+    for arrow, side, data in ((">", f, fwd), ("<", r, rev)):
+        if not side.standing:
+            continue
+        if len(side.raw.rstrip(b"\r\n")) + 2 > RFC_BANNER_LEN:
+            out.append(
+                Detection(
+                    EVASION_SSH_LONG_BANNER,
+                    f"{arrow}identification line of {len(side.raw)} bytes (RFC 4253 allows {RFC_BANNER_LEN})",
+                    info={"length": str(len(side.raw))},
+                )
+            )
+        if side.after_kind == _AFTER_BAD_PACKET or (side.malformed and side.after_kind == _AFTER_PACKET):
+            out.append(
+                Detection(
+                    EVASION_SSH_MALFORMED,
+                    f"{arrow}after the banner: {printable(data[side.after : side.after + 32], 32)}",
+                    info={"direction": "fwd" if arrow == ">" else "rev"},
+                )
+            )
+    if client is not None and client.standing and client.pre_lines:
+        out.append(
+            Detection(
+                EVASION_SSH_CLIENT_PREAMBLE,
+                f"the SSH client sent {client.pre_lines} line(s) before its banner",
+                info={"lines": str(client.pre_lines)},
+            )
+        )
+    return tuple(out)
 
 
 def _kex_known(side: _Side) -> bool:
