@@ -20,6 +20,16 @@ OpenSSH accepts 8192, so a longer banner is still SSH (padding it is an evasion,
 another protocol); once ``RFC_BANNER_LEN`` bytes of a well-formed ``SSH-x.y-`` line are
 seen it counts without waiting for the LF.
 
+A banner found that way is not yet an SSH endpoint's: a line starting ``SSH-2.0-`` inside
+a downloaded log, a mail or a chat looks the same. It *stands* (``_stands``) only when the
+protocol around it is SSH's: at byte 0 of its direction and not followed by text; or after
+lines (a server's preamble) when the peer answers with its own opening version line, or
+when an SSH binary packet follows it and the peer is consistent with SSH (a version line,
+or nothing yet); or, with nothing after it yet, when it is the responder's and the
+originator is silent. Text after a banner makes it a quoted line (an SSH packet's first
+byte is always 0x00), except the refusal a real sshd writes. docs/ssh-detection.md has the
+table; anomalies of banners that stand become ``evasion.*`` findings (``_anomalies``).
+
 Role, from protocol facts only (each is a vote for "this direction is the client/server"):
 
 * the key-exchange message that follows KEXINIT. Numbers 30-49 are method-specific, so
