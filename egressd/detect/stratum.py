@@ -435,10 +435,28 @@ def _pick(fwd: _Hit | int, rev: _Hit | int) -> _Hit | None:
     return best
 
 
-def detect_stratum(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
-    """Mining-pool JSON-RPC from either side of the flow."""
+# The last heads scanned and what _scan said of them. The engine calls detect_stratum and
+# detect_jsonrpc one after the other on the very same head objects; this lets the second
+# reuse the first's parse instead of decoding the JSON twice. Identity, not equality: the
+# references held here keep those objects alive, so an identical id means the same bytes.
+_last_heads: list[object] = [None, None, None]
+_last_scans: list[_Hit | int] = [_NOT, _NOT]
+
+
+def _scan_both(fwd: bytes, rev: bytes, ctx: StreamContext) -> tuple[_Hit | int, _Hit | int]:
+    heads = _last_heads
+    if heads[0] is fwd and heads[1] is rev and heads[2] is ctx:
+        return _last_scans[0], _last_scans[1]
     f = _scan(fwd, ctx.fwd_closed or ctx.fwd_full, ctx.head)
     r = _scan(rev, ctx.rev_closed or ctx.rev_full, ctx.head)
+    heads[0], heads[1], heads[2] = fwd, rev, ctx
+    _last_scans[0], _last_scans[1] = f, r
+    return f, r
+
+
+def detect_stratum(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
+    """Mining-pool JSON-RPC from either side of the flow."""
+    f, r = _scan_both(fwd, rev, ctx)
     hit = _pick(f, r)
     if hit is None:
         return NEED_MORE if f == _NEED or r == _NEED else NOT_THIS
@@ -454,10 +472,7 @@ def detect_jsonrpc(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
     message, the flow is known to be something else, and a port-only rule must not call it
     mining (an Ethereum or Bitcoin node's RPC on a port pools also use).
     """
-    f = _scan(fwd, ctx.fwd_closed or ctx.fwd_full, ctx.head)
-    if f == _NOT and not rev:
-        return NOT_THIS if ctx.rev_closed or ctx.rev_full else NEED_MORE
-    r = _scan(rev, ctx.rev_closed or ctx.rev_full, ctx.head)
+    f, r = _scan_both(fwd, rev, ctx)
     if isinstance(f, _Hit) or isinstance(r, _Hit):
         return NOT_THIS  # mining: detect_stratum reports it
     if f == _NEED or r == _NEED:
