@@ -39,6 +39,7 @@ from egressd import netfilter, nfq, procstats, sdnotify, verdict
 from egressd.engine import DIR_ORIGINAL, DIR_REPLY, Engine
 from egressd.eventlog import EventLog
 from egressd.policy import Policy, PolicyError, load_policy
+from egressd.verdict import DROP_PACKET, PASS, PIN_DENY
 
 # The mark bits each connection-state verdict writes (egressd.verdict.MARK_OF, in bits).
 _MARK_BITS: dict[int, int] = {
@@ -99,13 +100,13 @@ class Daemon:
         """
         mark = pkt.get_mark()
         v = self.engine.feed(pkt.get_payload(), self._now, DIR_REPLY if mark & netfilter.MARK_REPLY else DIR_ORIGINAL)
-        if v == verdict.PASS:
+        if v == PASS:
             pkt.accept()
             return
-        if v == verdict.DROP_PACKET:
+        if v == DROP_PACKET:
             pkt.drop()
             return
-        if v == verdict.PIN_DENY:
+        if v == PIN_DENY:
             # Write the alert before the verdict reaches the kernel: the peer learns of the
             # drop from the reset, and whatever happens to us next, the reason is on disk.
             self._drain_events()
