@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from egressd import protocols
+from egressd import expect, protocols
 from egressd.detect import base, kinds
 from egressd.engine import _priority
 from egressd.events import Event, category_of, severity_of
@@ -69,3 +71,13 @@ def test_protocol_table_names_every_constant_and_policy_name() -> None:
             assert parse_proto(name) == p.number
     assert protocols.eve_name(6) == "TCP" and protocols.eve_name(250) == "250"
     assert {6, 17, 33, 132, 136} == protocols.PORT_PROTOS
+
+
+@pytest.mark.parametrize(
+    ("written", "eve"), [("tcp", "TCP"), ("icmpv6", "IPv6-ICMP"), ("ipv6-icmp", "IPv6-ICMP"), ("47", "GRE")]
+)
+def test_expectation_files_name_protocols_as_policies_do(tmp_path: Path, written: str, eve: str) -> None:
+    f = tmp_path / "x.expect.yaml"
+    f.write_text(f"flows:\n  - match: {{proto: '{written}'}}\n    verdict: accept\n")
+    ev = Event(0.0, 1, "198.51.100.2", 1, "203.0.113.1", 2, eve, "accept", "allowed", "default", "", "end")
+    assert expect.check(expect.load(f), [ev]) == []
