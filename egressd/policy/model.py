@@ -13,23 +13,42 @@ import os
 from dataclasses import dataclass
 from typing import Final
 
-from egressd.policy.matchers import DomainSet, Match
+from egressd.policy.matchers import (
+    CONTENT_CLASSIFIED,
+    CONTENT_NONE,
+    CONTENT_PENDING,
+    CONTENT_UNCLASSIFIED,
+    CONTENT_VALUES,
+    DomainSet,
+    Match,
+)
+
+__all__ = [
+    "ACTIONS",
+    "CONTENT_CLASSIFIED",
+    "CONTENT_NONE",
+    "CONTENT_PENDING",
+    "CONTENT_UNCLASSIFIED",
+    "CONTENT_VALUES",
+    "ERROR_ACTIONS",
+    "FAIL_MODES",
+    "MODES",
+    "OVERLOAD_ACTIONS",
+    "SETTINGS_LIMITS",
+    "Decision",
+    "Diagnostic",
+    "FlowFacts",
+    "Policy",
+    "PolicyError",
+    "Rule",
+    "Settings",
+]
 
 ACTIONS: Final = ("accept", "drop", "alert")
 MODES: Final = ("enforce", "monitor")
 FAIL_MODES: Final = ("open", "closed")
 OVERLOAD_ACTIONS: Final = ("accept", "drop")
 ERROR_ACTIONS: Final = ("accept", "drop")
-
-# What a flow's payload turned out to be (``FlowFacts.content``, the match key ``content``).
-# Known only once inspection of the flow has ended (its verdict pinned, or the flow ended):
-# while it is PENDING no ``content`` condition holds, so a rule that needs the content can
-# never fire on the first packet, before any payload could be read.
-CONTENT_PENDING: Final = "pending"  # still being inspected
-CONTENT_NONE: Final = "none"  # no payload in either direction (a scan, a refused connection)
-CONTENT_UNCLASSIFIED: Final = "unclassified"  # payload that no detector recognised
-CONTENT_CLASSIFIED: Final = "classified"  # a detector recognised the payload (any kind)
-CONTENT_VALUES: Final = (CONTENT_NONE, CONTENT_UNCLASSIFIED, CONTENT_CLASSIFIED)
 
 
 @dataclass(frozen=True, slots=True)
