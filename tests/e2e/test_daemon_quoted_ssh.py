@@ -13,10 +13,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from daemon_fixtures import NEEDS_KERNEL, PY, DaemonLab, one_event
+from daemon_fixtures import NEEDS_KERNEL, DaemonLab, one_event
 
-from egressd.lab import peers
-from egressd.lab.netns import SERVICES
+from egressd_lab import peers
+from egressd_lab.netns import SERVICES
 
 pytestmark = NEEDS_KERNEL
 pytest_plugins = ["conftest_daemon"]
@@ -78,7 +78,7 @@ def test_curl_uploads_a_file_of_ssh_version_lines(dlab: DaemonLab, daemon: peers
     src.write_bytes(SSHD_LOG)
     server = dlab.lab.spawn(
         "inet",
-        [PY, "-c", UPLOAD_SERVER, HTTP4, str(UPLOAD_PORT)],
+        [peers.PY, "-c", UPLOAD_SERVER, HTTP4, str(UPLOAD_PORT)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
