@@ -12,6 +12,8 @@ or drop the flow.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 
 from egressd.detect.base import NEED_MORE, NOT_THIS, Detection, Result, StreamContext
@@ -296,3 +298,44 @@ def test_real_clients_with_kexinit_in_the_banner_segment_are_ssh_from_their_firs
     last = results[-2]
     assert isinstance(last, Detection)
     assert (last.kind, last.info["role"], last.info["client"]) == ("ssh", "normal", client[8:].decode())
+
+
+# --- any text conversation, any segmentation ----------------------------------------------------
+
+_LINE = st.text(
+    alphabet=st.characters(categories=["L", "N", "P", "Zs"], exclude_characters="\r\n"), min_size=0, max_size=40
+).map(lambda t: t.encode("utf-8"))
+_QUOTED = st.sampled_from(MAKES).map(lambda b: b + b"-quoted")
+
+
+def _text_stream(first: bytes, lines: list[bytes], eol: bytes) -> bytes:
+    return first + eol + b"".join(line + eol for line in lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    client=st.lists(st.one_of(_LINE, _QUOTED, _QUOTED.map(lambda b: b[:-7])), max_size=12),
+    server=st.lists(st.one_of(_LINE, _QUOTED, _QUOTED.map(lambda b: b[:-7])), max_size=12),
+    eol=st.sampled_from([b"\n", b"\r\n"]),
+    cuts=st.lists(st.tuples(st.booleans(), st.integers(1, 64)), min_size=1, max_size=60),
+)
+def test_a_text_conversation_quoting_version_lines_is_never_ssh_however_it_is_cut(
+    client: list[bytes], server: list[bytes], eol: bytes, cuts: list[tuple[bool, int]]
+) -> None:
+    """The originator speaks first (a request, a greeting reply, a chat line), then both
+    sides send lines of text among which are version lines, cut into segments anywhere."""
+    fwd = _text_stream(b"HELO node.example.org", client, eol)
+    rev = _text_stream(b"250 mail.example.org", server, eol)
+    i = j = 0
+    ctx = StreamContext(40000, 25)
+    first = True
+    for to_server, n in cuts:
+        if first or (to_server and i < len(fwd)) or j >= len(rev):
+            i = min(len(fwd), i + n)
+        else:
+            j = min(len(rev), j + n)
+        first = False
+        r = detect_ssh(fwd[:i], rev[:j], ctx)
+        assert not isinstance(r, Detection), (fwd[:i], rev[:j], r)
+    r = detect_ssh(fwd, rev, StreamContext(40000, 25, fwd_closed=True, rev_closed=True))
+    assert r is NOT_THIS

@@ -25,7 +25,7 @@ a downloaded log, a mail or a chat looks the same. It *stands* (``_stands``) onl
 protocol around it is SSH's: at byte 0 of its direction and not followed by text; or after
 lines (a server's preamble) when the peer answers with its own opening version line, or
 when an SSH binary packet follows it and the peer is consistent with SSH (a version line,
-or nothing yet); or, with nothing after it yet, when it is the responder's and the
+or nothing at all yet); or, with nothing after it yet, when it is the responder's and the
 originator is silent. Text after a banner makes it a quoted line (an SSH packet's first
 byte is always 0x00), except the refusal a real sshd writes. docs/ssh-detection.md has the
 table; anomalies of banners that stand become ``evasion.*`` findings (``_anomalies``).
@@ -362,17 +362,13 @@ def _stands(side: _Side, peer: _Side, responder: bool) -> bool:
     if peer.state == _BANNER and peer.pre_lines == 0:
         return True
     if side.after_kind == _AFTER_PACKET:
-        return peer.state == _BANNER or _silent_or_opening(peer)
+        return peer.state == _BANNER or not peer.head
     # Nothing after the banner yet. A responder's preamble and banner stand while the
     # originator (the SSH client) is silent; an originator's wait for the responder's own
     # version line, which an SSH client sends without waiting (OpenSSH, PuTTY, paramiko, Go,
-    # libssh, dropbear): an upload whose body ends on a quoted line must not count.
-    return responder and side.after_kind == _AFTER_NONE and _silent_or_opening(peer)
-
-
-def _silent_or_opening(side: _Side) -> bool:
-    """Nothing yet from this side, or only the start of a version line."""
-    return side.state == _PENDING and side.text_lines == 0 and _SSH.startswith(side.head[:4])
+    # libssh, dropbear): an upload whose body ends on a quoted line must not count. A peer
+    # that has sent part of a line is not silent: its line decides, once complete.
+    return responder and side.after_kind == _AFTER_NONE and not peer.head
 
 
 def _name_list(buf: bytes, pos: int, end: int) -> tuple[bytes, int] | None:
