@@ -177,16 +177,11 @@ BUILTIN: Final[dict[str, frozenset[str]]] = {
     "mangle": frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}),
 }
 
-NFT_QUEUE_UNAVAILABLE: Final = "nft queue expression unavailable: CONFIG_NFT_QUEUE"
 _ACCT: Final = "net/netfilter/nf_conntrack_acct"
 
 
 class NetfilterError(RuntimeError):
     """A rule operation failed; the message names the command and the kernel's complaint."""
-
-
-class NftQueueUnavailable(NetfilterError):
-    """The nft backend was asked for on a kernel without the nft ``queue`` expression."""
 
 
 @dataclass(frozen=True)
@@ -574,18 +569,6 @@ def ensure_conntrack_accounting(netns: str | None = None) -> None:
         )
 
 
-def probe_nft_queue(netns: str | None = None) -> bool:
-    """True when nftables can express ``queue`` (checked by the kernel, nothing committed)."""
-    if shutil.which("nft") is None:
-        return False
-    base = "add table inet egressd_probe\nadd chain inet egressd_probe c { type filter hook output priority 0; }\n"
-    control = _run(["nft", "-c", "-f", "-"], netns, stdin=base)
-    if control.returncode != 0:
-        return False
-    probe = _run(["nft", "-c", "-f", "-"], netns, stdin=base + "add rule inet egressd_probe c queue num 0\n")
-    return probe.returncode == 0
-
-
 # -- the API the daemon and the CLI use ---------------------------------------------------
 def install(
     queue_num: int,
@@ -595,7 +578,6 @@ def install(
     ipv6: bool = True,
     forward_ifaces: Sequence[str] = (),
     judge_invalid: bool = True,
-    backend_name: str = "iptables",
     netns: str | None = None,
 ) -> None:
     """Install (or replace) egressd's rules for IPv4 and, unless ``ipv6=False``, IPv6.
@@ -612,12 +594,6 @@ def install(
         forward_ifaces=tuple(forward_ifaces),
         judge_invalid=judge_invalid,
     )
-    if backend_name == "nft":
-        if not probe_nft_queue(netns):
-            raise NftQueueUnavailable(NFT_QUEUE_UNAVAILABLE)
-        raise NetfilterError("the nft backend is not implemented; use backend 'iptables' (iptables-nft)")
-    if backend_name != "iptables":
-        raise NetfilterError(f"unknown backend {backend_name!r} (iptables or nft)")
     with contextlib.suppress(NetfilterError):
         ensure_conntrack_accounting(netns)  # nf_conntrack may not be loaded yet; checked again below
     families = (4, 6) if ipv6 else (4,)
@@ -729,12 +705,26 @@ def add_rules_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-closed", action="store_true", help="drop when no daemon listens (default: pass)")
     p.add_argument("--no-ipv6", action="store_true", help="IPv4 only")
     p.add_argument("--forward-iface", action="append", default=[], metavar="IFACE", help="container-side interface")
-    p.add_argument("--backend", choices=("iptables", "nft"), default="iptables")
+    p.add_argument(
+        "--backend",
+        choices=("iptables", "nft"),
+        default="iptables",
+        help="iptables, the only backend (nft is refused with the reason)",
+    )
     p.add_argument("--netns", default=None, help="run inside this named network namespace")
+
+
+NFT_REFUSED: Final = (
+    "there is no nft backend: egressd writes its rules with iptables-restore, which on an "
+    "nf_tables system already installs them as nftables rules (iptables-nft)"
+)
 
 
 def run_rules(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Do what ``add_rules_arguments`` parsed. Exit 0 done, 1 not installed (status), 2 error."""
+    if args.backend == "nft":
+        print(f"egressd rules: --backend nft: {NFT_REFUSED}", file=err)
+        return 2
     if not has_net_admin():
         print("egressd rules: needs CAP_NET_ADMIN (root, or the service's ambient capability)", file=err)
         return 2
@@ -746,7 +736,6 @@ def run_rules(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
                 max_packets=args.max_packets,
                 ipv6=not args.no_ipv6,
                 forward_ifaces=args.forward_iface,
-                backend_name=args.backend,
                 netns=args.netns,
             )
             print(f"egressd rules installed (queue {args.queue})", file=out)

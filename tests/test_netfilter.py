@@ -428,10 +428,18 @@ def test_has_net_admin_reads_the_effective_capability_set() -> None:
     assert not nf.has_net_admin("CapEff:\tzz\n")
 
 
-def test_nft_backend_error_message_names_the_missing_kernel_option(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nf, "probe_nft_queue", lambda netns=None: False)
-    with pytest.raises(nf.NftQueueUnavailable, match=r"nft queue expression unavailable: CONFIG_NFT_QUEUE"):
-        nf.install(1, fail_open=True, max_packets=8, backend_name="nft")
+def test_cli_refuses_the_nft_backend_with_exit_2_and_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_run(*_a: object, **_kw: object) -> None:
+        raise AssertionError("install ran for --backend nft")
+
+    monkeypatch.setattr(nf, "has_net_admin", lambda status=None: True)
+    monkeypatch.setattr(nf, "install", must_not_run)
+    p = argparse.ArgumentParser()
+    nf.add_rules_arguments(p)
+    out, err = io.StringIO(), io.StringIO()
+    assert nf.run_rules(p.parse_args(["install", "--backend", "nft"]), out, err) == 2
+    assert err.getvalue() == f"egressd rules: --backend nft: {nf.NFT_REFUSED}\n"
+    assert out.getvalue() == ""
 
 
 def test_cli_reports_errors_with_exit_code_2(monkeypatch: pytest.MonkeyPatch) -> None:
