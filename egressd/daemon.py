@@ -148,7 +148,7 @@ class Daemon:
                 file=sys.stderr,
                 flush=True,
             )
-        if self._rules_installed and self.kernel_head(new) != self.kernel_head(self.policy):
+        if self._rules_installed and netfilter.kernel_head(new_s) != netfilter.kernel_head(old_s):
             # head_bytes/max_packets changed: the kernel's bound must follow, or a larger head
             # could be outlasted by a slow sender. install() replaces the rules in one
             # transaction per table; pinned connections keep their connmarks.
@@ -341,22 +341,11 @@ class Daemon:
                     os.unlink(self.opts.status_socket)
         return 0
 
-    @staticmethod
-    def kernel_head(policy: Policy) -> int:
-        """The kernel's per-direction head bound for a policy.
-
-        It must exceed what the engine can need, or a 1-byte-segment sender could outlast
-        it: the engine pins a flow within 2 * head_bytes + max_packets packets
-        (Engine._inspect), whatever the peers do.
-        """
-        s = policy.settings
-        return 2 * s.head_bytes + s.max_packets + 16
-
     def _install_rules(self, policy: Policy) -> None:
         netfilter.install(
             self.queue_num,
             fail_open=self.fail_open,
-            max_packets=self.kernel_head(policy),
+            max_packets=netfilter.kernel_head(policy.settings),
             forward_ifaces=self.opts.forward_ifaces,
         )
         self._rules_installed = True

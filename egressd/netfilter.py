@@ -118,7 +118,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, TextIO
+from typing import TYPE_CHECKING, Final, TextIO
+
+if TYPE_CHECKING:
+    from egressd.policy import Settings
 
 # -- mark bits (the daemon's half of the contract) -----------------------------------------
 MARK_MASK: Final = 0x30000000  # the verdict state bits (see the table above)
@@ -128,6 +131,20 @@ MARK_DENY: Final = 0x30000000
 MARK_REPLY: Final = 0x40000000  # set by the rules on queued reply-direction packets
 MARK_BITS: Final = MARK_MASK | MARK_REPLY  # every bit egressd owns
 _U32: Final = 0xFFFFFFFF
+
+
+def kernel_head(settings: Settings) -> int:
+    """The kernel's per-direction head bound (``RuleConfig.max_packets``) for a policy's settings.
+
+    The one place it is derived: ``egressd run`` (install and every reload) and
+    ``egressd rules install`` both call it, so rules installed apart from the daemon
+    (``run --no-rules``) bound the head exactly as the daemon's own would. It must exceed
+    what the engine can need, or a sender cutting its first bytes into 1-byte segments
+    outlasts it and the rest of its flow passes unseen: the engine pins a flow within
+    2 * head_bytes + max_packets packets of a direction (Engine._inspect: each direction's
+    head holds head_bytes, a segment carries at least one byte), whatever the peers do.
+    """
+    return 2 * settings.head_bytes + settings.max_packets + 16
 
 
 def with_verdict(mark: int, verdict: int) -> int:
@@ -688,21 +705,23 @@ def has_net_admin(status: str | None = None) -> bool:
     return os.geteuid() == 0
 
 
-DEFAULT_QUEUE: Final = 0
-DEFAULT_MAX_PACKETS: Final = 32
-
-
 def add_rules_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``egressd rules``: an action and the install knobs."""
+    """Arguments of ``egressd rules``: an action and the install knobs.
+
+    ``install`` reads the policy the daemon runs (``--policy``): the head bound comes from
+    its settings through ``kernel_head``, and so do the queue number and the fail mode
+    unless given here, so the rules never disagree with the daemon that serves them.
+    """
     p.add_argument("action", choices=("install", "remove", "show", "status"))
-    p.add_argument("--queue", type=int, default=DEFAULT_QUEUE, help="NFQUEUE number (default %(default)s)")
     p.add_argument(
-        "--max-packets",
-        type=int,
-        default=DEFAULT_MAX_PACKETS,
-        help="packets per direction queued before an undecided flow passes (default %(default)s)",
+        "--policy",
+        metavar="FILE",
+        help="the policy the daemon runs: head bound, queue and fail mode come from it (default: the shipped one)",
     )
-    p.add_argument("--fail-closed", action="store_true", help="drop when no daemon listens (default: pass)")
+    p.add_argument("--queue", type=int, default=None, help="NFQUEUE number (default: the policy's settings.queue_num)")
+    p.add_argument(
+        "--fail-closed", action="store_true", help="drop when no daemon listens (default: the policy's 'fail')"
+    )
     p.add_argument("--no-ipv6", action="store_true", help="IPv4 only")
     p.add_argument("--forward-iface", action="append", default=[], metavar="IFACE", help="container-side interface")
     p.add_argument(
@@ -730,15 +749,25 @@ def run_rules(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
         return 2
     try:
         if args.action == "install":
+            from egressd.paths import default_policy
+            from egressd.policy import PolicyError, load_policy
+
+            try:
+                policy = load_policy(Path(args.policy) if args.policy else default_policy())
+            except (PolicyError, OSError) as e:
+                print(f"egressd rules install: the policy does not load:\n{e}", file=err)
+                return 2
+            queue = args.queue if args.queue is not None else policy.settings.queue_num
+            head = kernel_head(policy.settings)
             install(
-                args.queue,
-                fail_open=not args.fail_closed,
-                max_packets=args.max_packets,
+                queue,
+                fail_open=policy.fail == "open" and not args.fail_closed,
+                max_packets=head,
                 ipv6=not args.no_ipv6,
                 forward_ifaces=args.forward_iface,
                 netns=args.netns,
             )
-            print(f"egressd rules installed (queue {args.queue})", file=out)
+            print(f"egressd rules installed (queue {queue}, head bound {head} packets per direction)", file=out)
         elif args.action == "remove":
             remove(netns=args.netns)
             print("egressd rules removed", file=out)

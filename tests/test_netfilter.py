@@ -6,6 +6,7 @@ import argparse
 import io
 import re
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -462,3 +463,73 @@ def test_cli_refuses_without_net_admin(monkeypatch: pytest.MonkeyPatch) -> None:
     err = io.StringIO()
     assert nf.run_rules(p.parse_args(["show"]), io.StringIO(), err) == 2
     assert "CAP_NET_ADMIN" in err.getvalue()
+
+
+# -- the head bound: one derivation for every path that installs rules ------------------------
+def _install_args(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> tuple[int, dict[str, object], str, str]:
+    got: dict[str, object] = {}
+
+    def fake_install(queue_num: int, **kw: object) -> None:
+        got.update(kw, queue_num=queue_num)
+
+    monkeypatch.setattr(nf, "has_net_admin", lambda status=None: True)
+    monkeypatch.setattr(nf, "install", fake_install)
+    p = argparse.ArgumentParser()
+    nf.add_rules_arguments(p)
+    out, err = io.StringIO(), io.StringIO()
+    rc = nf.run_rules(p.parse_args(["install", *argv]), out, err)
+    return rc, got, out.getvalue(), err.getvalue()
+
+
+def test_kernel_head_outlasts_a_head_of_one_byte_segments_in_both_directions() -> None:
+    from egressd.policy import Settings
+
+    s = Settings(head_bytes=8192, max_packets=32)
+    assert nf.kernel_head(s) == 2 * 8192 + 32 + 16
+    assert nf.kernel_head(Settings(head_bytes=64, max_packets=1)) > 2 * 64 + 1
+
+
+def test_rules_install_derives_the_head_bound_queue_and_fail_mode_from_the_policy(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from egressd.policy import load_policy
+
+    pol = tmp_path / "p.yaml"
+    pol.write_text("default: accept\nfail: closed\nsettings: {head_bytes: 1000, max_packets: 7, queue_num: 9}\n")
+    rc, got, out, err = _install_args(monkeypatch, ["--policy", str(pol)])
+    assert (rc, err) == (0, "")
+    assert got["max_packets"] == nf.kernel_head(load_policy(pol).settings) == 2023
+    assert (got["queue_num"], got["fail_open"]) == (9, False)
+    assert out == "egressd rules installed (queue 9, head bound 2023 packets per direction)\n"
+
+
+def test_rules_install_default_policy_gives_the_daemons_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    from egressd.paths import default_policy
+    from egressd.policy import load_policy
+
+    rc, got, _out, _err = _install_args(monkeypatch, [])
+    shipped = load_policy(default_policy())
+    assert rc == 0 and got["max_packets"] == nf.kernel_head(shipped.settings)
+    assert (got["queue_num"], got["fail_open"]) == (shipped.settings.queue_num, shipped.fail == "open")
+
+
+def test_rules_install_fail_closed_and_queue_flags_override_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    rc, got, _out, _err = _install_args(monkeypatch, ["--queue", "4", "--fail-closed"])
+    assert rc == 0 and (got["queue_num"], got["fail_open"]) == (4, False)
+
+
+def test_rules_install_with_a_broken_policy_exits_2_with_file_and_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pol = tmp_path / "bad.yaml"
+    pol.write_text("default: accept\nsettings: {head_bytes: 1}\n")
+    rc, got, _out, err = _install_args(monkeypatch, ["--policy", str(pol)])
+    assert rc == 2 and got == {}
+    assert err.startswith("egressd rules install: the policy does not load:") and f"{pol}:2" in err
+
+
+def test_rules_max_packets_option_is_gone() -> None:
+    p = argparse.ArgumentParser()
+    nf.add_rules_arguments(p)
+    with pytest.raises(SystemExit):
+        p.parse_args(["install", "--max-packets", "32"])
