@@ -1,7 +1,7 @@
 """The kernel rules that feed egressd's queue: install them, remove exactly them, show them.
 
-Why these rules look the way they do (every point measured on this kernel, see NFQUEUE.md
-and tests/e2e/test_kernel_*.py):
+Why these rules look the way they do (every point measured on this kernel, see
+docs/architecture.md and tests/e2e/test_kernel_*.py):
 
 * Only the *head* of a connection goes to Python, and of the head only what the engine can
   use: the originator's SYN (its sequence number, and the first judgement), every packet
@@ -129,7 +129,10 @@ MARK_SEEN: Final = 0x10000000
 MARK_ALLOW: Final = 0x20000000
 MARK_DENY: Final = 0x30000000
 MARK_REPLY: Final = 0x40000000  # set by the rules on queued reply-direction packets
-MARK_BITS: Final = MARK_MASK | MARK_REPLY  # every bit egressd owns
+MARK_BITS: Final = MARK_MASK | MARK_REPLY  # the bits egressd's iptables rules own (scrubbed on local packets)
+# Set on every packet that leaves the IP layer (the guard's postrouting chain, last of all);
+# the link guard drops IP frames without it. Never scrubbed, never saved to the connmark.
+MARK_PASSED: Final = 0x80000000
 _U32: Final = 0xFFFFFFFF
 
 
@@ -586,6 +589,163 @@ def ensure_conntrack_accounting(netns: str | None = None) -> None:
         )
 
 
+# -- the link guard: frames that never met the IP hooks ----------------------------------
+GUARD_TABLE: Final = "egressd"  # "table netdev egressd" (the guard) and "table inet egressd" (the mark)
+GUARD_POSTROUTING_PRIORITY: Final = 500  # after mangle (-150) and nat (100): nothing clears the bit later
+# Ethertypes that carry IP (directly, or inside a VLAN/QinQ tag, PPPoE session or MPLS label): a
+# frame of one of these types without MARK_PASSED did not come through the IP layer.
+IP_CARRIERS: Final = (0x0800, 0x86DD, 0x8100, 0x88A8, 0x9100, 0x8864, 0x8847, 0x8848)
+_IP_PROTOCOLS: Final = (0x0800, 0x86DD)
+
+
+class GuardUnavailable(NetfilterError):
+    """The link guard could not be installed (no nft, or a kernel without the netdev egress hook)."""
+
+
+def check_iface(name: str) -> str:
+    """``name`` if it can be an interface name in the guard's nft rules, else ValueError."""
+    if not name or len(name) > 15 or any(c.isspace() or c in "'\"*+/{},;" for c in name):
+        raise ValueError(f"bad interface name {name!r}")
+    return name
+
+
+def render_guard(ifaces: Sequence[str]) -> str:
+    """The ``nft -f`` input that installs (or replaces, in one transaction) the link guard.
+
+    Why: a process with CAP_NET_RAW can write whole frames through a packet socket
+    (AF_PACKET, with or without PACKET_QDISC_BYPASS); they start below the IP layer and never
+    meet egressd's iptables chains. The netfilter egress hook (netdev family) sees every frame
+    a device transmits, those included. So every packet the IP layer sends is marked last of
+    all in postrouting (``MARK_PASSED``), and at the egress hook of the guarded interfaces a
+    frame that carries IP without that mark is dropped. Frames that do not carry IP pass (ARP,
+    LLDP, LACP, PTP, 802.1X); so do DHCP client broadcasts (dhclient and systemd-networkd send
+    DISCOVER/REQUEST through packet sockets; a broadcast stays on the link). ``meta protocol``
+    is what the sender told the kernel and ``ether type`` what is on the wire: both must be
+    non-IP. A device without an Ethernet header (tun, WireGuard) carries nothing but IP, so
+    there only ARP passes unmarked.
+    """
+    if not ifaces:
+        raise ValueError("the link guard needs at least one interface")
+    devs = ", ".join(f'"{check_iface(i)}"' for i in ifaces)
+    carriers = ", ".join(f"0x{t:04x}" for t in IP_CARRIERS)
+    ip_protocols = ", ".join(f"0x{t:04x}" for t in _IP_PROTOCOLS)
+    m = _hex(MARK_PASSED)
+    return "\n".join(
+        [
+            # "table X" then "delete table X": replace whatever is there, or nothing, atomically.
+            f"table inet {GUARD_TABLE}",
+            f"delete table inet {GUARD_TABLE}",
+            f"table netdev {GUARD_TABLE}",
+            f"delete table netdev {GUARD_TABLE}",
+            f"table inet {GUARD_TABLE} {{",
+            "\tchain passed {",
+            f"\t\ttype filter hook postrouting priority {GUARD_POSTROUTING_PRIORITY}; policy accept;",
+            f"\t\tmeta mark set meta mark | {m}",
+            "\t}",
+            "}",
+            f"table netdev {GUARD_TABLE} {{",
+            "\tchain guard {",
+            f"\t\ttype filter hook egress devices = {{ {devs} }} priority 0; policy accept;",
+            f"\t\tmeta mark & {m} == {m} accept",
+            f"\t\tmeta oiftype ether ether type != {{ {carriers} }} meta protocol != {{ {ip_protocols} }} accept",
+            "\t\tmeta oiftype != ether meta protocol arp accept",
+            "\t\tmeta oiftype ether ether type ip meta protocol ip ip protocol udp udp sport 68 udp dport 67 "
+            "ip daddr 255.255.255.255 accept",
+            "\t\tcounter drop",
+            "\t}",
+            "}",
+            "",
+        ]
+    )
+
+
+def render_guard_remove() -> str:
+    """The ``nft -f`` input that removes the guard's two tables (present or not)."""
+    return "".join(f"table {f} {GUARD_TABLE}\ndelete table {f} {GUARD_TABLE}\n" for f in ("inet", "netdev"))
+
+
+def _nft(script: str, netns: str | None, what: str) -> None:
+    if shutil.which("nft") is None:
+        raise GuardUnavailable("nft not found (apt install nftables): the link guard needs it")
+    p = _run(["nft", "-f", "-"], netns, stdin=script)
+    if p.returncode != 0:
+        raise GuardUnavailable(f"{what}: nft -f failed (exit {p.returncode}): {(p.stderr or p.stdout).strip()}")
+
+
+def install_guard(ifaces: Sequence[str], *, netns: str | None = None) -> None:
+    """Install (or replace) the link guard on ``ifaces`` (names; see ``render_guard``).
+
+    A name that does not exist yet is accepted by this kernel (6.18, measured), which hooks
+    the device when it appears and again when it is re-created; a kernel that refuses such a
+    name makes this raise. docs/link-guard.md says what the guard does and does not stop.
+    """
+    _nft(render_guard(ifaces), netns, f"installing the link guard on {', '.join(ifaces)}")
+
+
+def remove_guard(*, netns: str | None = None) -> None:
+    """Delete the guard's tables; nothing else. Idempotent (no nft: nothing to remove)."""
+    if shutil.which("nft") is None:
+        return
+    p = _run(["nft", "-f", "-"], netns, stdin=render_guard_remove())
+    if p.returncode != 0:
+        raise NetfilterError(f"removing the link guard: nft -f failed: {(p.stderr or p.stdout).strip()}")
+
+
+def guard_installed(*, netns: str | None = None) -> list[str]:
+    """The interfaces the installed guard watches ([] when there is none)."""
+    if shutil.which("nft") is None:
+        return []
+    p = _run(["nft", "list", "chain", "netdev", GUARD_TABLE, "guard"], netns)
+    if p.returncode != 0:
+        return []
+    for line in p.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("type filter hook egress"):
+            if " devices = {" in line:
+                inner = line.split("{", 1)[1].split("}", 1)[0]
+                return [d.strip().strip('"') for d in inner.split(",") if d.strip()]
+            if ' device "' in line or " device " in line:
+                return [line.split(" device ", 1)[1].split()[0].strip('"')]
+    return []
+
+
+def _read_proc(path: str, netns: str | None) -> str:
+    if netns:
+        p = _run(["cat", path], netns)
+        return p.stdout if p.returncode == 0 else ""
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+_RTF_UP: Final = 0x0001
+_RTF_REJECT: Final = 0x0200
+
+
+def uplinks(*, netns: str | None = None) -> list[str]:
+    """The interfaces of the main table's default routes, IPv4 and IPv6, sorted.
+
+    What the guard protects unless told otherwise: the way out. Read from /proc/net (the
+    caller's namespace), no subprocess, so the daemon can re-check it every few seconds.
+    Unreachable/blackhole defaults (RTF_REJECT, or on lo) lead nowhere and are skipped.
+    """
+    out: set[str] = set()
+    for line in _read_proc("/proc/net/route", netns).splitlines()[1:]:
+        f = line.split()
+        if len(f) >= 8 and f[1] == "00000000" and f[7] == "00000000":
+            flags = int(f[3], 16)
+            if flags & _RTF_UP and not flags & _RTF_REJECT and f[0] != "lo":
+                out.add(f[0])
+    for line in _read_proc("/proc/net/ipv6_route", netns).splitlines():
+        f = line.split()
+        if len(f) >= 10 and f[0] == "0" * 32 and f[1] == "00":
+            flags = int(f[8], 16)
+            if flags & _RTF_UP and not flags & _RTF_REJECT and f[9] != "lo":
+                out.add(f[9])
+    return sorted(out)
+
+
 # -- the API the daemon and the CLI use ---------------------------------------------------
 def install(
     queue_num: int,
@@ -636,13 +796,17 @@ def _remove_family(family: int, netns: str | None) -> None:
 
 
 def remove(*, netns: str | None = None) -> None:
-    """Delete egressd's jumps and chains (both families) and nothing else. Idempotent."""
+    """Delete egressd's jumps and chains (both families), the link guard, and nothing else. Idempotent."""
     errors: list[str] = []
     for fam in (4, 6):
         try:
             _remove_family(fam, netns)
         except NetfilterError as e:
             errors.append(str(e))
+    try:
+        remove_guard(netns=netns)
+    except NetfilterError as e:
+        errors.append(str(e))
     if errors:
         raise NetfilterError("; ".join(errors))
 
@@ -662,6 +826,11 @@ def show(*, netns: str | None = None) -> str:
             continue
         body = ours_only(_save(fam, netns, counters=True))
         parts.append(f"# IPv{fam} ({_tool(fam)})\n" + (body or "# not installed"))
+    guard = ""
+    if shutil.which("nft") is not None:
+        listing = [_run(["nft", "list", "table", f, GUARD_TABLE], netns) for f in ("inet", "netdev")]
+        guard = "".join(p.stdout for p in listing if p.returncode == 0)
+    parts.append("# link guard (nft)\n" + (guard.rstrip() or "# not installed"))
     parts.append(f"# net.netfilter.nf_conntrack_acct = {_read_sysctl(_ACCT, netns) or 'unavailable'}")
     return "\n".join(parts) + "\n"
 
@@ -670,7 +839,7 @@ def queue_hits(*, netns: str | None = None, families: tuple[int, ...] = (4, 6)) 
     """Packets egressd's NFQUEUE rules were hit by (their counters, summed over the families).
 
     Hits minus what the queue accepted (id_sequence) and dropped is what a fail-open queue
-    let through uninspected: the kernel counts that nowhere else (NFQUEUE.md)."""
+    let through uninspected: the kernel counts that nowhere else (docs/architecture.md)."""
     total = 0
     for fam in families:
         if shutil.which(_tool(fam, "-save")) is None:
@@ -731,6 +900,20 @@ def add_rules_arguments(p: argparse.ArgumentParser) -> None:
         help="iptables, the only backend (nft is refused with the reason)",
     )
     p.add_argument("--netns", default=None, help="run inside this named network namespace")
+    add_guard_arguments(p)
+
+
+def add_guard_arguments(p: argparse.ArgumentParser) -> None:
+    """The link guard's options, shared by ``egressd run`` and ``egressd rules install``."""
+    p.add_argument(
+        "--guard-iface",
+        action="append",
+        default=[],
+        metavar="IFACE",
+        help="drop IP frames that did not come through the IP layer (packet sockets) on this interface "
+        "(repeatable; default: the interfaces of the default routes)",
+    )
+    p.add_argument("--no-guard", action="store_true", help="no link guard (packet-socket frames pass unjudged)")
 
 
 NFT_REFUSED: Final = (
@@ -757,6 +940,8 @@ def run_rules(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
             except (PolicyError, OSError) as e:
                 print(f"egressd rules install: the policy does not load:\n{e}", file=err)
                 return 2
+            for name in args.guard_iface:
+                check_iface(name)  # before anything is installed
             queue = args.queue if args.queue is not None else policy.settings.queue_num
             head = kernel_head(policy.settings)
             install(
@@ -768,6 +953,21 @@ def run_rules(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
                 netns=args.netns,
             )
             print(f"egressd rules installed (queue {queue}, head bound {head} packets per direction)", file=out)
+            if args.no_guard:
+                print("egressd link guard: off (--no-guard)", file=out)
+            elif not (ifaces := list(args.guard_iface) or uplinks(netns=args.netns)):
+                print("egressd link guard: no default route, nothing to guard (name one: --guard-iface)", file=err)
+            else:
+                try:
+                    install_guard(ifaces, netns=args.netns)
+                except GuardUnavailable as e:
+                    if args.guard_iface:
+                        with contextlib.suppress(NetfilterError):
+                            remove(netns=args.netns)
+                        raise
+                    print(f"egressd link guard: not installed: {e}", file=err)
+                else:
+                    print(f"egressd link guard on {', '.join(ifaces)}", file=out)
         elif args.action == "remove":
             remove(netns=args.netns)
             print("egressd rules removed", file=out)

@@ -10,6 +10,7 @@ to every training node, and nothing else would notice.
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,9 +24,13 @@ PRODUCT = REPO / "egressd"
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
-    out = tmp_path_factory.mktemp("wheel")
+    """The wheel built from the checkout as a fresh clone holds it (lab/ included: the wheel must
+    leave it out), without the working files a used checkout gathers (build/ may hold stale files)."""
+    src, out = tmp_path_factory.mktemp("src") / "egressd", tmp_path_factory.mktemp("wheel")
+    junk = (".git", ".venv", "build", "__pycache__", "*.egg-info", ".*_cache", ".hypothesis")
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(*junk))
     p = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", str(REPO), "--no-deps", "-w", str(out)],
+        [sys.executable, "-m", "pip", "wheel", "-q", str(src), "--no-deps", "-w", str(out)],
         capture_output=True,
         text=True,
         timeout=600,

@@ -38,7 +38,9 @@ def test_rules_install_beside_a_no_rules_daemon_cuts_a_one_byte_segment_miner(
     p = dlab.egressd("rules", "install")  # the shipped policy, as the daemon runs it
     assert p.returncode == 0, p.stderr
     head = netfilter.kernel_head(load_policy(default_policy()).settings)
-    assert p.stdout.strip() == f"egressd rules installed (queue 0, head bound {head} packets per direction)"
+    lines = p.stdout.splitlines()
+    assert lines[0] == f"egressd rules installed (queue 0, head bound {head} packets per direction)", p.stdout
+    assert lines[1].startswith("egressd link guard on "), p.stdout  # installed with the rules
     shown = dlab.egressd("rules", "show").stdout
     assert shown.count(f"--connbytes 0:{head} ") == 4, shown  # original and reply, IPv4 and IPv6
     pool = dlab.peers.pool("v1", 3333)
