@@ -40,6 +40,8 @@ def test_the_daemon_guards_the_default_route_interface_and_fail_open_removes_it(
     up = _veth(dlab)
     assert daemon.status()["link_guard"] == {"ifaces": [up], "error": "", "dropped": 0}
     assert netfilter.guard_installed(netns=dlab.lab.node) == [up]
+    shown = dlab.egressd("status", "--socket", str(daemon.socket)).stdout
+    assert f"link guard on {up}: 0 frames from below the IP layer dropped" in shown, shown
     assert daemon.stop(signal.SIGTERM) == 0
     assert netfilter.guard_installed(netns=dlab.lab.node) == []
     assert "egressd" not in dlab.lab.run_node(["nft", "list", "tables"]).stdout
