@@ -2,13 +2,15 @@
 
 deploy/container/build_image.py builds the OCI image archive from Debian packages
 (mmdebstrap) and this checkout's wheel; this test unpacks the archive layer by layer (digests
-checked) and runs the image's ``/usr/local/bin/egressd run`` chrooted into it, in the node
-namespace of a lab it creates: the image's Python, iptables and entrypoint, nothing of the host.
-The process starts the way Kubernetes starts the DaemonSet's container: uid 0 holding only the
-capabilities deploy/kubernetes/base/daemonset.yaml adds (a bounding set of exactly those), with
-/proc/sys read-only as container runtimes mount it. It must come up as the egressd user with
-exactly the three measured capabilities, block a Stratum handshake to the lab's pool, answer
-the probe command, and remove its rules when stopped.
+checked) and runs the image's own entrypoint with the DaemonSet's args, chrooted into it, in
+the node namespace of a lab it creates: the image's Python, iptables and entrypoint, nothing of
+the host. It starts the way Kubernetes starts the DaemonSet's container (``in_image``): uid 0
+holding only the capabilities deploy/kubernetes/base/daemonset.yaml adds, the root file system
+read-only, the pod's volumes where the pod mounts them (the ConfigMap laid out as the kubelet
+lays it out), /proc/sys read-only. It must come up as the egressd user with exactly the three
+measured capabilities, block a Stratum handshake to the lab's pool, answer the probe command,
+reload on a kubelet-style ConfigMap swap, remove its rules when stopped, and still run when the
+pod leaves out the two attribution capabilities.
 
 Time (measured on 2 shared vCPUs): a cold build (mmdebstrap + wheels) 92-104 s, of which the
 Debian layer 37-118 s depending on the mirror; after a change to egressd's sources ~25 s (the
@@ -122,7 +124,9 @@ class Running:
         return in_image(self.image.root, argv, self.run_dir, self.policy_dir)
 
 
-def in_image(root: Path, argv: list[str], run_dir: Path, policy_dir: Path) -> list[str]:
+def in_image(
+    root: Path, argv: list[str], run_dir: Path, policy_dir: Path, caps_added: list[str] | None = None
+) -> list[str]:
     """``argv`` in the image as Kubernetes starts the DaemonSet's container: a private mount
     namespace; the image's root read-only (readOnlyRootFilesystem) with the pod's volumes on
     it (the emptyDir at /run/egressd, the ConfigMap read-only at /etc/egressd, the node's
@@ -131,7 +135,7 @@ def in_image(root: Path, argv: list[str], run_dir: Path, policy_dir: Path) -> li
     with /proc/sys read-only as runtimes mount it; chrooted, as uid 0 whose bounding set is the
     capabilities the DaemonSet adds (what a runtime gives a container: nothing else)."""
     r = str(root)
-    caps = ",".join("+" + c for c in pod_caps())
+    caps = ",".join("+" + c for c in (pod_caps() if caps_added is None else caps_added))
     script = f"""set -e
 mount --bind "{r}" "{r}"
 mount -t proc proc "{r}/proc"
@@ -301,3 +305,29 @@ def test_stop_removes_the_rules(running: Running) -> None:
     saves = "".join(running.lab.run_node([t]).stdout for t in ("iptables-save", "ip6tables-save"))
     assert "EGRESSD" not in saves
     assert not netfilter.installed(netns=running.lab.node)
+
+
+def test_a_pod_without_the_attribution_capabilities_still_runs(running: Running) -> None:
+    """A site that removes SYS_PTRACE and DAC_READ_SEARCH from the pod (no process names in
+    events, docs/attribution.md) gets a daemon holding NET_ADMIN alone, not a failed start."""
+    assert running.proc.poll() is not None  # the module's daemon is stopped: the queue is free
+    caps = [c for c in pod_caps() if c not in ("sys_ptrace", "dac_read_search")]
+    argv = in_image(
+        running.image.root, ["/usr/local/bin/egressd", *container()["args"]], running.run_dir, running.policy_dir, caps
+    )
+    err = running.stderr.with_suffix(".reduced")
+    with err.open("wb") as fe:
+        proc = running.lab.spawn("node", argv, stdout=subprocess.DEVNULL, stderr=fe)
+    try:
+        deadline = time.monotonic() + 20
+        while not (running.run_dir / "status.sock").exists():
+            assert proc.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, err.read_text()
+            time.sleep(0.05)
+        st = proc_status(proc.pid)
+        assert st["Uid"].split() == [str(UID)] * 4
+        held = {k: int(st[k], 16) for k in ("CapEff", "CapPrm", "CapAmb", "CapBnd")}
+        assert held == dict.fromkeys(held, 1 << CAP["net_admin"]), {k: hex(v) for k, v in held.items()}
+    finally:
+        running.lab.stop(proc)
+    assert proc.returncode == 0, err.read_text()
