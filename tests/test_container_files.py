@@ -60,7 +60,7 @@ def test_same_user_entrypoint_and_command() -> None:
     (cmd,) = [rest for w, rest in run if w == "CMD"]
     (user,) = [rest for w, rest in run if w == "USER"]
     assert json.loads(entry) == ["/usr/local/bin/egressd"]
-    assert json.loads(cmd) == ["run"]
+    assert json.loads(cmd) == ["run", "--events-stdout"]
     assert user == "0:0"  # the entrypoint drops to the egressd user (entrypoint.sh says why)
     copies = [rest for w, rest in run if w == "COPY"]
     assert any(re.search(r"deploy/container/entrypoint\.sh /usr/local/bin/egressd$", c) for c in copies)

@@ -258,7 +258,7 @@ def pack_oci(out: Path, layers: list[Path], dest: Path) -> dict[str, Any]:
                 # egressd user (entrypoint.sh says why). Kubernetes sets the capabilities.
                 "User": "0:0",
                 "Entrypoint": ["/usr/local/bin/egressd"],
-                "Cmd": ["run"],
+                "Cmd": ["run", "--events-stdout"],  # the shipped default policy, events on stdout
                 "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
                 "WorkingDir": "/",
                 "Labels": {

@@ -214,7 +214,7 @@ def running(image: Image) -> Iterator[Running]:
 def test_image_config_runs_egressd(image: Image) -> None:
     c = image.config["config"]
     assert c["Entrypoint"] == ["/usr/local/bin/egressd"]
-    assert c["Cmd"] == ["run"]
+    assert c["Cmd"] == ["run", "--events-stdout"]
     assert (image.root / "opt/egressd/bin/egressd").is_file()
     # no pip, no compiler, no apt in the image: only what packages.txt and the wheel bring
     for absent in ("opt/egressd/bin/pip", "usr/bin/gcc", "usr/bin/apt-get", "usr/share/perl"):
