@@ -16,7 +16,8 @@ packages alone, so the image's own file system can be tested for real (tests/e2e
    entrypoint ``/usr/local/bin/egressd`` (entrypoint.sh). Cached by a hash of the sources.
 3. **OCI image archive** (``build/image/egressd-oci.tar``): an OCI image layout (index.json,
    oci-layout, blobs) in one tar, what ``skopeo copy oci-archive:...`` or ``podman load``
-   take. Layers are gzip'd tars with fixed mtimes and owners, sorted by name.
+   take. Layers are gzip'd tars with fixed mtimes and owners, sorted by name (not bit-for-bit
+   reproducible: the .pyc files pip writes carry the wheels' times).
 
 Security updates: the cache key does not know what the mirror published since; ``--refresh``
 (or deleting build/image) rebuilds the base from today's packages.
@@ -70,7 +71,7 @@ MMDEBSTRAP_OPTS = (
 )
 # The egressd layer's inputs: what ends up in the wheel, and the entrypoint.
 APP_INPUTS = ("egressd", "rules", "pyproject.toml", "README.md", "deploy/container/entrypoint.sh")
-EPOCH = 0  # mtime of every file in the layers we write: same inputs, same layer digest
+EPOCH = 0  # mtime of every file in the layers we write
 
 
 def packages() -> list[str]:

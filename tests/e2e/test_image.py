@@ -13,7 +13,7 @@ reload on a kubelet-style ConfigMap swap, remove its rules when stopped, and sti
 pod leaves out the two attribution capabilities.
 
 Time (measured on 2 shared vCPUs): a cold build (mmdebstrap + wheels) 92-104 s, of which the
-Debian layer 37-118 s depending on the mirror; after a change to egressd's sources ~25 s (the
+Debian layer 37 s; after a change to egressd's sources ~25 s (the
 Debian layer is cached under build/image, keyed by its inputs); nothing changed ~1 s. The
 module itself then takes ~15 s. Build times and the image size are printed (pytest -s).
 """
