@@ -58,6 +58,12 @@ def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("policies", nargs="+", metavar="POLICY", help="policy YAML file(s), e.g. rules/default.yaml")
+    p.add_argument(
+        "--print-merged",
+        action="store_true",
+        help="print each valid policy as one merged file (extends/includes/overrides applied), "
+        "every list item and rule annotated with the file:line it came from",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from egressd.policy import PolicyError, load_policy, validate
+    from egressd.policy import PolicyError, validate
+    from egressd.policy.loader import load_with_sources
+    from egressd.policy.merged import render
 
     bad = 0
     for path in args.policies:
@@ -96,10 +104,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(str(d), file=sys.stderr)
             continue
         try:
-            pol = load_policy(path)
+            pol, sources = load_with_sources(path)
         except PolicyError:
             # validate() accepts a file of lists only (rules/lists/*.yaml); it is not a policy.
             print(f"{path}: ok (a list file, for policies to include)")
+            continue
+        if args.print_merged:
+            sys.stdout.write(render(pol, sources))
             continue
         print(f"{path}: ok ({len(pol.rules)} rules, mode {pol.mode}, default {pol.default}, {len(pol.files)} file(s))")
     return EXIT_FAIL if bad else EXIT_OK
