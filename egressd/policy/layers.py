@@ -179,7 +179,7 @@ def _override(node: MappingNode, target: Node, by_name: dict[str, RuleSource], s
             f"{suggest(name, tuple(by_name))}",
         )
         return
-    if not set(keys) - {"override"}:
+    if len(fields) == 1:
         st.report.node(node, f"this override of rule {quote(name)} changes nothing; give action, description, "
                        "enabled or priority")  # fmt: skip
         return
