@@ -65,7 +65,9 @@ def line_of(path: Path, fragment: str) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if fragment in line)
 
 
-def facts(dst: str, dport: int, proto: int = 6, domains: tuple[str, ...] = (), kinds: tuple[str, ...] = ()) -> FlowFacts:
+def facts(
+    dst: str, dport: int, proto: int = 6, domains: tuple[str, ...] = (), kinds: tuple[str, ...] = ()
+) -> FlowFacts:
     ip = ipaddress.ip_address(dst)
     src = ipaddress.ip_address("198.51.100.2" if ip.version == 4 else "2001:db8::2")
     return FlowFacts(proto, ip.version, src.packed, ip.packed, 40000, dport, domains, kinds)
@@ -125,8 +127,8 @@ def test_disabled_rule_is_left_out(rules_dir: Path) -> None:
     pol = load_policy(site(rules_dir))
     assert pol.rule("alert-mining-ports") is None
     assert pol.judge(facts("203.0.113.9", 3333)).rule == "default"
-    own = site(rules_dir, "default: accept\nrules:\n  - {name: off, match: {dst_port: 1}, action: drop, enabled: false}\n",
-               "own.yaml")  # fmt: skip
+    off = "  - {name: off, match: {dst_port: 1}, action: drop, enabled: false}\n"
+    own = site(rules_dir, "default: accept\nrules:\n" + off, "own.yaml")
     assert load_policy(own).rules == ()
 
 
@@ -222,7 +224,9 @@ def test_errors_in_a_layer_point_at_the_layers_line(rules_dir: Path, layer: str,
 
 
 def test_override_cannot_reach_a_rule_defined_later(rules_dir: Path) -> None:
-    s = site(rules_dir, "default: accept\nrules:\n  - {override: late, action: drop}\n  - {name: late, action: accept}\n")
+    s = site(
+        rules_dir, "default: accept\nrules:\n  - {override: late, action: drop}\n  - {name: late, action: accept}\n"
+    )
     d = one(validate(s))
     assert (d.line, "no file read before this one defines" in d.message) == (3, True), str(d)
 
