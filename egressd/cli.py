@@ -85,6 +85,31 @@ def _add_review(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     d.add_argument("--json", action="store_true", help="one JSON document on stdout")
     d.set_defaults(handler=cmd_diff)
 
+    e = sub.add_parser(
+        "explain",
+        help="why one flow got its verdict: every rule in order, the condition and list item that decided",
+        description=(
+            "Explain the decision for flows of a capture (replayed under --policy) or of an event log "
+            "(judged again under --policy): every rule in policy order, whether it matched and why not, and "
+            "for the first that matched, which condition and which list item (with its file:line) decided."
+        ),
+        epilog="exit codes: 0 explained, 2 no flow selected or unusable input.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("input", metavar="INPUT", help="a capture (pcap/pcapng) or an event log (JSON lines)")
+    e.add_argument("--policy", metavar="FILE", help="policy YAML (default: the shipped rules/default.yaml)")
+    e.add_argument(
+        "--match",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="select flows like --expect's match: proto, src, src_port, dst, dst_port (repeatable)",
+    )
+    e.add_argument("--line", type=int, metavar="N", help="the event on line N of an event log")
+    e.add_argument("--json", action="store_true", help="the explanation as JSON")
+    e.add_argument("--max", type=int, default=10, metavar="N", help="explain at most N flows (default 10)")
+    e.set_defaults(handler=cmd_explain)
+
 
 def _load_for(cmd: str, path: str) -> object:
     """A policy, or the exit code 2 after saying why it does not load."""
@@ -126,6 +151,57 @@ def cmd_diff(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render_text(changes, flows, len(args.captures)))
     return EXIT_FAIL if changes else EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from egressd import explain, recorded
+    from egressd.paths import default_policy
+    from egressd.policy import PolicyError
+    from egressd.policy.loader import load_with_sources
+
+    try:
+        policy, sources = load_with_sources(args.policy or default_policy())
+        match = explain.parse_match(args.match)
+        if recorded.is_event_log(args.input):
+            if args.line is not None:
+                got = [(n, d) for n, d in recorded.iter_events(args.input) if n == args.line]
+                if not got:
+                    raise recorded.InputError(f"{args.input}:{args.line}: no egressd event on that line")
+                flows = [recorded.event_record(got[0][1], f"{args.input}:{args.line}")]
+            else:
+                flows = recorded.from_events(args.input)
+        else:
+            flows = recorded.from_capture(args.input, policy)
+    except PolicyError as e:
+        print(f"egressd explain: the policy does not load:\n{e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except (ValueError, OSError, recorded.InputError) as e:
+        print(f"egressd explain: {e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    chosen = explain.select(flows, match)
+    if not chosen:
+        print(f"egressd explain: no flow in {args.input} matches {match or 'anything'}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    docs = []
+    for fl in chosen[: max(1, args.max)]:
+        facts = fl.facts()
+        results, action, rule = explain.explain(policy, sources, facts)
+        if args.json:
+            docs.append(
+                {"flow": fl.label(), "source": fl.source, "names": list(facts.domains),
+                 "detections": list(facts.detections), "decision": {"action": action, "rule": rule},
+                 "recorded": {"verdict": fl.verdict, "rule": fl.rule}, "rules": [r.as_dict() for r in results]}
+            )  # fmt: skip
+        else:
+            sys.stdout.write(explain.render(fl, facts, policy, results, action, rule))
+            print()
+    if args.json:
+        print(json.dumps(docs, indent=2))
+    if len(chosen) > args.max:
+        print(f"egressd explain: {len(chosen) - args.max} more flow(s) match; narrow --match", file=sys.stderr)
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
