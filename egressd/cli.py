@@ -110,6 +110,32 @@ def _add_review(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     e.add_argument("--max", type=int, default=10, metavar="N", help="explain at most N flows (default 10)")
     e.set_defaults(handler=cmd_explain)
 
+    learn = sub.add_parser(
+        "learn",
+        help="draft a default-drop policy that accepts what captures or event logs recorded",
+        description=(
+            "Read captures (replayed through the engine under --base) and/or event logs of `egressd run` "
+            "(typically a node in mode: monitor) and write a complete default-drop policy: the base's lists and "
+            "detection rules first, then accept rules for the names (addresses only where no name was seen) "
+            "each annotated with counts, first/last seen and processes/containers. Flows with a mining, "
+            "reverse-SSH, tunnel or evasion detection, or that a kept rule drops, are never learned: they are "
+            "listed as 'would still be dropped'."
+        ),
+        epilog="exit codes: 0 written, 1 the draft would not accept some learned flow (a bug), 2 unusable input.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    learn.add_argument("inputs", nargs="+", metavar="INPUT", help="captures (pcap/pcapng) and event logs (JSON lines)")
+    learn.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the proposed policy")
+    learn.add_argument("--base", metavar="FILE", help="the policy whose detection rules are kept (default: shipped)")
+    learn.add_argument(
+        "--wildcard-min",
+        type=int,
+        default=3,
+        metavar="N",
+        help="propose *.parent only for N or more distinct names below parent (default 3; 0: never)",
+    )
+    learn.set_defaults(handler=cmd_learn)
+
 
 def _load_for(cmd: str, path: str) -> object:
     """A policy, or the exit code 2 after saying why it does not load."""
@@ -202,6 +228,46 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if len(chosen) > args.max:
         print(f"egressd explain: {len(chosen) - args.max} more flow(s) match; narrow --match", file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from egressd import recorded
+    from egressd.learn import learn
+    from egressd.paths import default_policy
+    from egressd.policy import PolicyError
+    from egressd.policy.loader import load_with_sources
+
+    try:
+        base, sources = load_with_sources(args.base or default_policy())
+    except PolicyError as e:
+        print(f"egressd learn: the base policy does not load:\n{e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except OSError as e:
+        print(f"egressd learn: {e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    try:
+        flows = recorded.load_inputs(args.inputs, base)
+    except recorded.InputError as e:
+        print(f"egressd learn: {e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    prop = learn(flows, base, sources, args.inputs, args.output, args.wildcard_min)
+    try:
+        Path(args.output).write_text(prop.text, encoding="utf-8")
+    except OSError as e:
+        print(f"egressd learn: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    items = sum(len(s.names) + len(s.wildcards) + len(s.addresses) for s in prop.services)
+    rules = sum(bool(s.names or s.wildcards) + bool(s.addresses) for s in prop.services)
+    print(
+        f"egressd learn: {args.output}: {items} item(s) in {rules} accept rule(s) from {len(prop.learned)} "
+        f"of {len(flows)} flow(s); {len(prop.would_drop)} would still be dropped",
+        file=sys.stderr,
+    )
+    for f, why in prop.would_drop:
+        print(f"  would still be dropped: {f.label()} {','.join(f.domains)} - {why} ({f.source})", file=sys.stderr)
+    for f, why in prop.not_accepted:
+        print(f"  NOT ACCEPTED by the draft (egressd bug): {f.label()} - {why}", file=sys.stderr)
+    return EXIT_FAIL if prop.not_accepted else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
