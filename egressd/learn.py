@@ -48,7 +48,7 @@ from egressd.policy.matchers import PORT_PROTOS
 from egressd.policy.merged import COMMENT_COL, flow, scalar
 from egressd.policy.provenance import RuleSource, Sources
 from egressd.policy.source import quote
-from egressd.recorded import Flow
+from egressd.recorded import Flow, from_capture
 
 # Detections that make a flow unlearnable, whatever any policy says about it.
 NEVER_LEARN: Final = ("mining", "ssh.reverse", "tunnel", "evasion")
@@ -121,6 +121,7 @@ class Service:
     names: dict[str, Seen] = field(default_factory=dict)
     addresses: dict[str, Seen] = field(default_factory=dict)
     wildcards: dict[str, Seen] = field(default_factory=dict)
+    late: dict[str, str] = field(default_factory=dict)  # address -> the names only seen after its first packet
 
     @property
     def slug(self) -> str:
@@ -305,6 +306,8 @@ def render(
             for a in sorted(svc.addresses, key=lambda a: ipaddress.ip_address(a).packed.rjust(16, b"\0")):
                 s = svc.addresses[a]
                 note = s.note()
+                if a in svc.late:
+                    note = f"named {svc.late[a]} only after the first packet (no DNS answer seen); {note}"
                 if svc.is_dns and s.names:
                     q = sorted(s.names)
                     note += f"; {len(q)} names asked: {', '.join(q[:3])}" + ("..." if len(q) > 3 else "")
@@ -371,12 +374,55 @@ def learn(
         _wildcards(svc, wildcard_min)
     text = render(base, src, services, inputs, len(flows), would_drop)
     policy = load_policy_text(text, out_path)  # raises PolicyError: a draft that does not load is a bug
-    not_accepted = []
-    for f in learned:
-        dec = policy.judge(f.facts())
-        if dec.action != "accept":
-            not_accepted.append((f, f"{dec.action} by {dec.rule}"))
+    late = _named_too_late(learned, policy)
+    if late:
+        by_key = {(s.proto, s.port): s for s in services}
+        for f in late:
+            svc = by_key[(_proto_name(f), f.dest_port if f.facts().proto in PORT_PROTOS else None)]
+            svc.addresses.setdefault(f.dest_ip, Seen()).add(f)
+            svc.late[f.dest_ip] = ", ".join(f.domains)
+        text = render(base, src, services, inputs, len(flows), would_drop)
+        policy = load_policy_text(text, out_path)
+    not_accepted = [(f, why) for f, why in _check(learned, policy)]
     return Proposal(text, policy, services, learned, would_drop, not_accepted)
+
+
+def _replayed(learned: list[Flow], policy: Policy) -> dict[tuple[str, str, int, str, int], Flow]:
+    """The learned capture flows replayed under the draft, by capture and 5-tuple."""
+    out = {}
+    for cap in sorted({f.source for f in learned if f.complete}):
+        for g in from_capture(cap, policy):
+            out[(cap, g.proto, g.src_port, g.dest_ip, g.dest_port)] = g
+    return out
+
+
+def _named_too_late(learned: list[Flow], policy: Policy) -> list[Flow]:
+    """Captured flows learned by name that the draft still drops when replayed: their name
+    (TLS SNI, CONNECT host) arrived after the first packet, which the policy judges by
+    address alone when no DNS answer named it. A live node that resolves names through
+    egressd has them at the first packet; a capture without the lookup does not."""
+    again = _replayed(learned, policy)
+    late = []
+    for f in learned:
+        g = again.get((f.source, f.proto, f.src_port, f.dest_ip, f.dest_port))
+        if f.complete and f.domains and g is not None and g.verdict != "accept" and g.rule == "default":
+            late.append(f)
+    return late
+
+
+def _check(learned: list[Flow], policy: Policy) -> list[tuple[Flow, str]]:
+    """Learned flows the draft would not accept: replayed when they came from a capture,
+    judged on their recorded facts when they came from an event log. Empty unless buggy."""
+    again = _replayed(learned, policy)
+    bad = []
+    for f in learned:
+        g = again.get((f.source, f.proto, f.src_port, f.dest_ip, f.dest_port)) if f.complete else None
+        verdict, rule = (
+            (g.verdict, g.rule) if g is not None else (lambda d: (d.action, d.rule))(policy.judge(f.facts()))
+        )
+        if verdict != "accept":
+            bad.append((f, f"{verdict} by {rule}"))
+    return bad
 
 
 def _guard_policy(base: Policy, src: Sources) -> Policy:
