@@ -136,6 +136,25 @@ def _add_review(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     learn.set_defaults(handler=cmd_learn)
 
+    rep = sub.add_parser(
+        "report",
+        help="one self-contained HTML page for review: decisions over time, destinations, drops by rule, "
+        "who, and what learn would propose",
+        description=(
+            "Read event logs of `egressd run` (captures are replayed too) and write one HTML page with no "
+            "script and nothing fetched from the network: a plot of decisions over time, top destinations by "
+            "name, drops and alerts by rule, processes/containers when the events carry them, and the policy "
+            "`egressd learn` would propose from the same inputs."
+        ),
+        epilog="exit codes: 0 written, 2 unusable input.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rep.add_argument("inputs", nargs="+", metavar="EVENTS", help="event logs (JSON lines) and/or captures")
+    rep.add_argument("-o", "--output", required=True, metavar="FILE", help="the HTML file to write")
+    rep.add_argument("--base", metavar="FILE", help="base policy for the learn section (default: shipped)")
+    rep.add_argument("--title", default="egressd review report", help="page title")
+    rep.set_defaults(handler=cmd_report)
+
 
 def _load_for(cmd: str, path: str) -> object:
     """A policy, or the exit code 2 after saying why it does not load."""
@@ -268,6 +287,40 @@ def cmd_learn(args: argparse.Namespace) -> int:
     for f, why in prop.not_accepted:
         print(f"  NOT ACCEPTED by the draft (egressd bug): {f.label()} - {why}", file=sys.stderr)
     return EXIT_FAIL if prop.not_accepted else EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from egressd import recorded, review_report
+    from egressd.learn import learn
+    from egressd.paths import default_policy
+    from egressd.policy import PolicyError
+    from egressd.policy.loader import load_with_sources
+
+    try:
+        base, sources = load_with_sources(args.base or default_policy())
+        flows = recorded.load_inputs(args.inputs, base)
+        decisions = []
+        for path in args.inputs:
+            if recorded.is_event_log(path):
+                for _, d in recorded.iter_events(path):
+                    rec = recorded.event_record(d, path)
+                    decisions.append(review_report.Decision(rec.last_ts, review_report.fate(rec.verdict)))
+        decisions += [review_report.Decision(f.last_ts, review_report.fate(f.verdict)) for f in flows if f.complete]
+    except PolicyError as e:
+        print(f"egressd report: the base policy does not load:\n{e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except (recorded.InputError, ValueError, OSError) as e:
+        print(f"egressd report: {e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    proposal = learn(flows, base, sources, args.inputs, "<proposed by egressd report>")
+    page = review_report.build(decisions, flows, args.inputs, proposal, args.title)
+    try:
+        Path(args.output).write_text(page, encoding="utf-8")
+    except OSError as e:
+        print(f"egressd report: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    print(f"egressd report: {args.output}: {len(flows)} flows, {len(decisions)} decisions", file=sys.stderr)
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,7 @@ from egressd.policy.matchers import PORT_PROTOS
 from egressd.policy.merged import COMMENT_COL, flow, scalar
 from egressd.policy.provenance import RuleSource, Sources
 from egressd.policy.source import quote
+from egressd.policy.values import domain_or_error
 from egressd.recorded import Flow, from_capture
 
 # Detections that make a flow unlearnable, whatever any policy says about it.
@@ -173,9 +174,10 @@ def _collect(flows: Iterable[Flow]) -> list[Service]:
             seen.add(f)
             seen.names.update(f.domains)
             continue
-        if f.domains:
+        names = [n for n in f.domains if domain_or_error(n)[0] == n]  # what a policy can hold
+        if names:
             named_addresses.add(f.dest_ip)
-            for name in f.domains:
+            for name in names:
                 svc.names.setdefault(name, Seen()).add(f)
         else:
             svc.addresses.setdefault(f.dest_ip, Seen()).add(f)

@@ -217,3 +217,14 @@ def test_unusable_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["learn", str(bad), "-o", str(tmp_path / "o.yaml")]) == 2
     assert f"{bad}:1:" in capsys.readouterr().err
     assert not (tmp_path / "o.yaml").exists()
+
+
+def test_a_name_that_is_not_a_domain_name_is_never_learned(tmp_path: Path) -> None:
+    hostile = "<script>x</script>.example.org"
+    evs = [event(i, "203.0.113.40", 443, f"h{i}.example.org") for i in range(2)]
+    evs.append(event(5, "203.0.113.41", 443, hostile))
+    out = learn(tmp_path, str(write_events(tmp_path / "e.jsonl", evs)))
+    items = domain_items(out)
+    assert sorted(items) == ["h0.example.org", "h1.example.org"]  # and no *.example.org from 3 "names"
+    assert "203.0.113.41/32" in out.read_text()  # learned by address, like any flow without a usable name
+    assert "<script>" not in out.read_text()
