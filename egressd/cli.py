@@ -134,6 +134,11 @@ def _add_review(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="N",
         help="propose *.parent only for N or more distinct names below parent (default 3; 0: never)",
     )
+    learn.add_argument(
+        "--learn-uninspected",
+        action="store_true",
+        help="also learn flows the default dropped at their first packet when recorded (no detector saw them)",
+    )
     learn.set_defaults(handler=cmd_learn)
 
     rep = sub.add_parser(
@@ -269,7 +274,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     except recorded.InputError as e:
         print(f"egressd learn: {e}", file=sys.stderr)
         return EXIT_UNUSABLE
-    prop = learn(flows, base, sources, args.inputs, args.output, args.wildcard_min)
+    prop = learn(flows, base, sources, args.inputs, args.output, args.wildcard_min, args.learn_uninspected)
     try:
         Path(args.output).write_text(prop.text, encoding="utf-8")
     except OSError as e:

@@ -20,7 +20,12 @@ sees every flow with its names, so it can draft that list; a person reviews it. 
 * **never from a flow that had a mining, reverse-SSH, tunnel or evasion detection**, nor from
   one that a kept rule of the base (e.g. SSH outside ``ssh_allowed``) would drop, nor from one
   that a rule other than the default dropped when it was recorded: those are listed in a
-  separate section, "would still be dropped";
+  separate section, "would still be dropped". Nor, unless asked (``--learn-uninspected``),
+  from an event of a flow the default dropped at its first packet: no detector saw its bytes
+  (a node in ``mode: monitor`` with ``default: drop`` records every unlisted flow that way, a
+  miner included), so record with an accept-default policy in monitor mode instead, e.g.
+  ``extends: egressd:default`` and ``mode: monitor``: every flow is then inspected to the end,
+  with its names and detections, and nothing is dropped either way;
 * **annotated**: each item with its count of flows, first and last seen, and the processes
   and containers that used it when the events carry them (``process``, ``container``);
 * **deterministic**: items sorted, no generation time, so the same inputs give the same file
@@ -353,7 +358,13 @@ def _unique(name: str, taken: set[str]) -> str:
 
 
 def learn(
-    flows: list[Flow], base: Policy, src: Sources, inputs: list[str], out_path: str, wildcard_min: int = 3
+    flows: list[Flow],
+    base: Policy,
+    src: Sources,
+    inputs: list[str],
+    out_path: str,
+    wildcard_min: int = 3,
+    learn_uninspected: bool = False,
 ) -> Proposal:
     """Draft the policy from ``flows`` (captures replayed under ``base``, and/or event logs)."""
     guard = _guard_policy(base, src)
@@ -361,6 +372,8 @@ def learn(
     would_drop: list[tuple[Flow, str]] = []
     for f in flows:
         why = _never(f)
+        if why is None and f.uninspected and not f.complete and not learn_uninspected:
+            why = "never inspected (dropped by the default at its first packet when recorded)"
         if why is None and f.blocked and f.rule != "default":
             why = f"dropped by rule {f.rule} when recorded"
         if why is None:

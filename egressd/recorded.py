@@ -65,7 +65,15 @@ class Flow:
     process: dict[str, Any] | None = None
     container: dict[str, Any] | None = None
     complete: bool = True  # False: from an event, which names only the first domain
+    reason: str = ""  # why the last decision was made then (first-packet, detection, classified, ...)
     event: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uninspected(self) -> bool:
+        """Dropped (or would-dropped) by the policy default at its first packet: no detector
+        ever saw its bytes, so nothing is known about what it carried. A node recorded in
+        ``mode: monitor`` with ``default: drop`` logs every unlisted flow this way."""
+        return self.verdict == "drop" and self.rule == "default" and self.reason == "first-packet"
 
     @property
     def blocked(self) -> bool:
@@ -122,6 +130,7 @@ def _from_event(ev: Event, facts: FlowFacts | None, source: str, first_ts: float
         evidence=str(det.get("evidence", "")),
         primary=str(det.get("kind", "")),
         complete=facts is not None,
+        reason=ev.reason,
         event=ev.to_dict(),
     )
 
@@ -178,6 +187,7 @@ def event_record(d: dict[str, Any], source: str) -> Flow:
             process=proc if isinstance(proc, dict) else None,
             container=cont if isinstance(cont, dict) else None,
             complete=False,
+            reason=str(d.get("reason", "")),
             event=d,
         )
     except (KeyError, TypeError, ValueError, AssertionError) as e:

@@ -228,3 +228,18 @@ def test_a_name_that_is_not_a_domain_name_is_never_learned(tmp_path: Path) -> No
     assert sorted(items) == ["h0.example.org", "h1.example.org"]  # and no *.example.org from 3 "names"
     assert "203.0.113.41/32" in out.read_text()  # learned by address, like any flow without a usable name
     assert "<script>" not in out.read_text()
+
+
+def test_a_flow_the_default_dropped_at_its_first_packet_was_never_inspected_and_is_not_learned(
+    tmp_path: Path,
+) -> None:
+    evs = [
+        event(0, "203.0.113.40", 443, "ok.example.org"),
+        event(1, "203.0.113.30", 3333, None, verdict="drop", rule="default", reason="first-packet", would_drop=True),
+    ]
+    log = str(write_events(tmp_path / "e.jsonl", evs))
+    text = learn(tmp_path / "strict", log).read_text()
+    assert "203.0.113.30" not in text.split("# Would still be dropped")[0]
+    assert "never inspected (dropped by the default at its first packet when recorded)" in text
+    text = learn(tmp_path / "loose", log, extra=("--learn-uninspected",)).read_text()
+    assert "- 203.0.113.30/32" in text.split("# Would still be dropped")[0]
