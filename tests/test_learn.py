@@ -235,7 +235,7 @@ def test_a_flow_the_default_dropped_at_its_first_packet_was_never_inspected_and_
 ) -> None:
     evs = [
         event(0, "203.0.113.40", 443, "ok.example.org"),
-        event(1, "203.0.113.30", 3333, None, verdict="drop", rule="default", reason="first-packet", would_drop=True),
+        event(1, "203.0.113.30", 8080, None, verdict="drop", rule="default", reason="first-packet", would_drop=True),
     ]
     log = str(write_events(tmp_path / "e.jsonl", evs))
     text = learn(tmp_path / "strict", log).read_text()
