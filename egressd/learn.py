@@ -127,7 +127,7 @@ class Service:
     names: dict[str, Seen] = field(default_factory=dict)
     addresses: dict[str, Seen] = field(default_factory=dict)
     wildcards: dict[str, Seen] = field(default_factory=dict)
-    late: dict[str, str] = field(default_factory=dict)  # address -> the names only seen after its first packet
+    late: dict[str, str] = field(default_factory=dict)  # address -> why it is listed although named
 
     @property
     def slug(self) -> str:
@@ -314,7 +314,7 @@ def render(
                 s = svc.addresses[a]
                 note = s.note()
                 if a in svc.late:
-                    note = f"named {svc.late[a]} only after the first packet (no DNS answer seen); {note}"
+                    note = f"{svc.late[a]}; {note}"
                 if svc.is_dns and s.names:
                     q = sorted(s.names)
                     note += f"; {len(q)} names asked: {', '.join(q[:3])}" + ("..." if len(q) > 3 else "")
@@ -389,54 +389,44 @@ def learn(
         _wildcards(svc, wildcard_min)
     text = render(base, src, services, inputs, len(flows), would_drop)
     policy = load_policy_text(text, out_path)  # raises PolicyError: a draft that does not load is a bug
-    late = _named_too_late(learned, policy)
-    if late:
+    # A learned flow the draft still drops by its default: it reached an address by no name
+    # the policy could know at its first packet (a name seen only later in the flow, from the
+    # TLS SNI or a CONNECT host, or none at all where other flows named the address). Its
+    # address is added, and the draft says why next to it.
+    fallback = [f for f, _, rule in _verdicts(learned, policy) if rule == "default"]
+    if fallback:
         by_key = {(s.proto, s.port): s for s in services}
-        for f in late:
+        for f in fallback:
             svc = by_key[(_proto_name(f), f.dest_port if f.facts().proto in PORT_PROTOS else None)]
             svc.addresses.setdefault(f.dest_ip, Seen()).add(f)
-            svc.late[f.dest_ip] = ", ".join(f.domains)
+            if f.domains:
+                svc.late[f.dest_ip] = f"named {', '.join(f.domains)} only after the first packet (no DNS answer seen)"
+            else:
+                svc.late.setdefault(f.dest_ip, "also reached without a name (no DNS answer seen)")
         text = render(base, src, services, inputs, len(flows), would_drop)
         policy = load_policy_text(text, out_path)
-    not_accepted = [(f, why) for f, why in _check(learned, policy)]
+    not_accepted = [(f, f"{v} by {r}") for f, v, r in _verdicts(learned, policy)]
     return Proposal(text, policy, services, learned, would_drop, not_accepted)
 
 
-def _replayed(learned: list[Flow], policy: Policy) -> dict[tuple[str, str, int, str, int], Flow]:
-    """The learned capture flows replayed under the draft, by capture and 5-tuple."""
-    out = {}
+def _verdicts(learned: list[Flow], policy: Policy) -> list[tuple[Flow, str, str]]:
+    """(flow, verdict, rule) of each learned flow the draft would not accept: replayed when
+    it came from a capture (exactly what the engine does, names arriving when they arrive),
+    judged on its recorded facts when it came from an event log."""
+    again: dict[tuple[str, str, int, str, int], Flow] = {}
     for cap in sorted({f.source for f in learned if f.complete}):
         for g in from_capture(cap, policy):
-            out[(cap, g.proto, g.src_port, g.dest_ip, g.dest_port)] = g
-    return out
-
-
-def _named_too_late(learned: list[Flow], policy: Policy) -> list[Flow]:
-    """Captured flows learned by name that the draft still drops when replayed: their name
-    (TLS SNI, CONNECT host) arrived after the first packet, which the policy judges by
-    address alone when no DNS answer named it. A live node that resolves names through
-    egressd has them at the first packet; a capture without the lookup does not."""
-    again = _replayed(learned, policy)
-    late = []
-    for f in learned:
-        g = again.get((f.source, f.proto, f.src_port, f.dest_ip, f.dest_port))
-        if f.complete and f.domains and g is not None and g.verdict != "accept" and g.rule == "default":
-            late.append(f)
-    return late
-
-
-def _check(learned: list[Flow], policy: Policy) -> list[tuple[Flow, str]]:
-    """Learned flows the draft would not accept: replayed when they came from a capture,
-    judged on their recorded facts when they came from an event log. Empty unless buggy."""
-    again = _replayed(learned, policy)
+            again[(cap, g.proto, g.src_port, g.dest_ip, g.dest_port)] = g
     bad = []
     for f in learned:
-        g = again.get((f.source, f.proto, f.src_port, f.dest_ip, f.dest_port)) if f.complete else None
-        verdict, rule = (
-            (g.verdict, g.rule) if g is not None else (lambda d: (d.action, d.rule))(policy.judge(f.facts()))
-        )
+        g: Flow | None = again.get((f.source, f.proto, f.src_port, f.dest_ip, f.dest_port)) if f.complete else None
+        if g is not None:
+            verdict, rule = g.verdict, g.rule
+        else:
+            dec = policy.judge(f.facts())
+            verdict, rule = dec.action, dec.rule
         if verdict != "accept":
-            bad.append((f, f"{verdict} by {rule}"))
+            bad.append((f, verdict, rule))
     return bad
 
 
