@@ -415,11 +415,11 @@ def _verdicts(learned: list[Flow], policy: Policy) -> list[tuple[Flow, str, str]
     judged on its recorded facts when it came from an event log."""
     again: dict[tuple[str, str, int, str, int], Flow] = {}
     for cap in sorted({f.source for f in learned if f.complete}):
-        for g in from_capture(cap, policy):
-            again[(cap, g.proto, g.src_port, g.dest_ip, g.dest_port)] = g
+        for r in from_capture(cap, policy):
+            again[(cap, r.proto, r.src_port, r.dest_ip, r.dest_port)] = r
     bad = []
     for f in learned:
-        g: Flow | None = again.get((f.source, f.proto, f.src_port, f.dest_ip, f.dest_port)) if f.complete else None
+        g = again.get((f.source, f.proto, f.src_port, f.dest_ip, f.dest_port)) if f.complete else None
         if g is not None:
             verdict, rule = g.verdict, g.rule
         else:
