@@ -274,7 +274,11 @@ def cmd_learn(args: argparse.Namespace) -> int:
     except recorded.InputError as e:
         print(f"egressd learn: {e}", file=sys.stderr)
         return EXIT_UNUSABLE
-    prop = learn(flows, base, sources, args.inputs, args.output, args.wildcard_min, args.learn_uninspected)
+    try:
+        prop = learn(flows, base, sources, args.inputs, args.output, args.wildcard_min, args.learn_uninspected)
+    except PolicyError as e:  # the draft is generated; one that does not load is an egressd bug
+        print(f"egressd learn: the draft does not load (please report this egressd bug):\n{e}", file=sys.stderr)
+        return EXIT_FAIL
     try:
         Path(args.output).write_text(prop.text, encoding="utf-8")
     except OSError as e:
@@ -317,7 +321,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     except (recorded.InputError, ValueError, OSError) as e:
         print(f"egressd report: {e}", file=sys.stderr)
         return EXIT_UNUSABLE
-    proposal = learn(flows, base, sources, args.inputs, "<proposed by egressd report>")
+    try:
+        proposal = learn(flows, base, sources, args.inputs, "<proposed by egressd report>")
+    except PolicyError as e:  # shown on the page instead of the proposal; an egressd bug
+        print(f"egressd report: the learn section failed (please report this egressd bug):\n{e}", file=sys.stderr)
+        proposal = None
     page = review_report.build(decisions, flows, args.inputs, proposal, args.title)
     try:
         Path(args.output).write_text(page, encoding="utf-8")
