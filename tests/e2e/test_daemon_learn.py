@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,12 @@ POOL = SERVICES["pool"][0]
 EVIL = SERVICES["ssh_evil"][0]
 BASTION = SERVICES["ssh_allowed"][0]
 BULK = SERVICES["bulk"][0]
+WG_PORT = 51820
+# A WireGuard handshake initiation (148 bytes, type 1): what `wg-quick up` sends first.
+WG_SEND = (
+    "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+    f"s.sendto(b'\\x01\\x00\\x00\\x00' + bytes(144), ('{BULK}', {WG_PORT}))"
+)
 
 
 @dataclass
@@ -69,6 +76,8 @@ def node_traffic(dlab: DaemonLab) -> dict[str, bool]:
     ok["stratum"] = rc == 0 and bool(rep["handshake_complete"])
     p, _ = dlab.run(dlab.peers.ssh(EVIL, "echo", "evil-ok"), timeout=20)
     ok["ssh evil"] = p.returncode == 0 and "evil-ok" in p.stdout
+    p, _ = dlab.run([sys.executable, "-c", WG_SEND])
+    ok["wireguard sent"] = p.returncode == 0
     return ok
 
 
@@ -86,6 +95,7 @@ def learned(dlab: DaemonLab, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         # monitor mode: everything got through, the miner and the unlisted SSH server included
         assert all(ok.values()), ok
         d.wait_events(lambda e: e["dest_ip"] == EVIL, timeout=5)
+        d.wait_events(lambda e: e["dest_port"] == WG_PORT, timeout=5)
     finally:
         assert d.stop(signal.SIGTERM) == 0
         netfilter.remove(netns=dlab.lab.node)
@@ -97,6 +107,7 @@ def learned(dlab: DaemonLab, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def test_the_recording_has_the_flows_the_test_made(learned: Learned) -> None:
     by_rule = {(e["dest_ip"], e["rule"]) for e in learned.recorded}
     assert (POOL, "drop-mining") in by_rule and (EVIL, "drop-ssh-unlisted") in by_rule
+    assert (BULK, "alert-vpn-tunnels") in by_rule
     would = [e for e in learned.recorded if e.get("would_drop")]
     assert would and all(e["action"] == "allowed" and e["mode"] == "monitor" for e in would)
     named = {e.get("domain") for e in learned.recorded if e["dest_ip"] == TLS4 and e["dest_port"] == 443}
@@ -143,6 +154,8 @@ def test_names_not_addresses_and_no_wildcard_above_a_public_suffix(learned: Lear
             assert not psl.is_public(item[2:]) and psl.privatesuffix(item[2:]) is not None, item
     cidrs = [i for ls in learned_lists.values() if ls["type"] == "cidr" for i in ls["items"]]
     assert f"{POOL}/32" not in cidrs and f"{EVIL}/32" not in cidrs
+    assert not any(n.startswith(f"learned_udp_{WG_PORT}") for n in learned_lists)  # the tunnel was not learned
+    assert "detection tunnel.wireguard" in learned.proposed.read_text()
 
 
 def test_the_node_enforcing_the_proposal(dlab: DaemonLab, learned: Learned, tmp_path: Path) -> None:
@@ -157,7 +170,11 @@ def test_the_node_enforcing_the_proposal(dlab: DaemonLab, learned: Learned, tmp_
             "ssh bastion": True,
             "stratum": False,
             "ssh evil": False,
+            "wireguard sent": True,  # sent: UDP has no answer to wait for; the event says what happened
         }
+        wg = d.wait_events(lambda e: e["dest_port"] == WG_PORT, timeout=3)
+        # Not learned, so the default drops it at its first datagram, before any detector runs.
+        assert wg and (wg[0]["rule"], wg[0]["action"]) == ("default", "blocked"), wg
         # A destination the node never used is dropped by the default.
         p = subprocess.run(
             dlab.lab.node_cmd(["curl", "-sS", "--max-time", "3", "-o", "/dev/null", f"http://{BULK}/"]),
