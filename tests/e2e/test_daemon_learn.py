@@ -20,16 +20,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from daemon_fixtures import NEEDS_KERNEL, DaemonLab, Event, policy_copy
+from daemon_fixtures import NEEDS_KERNEL, DaemonLab, Event
 from publicsuffixlist import PublicSuffixList
 
 from egressd import netfilter
 from egressd.cli import main
-from egressd.lab import peers
-from egressd.lab.netns import SERVICES
 from egressd.learn import NEVER_LEARN
 from egressd.policy import Policy, load_policy, validate
 from egressd.recorded import Flow, from_capture, from_events
+from egressd_lab import peers
+from egressd_lab.harness import policy_copy
+from egressd_lab.netns import SERVICES
 
 pytestmark = [*NEEDS_KERNEL[:2], pytest.mark.timeout(180)]
 pytest_plugins = ["conftest_daemon"]

@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from daemon_fixtures import NEEDS_KERNEL, DaemonLab, policy_copy, set_key
+from daemon_fixtures import NEEDS_KERNEL, DaemonLab
 
 from egressd import netfilter
-from egressd.lab import peers
-from egressd.lab.netns import SERVICES
 from egressd.paths import default_policy
+from egressd_lab import peers
+from egressd_lab.harness import policy_copy, set_key
+from egressd_lab.netns import SERVICES
 from tests.configmap import ConfigMapVolume
 
 pytestmark = NEEDS_KERNEL
