@@ -245,7 +245,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
                  "recorded": {"verdict": fl.verdict, "rule": fl.rule}, "rules": [r.as_dict() for r in results]}
             )  # fmt: skip
         else:
-            sys.stdout.write(explain.render(fl, facts, policy, results, action, rule))
+            off = [r for r in sources.rules if not r.enabled]
+            sys.stdout.write(explain.render(fl, facts, policy, results, action, rule, off))
             print()
     if args.json:
         print(json.dumps(docs, indent=2))

@@ -23,7 +23,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from egressd.detect.base import kind_matches
 from egressd.policy import FlowFacts, Policy
 from egressd.policy.matchers import PORT_PROTOS, DomainSet
-from egressd.policy.provenance import Sources, where
+from egressd.policy.provenance import RuleSource, Sources, where
 from egressd.policy.values import domain_or_error, parse_cidr, parse_port_range, parse_proto
 from egressd.recorded import Flow
 
@@ -245,7 +245,15 @@ def explain(policy: Policy, src: Sources, f: FlowFacts) -> tuple[list[RuleResult
     return results, decided[0], decided[1]
 
 
-def render(flow: Flow | None, f: FlowFacts, policy: Policy, results: list[RuleResult], action: str, rule: str) -> str:
+def render(
+    flow: Flow | None,
+    f: FlowFacts,
+    policy: Policy,
+    results: list[RuleResult],
+    action: str,
+    rule: str,
+    disabled: list[RuleSource] | tuple[RuleSource, ...] = (),
+) -> str:
     out: list[str] = []
     if flow is not None:
         out.append(f"flow {flow.label()}  (from {flow.source})")
@@ -273,6 +281,8 @@ def render(flow: Flow | None, f: FlowFacts, policy: Policy, results: list[RuleRe
             out.append(
                 "       !! the compiled matcher disagrees with this explanation (an egressd bug; please report it)"
             )
+    for rs in disabled:
+        out.append(f"  -. {rs.name} ({rs.where})  disabled (enabled: false at {rs.enabled_where})")
     if rule == "default":
         out.append(f"  no rule matched: the policy default decides -> {action}")
     out.append(f"decision: {action} by {rule}")

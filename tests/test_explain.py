@@ -122,3 +122,14 @@ def test_nothing_selected_or_a_bad_match_exits_2(capsys: pytest.CaptureFixture[s
     assert "no flow" in capsys.readouterr().err
     assert main(["explain", str(PCAPS / "stratum-v1.pcap"), "--match", "port=1"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_text_output_lists_a_rule_a_layer_disabled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rules = tmp_path / "rules"
+    shutil.copytree(DEFAULT.parent, rules)
+    site = rules / "site.yaml"
+    site.write_text("extends: default.yaml\nrules:\n  - override: alert-mining-ports\n    enabled: false\n")
+    assert main(["explain", str(PCAPS / "stratum-v1.pcap"), "--policy", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert f"alert-mining-ports ({rules / 'default.yaml'}:" in out
+    assert f"disabled (enabled: false at {site}:4)" in out

@@ -211,6 +211,8 @@ def test_print_merged_is_a_policy_that_judges_like_the_layers(
         ("rules:\n  - override: drop-mining\n", "override", "changes nothing"),
         ("rules:\n  - override: drop-mining\n    match: {dst_port: 1}\n", "match", "unknown key 'match'"),
         ("rules:\n  - {name: drop-mining, action: drop}\n", "drop-mining", "duplicate rule name 'drop-mining'"),
+        ("settings:\n  max_packets: 0\n", "0", "'max_packets' must be between 1 and 10000"),
+        ("default: sometimes\n", "sometimes", "unknown default action 'sometimes'"),
     ],
 )
 def test_errors_in_a_layer_point_at_the_layers_line(rules_dir: Path, layer: str, fragment: str, message: str) -> None:

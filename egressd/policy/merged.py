@@ -112,7 +112,8 @@ def render(policy: Policy, src: Sources, title: str = "") -> str:
             out.append(f"    description: {scalar(ls.description)}")
         out.append("    items:" if ls.items else "    items: []")
         for it in ls.items:
-            out.append(_line(f"      - {scalar(it.value)}", f"{it.where}{' (appended)' if it.appended else ''}"))
+            text = it.value if ls.type == "port" else scalar(it.value)  # 3333 reads as a port either way
+            out.append(_line(f"      - {text}", f"{it.where}{' (appended)' if it.appended else ''}"))
     enabled = [r for r in src.rules if r.enabled]
     out.append("rules:" if enabled else "rules: []")
     for r in enabled:
