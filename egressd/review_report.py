@@ -26,6 +26,7 @@ from egressd.learn import Proposal
 from egressd.recorded import Flow
 
 TOP: Final = 20
+MAX_ROWS: Final = 500  # rows of the "would still be dropped" table; a week of a busy node can have many
 BUCKETS: Final = 48
 COLOURS: Final = {"accepted": "#2e7d32", "alerted": "#f9a825", "dropped": "#c62828"}
 
@@ -178,12 +179,14 @@ def build(
             items += [(label, n, "name", ns.note()) for n, ns in sorted(s.names.items())]
             items += [(label, a, "address", sa.note()) for a, sa in sorted(s.addresses.items())]
         drops = [(f.label(), ", ".join(f.domains) or "-", why) for f, why in proposal.would_drop]
+        shown = drops[:MAX_ROWS]
+        more = f'<p class="empty">{len(drops) - MAX_ROWS} more not shown.</p>' if len(drops) > MAX_ROWS else ""
         learn_html = (
             f'<p><span id="learn-items">{len(items)}</span> items learned from {len(proposal.learned)} flows; '
             f'<span id="learn-would-drop">{len(drops)}</span> flows would still be dropped.</p>'
             + _table(("service", "item", "by", "evidence"), items, "learn")
             + "<h3>Would still be dropped</h3>"
-            + (_table(("flow", "names", "why"), drops, "would-drop") if drops else '<p class="empty">None.</p>')
+            + (_table(("flow", "names", "why"), shown, "would-drop") + more if drops else '<p class="empty">None.</p>')
             + f"<details><summary>The proposed policy (YAML)</summary><pre>{_e(proposal.text)}</pre></details>"
         )
 
