@@ -39,6 +39,7 @@ not assumed.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import ipaddress
 import os
 from collections.abc import Iterable
@@ -167,6 +168,12 @@ def _guard(base: Policy, src: Sources) -> list[RuleSource]:
     return [r for r in src.rules if r.enabled and r.name in compiled and compiled[r.name].action != "accept"]
 
 
+@functools.lru_cache(maxsize=65536)
+def _policy_name(name: str) -> bool:
+    """A name a policy can hold as it is (events are written from traffic: anything goes)."""
+    return domain_or_error(name)[0] == name
+
+
 def _collect(flows: Iterable[Flow]) -> list[Service]:
     services: dict[tuple[str, int | None], Service] = {}
     named_addresses: set[str] = set()
@@ -179,7 +186,7 @@ def _collect(flows: Iterable[Flow]) -> list[Service]:
             seen.add(f)
             seen.names.update(f.domains)
             continue
-        names = [n for n in f.domains if domain_or_error(n)[0] == n]  # what a policy can hold
+        names = [n for n in f.domains if _policy_name(n)]
         if names:
             named_addresses.add(f.dest_ip)
             for name in names:

@@ -67,6 +67,7 @@ class Flow:
     complete: bool = True  # False: from an event, which names only the first domain
     reason: str = ""  # why the last decision was made then (first-packet, detection, classified, ...)
     event: dict[str, Any] = field(default_factory=dict)
+    _facts: tuple[tuple[str, ...], tuple[str, ...], FlowFacts] | None = field(default=None, repr=False, compare=False)
 
     @property
     def uninspected(self) -> bool:
@@ -81,7 +82,16 @@ class Flow:
         return self.verdict == "drop"
 
     def facts(self) -> FlowFacts:
-        """The flow as the policy sees it (for judging it again under another policy)."""
+        """The flow as the policy sees it (for judging it again under another policy).
+        Kept once made (learn judges each flow several times); remade if names or kinds grew."""
+        memo = self._facts
+        if memo is not None and memo[0] is self.domains and memo[1] is self.detections:
+            return memo[2]
+        made = self._make_facts()
+        self._facts = (self.domains, self.detections, made)
+        return made
+
+    def _make_facts(self) -> FlowFacts:
         src = ipaddress.ip_address(self.src_ip)
         dst = ipaddress.ip_address(self.dest_ip)
         proto = PROTO_NUMBERS.get(self.proto.upper())
