@@ -379,6 +379,8 @@ def learn(
     would_drop: list[tuple[Flow, str]] = []
     for f in flows:
         why = _never(f)
+        if why is None and f.reason == "overload":
+            why = "never inspected (judged by on_overload: the flow table was full when recorded)"
         if why is None and f.uninspected and not f.complete and not learn_uninspected:
             why = "never inspected (dropped by the default at its first packet when recorded)"
         if why is None and f.blocked and f.rule != "default":

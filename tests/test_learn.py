@@ -243,3 +243,13 @@ def test_a_flow_the_default_dropped_at_its_first_packet_was_never_inspected_and_
     assert "never inspected (dropped by the default at its first packet when recorded)" in text
     text = learn(tmp_path / "loose", log, extra=("--learn-uninspected",)).read_text()
     assert "- 203.0.113.30/32" in text.split("# Would still be dropped")[0]
+
+
+def test_an_overload_event_is_never_learned(tmp_path: Path) -> None:
+    evs = [
+        event(0, "203.0.113.40", 443, "ok.example.org"),
+        event(1, "203.0.113.31", 443, None, rule="on_overload", reason="overload", overload_count=40),
+    ]
+    text = learn(tmp_path, str(write_events(tmp_path / "e.jsonl", evs))).read_text()
+    assert "203.0.113.31" not in text.split("# Would still be dropped")[0]
+    assert "judged by on_overload" in text
