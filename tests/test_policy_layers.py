@@ -265,3 +265,21 @@ def test_load_with_sources_lists_every_file(rules_dir: Path) -> None:
     _, src = load_with_sources(s)
     assert src.files == [str(s), str(rules_dir / "default.yaml"), str(rules_dir / "lists" / "mining-pools.yaml")]
     assert src.extends == [f"{s} -> {rules_dir / 'default.yaml'}"]
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "allowlist.yaml"])
+def test_print_merged_of_each_shipped_policy_judges_every_recorded_flow_alike(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from egressd.recorded import from_capture
+
+    src = SHIPPED / name
+    flat = tmp_path / "flat.yaml"
+    flat.write_text(merged(capsys, src))
+    a, b = load_policy(src), load_policy(flat)
+    assert [(r.name, r.action) for r in a.rules] == [(r.name, r.action) for r in b.rules]
+    assert len(b.files) == 1  # self-contained: no includes left
+    pcaps = sorted((SHIPPED.parent / "pcaps").glob("*.pcap"))
+    facts = [f.facts() for cap in pcaps for f in from_capture(cap, a)]
+    assert len(facts) > 20
+    assert [a.judge(f) for f in facts] == [b.judge(f) for f in facts]
