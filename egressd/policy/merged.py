@@ -21,7 +21,9 @@ from egressd.policy.source import STR_TAG
 
 COMMENT_COL: Final = 52
 _TOP_DEFAULTS: Final = {"mode": "enforce", "fail": "open", "on_overload": "drop", "on_error": "accept"}
-_FLOW_UNSAFE: Final = frozenset(",[]{}#&*!|>'\"%@`")
+# Characters that end or change a plain scalar somewhere in block or flow context; a value
+# holding one is quoted (IPv6 addresses: "::1" is not a plain scalar inside [...]).
+_FLOW_UNSAFE: Final = frozenset(",[]{}#&*!|>'\"%@`:?")
 
 
 def scalar(text: str, quoted: bool = True) -> str:
