@@ -325,7 +325,7 @@ def render(
                 if svc.is_dns and s.names:
                     q = sorted(s.names)
                     note += f"; {len(q)} names asked: {', '.join(q[:3])}" + ("..." if len(q) > 3 else "")
-                out.append(_line(f"      - {_addr_item(a)}", note))
+                out.append(_line(f"      - {scalar(_addr_item(a))}", note))
             rules.append(_accept(f"accept-learned-{svc.slug.replace('_', '-')}-addresses", label, "addresses",
                                  f"{{{match_base}, dst: ${lname}}}"))  # fmt: skip
     out.append("rules:")

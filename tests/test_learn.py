@@ -253,3 +253,19 @@ def test_an_overload_event_is_never_learned(tmp_path: Path) -> None:
     text = learn(tmp_path, str(write_events(tmp_path / "e.jsonl", evs))).read_text()
     assert "203.0.113.31" not in text.split("# Would still be dropped")[0]
     assert "judged by on_overload" in text
+
+
+def test_ipv6_destinations_are_learned_into_a_valid_policy(tmp_path: Path) -> None:
+    evs = [
+        event(0, "2001:db8:2::40", 443, "v6.example.org"),
+        event(1, "2001:db8:2::41", 8443),
+        event(2, "2001:db8:2::53", 53, "v6.example.org", proto="UDP"),
+    ]
+    log = write_events(tmp_path / "e.jsonl", evs)
+    out = learn(tmp_path, str(log))
+    assert validate(out) == []
+    lists = yaml.safe_load(out.read_text())["lists"]
+    assert lists["learned_tcp_8443_addresses"]["items"] == ["2001:db8:2::41/128"]
+    assert lists["learned_udp_53_addresses"]["items"] == ["2001:db8:2::53/128"]
+    pol = load_policy(out)
+    assert all(pol.judge(f.facts()).action == "accept" for f in from_events(log))
