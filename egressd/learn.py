@@ -289,7 +289,7 @@ def render(
         if ls.description:
             out.append(f"    description: {scalar(ls.description)}")
         out.append("    items:" if ls.items else "    items: []")
-        out.extend(f"      - {scalar(i.value)}" for i in ls.items)
+        out.extend(f"      - {i.value if ls.type == 'port' else scalar(i.value)}" for i in ls.items)
     taken = set(src.lists)
     rules: list[list[str]] = []
     for svc in services:
