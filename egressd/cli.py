@@ -81,7 +81,12 @@ def _add_review(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     d.add_argument("old", metavar="OLD", help="the policy before the change")
     d.add_argument("new", metavar="NEW", help="the policy after the change")
-    d.add_argument("captures", nargs="+", metavar="CAPTURE", help="pcap or pcapng file(s)")
+    d.add_argument(
+        "captures",
+        nargs="+",
+        metavar="CAPTURE",
+        help="pcap or pcapng file(s), replayed; or event logs of `egressd run`, each flow judged on its recorded facts",
+    )
     d.add_argument("--json", action="store_true", help="one JSON document on stdout")
     d.set_defaults(handler=cmd_diff)
 

@@ -96,3 +96,20 @@ def test_a_closed_flow_is_reported_as_closes(tmp_path: Path, capsys: pytest.Capt
     [c] = doc["changed"]  # type: ignore[misc]
     assert (c["change"], c["before"]["rule"], c["after"]["rule"]) == ("closes", "default", "default")
     assert c["domains"] == ["tls.example.net"]
+
+
+def test_an_event_log_is_compared_flow_by_flow(
+    with_evil_allowed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "events.jsonl"
+    for cap in PCAPS:
+        assert main(["test", cap, "--json"]) == 0
+    log.write_text(capsys.readouterr().out)
+    rc, doc = run_json(capsys, str(default_policy()), str(with_evil_allowed), str(log))
+    assert rc == 1
+    changed = doc["changed"]
+    assert isinstance(changed, list) and changed
+    assert all(c["dest_ip"] == EVIL and c["change"] == "opens" for c in changed)
+    assert {c["before"]["rule"] for c in changed} == {"drop-ssh-unlisted"}
+    rc, doc = run_json(capsys, str(default_policy()), str(default_policy()), str(log))
+    assert rc == 0 and doc["changed"] == []
