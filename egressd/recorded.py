@@ -150,7 +150,7 @@ def from_capture(path: str | Path, policy: Policy) -> list[Flow]:
     eng = _FactsEngine(policy)
     res = replay(path, policy, engine=eng)
     if res.error is not None:
-        raise InputError(f"{path}: {res.error}")
+        raise InputError(str(res.error))  # it names the file already
     first: dict[int, float] = {}
     for e in res.events:
         first.setdefault(e.flow_id, e.timestamp)
@@ -257,8 +257,13 @@ def from_events(path: str | Path) -> list[Flow]:
     return list(flows.values())
 
 
+EVENT_SUFFIXES: Final = (".jsonl", ".json", ".ndjson", ".log")
+
+
 def is_event_log(path: str | Path) -> bool:
-    """A JSON-lines file (first non-blank byte '{'), as opposed to a capture."""
+    """A JSON-lines file (named so, or first non-blank byte '{'), as opposed to a capture."""
+    if str(path).lower().endswith(EVENT_SUFFIXES):
+        return True
     try:
         with open(path, "rb") as fh:
             head = fh.read(512).lstrip()
