@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from publicsuffixlist import PublicSuffixList
+from yaml.nodes import MappingNode, ScalarNode
 
 from egressd.detect.base import kind_matches
 from egressd.policy import Policy, load_policy_text
@@ -233,8 +234,18 @@ def _wildcards(svc: Service, minimum: int) -> None:
 # ---------------------------------------------------------------------------------- rendering
 
 
+def _safe(text: str, limit: int = 300) -> str:
+    """Recorded text (process and container names, names from traffic) made fit for a YAML
+    comment: events are written from what programs and peers chose, and a line break in a
+    process name must not become a line of the proposed *policy*."""
+    out = []
+    for ch in text[:limit]:
+        out.append(ch if ch.isprintable() and ch not in "\u2028\u2029\x85" else f"\\x{ord(ch):02x}")
+    return "".join(out) + ("..." if len(text) > limit else "")
+
+
 def _line(text: str, comment: str = "") -> str:
-    return f"{text.ljust(COMMENT_COL - 1)} # {comment}" if comment else text
+    return f"{text.ljust(COMMENT_COL - 1)} # {_safe(comment, 1000)}" if comment else text
 
 
 def _addr_item(a: str) -> str:
@@ -243,8 +254,6 @@ def _addr_item(a: str) -> str:
 
 
 def _rule_lines(r: RuleSource, action: str, note: str) -> list[str]:
-    from yaml.nodes import MappingNode, ScalarNode
-
     assert isinstance(r.node, MappingNode)
     fields = {str(k.value): v for k, v in r.node.value if isinstance(k, ScalarNode)}
     out = [_line(f"  - name: {scalar(r.name)}", f"from {r.where}")]
@@ -340,7 +349,7 @@ def render(
     out.append(f"# Would still be dropped ({len(would_drop)} recorded flow(s), never learned):")
     for f, why in sorted(would_drop, key=lambda x: (x[0].dest_ip, x[0].dest_port, x[0].proto, x[0].source)):
         names = f" {','.join(f.domains)}" if f.domains else ""
-        out.append(f"#   {f.label()}{names}: {why} ({f.source})")
+        out.append(_safe(f"#   {f.label()}{names}: {why} ({f.source})", 1000))
     return "\n".join(out) + "\n"
 
 

@@ -269,3 +269,18 @@ def test_ipv6_destinations_are_learned_into_a_valid_policy(tmp_path: Path) -> No
     assert lists["learned_udp_53_addresses"]["items"] == ["2001:db8:2::53/128"]
     pol = load_policy(out)
     assert all(pol.judge(f.facts()).action == "accept" for f in from_events(log))
+
+
+def test_recorded_text_cannot_add_lines_to_the_proposed_policy(tmp_path: Path) -> None:
+    evil = "x\ndefault: accept\nrules: []\n#"
+    evs = [
+        event(0, "203.0.113.40", 443, "ok.example.org", process={"name": evil}, container={"name": evil}),
+        event(1, "203.0.113.30", 3333, "pool\nmode: monitor", verdict="drop", rule="drop-mining",
+              detection={"kind": "mining.stratum", "evidence": "", "info": {}}, detections=["mining.stratum"]),
+    ]  # fmt: skip
+    out = learn(tmp_path, str(write_events(tmp_path / "e.jsonl", evs)))
+    pol = load_policy(out)
+    assert (pol.default, pol.mode) == ("drop", "enforce") and len(pol.rules) > 1
+    text = out.read_text()
+    assert "\\x0adefault: accept" in text and "\ndefault: accept" not in text
+    assert "pool\\x0amode: monitor" in text
