@@ -25,7 +25,7 @@ from egressd.policy import FlowFacts, Policy
 from egressd.policy.matchers import PORT_PROTOS, DomainSet
 from egressd.policy.provenance import RuleSource, Sources, where
 from egressd.policy.values import domain_or_error, parse_cidr, parse_port_range, parse_proto
-from egressd.recorded import Flow
+from egressd.recorded import Flow, printable
 
 
 @dataclass(slots=True)
@@ -291,7 +291,7 @@ def render(
             f"recorded: {flow.verdict} by {flow.rule} (decisions only get stricter while a flow is judged, "
             "and a recording may come from another policy)"
         )
-    return "\n".join(out) + "\n"
+    return printable("\n".join(out)) + "\n"
 
 
 def _cond_lines(c: Condition, indent: str) -> list[str]:

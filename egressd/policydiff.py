@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from egressd.policy import Policy
-from egressd.recorded import Flow, from_capture, from_events, is_event_log
+from egressd.recorded import Flow, from_capture, from_events, is_event_log, printable
 
 Key = tuple[str, str, int, str, int, int]
 
@@ -162,4 +162,4 @@ def render_text(changes: list[Change], flows: int, captures: int) -> str:
         f"{len(changes)} of {flows} flow(s) change ({opened} opened, {closed} closed, "
         f"{len(changes) - opened - closed} decided by another rule) in {captures} capture(s)"
     )
-    return "\n".join(lines) + "\n"
+    return printable("\n".join(lines)) + "\n"

@@ -38,6 +38,12 @@ PROTO_NUMBERS: Final = {name.upper(): num for num, name in PROTO_NAMES.items()} 
 MAX_EVENT_LINE: Final = 1 << 20  # a longer line is not an egressd event
 
 
+def printable(text: str) -> str:
+    """Text from recordings shown on a terminal: control characters (escape sequences in a
+    hostile name) escaped, line breaks kept where the caller put them."""
+    return "\n".join("".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in line) for line in text.split("\n"))
+
+
 class InputError(Exception):
     """An input file is unusable (exit code 2): unreadable, not a capture, not events."""
 

@@ -133,3 +133,19 @@ def test_text_output_lists_a_rule_a_layer_disabled(tmp_path: Path, capsys: pytes
     out = capsys.readouterr().out
     assert f"alert-mining-ports ({rules / 'default.yaml'}:" in out
     assert f"disabled (enabled: false at {site}:4)" in out
+
+
+def test_control_characters_from_an_event_are_escaped_on_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ev = {
+        "timestamp": "2026-12-05T06:00:00.000000+0000", "event_type": "flow", "flow_id": 1,
+        "src_ip": "198.51.100.2", "src_port": 40000, "dest_ip": "203.0.113.40", "dest_port": 443,
+        "proto": "TCP", "verdict": "accept", "action": "allowed", "rule": "default",
+        "rule_description": "", "reason": "classified", "mode": "enforce", "domain": "a\x1b[2Jb.example.org",
+    }  # fmt: skip
+    log = tmp_path / "e.jsonl"
+    log.write_text(json.dumps(ev) + "\n")
+    assert main(["explain", str(log), "--line", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "a\\x1b[2Jb.example.org" in out
