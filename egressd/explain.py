@@ -260,6 +260,11 @@ def render(
     out.append(f"  names: {', '.join(f.domains) or '-'}   detections: {', '.join(f.detections) or '-'}")
     if flow is not None and not flow.complete:
         out.append("  (from an event: only the first name of the flow is known)")
+    if flow is not None and (flow.process or flow.container):
+        p, c = flow.process or {}, flow.container or {}
+        who = [f"process {p.get('name') or p.get('executable') or '?'} (pid {p.get('pid', '?')})"] if p else []
+        who += [f"container {c.get('name') or c.get('id') or '?'}"] if c else []
+        out.append("  who: " + ", ".join(who))
     out.append(
         f"policy {policy.path} (mode {policy.mode}, default {policy.default}); rules in order, first match decides:"
     )

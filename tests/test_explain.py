@@ -143,10 +143,12 @@ def test_control_characters_from_an_event_are_escaped_on_the_terminal(
         "src_ip": "198.51.100.2", "src_port": 40000, "dest_ip": "203.0.113.40", "dest_port": 443,
         "proto": "TCP", "verdict": "accept", "action": "allowed", "rule": "default",
         "rule_description": "", "reason": "classified", "mode": "enforce", "domain": "a\x1b[2Jb.example.org",
+        "process": {"pid": 7, "name": "curl"}, "container": {"id": "abc", "name": "trainer"},
     }  # fmt: skip
     log = tmp_path / "e.jsonl"
     log.write_text(json.dumps(ev) + "\n")
     assert main(["explain", str(log), "--line", "1"]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out
+    assert "who: process curl (pid 7), container trainer" in out
     assert "a\\x1b[2jb.example.org" in out  # names are compared in lower case
