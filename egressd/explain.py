@@ -261,9 +261,10 @@ def render(
     if flow is not None and not flow.complete:
         out.append("  (from an event: only the first name of the flow is known)")
     if flow is not None and (flow.process or flow.container):
-        p, c = flow.process or {}, flow.container or {}
-        who = [f"process {p.get('name') or p.get('executable') or '?'} (pid {p.get('pid', '?')})"] if p else []
-        who += [f"container {c.get('name') or c.get('id') or '?'}"] if c else []
+        proc, cont = flow.process or {}, flow.container or {}
+        pname = proc.get("name") or proc.get("executable") or "?"
+        who = [f"process {pname} (pid {proc.get('pid', '?')})"] if proc else []
+        who += [f"container {cont.get('name') or cont.get('id') or '?'}"] if cont else []
         out.append("  who: " + ", ".join(who))
     out.append(
         f"policy {policy.path} (mode {policy.mode}, default {policy.default}); rules in order, first match decides:"
