@@ -12,6 +12,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from html.parser import HTMLParser
@@ -121,7 +122,7 @@ def events(tmp_path_factory: pytest.TempPathFactory) -> Path:
         out = d / "one.jsonl"
         with open(out, "w") as fh:
             p = subprocess.run(
-                [str(Path(os.sys.executable).parent / "egressd"), "test", cap, "--json"],
+                [str(Path(sys.executable).parent / "egressd"), "test", cap, "--json"],
                 stdout=fh,
                 text=True,
                 check=False,
