@@ -53,6 +53,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="reload the policy when its files change on disk (config management, a Kubernetes ConfigMap "
         "volume's ..data swap), exactly as SIGHUP does: a broken policy is rejected and the running one stays",
     )
+    netfilter.add_guard_arguments(p)
     p.set_defaults(handler=cmd_run)
 
     r = sub.add_parser(
@@ -105,6 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         install_rules=not args.no_rules,
         forward_ifaces=tuple(args.forward_iface),
         watch=args.watch,
+        guard=not args.no_guard,
+        guard_ifaces=tuple(args.guard_iface),
     )
     return run(opts)
 
@@ -133,6 +136,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"packets {eng['packets']}  flows {eng['flows']} (tracked {st['flows_tracked']})  dropped {eng['dropped']}  "
         f"malformed {eng['malformed']}  errors {eng['errors'] + st['callback_errors']}  overload {eng['overload']}"
     )
+    g = st.get("link_guard") or {}
+    if g.get("ifaces"):
+        con.print(f"link guard on {', '.join(g['ifaces'])}: {g['dropped']} frames from below the IP layer dropped")
+    else:
+        con.print(f"link guard: off{' (' + g['error'] + ')' if g.get('error') else ''}")
     k = st.get("kernel_queue")
     if k:
         con.print(

@@ -22,9 +22,10 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from egressd.detect.base import kind_matches
 from egressd.policy import FlowFacts, Policy
-from egressd.policy.matchers import PORT_PROTOS, DomainSet
+from egressd.policy.matchers import CONTENT_PENDING, DomainSet
 from egressd.policy.provenance import RuleSource, Sources, where
 from egressd.policy.values import domain_or_error, parse_cidr, parse_port_range, parse_proto
+from egressd.protocols import PORT_PROTOS
 from egressd.recorded import Flow, printable
 
 
@@ -186,13 +187,32 @@ def _condition(key: str, node: Node, f: FlowFacts, src: Sources) -> Condition:
             f"detections {kinds} " + ("match " + hit.show() if hit else f"match none of {many}"),
             hit,
         )
+    if key == "content":
+        if f.content == CONTENT_PENDING:
+            return Condition(key, False, "what the flow carries is not known yet (inspection had not ended)")
+        hit = _first(items, lambda v: v.strip().lower() == f.content)
+        detail = f"content {f.content} " + ("is " + hit.show() if hit else f"is none of {many}")
+        return Condition(key, hit is not None, detail, hit)
     return Condition(key, False, f"unknown condition {key!r}")  # pragma: no cover - the loader refuses it
+
+
+def _mentions_content(node: Node) -> bool:
+    if isinstance(node, MappingNode):
+        return any((isinstance(k, ScalarNode) and k.value == "content") or _mentions_content(v) for k, v in node.value)
+    if isinstance(node, SequenceNode):
+        return any(_mentions_content(v) for v in node.value)
+    return False
 
 
 def _block(node: Node, f: FlowFacts, src: Sources) -> list[Condition]:
     if not isinstance(node, MappingNode):
         return []
-    return [_condition(str(k.value), v, f, src) for k, v in node.value if isinstance(k, ScalarNode)]
+    conds = [_condition(str(k.value), v, f, src) for k, v in node.value if isinstance(k, ScalarNode)]
+    if f.content == CONTENT_PENDING and _mentions_content(node) and not any(c.key == "content" for c in conds):
+        # The matcher's rule: a block that looks at the content anywhere, even under 'not',
+        # holds for no flow whose content is still pending ("not none" is not known either).
+        conds.append(Condition("content", False, "a 'not' block looks at the content, not known yet"))
+    return conds
 
 
 def _not(node: Node, f: FlowFacts, src: Sources) -> Condition:

@@ -51,11 +51,11 @@ from yaml.nodes import MappingNode, ScalarNode
 
 from egressd.detect.base import kind_matches
 from egressd.policy import Policy, load_policy_text
-from egressd.policy.matchers import PORT_PROTOS
 from egressd.policy.merged import COMMENT_COL, flow, scalar
 from egressd.policy.provenance import RuleSource, Sources
 from egressd.policy.source import quote
 from egressd.policy.values import domain_or_error
+from egressd.protocols import PORT_PROTOS
 from egressd.recorded import Flow, from_capture
 
 # Detections that make a flow unlearnable, whatever any policy says about it.

@@ -23,17 +23,17 @@ from pathlib import Path
 from typing import Any, Final
 
 from egressd.engine import Engine
-from egressd.events import PROTO_NAMES, Event
+from egressd.events import Event
 from egressd.flow import Flow as EngineFlow
 from egressd.pcapio import CaptureError
 from egressd.policy import FlowFacts, Policy
+from egressd.policy.matchers import CONTENT_CLASSIFIED, CONTENT_PENDING
+from egressd.protocols import PROTOCOLS
 from egressd.replay import replay
 
-PROTO_NUMBERS: Final = {name.upper(): num for num, name in PROTO_NAMES.items()} | {
-    "ICMPV6": 58,
-    "SCTP": 132,
-    "UDPLITE": 136,
-    "DCCP": 33,
+# Event names ("TCP", "IPv6-ICMP") and policy names ("icmpv6"), upper case -> number.
+PROTO_NUMBERS: Final = {p.eve.upper(): p.number for p in PROTOCOLS} | {
+    n.upper(): p.number for p in PROTOCOLS for n in p.names
 }
 MAX_EVENT_LINE: Final = 1 << 20  # a longer line is not an egressd event
 
@@ -72,6 +72,7 @@ class Flow:
     container: dict[str, Any] | None = None
     complete: bool = True  # False: from an event, which names only the first domain
     reason: str = ""  # why the last decision was made then (first-packet, detection, classified, ...)
+    content: str = CONTENT_PENDING  # what the payload turned out to be, when known (FlowFacts.content)
     event: dict[str, Any] = field(default_factory=dict)
     _facts: tuple[tuple[str, ...], tuple[str, ...], FlowFacts] | None = field(default=None, repr=False, compare=False)
 
@@ -104,7 +105,15 @@ class Flow:
         if proto is None:
             proto = int(self.proto) if self.proto.isdigit() else 0
         return FlowFacts(
-            proto, dst.version, src.packed, dst.packed, self.src_port, self.dest_port, self.domains, self.detections
+            proto,
+            dst.version,
+            src.packed,
+            dst.packed,
+            self.src_port,
+            self.dest_port,
+            self.domains,
+            self.detections,
+            self.content,
         )
 
     def label(self) -> str:
@@ -115,14 +124,22 @@ class Flow:
 
 
 class _FactsEngine(Engine):
-    """The engine, also keeping every reported flow's complete facts (see module docstring)."""
+    """The engine, also keeping every reported flow's complete facts (see module docstring),
+    with the content the engine judged it on once inspection ended (policies with ``content``
+    conditions only; otherwise the content decides nothing and stays pending)."""
 
     def __init__(self, policy: Policy) -> None:
         super().__init__(policy)
         self.flow_facts: dict[int, FlowFacts] = {}
+        self._content: dict[int, str] = {}
+
+    def _facts(self, flow: EngineFlow, content: str = CONTENT_PENDING) -> FlowFacts:
+        if content != CONTENT_PENDING:
+            self._content[flow.fid] = content
+        return super()._facts(flow, content)
 
     def _report(self, flow: EngineFlow, ts: float, reason: str) -> None:
-        self.flow_facts[flow.fid] = self._facts(flow)
+        self.flow_facts[flow.fid] = self._facts(flow, self._content.get(flow.fid, CONTENT_PENDING))
         super()._report(flow, ts, reason)
 
 
@@ -147,6 +164,7 @@ def _from_event(ev: Event, facts: FlowFacts | None, source: str, first_ts: float
         primary=str(det.get("kind", "")),
         complete=facts is not None,
         reason=ev.reason,
+        content=facts.content if facts is not None else CONTENT_PENDING,
         event=ev.to_dict(),
     )
 
@@ -204,6 +222,8 @@ def event_record(d: dict[str, Any], source: str) -> Flow:
             container=cont if isinstance(cont, dict) else None,
             complete=False,
             reason=str(d.get("reason", "")),
+            # Events do not say what the payload was; a detection at least says it was recognised.
+            content=str(d.get("content") or (CONTENT_CLASSIFIED if dets else CONTENT_PENDING)),
             event=d,
         )
     except (KeyError, TypeError, ValueError, AssertionError) as e:

@@ -152,3 +152,30 @@ def test_control_characters_from_an_event_are_escaped_on_the_terminal(
     assert "\x1b" not in out
     assert "who: process curl (pid 7), container trainer" in out
     assert "a\\x1b[2jb.example.org" in out  # names are compared in lower case
+
+
+def test_the_content_condition_is_explained_and_agrees_with_the_matcher() -> None:
+    import ipaddress
+
+    from egressd.policy import FlowFacts
+
+    policy, sources = load_with_sources(DEFAULT)
+    src, dst = ipaddress.ip_address("198.51.100.2").packed, ipaddress.ip_address("203.0.113.30").packed
+    seen = {}
+    for content in ("pending", "none", "unclassified", "classified"):
+        facts = FlowFacts(6, 4, src, dst, 40000, 3333, (), (), content)
+        results, action, rule = explain(policy, sources, facts)
+        assert all(r.engine_agrees for r in results), content
+        assert (action, rule) == (policy.judge(facts).action, policy.judge(facts).rule)
+        seen[content] = rule
+    assert seen == {
+        "pending": "default",
+        "none": "note-mining-ports-without-payload",
+        "unclassified": "alert-mining-ports",
+        "classified": "default",
+    }
+    results, _, _ = explain(policy, sources, FlowFacts(6, 4, src, dst, 40000, 3333, (), (), "none"))
+    rule = next(r for r in results if r.matched)
+    cond = next(c for c in rule.conditions if c.key == "content")
+    assert cond.item is not None and cond.item.value == "none"
+    assert cond.item.where == f"{DEFAULT}:{line_of(DEFAULT, 'content: none')}"
