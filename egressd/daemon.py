@@ -35,10 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from egressd import netfilter, nfq, procstats, sdnotify
-from egressd.engine import ACCEPT, ACCEPT_PIN, ACCEPT_PLAIN, DIR_ORIGINAL, DIR_REPLY, Engine
+from egressd import netfilter, nfq, procstats, sdnotify, verdict
+from egressd.engine import DIR_ORIGINAL, DIR_REPLY, Engine
 from egressd.eventlog import EventLog
 from egressd.policy import Policy, PolicyError, load_policy
+from egressd.verdict import DROP_PACKET, PASS, PIN_DENY
+
+# The mark bits each connection-state verdict writes (egressd.verdict.MARK_OF, in bits).
+_MARK_BITS: dict[int, int] = {
+    v: {verdict.SEEN: netfilter.MARK_SEEN, verdict.ALLOW: netfilter.MARK_ALLOW, verdict.DENY: netfilter.MARK_DENY}[m]
+    for v, m in verdict.MARK_OF.items()
+    if m is not None
+}
 
 BATCH = 64  # packets per wake-up before the loop gets a chance to run other work
 TICK = 1.0  # seconds between housekeeping rounds (sweep, rotation, kernel counters, watchdog)
@@ -91,21 +99,25 @@ class Daemon:
 
     # -- the packet path -----------------------------------------------------------------
     def _on_packet(self, pkt: Any) -> None:
-        """netfilterqueue calls this per packet; it must end in exactly one verdict."""
+        """netfilterqueue calls this per packet; it must end in exactly one verdict.
+
+        ``egressd.verdict`` says what each verdict does: a plain ``accept()``/``drop()`` for
+        the per-packet ones (the connection's kernel state is left as it is), a mark and
+        ``repeat()`` for those that write the connection's state (the rules save it).
+        """
         mark = pkt.get_mark()
         v = self.engine.feed(pkt.get_payload(), self._now, DIR_REPLY if mark & netfilter.MARK_REPLY else DIR_ORIGINAL)
-        if v == ACCEPT:
-            pkt.set_mark(netfilter.with_verdict(mark, netfilter.MARK_SEEN))
-        elif v == ACCEPT_PLAIN:
+        if v == PASS:
             pkt.accept()
             return
-        elif v == ACCEPT_PIN:
-            pkt.set_mark(netfilter.with_verdict(mark, netfilter.MARK_ALLOW))
-        else:
+        if v == DROP_PACKET:
+            pkt.drop()
+            return
+        if v == PIN_DENY:
             # Write the alert before the verdict reaches the kernel: the peer learns of the
             # drop from the reset, and whatever happens to us next, the reason is on disk.
             self._drain_events()
-            pkt.set_mark(netfilter.with_verdict(mark, netfilter.MARK_DENY))
+        pkt.set_mark(netfilter.with_verdict(mark, _MARK_BITS[v]))
         pkt.repeat()
 
     def _readable(self) -> None:

@@ -50,6 +50,7 @@ How the daemon answers (``with_verdict`` keeps the other bits)::
     pin allow      set_mark(with_verdict(m, MARK_ALLOW)); repeat()  nothing more is queued
     deny           set_mark(with_verdict(m, MARK_DENY)); repeat()   reset/rejected now and from now on
     keep watching  accept()   nothing saved: an unseen flow (one met mid-stream) keeps coming until pinned
+    drop one       drop()     nothing saved: on_error drops the unreadable packet, not its connection
 
 A packet without conntrack (INVALID) keeps its verdict only for itself; the next one is
 queued again. A SEEN flow first met mid-stream sends no more packets (it is past its

@@ -13,7 +13,36 @@ import os
 from dataclasses import dataclass
 from typing import Final
 
-from egressd.policy.matchers import DomainSet, Match
+from egressd.policy.matchers import (
+    CONTENT_CLASSIFIED,
+    CONTENT_NONE,
+    CONTENT_PENDING,
+    CONTENT_UNCLASSIFIED,
+    CONTENT_VALUES,
+    DomainSet,
+    Match,
+)
+
+__all__ = [
+    "ACTIONS",
+    "CONTENT_CLASSIFIED",
+    "CONTENT_NONE",
+    "CONTENT_PENDING",
+    "CONTENT_UNCLASSIFIED",
+    "CONTENT_VALUES",
+    "ERROR_ACTIONS",
+    "FAIL_MODES",
+    "MODES",
+    "OVERLOAD_ACTIONS",
+    "SETTINGS_LIMITS",
+    "Decision",
+    "Diagnostic",
+    "FlowFacts",
+    "Policy",
+    "PolicyError",
+    "Rule",
+    "Settings",
+]
 
 ACTIONS: Final = ("accept", "drop", "alert")
 MODES: Final = ("enforce", "monitor")
@@ -29,6 +58,7 @@ class FlowFacts:
     ``domains`` are the names the engine tied to the destination (DNS answer for ``dst``,
     TLS SNI, HTTP CONNECT host), lowercased without the trailing dot. ``detections`` are
     dotted detection kinds (see :mod:`egressd.detect.base`). Both only grow during a flow.
+    ``content`` is one of the ``CONTENT_*`` values: PENDING until inspection has ended.
     """
 
     proto: int
@@ -39,6 +69,7 @@ class FlowFacts:
     dport: int
     domains: tuple[str, ...] = ()
     detections: tuple[str, ...] = ()
+    content: str = CONTENT_PENDING
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +218,10 @@ class Policy:
             if rule.match.test(facts, src, dst):
                 return rule.decision
         return self._default_decision
+
+    def needs_content(self) -> bool:
+        """True when some rule looks at ``content``: the engine judges again when inspection ends."""
+        return any(r.match.uses_content for r in self.rules)
 
     def rule(self, name: str) -> Rule | None:
         """The rule called ``name`` (for explaining a decision), or None."""
