@@ -30,14 +30,19 @@ from egressd.defrag import Reassembler
 from egressd.detect import base as d
 from egressd.detect.base import NEED_MORE, NOT_THIS, Detection, StreamContext, StreamDetector
 from egressd.detect.dns import DnsMessage, answers_by_ip, detect_dns_stream, iter_tcp_messages, parse_message
+from egressd.detect.dnstunnel import DnsTunnelTracker, detect_non_dns
+from egressd.detect.icmp import ECHO_REQUESTS, EchoState
 from egressd.detect.proxy import detect_proxy
+from egressd.detect.reverse_http import detect_reverse_http
 from egressd.detect.ssh import detect_ssh
 from egressd.detect.stratum import detect_stratum
 from egressd.detect.tls import detect_tls
 from egressd.detect.tunnels import detect_datagram, detect_stream
+from egressd.detect.websocket import WebSocketDetector
 from egressd.events import PROTO_NAMES, Event, ip_text
 from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, SETTLED, Flow, FlowTable, make_key
 from egressd.packet import (
+    PROTO_ICMP,
     PROTO_TCP,
     PROTO_UDP,
     TCP_ACK,
@@ -74,12 +79,19 @@ _RANK: Final = {"accept": 0, "alert": 1, "drop": 2}
 
 
 # Order matters only for the evidence shown first; every detector sees the same bytes.
-_TCP_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
+_PROTOCOL_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
     ("proxy", detect_proxy),
     ("ssh", detect_ssh),
     ("stratum", detect_stratum),
     ("tls", detect_tls),
     ("tunnel", detect_stream),
+)
+# Tunnels recognised from how the stream is used rather than from one protocol's bytes; the
+# WebSocket decoder runs the protocol detectors (SOCKS included) on what its frames carry.
+_TCP_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
+    *_PROTOCOL_DETECTORS,
+    ("reverse-http", detect_reverse_http),
+    ("websocket", WebSocketDetector(_PROTOCOL_DETECTORS)),
 )
 _INNER_DETECTORS: Final = tuple(x for x in _TCP_DETECTORS if x[0] != "proxy")
 _DNS_STREAM: Final[tuple[str, StreamDetector]] = ("dns", detect_dns_stream)
@@ -149,6 +161,7 @@ class Engine:
         self._fid = 0
         self._dns: OrderedDict[bytes, tuple[tuple[str, ...], float]] = OrderedDict()
         self._defrag = Reassembler()
+        self._dnstun = DnsTunnelTracker()
         self._overload_last = -1e18
         self._overload_pending = 0
         self.policy = policy
@@ -263,6 +276,11 @@ class Engine:
             if p.dport == 53 or p.sport == 53:
                 flow.active_detectors.append(_DNS_STREAM)
             return self._inspect(flow, p, ts, from_orig)
+        if p.icmp_type in ECHO_REQUESTS and (p.proto == PROTO_ICMP) == (p.icmp_type == 8):
+            # An echo flow is watched like a stream head: its data and its replies tell a ping
+            # from a tunnel (detect/icmp.py), within max_packets.
+            flow.icmp = EchoState()
+            return self._inspect(flow, p, ts, from_orig)
         if p.proto == PROTO_UDP:
             if dport in _DNS_PORTS or sport in _DNS_PORTS:
                 return self._inspect(flow, p, ts, from_orig)
@@ -284,6 +302,8 @@ class Engine:
             flow.rev_pkts += 1
         if p.proto == PROTO_UDP:
             return self._udp_dns(flow, p, ts, from_orig)
+        if flow.icmp is not None:
+            return self._icmp_echo(flow, flow.icmp, p, ts, from_orig)
         head, other = (flow.fwd, flow.rev) if from_orig else (flow.rev, flow.fwd)
         assert head is not None and other is not None
         placed = NOTHING
@@ -355,6 +375,9 @@ class Engine:
                 flow.active_detectors.remove(entry)
             if self._record(flow, name, r):
                 changed = True
+                inner_kind = r.info.get("inner_kind")
+                if inner_kind:  # a wrapper (WebSocket) names what it carries: judge that too
+                    self._record(flow, name + ".inner", Detection(inner_kind, r.info.get("inner_evidence", "")))
             if name == "proxy" and r.inner_fwd >= 0:
                 inner_f = r.inner_fwd
                 inner_r = r.inner_rev if r.inner_rev >= 0 else len(rev.data)
@@ -395,16 +418,24 @@ class Engine:
     def _tcp_dns(self, flow: Flow, fdata: bytes, rdata: bytes, ts: float) -> bool:
         """DNS over TCP (RFC 7766): query names are the flow's domains, answers teach names."""
         before = flow.domains
+        changed = False
         for m in iter_tcp_messages(fdata):
             msg = parse_message(m)
             if msg is not None and not msg.is_response:
                 for q in msg.questions:
                     self._add_domain(flow, q.name)
+                    changed |= self._dns_tunnel(flow, q.name, q.qtype, ts)
         for m in iter_tcp_messages(rdata):
             msg = parse_message(m)
             if msg is not None and msg.is_response:
                 self._learn(msg, ts)
-        return flow.domains is not before
+        return changed or flow.domains is not before
+
+    def _dns_tunnel(self, flow: Flow, qname: str, qtype: int, ts: float) -> bool:
+        """Account a query with the DNS-tunnel tracker (shared by all flows); True if it
+        made a new finding on this flow."""
+        det = self._dnstun.query(qname, qtype, ts)
+        return det is not None and "dnstunnel" not in flow.detections and self._record(flow, "dnstunnel", det)
 
     def _record(self, flow: Flow, name: str, det: Detection) -> bool:
         """Keep the newest finding per detector; learn the domain it carries. True if new."""
@@ -448,15 +479,23 @@ class Engine:
                     before = flow.domains
                     self._add_domain(flow, q.name)
                     changed |= flow.domains is not before
+                    changed |= self._dns_tunnel(flow, q.name, q.qtype, ts)
                 if "dns" not in flow.detections and msg.questions:
                     q0 = msg.questions[0]
                     flow.detections["dns"] = Detection(
                         d.DNS, f"query {q0.name} type {q0.qtype}", info={"qname": q0.name}
                     )
+        elif from_orig and "dnstunnel" not in flow.detections:
+            # Not DNS on a DNS port: a tunnel's own framing (iodine raw mode), or a VPN there.
+            det = detect_non_dns(p.payload) or detect_datagram(p.payload, True, flow.sport, flow.dport)
+            if det is not None:
+                changed = self._record(flow, "dnstunnel", det)
         if changed:
             v = self._rejudge(flow, ts)
             if v is not None:
                 return v
+            if flow.state == SETTLED:  # already reported: a stricter decision is a new event
+                self._report(flow, ts, "detection")
         if not from_orig and flow.state == PENDING:
             # Answered: report it and move it where it may be evicted, but do not pin it.
             # Every later query on this socket is judged too (a harmless lookup first must not
@@ -464,6 +503,19 @@ class Engine:
             flow.state = SETTLED
             self.table.finish(flow)
             self._report(flow, ts, "classified")
+        return self._accept(flow)
+
+    def _icmp_echo(self, flow: Flow, echo: EchoState, p: Packet, ts: float, from_orig: bool) -> int:
+        """An ICMP echo flow: each request and reply is looked at until a finding or until
+        ``max_packets`` in all, then the verdict is pinned (a ping is a few packets)."""
+        det = echo.feed(p.icmp_type, p.payload, from_orig)
+        if det is not None and self._record(flow, "icmp", det):
+            v = self._rejudge(flow, ts)
+            if v is not None:
+                return v
+            return self._pin_accept(flow, ts, "classified")
+        if flow.fwd_pkts + flow.rev_pkts >= self._max_packets:
+            return self._pin_accept(flow, ts, "packet-limit")
         return self._accept(flow)
 
     def _accept(self, flow: Flow) -> int:

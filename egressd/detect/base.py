@@ -73,7 +73,17 @@ STREAM_INCONSISTENT: Final = "evasion.inconsistent-retransmission"
 FRAGMENT_OVERLAP: Final = "evasion.fragment-overlap"
 TUNNEL_WIREGUARD: Final = "tunnel.wireguard"  # handshake initiation/response
 TUNNEL_IKE: Final = "tunnel.ike"  # IPsec key exchange (IKEv1/IKEv2)
-TUNNEL_OPENVPN: Final = "tunnel.openvpn"  # OpenVPN over TCP, hard-reset handshake
+TUNNEL_OPENVPN: Final = "tunnel.openvpn"  # OpenVPN hard-reset handshake (TCP and UDP)
+# Tunnels that are not SSH (docs/tunnels.md says what each is told by).
+TUNNEL_WEBSOCKET: Final = "tunnel.websocket"  # SSH/Stratum/SOCKS/TLS/VPN inside WebSocket frames
+TUNNEL_REVERSE_HTTP: Final = "tunnel.reverse-http"  # the far side sends HTTP requests on the node's connection
+TUNNEL_HTTP: Final = "tunnel.http"  # httptunnel-style TCP-over-HTTP, fake HTTP upgrades (simple-obfs)
+TUNNEL_DNS: Final = "tunnel.dns"  # data in query names / non-DNS on port 53 (iodine, dns2tcp, dnscat2)
+TUNNEL_ICMP: Final = "tunnel.icmp"  # a protocol inside ICMP echo (ptunnel, hans, icmptunnel)
+TUNNEL_TINC: Final = "tunnel.tinc"  # tinc meta-protocol ID line
+TUNNEL_NEBULA: Final = "tunnel.nebula"  # Nebula handshake header
+TUNNEL_TOR: Final = "tunnel.tor"  # Tor link handshake
+TUNNEL_UNKNOWN_ENCRYPTED: Final = "tunnel.unknown-encrypted"  # fully encrypted proxy (Shadowsocks, obfs4, VMess)
 
 
 def kind_matches(pattern: str, kind: str) -> bool:

@@ -1,0 +1,145 @@
+"""DNS tunnels: data carried in query names, and tunnel framing on port 53.
+
+Why per zone and across flows, not per query: one odd name proves nothing. Hash lookups
+(DNSBLs, antivirus reputation), DKIM and ACME TXT records and CDN names can each look long
+or random once. A tunnel cannot stop at once: to move data it must send *many* distinct
+names under the one zone its server is authoritative for, each packed with encoded bytes
+(iodine: base32/64/128 or raw bytes in up to 255-byte names, NULL/PRIVATE/TXT answers;
+dns2tcp: base64 labels and TXT; dnscat2: hex labels under its domain or a ``dnscat.``
+prefix, TXT/CNAME/MX). So each query is scored on its own (``tunnel_score`` in
+``detect/dns.py``: label length, subdomain length, entropy, escaped bytes, record type),
+and a zone becomes a tunnel when ``MIN_QUERIES`` *distinct* data-like names
+(score >= ``DATA_SCORE``) were asked under it within ``WINDOW`` seconds. From then on
+every query under that zone, on any flow, is the tunnel, so a tool that opens a new
+socket (or retries through another resolver) is stopped on its first query.
+
+What a single query shows exactly, without waiting:
+
+* iodine's raw mode (``iodine/src/common.c`` ``raw_header``, ``common.h``
+  ``RAW_HDR_CMD_*``): after its DNS handshake the client talks to the server's UDP port
+  53 directly with ``10 d1 9e`` followed by a command nibble (1 login, 2 data, 3 ping) and the user id: not DNS at all.
+* dns2tcp's control labels (``dns2tcp/common/requests.h``): ``=auth``, ``=connect``,
+  ``=resources`` as the label before the zone; ``=`` never appears in a host name.
+
+The zone is guessed as the last two labels (three when the second-level label is short, as
+in ``co.uk``): a tunnel's names all share the zone its server answers for, so a guess that
+is one label too short merely merges a tunnel with its siblings. State is bounded: at most
+``MAX_ZONES`` zones (LRU), a handful of remembered names per zone.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Final
+
+from egressd.detect.base import TUNNEL_DNS, Detection, printable
+from egressd.detect.dns import tunnel_score, type_name
+
+DATA_SCORE: Final = 0.5  # a query whose name looks like encoded data (see tunnel_score)
+MIN_QUERIES: Final = 4  # distinct data-like names under one zone before it is called a tunnel
+WINDOW: Final = 120.0  # seconds over which they must arrive
+MAX_ZONES: Final = 4096
+_RECENT: Final = 8  # names remembered per zone (to count distinct ones)
+
+_IODINE_RAW: Final = b"\x10\xd1\x9e"
+_IODINE_RAW_CMDS: Final = frozenset({1, 2, 3})
+_DNS2TCP_LABELS: Final = frozenset({"=auth", "=connect", "=resources"})
+
+
+def zone_of(labels: list[str]) -> str:
+    if len(labels) <= 2:
+        return ".".join(labels)
+    n = 3 if len(labels[-2]) <= 3 and len(labels) > 3 else 2
+    return ".".join(labels[-n:])
+
+
+class _Zone:
+    __slots__ = ("count", "example", "first_ts", "recent", "tunnel", "types")
+
+    def __init__(self, ts: float) -> None:
+        self.first_ts = ts
+        self.count = 0
+        self.recent: list[int] = []
+        self.example = ""
+        self.types: set[str] = set()
+        self.tunnel: Detection | None = None
+
+
+class DnsTunnelTracker:
+    """Zone -> evidence of data-carrying queries, shared by every flow of the engine."""
+
+    __slots__ = ("_zones",)
+
+    def __init__(self) -> None:
+        self._zones: OrderedDict[str, _Zone] = OrderedDict()
+
+    def query(self, qname: str, qtype: int, ts: float) -> Detection | None:
+        """Account one query the node sent; a Detection when its zone is (now) a tunnel."""
+        if not qname:
+            return None
+        labels = qname.split(".")
+        zone = zone_of(labels)
+        z = self._zones.get(zone)
+        if z is not None:
+            self._zones.move_to_end(zone)
+            if z.tunnel is not None:
+                return Detection(
+                    TUNNEL_DNS,
+                    f"query under {zone}, a zone already seen carrying data: {printable(qname.encode(), 80)}",
+                    info={**z.tunnel.info, "qname": qname[:120]},
+                )
+        for label in labels[1:-2]:
+            if label in _DNS2TCP_LABELS:
+                return self._mark(zone, ts, f"dns2tcp control label {label} in {printable(qname.encode(), 80)}",
+                                  {"tool": "dns2tcp", "zone": zone})  # fmt: skip
+        score = tunnel_score(qname, qtype)
+        if score < DATA_SCORE:
+            return None
+        if z is None:
+            z = self._zones[zone] = _Zone(ts)
+            while len(self._zones) > MAX_ZONES:
+                self._zones.popitem(last=False)
+        if ts - z.first_ts > WINDOW:
+            z.first_ts, z.count = ts, 0
+            z.recent.clear()
+        h = hash(qname)
+        if h in z.recent:
+            return None  # a retransmission of the same name is not more data
+        z.recent.append(h)
+        if len(z.recent) > _RECENT:
+            z.recent.pop(0)
+        z.count += 1
+        z.types.add(type_name(qtype))
+        if not z.example or score >= 0.9:
+            z.example = qname
+        if z.count < MIN_QUERIES:
+            return None
+        types = ",".join(sorted(z.types))
+        return self._mark(
+            zone, ts,
+            f"{z.count} distinct data-carrying names under {zone} within {ts - z.first_ts:.1f} s "
+            f"(types {types}), e.g. {printable(z.example.encode(), 80)} (score {score:.2f})",
+            {"zone": zone, "queries": str(z.count), "types": types},
+        )  # fmt: skip
+
+    def _mark(self, zone: str, ts: float, evidence: str, info: dict[str, str]) -> Detection:
+        z = self._zones.get(zone)
+        if z is None:
+            z = self._zones[zone] = _Zone(ts)
+            while len(self._zones) > MAX_ZONES:
+                self._zones.popitem(last=False)
+        det = Detection(TUNNEL_DNS, evidence, info=info)
+        z.tunnel = det
+        return det
+
+
+def detect_non_dns(payload: bytes) -> Detection | None:
+    """A datagram on a DNS port that is a known tunnel's own framing, not DNS."""
+    if len(payload) >= 4 and payload.startswith(_IODINE_RAW) and payload[3] >> 4 in _IODINE_RAW_CMDS:
+        cmd = {1: "login", 2: "data", 3: "ping"}[payload[3] >> 4]
+        return Detection(
+            TUNNEL_DNS,
+            f"iodine raw-mode {cmd} packet on port 53 (header 10 d1 9e, user {payload[3] & 0xF})",
+            info={"tool": "iodine", "mode": "raw"},
+        )
+    return None

@@ -1,0 +1,96 @@
+"""Reverse HTTP tunnels: the node opens a connection and the *far side* sends HTTP requests.
+
+Why this is a tunnel and never ordinary HTTP: in HTTP (RFC 9112 §2.1) the side that opened
+the connection sends requests and the other side answers. Every "expose localhost" service
+(localtunnel, and the same pattern in ngrok's and frp's plain-TCP modes, serveo-style
+relays) inverts that: the node dials out once, the relay writes visitors' requests into
+that connection and the node's local web server answers them. It is the HTTP analogue of
+SSH role inversion (``ssh.reverse``), and as exact: the responder's first bytes form an
+HTTP/1.x request line, or the HTTP/2 client preface, while the originator sent no request
+of its own first.
+
+Request line (RFC 9112 §3): ``method SP request-target SP HTTP/1.x CRLF``. The method is
+one of RFC 9110's (plus WebDAV's and PATCH), the target starts with ``/``, ``*`` or an
+absolute URI, and the line is complete (CRLF) within 8 KiB. A responder that sends
+anything else first is not this; an originator that starts with a request is ordinary HTTP
+(whatever its server then sends is a response or, after an Upgrade, another protocol).
+When the originator answers the relayed request (``HTTP/1.x NNN``) that is said too.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from egressd.detect.base import (
+    NEED_MORE,
+    NOT_THIS,
+    TUNNEL_REVERSE_HTTP,
+    Detection,
+    Result,
+    StreamContext,
+    printable,
+)
+
+MAX_LINE: Final = 8192
+_METHODS: Final = frozenset(
+    {
+        b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
+        b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"REPORT",
+    }
+)  # fmt: skip
+_H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_LONGEST_METHOD: Final = max(len(m) for m in _METHODS) + 1
+
+
+def request_line(data: bytes) -> tuple[bytes, bytes] | int | None:
+    """(method, target) of a complete HTTP/1.x request line at the start of ``data``;
+    -1 while it may still become one; None when it cannot."""
+    sp = data.find(b" ", 0, _LONGEST_METHOD)
+    if sp < 0:
+        if len(data) >= _LONGEST_METHOD:
+            return None
+        return -1 if any(m.startswith(data) for m in _METHODS) else None
+    method = data[:sp]
+    if method not in _METHODS:
+        return None
+    eol = data.find(b"\r\n", sp, MAX_LINE)
+    if eol < 0:
+        return -1 if len(data) < MAX_LINE else None
+    parts = data[sp + 1 : eol].split(b" ")
+    if len(parts) != 2 or not parts[1].startswith(b"HTTP/1.") or len(parts[1]) != 8:
+        return None
+    target = parts[0]
+    if not target or not (target[:1] in (b"/", b"*") or b"://" in target[:16] or method == b"CONNECT"):
+        return None
+    return method, target
+
+
+def detect_reverse_http(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
+    if fwd:
+        r = request_line(fwd)
+        if r == -1 or isinstance(r, tuple) or fwd.startswith(_H2_PREFACE[: len(fwd)]):
+            return NOT_THIS  # the originator speaks HTTP itself: ordinary (or not ours to call)
+    if not rev:
+        if ctx.rev_closed or ctx.rev_full:
+            return NOT_THIS
+        return NEED_MORE
+    if rev.startswith(_H2_PREFACE):
+        return Detection(TUNNEL_REVERSE_HTTP, "the responder opened HTTP/2 (client preface) on the node's connection",
+                         info={"method": "PRI"})  # fmt: skip
+    got = request_line(rev)
+    if got is None:
+        return NOT_THIS
+    if got == -1:
+        if _H2_PREFACE.startswith(rev):
+            return NEED_MORE
+        return NOT_THIS if ctx.rev_closed or ctx.rev_full else NEED_MORE
+    assert isinstance(got, tuple)
+    method, target = got
+    line = rev[: rev.find(b"\r\n")]
+    info = {"method": method.decode(), "path": printable(target, 64)}
+    evidence = f"the responder sent an HTTP request on the node's connection: {printable(line, 80)}"
+    if fwd.startswith(b"HTTP/1.") and fwd[8:9] == b" " and fwd[9:12].isdigit():
+        status = fwd[: fwd.find(b"\r\n")] if b"\r\n" in fwd else fwd[:12]
+        info["answer"] = printable(status, 40)
+        evidence += f"; the node answered {printable(status, 40)}"
+    return Detection(TUNNEL_REVERSE_HTTP, evidence, info=info)

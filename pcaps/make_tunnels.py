@@ -1,0 +1,548 @@
+"""Regenerate pcaps/tunnels/: real tunnel programs (and benign look-alikes) in the namespace lab.
+
+Same method as ``pcaps/make.py`` (one lab, the servers in the "inet" namespace, tcpdump on
+the node's veth limited to that capture's peers, the real client in the "node" namespace),
+for the tunnels that are not SSH: localtunnel, SSH inside WebSocket (websockify), iodine,
+dns2tcp, ptunnel-ng, OpenVPN over UDP (TLS and tls-crypt), tinc, Nebula, Tor, httptunnel,
+Shadowsocks (+ simple-obfs), and benign traffic that looks like them (a WebSocket chat, long
+legitimate DNS names, ping, a large HTTP upload, HTTPS to a bare IP).
+
+After each capture, ``egressd test --expect`` must pass on it with the shipped default
+policy, so an expectation can never silently refer to a flow the capture lacks; the
+capture is moved into place only then. Run as root: ``pcaps/make_tunnels.py [NAME...]``.
+Every program runs with a timeout; the lab is removed with everything in it on any exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "tunnels"
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+from make import Ctx, MakeError, _wait_line, make_materials, node_veth, sshd_config  # noqa: E402
+
+from egressd.lab.netns import NODE_V4, lab  # noqa: E402
+
+PY = sys.executable
+SYS_PY = "/usr/bin/python3"  # has python3-websockets (Debian) for the WebSocket peers
+PEERS = str(HERE / "tunnel_peers.py")
+LT = str(REPO / "build" / "lab-npm" / "node_modules" / ".bin" / "lt")
+
+# Extra service addresses for these captures (documentation range, inet namespace loopback).
+SSHD = "203.0.113.20"  # what most tunnels lead to
+LT_SRV = "203.0.113.70"
+WS_SRV = "203.0.113.71"
+DNS_TUN = "203.0.113.72"
+DNS_BENIGN = "203.0.113.73"
+ICMP_SRV = "203.0.113.74"
+OVPN = "203.0.113.75"
+TINC = "203.0.113.76"
+NEBULA = "203.0.113.77"
+TOR = "203.0.113.78"
+HTTPTUN = "203.0.113.79"
+SS = "203.0.113.80"
+WEB = "203.0.113.81"
+EXTRA = (LT_SRV, WS_SRV, DNS_TUN, DNS_BENIGN, ICMP_SRV, OVPN, TINC, NEBULA, TOR, HTTPTUN, SS, WEB)
+
+
+def log(msg: str) -> None:
+    print(f"[make_tunnels] {msg}", flush=True)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    bpf: str
+    run: Callable[[Ctx], None]
+    tools: tuple[str, ...] = ()
+
+
+def _wait_port(c: Ctx, ns: str, port: int, udp: bool = False, timeout: float = 10.0) -> None:
+    run = c.lab.run_node if ns == "node" else c.lab.run_inet
+    deadline = time.monotonic() + timeout
+    flag = "-Hlun" if udp else "-Hltn"
+    while time.monotonic() < deadline:
+        if run(["ss", flag, f"sport = :{port}"], timeout=5).stdout.strip():
+            return
+        time.sleep(0.1)
+    raise MakeError(f"nothing listens on {'UDP' if udp else 'TCP'} port {port} in {ns} after {timeout} s")
+
+
+def _ssh_echo(c: Ctx, *extra: str, host: str = SSHD) -> None:
+    p = c.node([*c.ssh_argv(host, *extra), "echo tunnel-ok"], timeout=30)
+    if "tunnel-ok" not in p.stdout:
+        raise MakeError(f"ssh through the tunnel failed: {p.stderr}")
+
+
+# =================================================================================================
+# Recipes
+# =================================================================================================
+def _localtunnel(c: Ctx) -> None:
+    srv = c.lab.spawn("inet", [SYS_PY, PEERS, "lt-server", LT_SRV, "--lifetime", "40"],
+                      stdout=subprocess.PIPE, stderr=c.logfile("lt-server.log"))  # fmt: skip
+    web = c.lab.spawn("node", [SYS_PY, "-m", "http.server", "8000", "--bind", "127.0.0.1"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(c.tmp))  # fmt: skip
+    _wait_line(srv, "listening", 10, stream="stdout")
+    _wait_port(c, "node", 8000)
+    lt = c.lab.spawn("node", ["node", LT, "--host", f"http://{LT_SRV}", "--port", "8000", "--local-host",
+                              "127.0.0.1"], stdout=c.logfile("lt.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        _wait_line(srv, "visitor 1:", 20, stream="stdout")
+        time.sleep(0.5)
+    finally:
+        c.lab.stop(lt)
+        c.lab.stop(web)
+        c.lab.stop(srv)
+
+
+def _ws_ssh(c: Ctx) -> None:
+    ws = c.lab.spawn("inet", ["websockify", f"{WS_SRV}:8080", f"{SSHD}:22"],
+                     stdout=c.logfile("websockify.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        _wait_port(c, "inet", 8080)
+        _ssh_echo(c, "-o", f"ProxyCommand={SYS_PY} {PEERS} ws-pipe ws://{WS_SRV}:8080/")
+    finally:
+        c.lab.stop(ws)
+
+
+def _ws_chat(c: Ctx) -> None:
+    srv = c.lab.spawn("inet", [SYS_PY, PEERS, "ws-chat-server", WS_SRV, "8081", "--lifetime", "30"],
+                      stdout=subprocess.PIPE, stderr=c.logfile("ws-chat.log"))  # fmt: skip
+    try:
+        _wait_line(srv, "listening", 10, stream="stdout")
+        out = c.node([SYS_PY, PEERS, "ws-chat-client", f"ws://{WS_SRV}:8081/chat"]).stdout
+        if out.count("echo") != 3:
+            raise MakeError(f"chat client: {out}")
+    finally:
+        c.lab.stop(srv)
+
+
+def _iodine(raw: bool) -> Callable[[Ctx], None]:
+    def run(c: Ctx) -> None:
+        srv = c.lab.spawn("inet", ["iodined", "-f", "-c", "-P", "labsecret", "-l", DNS_TUN, "-p", "53",
+                                   "10.99.0.1/27", "t.tun.example.net"],
+                          stdout=c.logfile("iodined.log"), stderr=subprocess.STDOUT)  # fmt: skip
+        _wait_port(c, "inet", 53, udp=True)
+        argv = ["iodine", "-f", "-P", "labsecret", *([] if raw else ["-r"]), DNS_TUN, "t.tun.example.net"]
+        cli = c.lab.spawn("node", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            _wait_line(cli, "Connection setup complete", 30, stream="stdout")
+            p = c.node(["ping", "-c", "3", "-i", "0.3", "-W", "2", "10.99.0.1"], ok=False)
+            if " 0% packet loss" not in p.stdout and " 33% packet loss" not in p.stdout:
+                raise MakeError(f"ping through iodine: {p.stdout}")
+        finally:
+            c.lab.stop(cli)
+            c.lab.stop(srv)
+
+    return run
+
+
+def _dns2tcp(c: Ctx) -> None:
+    conf = c.tmp / "dns2tcpd.conf"
+    conf.write_text(f"listen = {DNS_TUN}\nport = 53\nuser = nobody\nchroot = /tmp\n"
+                    f"domain = d2t.example.net\nresources = ssh:{SSHD}:22\n")  # fmt: skip
+    srv = c.lab.spawn("inet", ["dns2tcpd", "-F", "-d", "1", "-f", str(conf)],
+                      stdout=c.logfile("dns2tcpd.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    _wait_port(c, "inet", 53, udp=True)
+    cli = c.lab.spawn("node", ["dns2tcpc", "-z", "d2t.example.net", "-r", "ssh", "-l", "2222", DNS_TUN],
+                      stdout=c.logfile("dns2tcpc.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        _wait_port(c, "node", 2222)
+        _ssh_echo(c, "-p", "2222", host="127.0.0.1")
+    finally:
+        c.lab.stop(cli)
+        c.lab.stop(srv)
+
+
+def _dns_benign(c: Ctx) -> None:
+    """Long but ordinary names: DKIM and ACME TXT, CDN CNAME chains, cloud load balancers,
+    a DNSBL hash lookup, an SPF include, a Kubernetes service; each asked a few times."""
+    names = [
+        ("selector1._domainkey.example.com", "TXT"),
+        ("google._domainkey.mail.example.org", "TXT"),
+        ("_acme-challenge.www.example.com", "TXT"),
+        ("_acme-challenge.api.staging.example.net", "TXT"),
+        ("e1234.dscb.akamaiedge.net", "A"),
+        ("d1a2b3c4d5e6f7.cloudfront.net", "A"),
+        ("my-internal-load-balancer-1234567890.us-west-2.elb.amazonaws.com", "A"),
+        ("r3---sn-4g5e6nze.googlevideo.com", "A"),
+        ("prod-eu-west-1-starscream-s3-bucket-artifacts.s3.eu-west-1.amazonaws.com", "AAAA"),
+        ("_spf.google.com", "TXT"),
+        ("_dmarc.example.com", "TXT"),
+        ("training-data-loader.ml-team.svc.cluster.local.example.com", "A"),
+        ("huggingface-co-lfs-us-1.s3-accelerate.dualstack.amazonaws.com", "A"),
+        ("ec2-203-0-113-10.eu-central-1.compute.amazonaws.com", "A"),
+        ("_sip._tls.example.com", "SRV"),
+        ("2.0.0.127.zen.spamhaus.org", "A"),
+    ]
+    port = 41000
+    for _ in range(2):
+        for name, rtype in names:
+            argv = ["dig", "-r", f"@{DNS_BENIGN}", "-b", f"{NODE_V4}#{port}", name, rtype, "+time=2", "+tries=1"]
+            out = c.node(argv).stdout
+            if "status: " not in out:
+                raise MakeError(f"dig {name}: {out}")
+            port += 1
+
+
+def _ptunnel(c: Ctx) -> None:
+    srv = c.lab.spawn("inet", ["ptunnel-ng", f"-r{SSHD}", "-R22", "-v1", "-o/dev/stdout"],
+                      stdout=c.logfile("ptunnel-srv.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    time.sleep(1.0)
+    cli = c.lab.spawn("node", ["ptunnel-ng", "-p", ICMP_SRV, "-l2222", f"-r{SSHD}", "-R22", "-v1",
+                                   "-o/dev/stdout"],
+                      stdout=c.logfile("ptunnel-cli.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        _wait_port(c, "node", 2222)
+        _ssh_echo(c, "-p", "2222", host="127.0.0.1")
+    finally:
+        c.lab.stop(cli)
+        c.lab.stop(srv)
+
+
+def _ping(c: Ctx) -> None:
+    c.node(["ping", "-c", "3", "-i", "0.2", ICMP_SRV])
+    c.node(["ping", "-c", "2", "-i", "0.2", "-s", "1400", ICMP_SRV])
+    c.node(["ping", "-c", "2", "-i", "0.2", "-p", "deadbeef", ICMP_SRV])
+    c.node(["ping", "-6", "-c", "2", "-i", "0.2", "2001:db8:1::1"])
+
+
+def _openvpn(mode: str) -> Callable[[Ctx], None]:
+    def run(c: Ctx) -> None:
+        t = c.tmp
+        pki = t / "ovpn"
+        if not pki.exists():
+            pki.mkdir()
+            sh = (f"cd {pki} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "
+                  "-days 3650 -subj /CN=lab-ca -keyout ca.key -out ca.crt 2>/dev/null && "
+                  "for n in server client; do openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 "
+                  "-nodes -subj /CN=$n -keyout $n.key -out $n.csr 2>/dev/null && openssl x509 -req -in $n.csr "
+                  "-CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -out $n.crt 2>/dev/null; done && "
+                  "openvpn --genkey secret tc.key")  # fmt: skip
+            subprocess.run(["sh", "-c", sh], check=True, timeout=60)
+        proto = "tcp" if mode == "tcp" else "udp"
+        common = ["--dev", "tun", "--port", "1194", "--ca", str(pki / "ca.crt"),
+                  "--verb", "3", "--data-ciphers", "AES-256-GCM"]  # fmt: skip
+        extra = ["--tls-crypt", str(pki / "tc.key")] if mode == "tls-crypt" else []
+        srv = c.lab.spawn("inet", ["openvpn", "--mode", "server", "--tls-server", "--local", OVPN,
+                                   "--ifconfig", "10.98.0.1", "10.98.0.2", "--proto",
+                                   "tcp-server" if proto == "tcp" else "udp", "--cert", str(pki / "server.crt"),
+                                   "--key", str(pki / "server.key"), "--dh", "none", *common, *extra],
+                          stdout=c.logfile(f"ovpn-srv-{mode}.log"), stderr=subprocess.STDOUT)  # fmt: skip
+        _wait_port(c, "inet", 1194, udp=proto == "udp")
+        cli = c.lab.spawn("node", ["openvpn", "--client", "--remote", OVPN, "--nobind", "--proto",
+                                   "tcp-client" if proto == "tcp" else "udp", "--cert",
+                                   str(pki / "client.crt"), "--key", str(pki / "client.key"),
+                                   "--pull-filter", "ignore", "route", *common, *extra],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            _wait_line(cli, "Initialization Sequence Completed", 30, stream="stdout")
+        finally:
+            c.lab.stop(cli)
+            c.lab.stop(srv)
+
+    return run
+
+
+def _tinc(c: Ctx) -> None:
+    base = c.tmp / "tinc"
+    for name, addr in (("node1", None), ("hub", TINC)):
+        d = base / name
+        (d / "hosts").mkdir(parents=True, exist_ok=True)
+        conf = f"Name = {name}\nDeviceType = dummy\nAddressFamily = ipv4\n"
+        conf += f"BindToAddress = {addr}\n" if addr else "ConnectTo = hub\n"
+        (d / "tinc.conf").write_text(conf)
+        (d / "hosts" / name).write_text((f"Address = {addr}\n" if addr else "") + "Subnet = 10.97.0.0/32\n")
+        subprocess.run(["tincd", "-c", str(d), "-K", "2048"], input="\n\n", text=True, capture_output=True,
+                       timeout=60, check=True)  # fmt: skip
+    for a, b in (("node1", "hub"), ("hub", "node1")):
+        shutil.copy(base / a / "hosts" / a, base / b / "hosts" / a)
+    pid_hub, pid_node = c.tmp / "tinc-hub.pid", c.tmp / "tinc-node.pid"
+    hub = c.lab.spawn("inet", ["tincd", "-c", str(base / "hub"), "-D", "-d", "3", "--pidfile", str(pid_hub)],
+                      stdout=c.logfile("tinc-hub.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    _wait_port(c, "inet", 655)
+    cli = c.lab.spawn("node", ["tincd", "-c", str(base / "node1"), "-D", "-d", "3", "--pidfile", str(pid_node)],
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        _wait_line(cli, "Connection with hub", 20, stream="stdout")
+        time.sleep(2.0)
+    finally:
+        c.lab.stop(cli)
+        c.lab.stop(hub)
+
+
+def _nebula(c: Ctx) -> None:
+    d = c.tmp / "nebula"
+    d.mkdir(exist_ok=True)
+
+    def cert(*a: str) -> None:
+        subprocess.run(["nebula-cert", *a], cwd=d, check=True, capture_output=True, timeout=30)
+
+    cert("ca", "-name", "lab")
+    cert("sign", "-name", "lighthouse", "-ip", "10.96.0.1/24", "-out-crt", "lh.crt", "-out-key", "lh.key")
+    cert("sign", "-name", "node", "-ip", "10.96.0.2/24", "-out-crt", "node.crt", "-out-key", "node.key")
+    for who, ns, extra in (
+        ("lh", "inet", f"lighthouse:\n  am_lighthouse: true\nlisten:\n  host: {NEBULA}\n  port: 4242\n"),
+        ("node", "node", "static_host_map:\n  '10.96.0.1': ['" + NEBULA + ":4242']\nlighthouse:\n"
+         "  am_lighthouse: false\n  hosts: ['10.96.0.1']\nlisten:\n  host: 0.0.0.0\n  port: 0\n"),
+    ):  # fmt: skip
+        cfg = (f"pki:\n  ca: {d}/ca.crt\n  cert: {d}/{who}.crt\n  key: {d}/{who}.key\n{extra}"
+               f"tun:\n  dev: neb{who}\npunchy:\n  punch: false\nlogging:\n  level: info\n"
+               "firewall:\n  outbound:\n    - port: any\n      proto: any\n      host: any\n"
+               "  inbound:\n    - port: any\n      proto: any\n      host: any\n")  # fmt: skip
+        (d / f"{who}.yaml").write_text(cfg)
+    lh = c.lab.spawn("inet", ["nebula", "-config", str(d / "lh.yaml")], stdout=c.logfile("nebula-lh.log"),
+                     stderr=subprocess.STDOUT)  # fmt: skip
+    _wait_port(c, "inet", 4242, udp=True)
+    cli = c.lab.spawn("node", ["nebula", "-config", str(d / "node.yaml")], stdout=subprocess.PIPE,
+                      stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        time.sleep(1.5)
+        p = c.node(["ping", "-c", "2", "-W", "3", "10.96.0.1"], ok=False)
+        if " 0% packet loss" not in p.stdout and " 50% packet loss" not in p.stdout:
+            raise MakeError(f"ping over nebula: {p.stdout}")
+    finally:
+        c.lab.stop(cli)
+        c.lab.stop(lh)
+
+
+def _tor(c: Ctx) -> None:
+    d = c.tmp / "tor"
+    (d / "bridge").mkdir(parents=True, exist_ok=True)
+    (d / "client").mkdir(parents=True, exist_ok=True)
+    (d / "bridge.torrc").write_text(
+        f"DataDirectory {d}/bridge\nORPort {TOR}:9001\nAddress {TOR}\nBridgeRelay 1\nAssumeReachable 1\n"
+        "PublishServerDescriptor 0\nExitRelay 0\nSocksPort 0\nLog notice stdout\nUser root\n"
+    )  # fmt: skip
+    bridge = c.lab.spawn("inet", ["tor", "-f", str(d / "bridge.torrc")], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        _wait_port(c, "inet", 9001, timeout=30)
+        (d / "client.torrc").write_text(
+            f"DataDirectory {d}/client\nUseBridges 1\nBridge {TOR}:9001\nSocksPort 127.0.0.1:9050\n"
+            "Log info stdout\nUser root\n"
+        )
+        cli = c.lab.spawn("node", ["tor", "-f", str(d / "client.torrc")], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            # The link handshake (TLS, VERSIONS, CERTS, AUTH_CHALLENGE, NETINFO) completes even
+            # though this private bridge cannot build a circuit to anywhere.
+            _wait_line(cli, "new bridge descriptor", 30, stream="stdout")
+            time.sleep(1.0)
+        finally:
+            c.lab.stop(cli)
+    finally:
+        c.lab.stop(bridge)
+
+
+def _httptunnel(c: Ctx) -> None:
+    srv = c.lab.spawn("inet", ["hts", "-F", f"{SSHD}:22", f"{HTTPTUN}:8888", "--no-daemon"],
+                      stdout=c.logfile("hts.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    _wait_port(c, "inet", 8888)
+    cli = c.lab.spawn("node", ["htc", "-F", "2222", f"{HTTPTUN}:8888", "--no-daemon"],
+                      stdout=c.logfile("htc.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        _wait_port(c, "node", 2222)
+        _ssh_echo(c, "-p", "2222", host="127.0.0.1")
+    finally:
+        c.lab.stop(cli)
+        c.lab.stop(srv)
+
+
+def _shadowsocks(plugin: str) -> Callable[[Ctx], None]:
+    def run(c: Ctx) -> None:
+        pl_s = ["--plugin", "obfs-server", "--plugin-opts", "obfs=http"] if plugin else []
+        pl_c = ["--plugin", "obfs-local", "--plugin-opts", "obfs=http;obfs-host=www.example.com"] if plugin else []
+        web = c.lab.spawn("inet", [SYS_PY, "-m", "http.server", "80", "--bind", WEB],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(c.tmp))  # fmt: skip
+        srv = c.lab.spawn("inet", ["ss-server", "-s", SS, "-p", "8388", "-k", "labsecret", "-m",
+                                   "chacha20-ietf-poly1305", *pl_s],
+                          stdout=c.logfile("ss-server.log"), stderr=subprocess.STDOUT)  # fmt: skip
+        _wait_port(c, "inet", 8388)
+        cli = c.lab.spawn("node", ["ss-local", "-s", SS, "-p", "8388", "-l", "1081", "-b", "127.0.0.1", "-k",
+                                   "labsecret", "-m", "chacha20-ietf-poly1305", *pl_c],
+                          stdout=c.logfile("ss-local.log"), stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            _wait_port(c, "node", 1081)
+            _wait_port(c, "inet", 80)
+            out = c.node(["curl", "-sS", "--max-time", "10", "--socks5-hostname", "127.0.0.1:1081",
+                          f"http://{WEB}/", "-o", "/dev/null", "-w", "%{http_code}"]).stdout  # fmt: skip
+            if out != "200":
+                raise MakeError(f"curl through shadowsocks: {out}")
+        finally:
+            c.lab.stop(cli)
+            c.lab.stop(srv)
+            c.lab.stop(web)
+
+    return run
+
+
+def _upload(c: Ctx) -> None:
+    srv = c.lab.spawn("inet", [SYS_PY, PEERS, "upload-server", WEB, "8080", "--lifetime", "30"],
+                      stdout=subprocess.PIPE, stderr=c.logfile("upload.log"))  # fmt: skip
+    try:
+        _wait_line(srv, "listening", 10, stream="stdout")
+        blob = c.tmp / "upload.bin"
+        blob.write_bytes(os.urandom(2 * 1024 * 1024))
+        out = c.node(["curl", "-sS", "--max-time", "15", "-X", "POST", "-H", "Content-Type: application/octet-stream",
+                      "--data-binary", f"@{blob}", f"http://{WEB}:8080/upload", "-w", "%{http_code}"]).stdout  # fmt: skip
+        if not out.endswith("200"):
+            raise MakeError(f"upload: {out}")
+    finally:
+        c.lab.stop(srv)
+
+
+def _https_bare_ip(c: Ctx) -> None:
+    srv = c.lab.spawn("inet", ["openssl", "s_server", "-accept", f"{WEB}:443", "-cert", str(c.tmp / "cert.pem"),
+                               "-key", str(c.tmp / "key.pem"), "-www", "-quiet"],
+                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_port(c, "inet", 443)
+        out = c.node(["curl", "-sSk", "--max-time", "10", f"https://{WEB}/", "-o", "/dev/null", "-w",
+                      "%{http_code}"]).stdout  # fmt: skip
+        if out != "200":
+            raise MakeError(f"https to a bare IP: {out}")
+    finally:
+        c.lab.stop(srv)
+
+
+def _h(*addrs: str) -> str:
+    return " or ".join(f"host {a}" for a in addrs)
+
+
+RECIPES: list[Recipe] = [
+    Recipe("reverse-http-localtunnel", _h(LT_SRV), _localtunnel, ("node",)),
+    Recipe("websocket-ssh-websockify", _h(WS_SRV), _ws_ssh, ("websockify",)),
+    Recipe("benign-websocket-chat", _h(WS_SRV), _ws_chat),
+    Recipe("dns-iodine", _h(DNS_TUN), _iodine(raw=False), ("iodine", "iodined")),
+    Recipe("dns-iodine-raw", _h(DNS_TUN), _iodine(raw=True), ("iodine", "iodined")),
+    Recipe("dns-dns2tcp", _h(DNS_TUN), _dns2tcp, ("dns2tcpc", "dns2tcpd")),
+    Recipe("benign-dns-long-names", _h(DNS_BENIGN), _dns_benign, ("dig",)),
+    Recipe("icmp-ptunnel-ng", _h(ICMP_SRV), _ptunnel, ("ptunnel-ng",)),
+    Recipe("benign-ping", f"icmp or icmp6", _ping, ("ping",)),
+    Recipe("openvpn-udp", _h(OVPN), _openvpn("udp"), ("openvpn",)),
+    Recipe("openvpn-udp-tls-crypt", _h(OVPN), _openvpn("tls-crypt"), ("openvpn",)),
+    Recipe("openvpn-tcp", _h(OVPN), _openvpn("tcp"), ("openvpn",)),
+    Recipe("tinc", _h(TINC), _tinc, ("tincd",)),
+    Recipe("nebula", _h(NEBULA), _nebula, ("nebula", "nebula-cert")),
+    Recipe("tor-bridge", _h(TOR), _tor, ("tor",)),
+    Recipe("httptunnel", _h(HTTPTUN), _httptunnel, ("hts", "htc")),
+    Recipe("shadowsocks", _h(SS), _shadowsocks(""), ("ss-server", "ss-local")),
+    Recipe("shadowsocks-simple-obfs-http", _h(SS), _shadowsocks("http"), ("obfs-server", "obfs-local")),
+    Recipe("benign-http-upload", _h(WEB), _upload, ("curl",)),
+    Recipe("benign-https-bare-ip", _h(WEB), _https_bare_ip, ("openssl", "curl")),
+]
+
+
+def capture(c: Ctx, r: Recipe, dev: str) -> Path:
+    out = c.tmp / f"{r.name}.pcap"
+    argv = ["tcpdump", "-i", dev, "--immediate-mode", "-U", "-s", "65535", "-n", "-Z", "root", "-w", str(out), r.bpf]
+    td = c.lab.spawn("node", argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_line(td, "listening on", 10.0)
+        r.run(c)
+        time.sleep(0.5)
+    finally:
+        c.lab.stop(td, signal.SIGINT)
+    return out
+
+
+def check(name: str, path: Path) -> None:
+    expect = OUT / f"{name}.expect.yaml"
+    p = subprocess.run([PY, "-m", "egressd.cli", "test", str(path), "--expect", str(expect), "--no-progress"],
+                       capture_output=True, text=True, timeout=120, cwd=str(REPO))  # fmt: skip
+    if p.returncode != 0:
+        raise MakeError(f"{name}: the capture does not replay as expected:\n{p.stdout}{p.stderr}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="regenerate pcaps/tunnels/*.pcap with real tunnel programs")
+    ap.add_argument("names", nargs="*")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--no-check", action="store_true", help="keep the capture even if its expectation fails")
+    args = ap.parse_args(argv)
+    known = {r.name: r for r in RECIPES}
+    if args.list:
+        print("\n".join(known))
+        return 0
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        ap.error(f"unknown capture(s) {unknown}; known: {', '.join(known)}")
+    chosen = [known[n] for n in args.names] if args.names else RECIPES
+    if os.geteuid() != 0:
+        raise MakeError("needs root (network namespaces, tcpdump)")
+    for r in chosen:
+        for tool in r.tools:
+            if shutil.which(tool) is None:
+                raise MakeError(f"{r.name}: {tool} is not installed (the Makefile's lab-deps target installs it)")
+    os.environ["PYTHONPATH"] = str(REPO)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    OUT.mkdir(exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(prefix="egressd-tunnels-") as td,
+        contextlib.ExitStack() as files,
+        lab(f"egdtun{os.getpid() % 10000}") as lb,
+    ):
+        tmp = Path(td)
+        os.chmod(td, 0o755)
+        make_materials(tmp)
+        c = Ctx(lb, tmp, files)
+        for a in EXTRA:
+            lb.run_inet(["ip", "addr", "add", f"{a}/32", "dev", "lo"], check=True)
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        cfg = sshd_config(tmp, "inet", [f"{SSHD}:22"])
+        lb.spawn("inet", ["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)], stderr=c.logfile("sshd.log"))
+        _wait_port(c, "inet", 22)
+        dns_args = [
+            "--txt-record=selector1._domainkey.example.com,v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA",
+            "--txt-record=_acme-challenge.www.example.com,LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0",
+            "--txt-record=_spf.google.com,v=spf1 include:_netblocks.google.com ~all",
+            "--address=/amazonaws.com/203.0.113.81", "--address=/akamaiedge.net/203.0.113.81",
+            "--address=/cloudfront.net/203.0.113.81", "--address=/googlevideo.com/203.0.113.81",
+            "--address=/example.com/203.0.113.81", "--address=/spamhaus.org/127.0.0.2",
+            "--srv-host=_sip._tls.example.com,sip.example.com,5061",
+        ]  # fmt: skip
+        lb.spawn("inet", ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+                          "--bind-interfaces", f"--listen-address={DNS_BENIGN}", "--port=53", "--user=root",
+                          "--pid-file=", *dns_args], stdout=c.logfile("dnsmasq.log"), stderr=subprocess.STDOUT)  # fmt: skip
+        dev = node_veth(c)
+        failed: list[str] = []
+        for r in chosen:
+            t0 = time.monotonic()
+            try:
+                out = capture(c, r, dev)
+                if not args.no_check:
+                    check(r.name, out)
+            except (MakeError, subprocess.SubprocessError) as e:
+                log(f"{r.name}: FAILED: {e}")
+                failed.append(r.name)
+                continue
+            shutil.move(str(out), OUT / f"{r.name}.pcap")
+            log(f"{r.name}.pcap: {(OUT / f'{r.name}.pcap').stat().st_size} bytes, {time.monotonic() - t0:.1f} s")
+        if failed:
+            log(f"failed: {failed}; logs were in {tmp}")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except MakeError as e:
+        print(f"make_tunnels.py: {e}", file=sys.stderr)
+        sys.exit(1)
