@@ -31,12 +31,14 @@ from egressd.detect import base as d
 from egressd.detect.base import NEED_MORE, NOT_THIS, Detection, StreamContext, StreamDetector
 from egressd.detect.dns import DnsMessage, answers_by_ip, detect_dns_stream, iter_tcp_messages, parse_message
 from egressd.detect.dnstunnel import DnsTunnelTracker, detect_non_dns
+from egressd.detect.http_tunnel import HttpTunnelDetector
 from egressd.detect.icmp import ECHO_REQUESTS, EchoState
 from egressd.detect.proxy import detect_proxy
 from egressd.detect.reverse_http import detect_reverse_http
 from egressd.detect.ssh import detect_ssh
 from egressd.detect.stratum import detect_stratum
 from egressd.detect.tls import detect_tls
+from egressd.detect.tor import detect_tor
 from egressd.detect.tunnels import detect_datagram, detect_stream
 from egressd.detect.websocket import WebSocketDetector
 from egressd.events import PROTO_NAMES, Event, ip_text
@@ -85,6 +87,7 @@ _PROTOCOL_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
     ("stratum", detect_stratum),
     ("tls", detect_tls),
     ("tunnel", detect_stream),
+    ("tor", detect_tor),
 )
 # Tunnels recognised from how the stream is used rather than from one protocol's bytes; the
 # WebSocket decoder runs the protocol detectors (SOCKS included) on what its frames carry.
@@ -92,6 +95,7 @@ _TCP_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
     *_PROTOCOL_DETECTORS,
     ("reverse-http", detect_reverse_http),
     ("websocket", WebSocketDetector(_PROTOCOL_DETECTORS)),
+    ("http-tunnel", HttpTunnelDetector(_PROTOCOL_DETECTORS)),
 )
 _INNER_DETECTORS: Final = tuple(x for x in _TCP_DETECTORS if x[0] != "proxy")
 _DNS_STREAM: Final[tuple[str, StreamDetector]] = ("dns", detect_dns_stream)

@@ -4,11 +4,13 @@ Why decode instead of matching the handshake: a WebSocket is an ordinary thing f
 app to open (chat, dashboards, notebooks), and the handshake of a tunnel tool looks like
 any other. What makes it a tunnel is the stream it carries: SSH, Stratum, SOCKS, TLS or a
 VPN handshake inside the frames (wstunnel, chisel, websockify in front of sshd, browser
-miners). So after a complete upgrade (the client's ``GET`` with ``Upgrade: websocket`` and
-``Sec-WebSocket-Key``, the server's ``101``) each direction's frames are decoded into the
+miners). So after a complete upgrade (the client's ``GET`` with ``Upgrade: websocket``
+and ``Sec-WebSocket-Key``, the server's ``101``) each direction's frames are decoded into the
 byte stream the application sees, and the stream detectors judge that stream exactly as
 they judge a plain TCP head. A WebSocket whose inner stream every detector rejects (JSON
-chat messages, say) is not a tunnel and gives no finding.
+chat messages, say) is not a tunnel and gives no finding. A handshake GET that carries a
+body is not a WebSocket at all but the fake upgrade of HTTP obfuscators (simple-obfs):
+``tunnel.http`` at once.
 
 Framing (RFC 6455 §5.2): ``FIN RSV1-3 opcode | MASK len7 [len16|len64] [mask key] data``.
 Client frames MUST be masked and server frames MUST NOT be (§5.1): a stream that breaks
@@ -33,6 +35,7 @@ from typing import Final
 from egressd.detect.base import (
     NEED_MORE,
     NOT_THIS,
+    TUNNEL_HTTP,
     TUNNEL_WEBSOCKET,
     Detection,
     Result,
@@ -174,6 +177,19 @@ class WebSocketDetector:
         req = _fields(fwd[: fend - 4])
         if not _has_token(req.get(b"upgrade", b""), b"websocket") or b"sec-websocket-key" not in req:
             return NOT_THIS
+        body = req.get(b"content-length", b"0")
+        if body.isdigit() and int(body) > 0:
+            # RFC 6455 §4.1: the opening handshake is a GET without a body. A body on it is
+            # the "fake upgrade" of simple-obfs (obfs_http.c), which sends the first bytes of
+            # the proxied (Shadowsocks) stream right there and never frames anything.
+            line = printable(fwd[: fwd.find(b"\r\n")], 40)
+            return Detection(
+                TUNNEL_HTTP,
+                f"fake WebSocket upgrade: the GET carries a {int(body)}-byte body"
+                + ("" if b"sec-websocket-version" in req else " and no Sec-WebSocket-Version")
+                + f" ({line})",
+                info={"tool": "simple-obfs-style"},
+            )
         rend = _head(rev)
         if rend < 0:
             return NOT_THIS if ctx.rev_closed or len(rev) > MAX_HEAD else NEED_MORE
