@@ -18,6 +18,8 @@ What a single query shows exactly, without waiting:
 * iodine's raw mode (``iodine/src/common.c`` ``raw_header``, ``common.h``
   ``RAW_HDR_CMD_*``): after its DNS handshake the client talks to the server's UDP port
   53 directly with ``10 d1 9e`` followed by a command nibble (1 login, 2 data, 3 ping) and the user id: not DNS at all.
+* dnscat2 without a domain (``dnscat2/doc/protocol.md``): names ``dnscat.<hex>``, the
+  tag then the hex-encoded packet, sent to any resolver.
 * dns2tcp's control labels (``dns2tcp/common/requests.h``): ``=auth``, ``=connect``,
   ``=resources`` as the label before the zone; ``=`` never appears in a host name.
 
@@ -44,6 +46,13 @@ _RECENT: Final = 8  # names remembered per zone (to count distinct ones)
 _IODINE_RAW: Final = b"\x10\xd1\x9e"
 _IODINE_RAW_CMDS: Final = frozenset({1, 2, 3})
 _DNS2TCP_LABELS: Final = frozenset({"=auth", "=connect", "=resources"})
+
+
+_HEX: Final = frozenset("0123456789abcdef")
+
+
+def _is_hex(s: str) -> bool:
+    return len(s) >= 16 and set(s) <= _HEX
 
 
 def zone_of(labels: list[str]) -> str:
@@ -78,6 +87,11 @@ class DnsTunnelTracker:
         if not qname:
             return None
         labels = qname.split(".")
+        if labels[0] == "dnscat" and len(labels) > 1 and _is_hex("".join(labels[1:3])):
+            # dnscat2 without a domain (its protocol.md): "dnscat." + hex session data, sent
+            # to whatever resolver is configured. The tag is the only stable part of the name.
+            return self._mark("dnscat.", ts, f"dnscat2 query (dnscat. + hex data): {printable(qname.encode(), 80)}",
+                              {"tool": "dnscat2"})  # fmt: skip
         zone = zone_of(labels)
         z = self._zones.get(zone)
         if z is not None:

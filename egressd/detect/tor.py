@@ -6,8 +6,11 @@ with a made-up server name, ``www.`` + random base32 (``[a-z2-7]``) + ``.com``
 (``crypto_random_hostname``), and offers no ALPN; as soon as the handshake is done its first
 cell is VERSIONS — circuit id 0 (2 bytes), command 7, a 2-byte length and two bytes per
 supported link version (3, 4, 5 today): 11 bytes. Encrypted, that first application-data
-record is 11 bytes + the record overhead: 28 in TLS 1.3 (content type byte + 16-byte tag),
-27 or 35 in TLS 1.2 (ChaCha20-Poly1305, or AES-GCM with its 8-byte explicit nonce).
+record is 11 bytes + the record overhead of the suite: 28 in TLS 1.3 (content type byte +
+16-byte tag); 27 or 35 in TLS 1.2 AEAD (ChaCha20-Poly1305, or AES-GCM with its 8-byte
+explicit nonce); 32 with TLS 1.0 CBC and HMAC-SHA1 (11 + 20 + padding to the 16-byte
+block, as older Tor clients negotiated); 48/64/80 with TLS 1.1/1.2 CBC (a 16-byte explicit
+IV, HMAC-SHA1/-SHA256/-SHA384, padding).
 
 All three must hold: the random-looking name (which must contain one of base32's digits,
 as a random string of that length nearly always does and real host names of that shape
@@ -31,8 +34,7 @@ _B32_DIGITS: Final = frozenset("234567")
 _CT_CCS: Final = 20
 _CT_HANDSHAKE: Final = 22
 _CT_APPDATA: Final = 23
-_VERSIONS_TLS13: Final = frozenset({28})
-_VERSIONS_TLS12: Final = frozenset({27, 35})
+_VERSIONS_SIZES: Final = frozenset({27, 28, 32, 35, 48, 64, 80})
 _MAX_RECORDS: Final = 32
 
 
@@ -75,7 +77,7 @@ def detect_tor(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
     size = _first_app_record(fwd)
     if size == -1:
         return NOT_THIS if ctx.fwd_closed or ctx.fwd_full else NEED_MORE
-    if size not in _VERSIONS_TLS13 and size not in _VERSIONS_TLS12:
+    if size not in _VERSIONS_SIZES:
         return NOT_THIS
     return Detection(
         TUNNEL_TOR,

@@ -22,7 +22,7 @@ guessed at.
   1, a timestamp, then the same empty ACK array and packet id 0 (9 + HMAC + 13 bytes);
   tls-crypt — opcode, session id, packet id 1, timestamp, a 32-byte tag and 5 encrypted
   bytes (54 bytes); tls-crypt-v2 (opcode _V3) — the same followed by the wrapped client key,
-  whose last two bytes give its own length.
+  whose last two bytes give its own length (so the total length is checked exactly).
 * tinc (``protocol.c``, ``protocol_auth.c`` send_id): the connecting daemon's first line is
   its ID request ``0 <name> <major>[.<minor>]\n``: request number 0, a node name of
   letters, digits and ``_``, protocol major version 17.
@@ -109,8 +109,11 @@ def _openvpn_udp(p: bytes) -> Detection | None:
         if n == _OVPN_TLS_CRYPT_LEN and p[9:13] == _PID1:
             return _ovpn("tls-crypt", sid)
         return None
-    wkc = n - _OVPN_TLS_CRYPT_LEN  # _V3: tls-crypt-v2, the wrapped client key appended
-    if wkc > 2 and p[9:13] == _PID1 and _U16.unpack_from(p, n - 2)[0] == wkc:
+    # _V3: tls-crypt-v2, the wrapped client key (a 32-byte tag, the encrypted key and its
+    # metadata, >= 64 bytes) appended, whose last two bytes are its own length. The packet id
+    # is not checked here: 2.6 clients set flag bits in it (seen: 0x0a010001).
+    wkc = n - _OVPN_TLS_CRYPT_LEN
+    if wkc >= 64 and _U16.unpack_from(p, n - 2)[0] == wkc:
         return _ovpn("tls-crypt-v2", sid)
     return None
 
