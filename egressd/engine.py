@@ -40,6 +40,7 @@ from egressd.detect.stratum import detect_stratum
 from egressd.detect.tls import detect_tls
 from egressd.detect.tor import detect_tor
 from egressd.detect.tunnels import detect_datagram, detect_stream
+from egressd.detect.unknown_encrypted import detect_unknown_encrypted
 from egressd.detect.websocket import WebSocketDetector
 from egressd.events import PROTO_NAMES, Event, ip_text
 from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, SETTLED, Flow, FlowTable, make_key
@@ -96,6 +97,7 @@ _TCP_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
     ("reverse-http", detect_reverse_http),
     ("websocket", WebSocketDetector(_PROTOCOL_DETECTORS)),
     ("http-tunnel", HttpTunnelDetector(_PROTOCOL_DETECTORS)),
+    ("unknown-encrypted", detect_unknown_encrypted),
 )
 _INNER_DETECTORS: Final = tuple(x for x in _TCP_DETECTORS if x[0] != "proxy")
 _DNS_STREAM: Final[tuple[str, StreamDetector]] = ("dns", detect_dns_stream)
@@ -377,6 +379,8 @@ class Engine:
             assert isinstance(r, Detection)
             if not r.refine:
                 flow.active_detectors.remove(entry)
+            if flow.domains and r.info.get("unnamed_only"):
+                continue  # a finding that only counts for a destination nobody named
             if self._record(flow, name, r):
                 changed = True
                 inner_kind = r.info.get("inner_kind")

@@ -251,7 +251,7 @@ def _openvpn(mode: str) -> Callable[[Ctx], None]:
                                    "--pull-filter", "ignore", "route", *common, *extra],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
         try:
-            _wait_line(cli, "Initialization Sequence Completed", 30, stream="stdout")
+            _wait_line(cli, "Peer Connection Initiated", 30, stream="stdout")
         finally:
             c.lab.stop(cli)
             c.lab.stop(srv)

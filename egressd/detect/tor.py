@@ -42,7 +42,7 @@ def tor_like_name(sni: str) -> bool:
     if not sni.startswith("www.") or not sni.endswith((".com", ".net")):
         return False
     label = sni[4:-4]
-    return 8 <= len(label) <= 32 and set(label) <= _B32 and not _B32_DIGITS.isdisjoint(label)
+    return 4 <= len(label) <= 32 and set(label) <= _B32 and not _B32_DIGITS.isdisjoint(label)
 
 
 def _first_app_record(fwd: bytes) -> int:
