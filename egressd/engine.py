@@ -522,6 +522,8 @@ class Engine:
             if v is not None:
                 return v
             return self._pin_accept(flow, ts, "classified")
+        if echo.settled:
+            return self._pin_accept(flow, ts, "classified")
         if flow.fwd_pkts + flow.rev_pkts >= self._max_packets:
             return self._pin_accept(flow, ts, "packet-limit")
         return self._accept(flow)

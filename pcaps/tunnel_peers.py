@@ -45,17 +45,18 @@ def lt_server(host: str, http_port: int, tunnel_port: int, lifetime: float) -> N
             c.settimeout(5.0)
             req = f"GET /visitor/{n} HTTP/1.1\r\nHost: node.lt.example.net\r\nUser-Agent: curl/7.88.1\r\n"
             req += "Accept: */*\r\nX-Forwarded-For: 203.0.113.99\r\n\r\n"
-            c.sendall(req.encode())
             got = b""
+            err = ""
             try:
+                c.sendall(req.encode())
                 while b"\r\n\r\n" not in got and len(got) < 65536:
                     chunk = c.recv(4096)
                     if not chunk:
                         break
                     got += chunk
-            except TimeoutError:
-                pass
-            print(f"visitor {n}: {got[:40]!r}", flush=True)
+            except OSError as e:  # a timeout, or the reset of a dropped tunnel
+                err = type(e).__name__
+            print(f"visitor {n}: {got[:40]!r} {err}", flush=True)
             time.sleep(0.2)
             c.close()
 

@@ -28,7 +28,9 @@ cannot pass the ptunnel test because the state word would need a flag bit the ti
 never has, nor the IPv4 test without a valid header checksum over its own bytes.
 
 State per flow is bounded: the data of the last ``MAX_PENDING`` requests, kept to compare
-with their replies.
+with their replies. The head of an echo flow is ``ECHO_HEAD`` exactly echoed replies (or
+``max_packets`` packets): a tunnel shows itself in its first request or reply, a ping by
+then has shown it is one.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Final
 from egressd.detect.base import TUNNEL_ICMP, Detection, printable
 
 MAX_PENDING: Final = 16
+ECHO_HEAD: Final = 4  # exactly echoed replies after which an echo flow is pinned as a ping
 ECHO_REQUESTS: Final = frozenset({8, 128})
 ECHO_REPLIES: Final = frozenset({0, 129})
 
@@ -101,12 +104,20 @@ def classify_data(data: bytes) -> Detection | None:
 
 
 class EchoState:
-    """One echo flow (node -> host, one identifier): the requests waiting for replies."""
+    """One echo flow (node -> host, one identifier): the requests waiting for replies.
 
-    __slots__ = ("_pending",)
+    ``settled`` once ``ECHO_HEAD`` replies returned their requests' data exactly: that is the
+    head of an echo flow, as the first bytes are of a TCP one; the engine then pins it."""
+
+    __slots__ = ("_pending", "echoed")
 
     def __init__(self) -> None:
         self._pending: dict[int, bytes] = {}
+        self.echoed = 0
+
+    @property
+    def settled(self) -> bool:
+        return self.echoed >= ECHO_HEAD
 
     def feed(self, icmp_type: int, payload: bytes, from_originator: bool) -> Detection | None:
         """``payload`` is the ICMP message after type/code/checksum: id, sequence, data."""
@@ -124,7 +135,9 @@ class EchoState:
             return None
         if icmp_type in ECHO_REPLIES and not from_originator:
             sent = self._pending.pop(seq, None)
-            if sent is not None and not sent.startswith(data):
+            if sent is not None and sent.startswith(data):
+                self.echoed += 1
+            elif sent is not None:
                 return Detection(
                     TUNNEL_ICMP,
                     f"echo reply seq {seq} does not echo its request ({len(sent)} bytes sent, {len(data)} "
