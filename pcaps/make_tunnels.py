@@ -296,9 +296,9 @@ def _nebula(c: Ctx) -> None:
     cert("ca", "-name", "lab")
     cert("sign", "-name", "lighthouse", "-ip", "10.96.0.1/24", "-out-crt", "lh.crt", "-out-key", "lh.key")
     cert("sign", "-name", "node", "-ip", "10.96.0.2/24", "-out-crt", "node.crt", "-out-key", "node.key")
-    for who, ns, extra in (
-        ("lh", "inet", f"lighthouse:\n  am_lighthouse: true\nlisten:\n  host: {NEBULA}\n  port: 4242\n"),
-        ("node", "node", "static_host_map:\n  '10.96.0.1': ['" + NEBULA + ":4242']\nlighthouse:\n"
+    for who, extra in (
+        ("lh", f"lighthouse:\n  am_lighthouse: true\nlisten:\n  host: {NEBULA}\n  port: 4242\n"),
+        ("node", "static_host_map:\n  '10.96.0.1': ['" + NEBULA + ":4242']\nlighthouse:\n"
          "  am_lighthouse: false\n  hosts: ['10.96.0.1']\nlisten:\n  host: 0.0.0.0\n  port: 0\n"),
     ):  # fmt: skip
         cfg = (f"pki:\n  ca: {d}/ca.crt\n  cert: {d}/{who}.crt\n  key: {d}/{who}.key\n{extra}"
@@ -399,8 +399,9 @@ def _upload(c: Ctx) -> None:
         _wait_line(srv, "listening", 10, stream="stdout")
         blob = c.tmp / "upload.bin"
         blob.write_bytes(os.urandom(2 * 1024 * 1024))
-        out = c.node(["curl", "-sS", "--max-time", "15", "-X", "POST", "-H", "Content-Type: application/octet-stream",
-                      "--data-binary", f"@{blob}", f"http://{WEB}:8080/upload", "-w", "%{http_code}"]).stdout  # fmt: skip
+        argv = ["curl", "-sS", "--max-time", "15", "-X", "POST", "-H", "Content-Type: application/octet-stream",
+                "--data-binary", f"@{blob}", f"http://{WEB}:8080/upload", "-w", "%{http_code}"]  # fmt: skip
+        out = c.node(argv).stdout
         if not out.endswith("200"):
             raise MakeError(f"upload: {out}")
     finally:
@@ -434,7 +435,7 @@ RECIPES: list[Recipe] = [
     Recipe("dns-dns2tcp", _h(DNS_TUN), _dns2tcp, ("dns2tcpc", "dns2tcpd")),
     Recipe("benign-dns-long-names", _h(DNS_BENIGN), _dns_benign, ("dig",)),
     Recipe("icmp-ptunnel-ng", _h(ICMP_SRV), _ptunnel, ("ptunnel-ng",)),
-    Recipe("benign-ping", f"icmp or icmp6", _ping, ("ping",)),
+    Recipe("benign-ping", "icmp or icmp6", _ping, ("ping",)),
     Recipe("openvpn-udp", _h(OVPN), _openvpn("udp"), ("openvpn",)),
     Recipe("openvpn-udp-tls-crypt", _h(OVPN), _openvpn("tls-crypt"), ("openvpn",)),
     Recipe("openvpn-tcp", _h(OVPN), _openvpn("tcp"), ("openvpn",)),
@@ -509,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         lb.spawn("inet", ["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)], stderr=c.logfile("sshd.log"))
         _wait_port(c, "inet", 22)
         dns_args = [
-            "--txt-record=selector1._domainkey.example.com,v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA",
+            "--txt-record=selector1._domainkey.example.com,v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8A",
             "--txt-record=_acme-challenge.www.example.com,LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0",
             "--txt-record=_spf.google.com,v=spf1 include:_netblocks.google.com ~all",
             "--address=/amazonaws.com/203.0.113.81", "--address=/akamaiedge.net/203.0.113.81",
@@ -519,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         lb.spawn("inet", ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
                           "--bind-interfaces", f"--listen-address={DNS_BENIGN}", "--port=53", "--user=root",
-                          "--pid-file=", *dns_args], stdout=c.logfile("dnsmasq.log"), stderr=subprocess.STDOUT)  # fmt: skip
+                          "--pid-file=", *dns_args],
+                 stdout=c.logfile("dnsmasq.log"), stderr=subprocess.STDOUT)  # fmt: skip
         dev = node_veth(c)
         failed: list[str] = []
         for r in chosen:
