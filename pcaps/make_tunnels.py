@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -27,16 +28,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from egressd_lab import peers
+from egressd_lab.netns import NODE_V4, Lab, lab
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "tunnels"
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(HERE))
-
-from make import Ctx, MakeError, _wait_line, make_materials, node_veth, sshd_config  # noqa: E402
-
-from egressd.lab.netns import NODE_V4, lab  # noqa: E402
 
 PY = sys.executable
 SYS_PY = "/usr/bin/python3"  # has python3-websockets (Debian) for the WebSocket peers
@@ -60,8 +59,62 @@ WEB = "203.0.113.81"
 EXTRA = (LT_SRV, WS_SRV, DNS_TUN, DNS_BENIGN, ICMP_SRV, OVPN, TINC, NEBULA, TOR, HTTPTUN, SS, WEB)
 
 
+class MakeError(RuntimeError):
+    """A step of a capture failed; the message says which program and what it printed."""
+
+
 def log(msg: str) -> None:
     print(f"[make_tunnels] {msg}", flush=True)
+
+
+@dataclass
+class Ctx:
+    """What a recipe may use: the lab, a temp dir, the lab's SSH keys and TLS certificate."""
+
+    lab: Lab
+    tmp: Path
+    files: contextlib.ExitStack
+    keys: peers.SshKeys
+    cert: peers.Cert
+
+    def logfile(self, name: str) -> Any:
+        return self.files.enter_context(open(self.tmp / name, "wb"))
+
+    def ssh_argv(self, host: str, *options: str) -> list[str]:
+        return peers.ssh_argv(self.keys, host, options=options)
+
+    def node(self, argv: list[str], timeout: float = 20.0, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        p = self.lab.run_node(argv, timeout=timeout)
+        if ok and p.returncode != 0:
+            raise MakeError(f"{' '.join(argv)} -> exit {p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}")
+        return p
+
+
+def _wait_line(p: subprocess.Popen[bytes], needle: str, timeout: float, stream: str = "stderr") -> str:
+    """Read ``p``'s stdout/stderr until a line contains ``needle``; bounded by ``timeout``."""
+    f = p.stdout if stream == "stdout" else p.stderr
+    assert f is not None
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([f], [], [], max(0.0, deadline - time.monotonic()))
+        if not r:
+            break
+        line = f.readline()
+        if not line:
+            break
+        seen += line
+        if needle.encode() in line:
+            return line.decode(errors="replace")
+    raise MakeError(f"{p.args!r}: no {needle!r} within {timeout} s; it printed {seen[-500:]!r}")
+
+
+def node_veth(c: Ctx) -> str:
+    out = c.lab.run_node(["ip", "-o", "link", "show", "type", "veth"], timeout=5).stdout
+    names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
+    if len(names) != 1:
+        raise MakeError(f"expected one veth in the node namespace, found {names}")
+    return names[0]
 
 
 @dataclass(frozen=True)
@@ -84,7 +137,9 @@ def _wait_port(c: Ctx, ns: str, port: int, udp: bool = False, timeout: float = 1
 
 
 def _ssh_echo(c: Ctx, *extra: str, host: str = SSHD) -> None:
-    p = c.node([*c.ssh_argv(host, *extra), "echo tunnel-ok"], timeout=30)
+    port = int(extra[1]) if extra[:1] == ("-p",) else 22
+    opts = extra[2:] if extra[:1] == ("-p",) else extra
+    p = c.node(peers.ssh_argv(c.keys, host, "echo tunnel-ok", options=opts, port=port), timeout=30)
     if "tunnel-ok" not in p.stdout:
         raise MakeError(f"ssh through the tunnel failed: {p.stderr}")
 
@@ -409,8 +464,8 @@ def _upload(c: Ctx) -> None:
 
 
 def _https_bare_ip(c: Ctx) -> None:
-    srv = c.lab.spawn("inet", ["openssl", "s_server", "-accept", f"{WEB}:443", "-cert", str(c.tmp / "cert.pem"),
-                               "-key", str(c.tmp / "key.pem"), "-www", "-quiet"],
+    srv = c.lab.spawn("inet", ["openssl", "s_server", "-accept", f"{WEB}:443", "-cert", str(c.cert.cert),
+                               "-key", str(c.cert.key), "-www", "-quiet"],
                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         _wait_port(c, "inet", 443)
@@ -501,14 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     ):
         tmp = Path(td)
         os.chmod(td, 0o755)
-        make_materials(tmp)
-        c = Ctx(lb, tmp, files)
+        c = Ctx(lb, tmp, files, peers.make_ssh_keys(tmp), peers.make_cert(tmp, ["tls.example.net"]))
         for a in EXTRA:
             lb.run_inet(["ip", "addr", "add", f"{a}/32", "dev", "lo"], check=True)
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        cfg = sshd_config(tmp, "inet", [f"{SSHD}:22"])
-        lb.spawn("inet", ["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)], stderr=c.logfile("sshd.log"))
-        _wait_port(c, "inet", 22)
+        peers.start_sshd(lb, tmp, c.keys, [(SSHD, 22)], name="sshd-inet")
         dns_args = [
             "--txt-record=selector1._domainkey.example.com,v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8A",
             "--txt-record=_acme-challenge.www.example.com,LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0",

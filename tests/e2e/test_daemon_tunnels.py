@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from daemon_fixtures import NEEDS_KERNEL, DaemonLab, events_to
 
-from egressd.lab import peers
-from egressd.lab.netns import SERVICES
+from egressd_lab import peers
+from egressd_lab.netns import SERVICES
 
 pytestmark = NEEDS_KERNEL
 pytest_plugins = ["conftest_daemon"]
