@@ -196,7 +196,13 @@ def _iodine(raw: bool) -> Callable[[Ctx], None]:
         argv = ["iodine", "-f", "-P", "labsecret", *([] if raw else ["-r"]), DNS_TUN, "t.tun.example.net"]
         cli = c.lab.spawn("node", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            _wait_line(cli, "Connection setup complete", 30, stream="stdout")
+            _wait_line(cli, "Server tunnel IP is", 30, stream="stdout")
+            # Then the raw-mode probe and fragment-size autoprobe; the tunnel is up when a ping
+            # through it is answered (iodine's own "setup complete" line is not always flushed).
+            deadline = time.monotonic() + 30
+            while c.node(["ping", "-c", "1", "-W", "1", "10.99.0.1"], ok=False).returncode != 0:
+                if time.monotonic() > deadline:
+                    raise MakeError("no ping answered through the iodine tunnel within 30 s")
             p = c.node(["ping", "-c", "3", "-i", "0.3", "-W", "2", "10.99.0.1"], ok=False)
             if " 0% packet loss" not in p.stdout and " 33% packet loss" not in p.stdout:
                 raise MakeError(f"ping through iodine: {p.stdout}")
@@ -507,7 +513,24 @@ RECIPES: list[Recipe] = [
 
 def capture(c: Ctx, r: Recipe, dev: str) -> Path:
     out = c.tmp / f"{r.name}.pcap"
-    argv = ["tcpdump", "-i", dev, "--immediate-mode", "-U", "-s", "65535", "-n", "-Z", "root", "-w", str(out), r.bpf]
+    # -B: a 16 MiB capture buffer; httptunnel writes hundreds of tiny segments in a burst.
+    argv = [
+        "tcpdump",
+        "-i",
+        dev,
+        "--immediate-mode",
+        "-U",
+        "-B",
+        "16384",
+        "-s",
+        "65535",
+        "-n",
+        "-Z",
+        "root",
+        "-w",
+        str(out),
+        r.bpf,
+    ]
     td = c.lab.spawn("node", argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_line(td, "listening on", 10.0)
@@ -515,6 +538,10 @@ def capture(c: Ctx, r: Recipe, dev: str) -> Path:
         time.sleep(0.5)
     finally:
         c.lab.stop(td, signal.SIGINT)
+    if td.stderr is not None:
+        lines = [x.strip() for x in td.stderr.read().decode(errors="replace").splitlines()]
+        if "0 packets dropped by kernel" not in lines or "0 packets captured" in lines:
+            raise MakeError(f"tcpdump for {r.name} dropped packets or captured none: {lines}")
     return out
 
 
@@ -577,12 +604,15 @@ def main(argv: list[str] | None = None) -> int:
         failed: list[str] = []
         for r in chosen:
             t0 = time.monotonic()
-            try:
-                out = capture(c, r, dev)
-                if not args.no_check:
-                    check(r.name, out)
-            except (MakeError, subprocess.SubprocessError) as e:
-                log(f"{r.name}: FAILED: {e}")
+            for attempt in (1, 2):  # real programs are sometimes slow to set up: one retry
+                try:
+                    out = capture(c, r, dev)
+                    if not args.no_check:
+                        check(r.name, out)
+                    break
+                except (MakeError, subprocess.SubprocessError) as e:
+                    log(f"{r.name}: attempt {attempt} FAILED: {e}")
+            else:
                 failed.append(r.name)
                 continue
             shutil.move(str(out), OUT / f"{r.name}.pcap")

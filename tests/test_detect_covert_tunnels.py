@@ -318,8 +318,9 @@ def test_tinc_id_line_and_what_is_not_one() -> None:
 
 def test_tor_like_names() -> None:
     assert tor_like_name("www.n734jxm4nebh4u3ixgwguhm.com") and tor_like_name("www.ct7ctrgb6cr7.com")
-    assert not tor_like_name("www.wikipedia.com") and not tor_like_name("www.example.com")
-    assert not tor_like_name("api.n734jxm4nebh4u3i.com")
+    assert tor_like_name("www.ttwgdyf.com")  # random labels need not hold a digit
+    for name in ("www.my-site.com", "www.example.org", "api.n734jxm4nebh4u3i.com", "www.ab.com", "www.x1.com"):
+        assert not tor_like_name(name), name
 
 
 def _client_stream(pcap: str, dport: int) -> bytes:
@@ -341,6 +342,9 @@ def test_tor_needs_its_name_no_alpn_and_a_versions_cell_sized_first_record() -> 
     at = fwd.index(b"\x17\x03\x03\x00\x1c")  # the VERSIONS record (11 + 17 bytes)
     bigger = fwd[:at] + b"\x17\x03\x03\x01\x00" + os.urandom(256)  # an HTTP request would be larger
     assert detect_tor(bigger, b"", CTX) is NOT_THIS
+    # The smallest HTTP request a no-ALPN client can send, "GET / HTTP/1.0\r\n\r\n": 18 + 17 bytes.
+    tiny = fwd[:at] + b"\x17\x03\x03\x00\x23" + os.urandom(35)
+    assert detect_tor(tiny, b"", CTX) is NOT_THIS
     assert detect_tor(fwd[:at], b"", CTX) is NEED_MORE
 
 
