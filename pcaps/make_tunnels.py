@@ -56,7 +56,9 @@ TOR = "203.0.113.78"
 HTTPTUN = "203.0.113.79"
 SS = "203.0.113.80"
 WEB = "203.0.113.81"
-EXTRA = (LT_SRV, WS_SRV, DNS_TUN, DNS_BENIGN, ICMP_SRV, OVPN, TINC, NEBULA, TOR, HTTPTUN, SS, WEB)
+WG = "203.0.113.82"
+IKE = "203.0.113.83"
+EXTRA = (LT_SRV, WS_SRV, DNS_TUN, DNS_BENIGN, ICMP_SRV, OVPN, TINC, NEBULA, TOR, HTTPTUN, SS, WEB, WG, IKE)
 
 
 class MakeError(RuntimeError):
@@ -173,6 +175,104 @@ def _ws_ssh(c: Ctx) -> None:
         _ssh_echo(c, "-o", f"ProxyCommand={SYS_PY} {PEERS} ws-pipe ws://{WS_SRV}:8080/")
     finally:
         c.lab.stop(ws)
+
+
+def _ws_pipe_listener(c: Ctx, port: int, ws_host: str, ws_port: int) -> subprocess.Popen[bytes]:
+    """socat on 127.0.0.1:``port`` in the node: each connection piped through one WebSocket."""
+    p = c.lab.spawn("node", ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
+                             f"EXEC:{SYS_PY} {PEERS} ws-pipe {ws_host} {ws_port},pipes"],
+                    stdout=subprocess.DEVNULL, stderr=c.logfile(f"socat-{port}.log"))  # fmt: skip
+    _wait_port(c, "node", port)
+    return p
+
+
+def _ws_stratum(c: Ctx) -> None:
+    """A miner whose Stratum goes through a WebSocket (the browser-miner pattern): the lab's
+    Stratum client, its TCP piped into WebSocket frames, websockify in front of the pool."""
+    pool = peers.start_pool(c.lab, c.tmp, "v1", WS_SRV, 3333, lifetime=60)
+    ws = c.lab.spawn("inet", ["websockify", f"{WS_SRV}:8082", f"{WS_SRV}:3333"],
+                     stdout=c.logfile("websockify-stratum.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    pipe = None
+    try:
+        _wait_port(c, "inet", 8082)
+        pipe = _ws_pipe_listener(c, 3334, WS_SRV, 8082)
+        rc, rep = peers.stratum_client(c.lab, "127.0.0.1:3334", "v1", timeout=8)
+        if rc != 0 or not rep.get("handshake_complete"):
+            raise MakeError(f"stratum through the WebSocket did not complete: {rep}")
+    finally:
+        for p in (pipe, ws, pool.proc):
+            if p is not None:
+                c.lab.stop(p)
+
+
+def _ws_socks(c: Ctx) -> None:
+    """curl through SOCKS5 whose TCP is carried in a WebSocket (microsocks behind websockify)."""
+    socks = c.lab.spawn("inet", ["microsocks", "-i", WS_SRV, "-p", "1080"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    web = c.lab.spawn("inet", [SYS_PY, "-m", "http.server", "80", "--bind", WEB],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(c.tmp))  # fmt: skip
+    ws = c.lab.spawn("inet", ["websockify", f"{WS_SRV}:8083", f"{WS_SRV}:1080"],
+                     stdout=c.logfile("websockify-socks.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    pipe = None
+    try:
+        _wait_port(c, "inet", 8083)
+        _wait_port(c, "inet", 80)
+        pipe = _ws_pipe_listener(c, 1082, WS_SRV, 8083)
+        out = c.node(["curl", "-sS", "--max-time", "10", "--socks5", "127.0.0.1:1082", f"http://{WEB}/",
+                      "-o", "/dev/null", "-w", "%{http_code}"]).stdout  # fmt: skip
+        if out != "200":
+            raise MakeError(f"curl through SOCKS in a WebSocket: {out}")
+    finally:
+        for p in (pipe, ws, web, socks):
+            if p is not None:
+                c.lab.stop(p)
+
+
+def _wireguard_go(c: Ctx) -> None:
+    """wireguard-go (userspace WireGuard, Debian) at both ends; a ping through the tunnel."""
+
+    def key() -> tuple[str, str]:
+        priv = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True, timeout=10).stdout
+        pub = subprocess.run(["wg", "pubkey"], input=priv, capture_output=True, text=True, check=True,
+                             timeout=10).stdout  # fmt: skip
+        return priv.strip(), pub.strip()
+
+    (npriv, npub), (ipriv, ipub) = key(), key()
+    env = {**os.environ, "WG_PROCESS_FOREGROUND": "1"}
+    procs = []
+    try:
+        for ns, dev, priv, peer_pub, addr, extra in (
+            ("inet", "wgi", ipriv, npub, "10.95.0.1/24", ["listen-port", "51820"]),
+            ("node", "wgn", npriv, ipub, "10.95.0.2/24", ["listen-port", "0"]),
+        ):
+            run = c.lab.run_inet if ns == "inet" else c.lab.run_node
+            procs.append(c.lab.spawn(ns, ["wireguard-go", "-f", dev], env=env, stdout=c.logfile(f"wg-{dev}.log"),
+                                     stderr=subprocess.STDOUT))  # fmt: skip
+            deadline = time.monotonic() + 10
+            while run(["ip", "link", "show", dev], timeout=5).returncode != 0:
+                if time.monotonic() > deadline:
+                    raise MakeError(f"wireguard-go did not create {dev}")
+                time.sleep(0.1)
+            (c.tmp / f"{dev}.key").write_text(priv + "\n")
+            peer = ["peer", peer_pub, "allowed-ips", "10.95.0.0/24"]
+            if ns == "node":
+                peer += ["endpoint", f"{WG}:51820"]
+            run(["wg", "set", dev, *extra, "private-key", str(c.tmp / f"{dev}.key"), *peer], check=True)
+            run(["ip", "addr", "add", addr, "dev", dev], check=True)
+            run(["ip", "link", "set", dev, "up"], check=True)
+        p = c.node(["ping", "-c", "2", "-W", "3", "10.95.0.1"], ok=False)
+        if " 0% packet loss" not in p.stdout and " 50% packet loss" not in p.stdout:
+            raise MakeError(f"ping over wireguard-go: {p.stdout}")
+    finally:
+        for proc in procs:
+            c.lab.stop(proc)
+
+
+def _ike_scan(c: Ctx) -> None:
+    """ike-scan (Debian): IKEv1 main mode and IKEv2 SA_INIT to UDP 500, and IKEv2 with the
+    NAT-T marker to 4500; nothing answers (the messages are what a VPN client sends first)."""
+    for extra in ([], ["--ikev2"], ["--ikev2", "--nat-t"]):
+        c.node(["ike-scan", "-r", "1", "-t", "300", *extra, IKE], ok=False, timeout=20)
 
 
 def _ws_chat(c: Ctx) -> None:
@@ -490,6 +590,8 @@ def _h(*addrs: str) -> str:
 RECIPES: list[Recipe] = [
     Recipe("reverse-http-localtunnel", _h(LT_SRV), _localtunnel, ("node",)),
     Recipe("websocket-ssh-websockify", _h(WS_SRV), _ws_ssh, ("websockify",)),
+    Recipe("websocket-stratum-websockify", _h(WS_SRV), _ws_stratum, ("websockify", "socat")),
+    Recipe("websocket-socks5-websockify", _h(WS_SRV), _ws_socks, ("websockify", "socat", "microsocks")),
     Recipe("benign-websocket-chat", _h(WS_SRV), _ws_chat),
     Recipe("dns-iodine", _h(DNS_TUN), _iodine(raw=False), ("iodine", "iodined")),
     Recipe("dns-iodine-raw", _h(DNS_TUN), _iodine(raw=True), ("iodine", "iodined")),
@@ -500,6 +602,8 @@ RECIPES: list[Recipe] = [
     Recipe("openvpn-udp", _h(OVPN), _openvpn("udp"), ("openvpn",)),
     Recipe("openvpn-udp-tls-crypt", _h(OVPN), _openvpn("tls-crypt"), ("openvpn",)),
     Recipe("openvpn-tcp", _h(OVPN), _openvpn("tcp"), ("openvpn",)),
+    Recipe("wireguard-go", _h(WG), _wireguard_go, ("wireguard-go", "wg")),
+    Recipe("ike-scan", _h(IKE), _ike_scan, ("ike-scan",)),
     Recipe("tinc", _h(TINC), _tinc, ("tincd",)),
     Recipe("nebula", _h(NEBULA), _nebula, ("nebula", "nebula-cert")),
     Recipe("tor-bridge", _h(TOR), _tor, ("tor",)),

@@ -56,10 +56,12 @@ def main() -> int:
             last[e["flow_id"]] = e
         events = list(last.values())
         nd = ndpi_flows(pcap)
+        shown: set[object] = set()
         for item in spec["flows"]:
             m = item["match"]
             hits = [e for e in events if str(m.get("dst", e["dest_ip"])) == e["dest_ip"]
-                    and m.get("dst_port", e["dest_port"]) == e["dest_port"]]  # fmt: skip
+                    and m.get("dst_port", e["dest_port"]) == e["dest_port"] and e["flow_id"] not in shown]  # fmt: skip
+            shown.update(e["flow_id"] for e in hits)
             for e in hits[:3]:
                 kind = ", ".join(e.get("detections") or ["none"])
                 key = (e["proto"].replace("IPv6-ICMP", "ICMPV6"),

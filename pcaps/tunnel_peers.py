@@ -8,7 +8,7 @@ the real programs (localtunnel's ``lt``, OpenSSH, iodine, ...).
   is then written *by the server* into one of those connections and the client answers it
   from the node's local web server. Here the "visitor" is the server itself: after each
   tunnel connection arrives it sends one GET and reads the answer.
-* ``ws-pipe URL``: stdin/stdout over one WebSocket of binary messages (for ``ssh -o
+* ``ws-pipe URL`` (or ``ws-pipe HOST PORT``): stdin/stdout over one WebSocket of binary messages (for ``ssh -o
   ProxyCommand=...`` through websockify, the wstunnel/chisel pattern).
 * ``ws-chat-server`` / ``ws-chat-client``: a benign chat app: JSON text messages both ways
   (the ``websockets`` library negotiates permessage-deflate by default).
@@ -178,7 +178,8 @@ def main() -> None:
     p.add_argument("--tunnel-port", type=int, default=7000)
     p.add_argument("--lifetime", type=float, default=60)
     p = sub.add_parser("ws-pipe")
-    p.add_argument("url")
+    p.add_argument("url", help="ws://host:port/path, or a host when a port follows")
+    p.add_argument("port", nargs="?", type=int, help="(socat's EXEC cannot pass a ':' in an argument)")
     p.add_argument("--lifetime", type=float, default=30)
     p = sub.add_parser("ws-chat-server")
     p.add_argument("host")
@@ -194,7 +195,7 @@ def main() -> None:
     if a.cmd == "lt-server":
         lt_server(a.host, a.http_port, a.tunnel_port, a.lifetime)
     elif a.cmd == "ws-pipe":
-        ws_pipe(a.url, a.lifetime)
+        ws_pipe(a.url if a.port is None else f"ws://{a.url}:{a.port}/", a.lifetime)
     elif a.cmd == "ws-chat-server":
         ws_chat_server(a.host, a.port, a.lifetime)
     elif a.cmd == "ws-chat-client":

@@ -2,7 +2,8 @@
 what its expectation file says under the shipped default policy.
 
 The captures are real programs (localtunnel, websockify + OpenSSH, iodine, dns2tcp,
-ptunnel-ng, OpenVPN, tinc, Nebula, Tor, httptunnel, shadowsocks-libev + simple-obfs) and
+ptunnel-ng, OpenVPN, wireguard-go, ike-scan, tinc, Nebula, Tor, httptunnel, shadowsocks-libev
++ simple-obfs) and
 benign look-alikes (a WebSocket chat, long legitimate DNS names, ping, a large upload,
 HTTPS to a bare IP), recorded by pcaps/make_tunnels.py.
 """
@@ -23,8 +24,9 @@ BENIGN = [p for p in PCAPS if p.stem.startswith("benign-")]
 
 def test_every_tunnel_family_of_the_issue_has_a_capture() -> None:
     stems = {p.stem for p in PCAPS}
-    for prefix in ("reverse-http", "websocket", "dns-", "icmp-", "openvpn-udp", "tinc", "nebula", "tor", "httptunnel",
-                   "shadowsocks", "benign-websocket", "benign-dns", "benign-ping", "benign-http-upload",
+    for prefix in ("reverse-http", "websocket-ssh", "websocket-stratum", "websocket-socks5", "dns-", "icmp-",
+                   "openvpn-udp", "wireguard", "ike", "tinc", "nebula", "tor", "httptunnel", "shadowsocks",
+                   "benign-websocket", "benign-dns", "benign-ping", "benign-http-upload",
                    "benign-https-bare-ip"):  # fmt: skip
         assert any(s.startswith(prefix) for s in stems), prefix
 
@@ -57,5 +59,6 @@ def test_every_tunnel_finding_carries_evidence(capsys: pytest.CaptureFixture[str
             if det.get("kind", "").startswith("tunnel."):
                 assert len(det["evidence"]) > 20, det
                 seen.add(det["kind"])
-    assert {"tunnel.reverse-http", "tunnel.dns", "tunnel.icmp", "tunnel.openvpn", "tunnel.tinc", "tunnel.nebula",
-            "tunnel.tor", "tunnel.http", "tunnel.unknown-encrypted"} <= seen, seen  # fmt: skip
+    assert {"tunnel.reverse-http", "tunnel.websocket", "tunnel.dns", "tunnel.icmp", "tunnel.openvpn",
+            "tunnel.wireguard", "tunnel.ike", "tunnel.tinc", "tunnel.nebula", "tunnel.tor", "tunnel.http",
+            "tunnel.unknown-encrypted"} <= seen, seen  # fmt: skip
