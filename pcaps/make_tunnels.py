@@ -58,7 +58,8 @@ SS = "203.0.113.80"
 WEB = "203.0.113.81"
 WG = "203.0.113.82"
 IKE = "203.0.113.83"
-EXTRA = (LT_SRV, WS_SRV, DNS_TUN, DNS_BENIGN, ICMP_SRV, OVPN, TINC, NEBULA, TOR, HTTPTUN, SS, WEB, WG, IKE)
+OBFS4 = "203.0.113.84"
+EXTRA = (LT_SRV, WS_SRV, DNS_TUN, DNS_BENIGN, ICMP_SRV, OVPN, TINC, NEBULA, TOR, HTTPTUN, SS, WEB, WG, IKE, OBFS4)
 
 
 class MakeError(RuntimeError):
@@ -511,6 +512,46 @@ def _tor(c: Ctx) -> None:
         c.lab.stop(bridge)
 
 
+def _tor_obfs4(c: Ctx) -> None:
+    """Tor through an obfs4 bridge (obfs4proxy at both ends, Debian): the client's connection
+    to the bridge's obfs4 port carries no plaintext at all."""
+    d = c.tmp / "tor-obfs4"
+    (d / "bridge").mkdir(parents=True, exist_ok=True)
+    (d / "client").mkdir(parents=True, exist_ok=True)
+    (d / "bridge.torrc").write_text(
+        f"DataDirectory {d}/bridge\nORPort {OBFS4}:9001\nAddress {OBFS4}\nBridgeRelay 1\nAssumeReachable 1\n"
+        "PublishServerDescriptor 0\nExitRelay 0\nSocksPort 0\nLog notice stdout\nUser root\n"
+        "ServerTransportPlugin obfs4 exec /usr/bin/obfs4proxy\n"
+        f"ServerTransportListenAddr obfs4 {OBFS4}:9443\nExtORPort auto\n"
+    )  # fmt: skip
+    bridge = c.lab.spawn("inet", ["tor", "-f", str(d / "bridge.torrc")], stdout=c.logfile("tor-obfs4-bridge.log"),
+                         stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        _wait_port(c, "inet", 9443, timeout=30)
+        line = d / "bridge" / "pt_state" / "obfs4_bridgeline.txt"
+        deadline = time.monotonic() + 20
+        while not (line.exists() and (d / "bridge" / "fingerprint").exists()):
+            if time.monotonic() > deadline:
+                raise MakeError("the obfs4 bridge wrote no bridge line")
+            time.sleep(0.2)
+        cert = next(w for w in line.read_text().split() if w.startswith("cert="))
+        fpr = (d / "bridge" / "fingerprint").read_text().split()[1]
+        (d / "client.torrc").write_text(
+            f"DataDirectory {d}/client\nUseBridges 1\nClientTransportPlugin obfs4 exec /usr/bin/obfs4proxy\n"
+            f"Bridge obfs4 {OBFS4}:9443 {fpr} {cert} iat-mode=0\nSocksPort 127.0.0.1:9050\n"
+            "Log info stdout\nUser root\n"
+        )  # fmt: skip
+        cli = c.lab.spawn("node", ["tor", "-f", str(d / "client.torrc")], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            _wait_line(cli, "new bridge descriptor", 40, stream="stdout")
+            time.sleep(1.0)
+        finally:
+            c.lab.stop(cli)
+    finally:
+        c.lab.stop(bridge)
+
+
 def _httptunnel(c: Ctx) -> None:
     srv = c.lab.spawn("inet", ["hts", "-F", f"{SSHD}:22", f"{HTTPTUN}:8888", "--no-daemon"],
                       stdout=c.logfile("hts.log"), stderr=subprocess.STDOUT)  # fmt: skip
@@ -607,6 +648,7 @@ RECIPES: list[Recipe] = [
     Recipe("tinc", _h(TINC), _tinc, ("tincd",)),
     Recipe("nebula", _h(NEBULA), _nebula, ("nebula", "nebula-cert")),
     Recipe("tor-bridge", _h(TOR), _tor, ("tor",)),
+    Recipe("tor-obfs4", _h(OBFS4), _tor_obfs4, ("tor", "obfs4proxy")),
     Recipe("httptunnel", _h(HTTPTUN), _httptunnel, ("hts", "htc")),
     Recipe("shadowsocks", _h(SS), _shadowsocks(""), ("ss-server", "ss-local")),
     Recipe("shadowsocks-simple-obfs-http", _h(SS), _shadowsocks("http"), ("obfs-server", "obfs-local")),
