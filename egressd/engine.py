@@ -39,7 +39,7 @@ from egressd.detect.ssh import detect_ssh
 from egressd.detect.stratum import detect_stratum
 from egressd.detect.tls import detect_tls
 from egressd.detect.tor import detect_tor
-from egressd.detect.tunnels import detect_datagram, detect_stream
+from egressd.detect.tunnels import detect_datagram, detect_ip_protocol, detect_stream
 from egressd.detect.unknown_encrypted import detect_unknown_encrypted
 from egressd.detect.websocket import WebSocketDetector
 from egressd.events import PROTO_NAMES, Event, ip_text
@@ -293,6 +293,13 @@ class Engine:
             # Other UDP is judged on its first datagram: a VPN handshake shows there, and
             # pinning at once keeps QUIC and the like out of Python.
             det = detect_datagram(p.payload, from_orig, sport, dport)
+            if det is not None:
+                self._record(flow, "tunnel", det)
+                v = self._rejudge(flow, ts)
+                if v is not None:
+                    return v
+        elif p.proto != PROTO_TCP:
+            det = detect_ip_protocol(p.proto, p.payload)
             if det is not None:
                 self._record(flow, "tunnel", det)
                 v = self._rejudge(flow, ts)

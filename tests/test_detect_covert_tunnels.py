@@ -363,3 +363,34 @@ def test_shadowsocks_like_stream_is_unknown_encrypted_and_ordinary_binary_is_not
     assert detect_unknown_encrypted(header, down, CTX) is NOT_THIS
     assert detect_unknown_encrypted(b"GET / HTTP/1.1\r\n" + rnd.randbytes(100), down, CTX) is NOT_THIS
     assert detect_unknown_encrypted(b"", b"220 ready\r\n" + rnd.randbytes(60), CTX) is NOT_THIS
+
+
+def test_pptp_start_control_connection_request() -> None:
+    sccrq = b"\x00\x9c\x00\x01\x1a\x2b\x3c\x4d\x00\x01\x00\x00\x01\x00" + bytes(142)
+    assert isinstance(d := detect_stream(sccrq, b"", CTX), Detection) and d.kind == "tunnel.pptp"
+    assert detect_stream(sccrq[:6], b"", CTX) is NEED_MORE
+    assert detect_stream(sccrq[:8] + b"\x00\x05" + sccrq[10:], b"", CTX) is NOT_THIS
+
+
+def test_teredo_qualification_with_an_authentication_indicator() -> None:
+    from scapy.layers.inet6 import ICMPv6ND_RS, IPv6  # type: ignore[import-untyped]
+
+    rs = bytes(IPv6(src="fe80::ffff:ffff:fffe", dst="ff02::2") / ICMPv6ND_RS())
+    auth = b"\x00\x01\x00\x00" + os.urandom(8) + b"\x00"
+    d = detect_datagram(auth + rs, True, 52513, 3544)
+    assert d is not None and d.kind == "tunnel.teredo" and "authentication indicator" in d.evidence
+    # The same bytes on another port without an indicator: an IPv6 packet, but not called Teredo.
+    assert detect_datagram(rs, True, 40000, 32900) is None
+
+
+def test_ip_protocols_that_are_tunnels() -> None:
+    from egressd.detect.tunnels import detect_ip_protocol
+
+    inner = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2) / b"x")
+    assert (d := detect_ip_protocol(4, inner)) is not None and d.kind == "tunnel.ip-in-ip"
+    assert (d := detect_ip_protocol(47, b"\x00\x00\x08\x00" + inner)) is not None and d.info["carries"] == "IPv4"
+    assert (d := detect_ip_protocol(50, struct.pack("!II", 0x1234, 1) + os.urandom(40))) is not None
+    assert d.kind == "tunnel.ipsec"
+    assert detect_ip_protocol(50, struct.pack("!II", 7, 1) + os.urandom(40)) is None  # reserved SPI
+    assert detect_ip_protocol(47, b"\x00\x07\x08\x00" + inner) is None  # GRE version 7 does not exist
+    assert detect_ip_protocol(132, os.urandom(40)) is None  # SCTP is not a tunnel

@@ -83,6 +83,11 @@ TUNNEL_ICMP: Final = "tunnel.icmp"  # a protocol inside ICMP echo (ptunnel, hans
 TUNNEL_TINC: Final = "tunnel.tinc"  # tinc meta-protocol ID line
 TUNNEL_NEBULA: Final = "tunnel.nebula"  # Nebula handshake header
 TUNNEL_TOR: Final = "tunnel.tor"  # Tor link handshake
+TUNNEL_PPTP: Final = "tunnel.pptp"  # PPTP Start-Control-Connection-Request (RFC 2637)
+TUNNEL_TEREDO: Final = "tunnel.teredo"  # IPv6 in UDP, Teredo framing (RFC 4380)
+TUNNEL_GRE: Final = "tunnel.gre"  # IP protocol 47
+TUNNEL_IPSEC: Final = "tunnel.ipsec"  # ESP / AH (IP protocols 50, 51)
+TUNNEL_IP_IN_IP: Final = "tunnel.ip-in-ip"  # IPv4/IPv6 directly in IP (protocols 4, 41)
 TUNNEL_UNKNOWN_ENCRYPTED: Final = "tunnel.unknown-encrypted"  # fully encrypted proxy (Shadowsocks, obfs4, VMess)
 
 
