@@ -168,6 +168,9 @@ class Engine:
         self._dns: OrderedDict[bytes, tuple[tuple[str, ...], float]] = OrderedDict()
         self._defrag = Reassembler()
         self._dnstun = DnsTunnelTracker()
+        # tinc peers (address, port) seen on a meta connection: tinc's UDP data to the same
+        # port has no cleartext of its own (nDPI does the same, its "DPI (cache)").
+        self._tinc_peers: OrderedDict[tuple[bytes, int], str] = OrderedDict()
         self._overload_last = -1e18
         self._overload_pending = 0
         self.policy = policy
@@ -293,6 +296,10 @@ class Engine:
             # Other UDP is judged on its first datagram: a VPN handshake shows there, and
             # pinning at once keeps QUIC and the like out of Python.
             det = detect_datagram(p.payload, from_orig, sport, dport)
+            if det is None and self._tinc_peers:
+                peer = self._tinc_peers.get((dst, dport)) or self._tinc_peers.get((src, sport))
+                if peer is not None:
+                    det = Detection(d.TUNNEL_TINC, f"UDP with a tinc peer: {peer}")
             if det is not None:
                 self._record(flow, "tunnel", det)
                 v = self._rejudge(flow, ts)
@@ -460,6 +467,10 @@ class Engine:
         flow.detections[name] = det
         if old is None or old.kind != det.kind:
             self.counters.detections[det.kind] = self.counters.detections.get(det.kind, 0) + 1
+        if det.kind == d.TUNNEL_TINC and flow.proto == PROTO_TCP:
+            self._tinc_peers[(flow.dst, flow.dport)] = f"{det.evidence} on flow {flow.fid}"
+            while len(self._tinc_peers) > 1024:
+                self._tinc_peers.popitem(last=False)
         host = det.info.get("sni") or _host_of(det.info.get("target"))
         if host:
             self._add_domain(flow, host)

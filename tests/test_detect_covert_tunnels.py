@@ -394,3 +394,19 @@ def test_ip_protocols_that_are_tunnels() -> None:
     assert detect_ip_protocol(50, struct.pack("!II", 7, 1) + os.urandom(40)) is None  # reserved SPI
     assert detect_ip_protocol(47, b"\x00\x07\x08\x00" + inner) is None  # GRE version 7 does not exist
     assert detect_ip_protocol(132, os.urandom(40)) is None  # SCTP is not a tunnel
+
+
+def test_tinc_udp_data_is_named_after_its_meta_connection() -> None:
+    from scapy.layers.inet import TCP
+
+    eng = Engine(load_policy(default_policy()))
+    udp = bytes(IP(src="198.51.100.2", dst="203.0.113.76") / UDP(sport=655, dport=655) / os.urandom(120))
+    assert eng.feed(udp, 0.0) == ACCEPT_PIN  # before any meta connection: nothing to tell
+    syn = IP(src="198.51.100.2", dst="203.0.113.76") / TCP(sport=40000, dport=655, flags="S", seq=100)
+    eng.feed(bytes(syn), 1.0)
+    idl = IP(src="198.51.100.2", dst="203.0.113.76") / TCP(sport=40000, dport=655, flags="PA", seq=101, ack=1)
+    eng.feed(bytes(idl / b"0 node1 17\n"), 1.1)
+    udp2 = bytes(IP(src="198.51.100.2", dst="203.0.113.76") / UDP(sport=656, dport=655) / os.urandom(120))
+    eng.feed(udp2, 2.0)
+    evs = [e for e in eng.events if e.proto == "UDP" and e.src_port == 656]
+    assert evs and evs[0].detection is not None and evs[0].detection["kind"] == "tunnel.tinc", evs
