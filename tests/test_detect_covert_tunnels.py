@@ -180,6 +180,22 @@ def test_long_legitimate_names_are_not_a_tunnel() -> None:
             assert t.query(n, qt, rep * 10.0 + i) is None, n
 
 
+def test_random_looking_but_legitimate_name_families_are_not_a_tunnel() -> None:
+    import hashlib
+
+    t = DnsTunnelTracker()
+    for i in range(12):
+        h = hashlib.sha1(str(i).encode()).hexdigest()
+        for name, qtype in (
+            (f"{b32(32)}._domainkey.amazonses.com", 16),  # SES DKIM selectors: 32 random characters
+            (f"{h}.malware.hash.cymru.com", 16),  # a hash reputation lookup (SHA-1)
+            (f"{h[:32]}.malware.hash.cymru.com", 16),  # (MD5-sized)
+            (f"printer\\032{i}\\032(abc123)._ipp._tcp.example.com", 16),  # unicast DNS-SD, spaces escaped
+            (f"{b32(20)}.cdn.example.net", 1),  # a CDN's per-node names
+        ):
+            assert t.query(name, qtype, float(i)) is None, name
+
+
 def test_the_same_data_name_retransmitted_counts_once() -> None:
     t = DnsTunnelTracker()
     name = f"{b32(60)}.{b32(60)}.t.tun.example.net"
@@ -410,3 +426,25 @@ def test_tinc_udp_data_is_named_after_its_meta_connection() -> None:
     eng.feed(udp2, 2.0)
     evs = [e for e in eng.events if e.proto == "UDP" and e.src_port == 656]
     assert evs and evs[0].detection is not None and evs[0].detection["kind"] == "tunnel.tinc", evs
+
+
+def test_a_short_hello_before_tls_is_not_unknown_encrypted() -> None:
+    """PostgreSQL: an 8-byte SSLRequest, a 1-byte 'S', then TLS, to an address nobody named."""
+    from scapy.layers.inet import TCP
+
+    eng = Engine(load_policy(default_policy()))
+    c, srv = "198.51.100.2", "203.0.113.90"
+    rnd = random.Random(3)
+
+    def seg(src: str, dst: str, sp: int, dp: int, seq: int, ack: int, data: bytes, flags: str = "PA") -> bytes:
+        return bytes(IP(src=src, dst=dst) / TCP(sport=sp, dport=dp, flags=flags, seq=seq, ack=ack) / data)
+
+    eng.feed(seg(c, srv, 40000, 5432, 100, 0, b"", "S"), 0.0)
+    eng.feed(seg(srv, c, 5432, 40000, 900, 101, b"", "SA"), 0.0)
+    eng.feed(seg(c, srv, 40000, 5432, 101, 901, b"\x00\x00\x00\x08\x04\xd2\x16\x2f"), 0.1)
+    eng.feed(seg(srv, c, 5432, 40000, 901, 109, b"S"), 0.2)
+    eng.feed(seg(c, srv, 40000, 5432, 109, 902, rnd.randbytes(300)), 0.3)  # stands in for TLS
+    eng.feed(seg(srv, c, 5432, 40000, 902, 409, rnd.randbytes(800)), 0.4)
+    eng.finish(1.0)
+    assert all("tunnel.unknown-encrypted" not in (e.detections or []) for e in eng.events), list(eng.events)
+    assert detect_unknown_encrypted(b"\x00\x00\x00\x08\x04\xd2\x16\x2f", b"", CTX) is NOT_THIS

@@ -9,7 +9,9 @@ dns2tcp: base64 labels and TXT; dnscat2: hex labels under its domain or a ``dnsc
 prefix, TXT/CNAME/MX). So each query is scored on its own (``tunnel_score`` in
 ``detect/dns.py``: label length, subdomain length, entropy, escaped bytes, record type),
 and a zone becomes a tunnel when ``MIN_QUERIES`` *distinct* data-like names
-(score >= ``DATA_SCORE``) were asked under it within ``WINDOW`` seconds. From then on
+(score >= ``DATA_SCORE``, at least ``MIN_DATA_CHARS`` characters left of the zone or an
+escaped byte, no attribute-leaf label, not a digest lookup: see ``_data_score``) were asked
+under it within ``WINDOW`` seconds. From then on
 every query under that zone, on any flow, is the tunnel, so a tool that opens a new
 socket (or retries through another resolver) is stopped on its first query.
 
@@ -38,6 +40,8 @@ from egressd.detect.base import TUNNEL_DNS, Detection, printable
 from egressd.detect.dns import tunnel_score, type_name
 
 DATA_SCORE: Final = 0.5  # a query whose name looks like encoded data (see tunnel_score)
+MIN_DATA_CHARS: Final = 48  # characters left of the zone before a name can count as data
+_DIGEST_LENGTHS: Final = frozenset({32, 40, 56, 64})
 MIN_QUERIES: Final = 4  # distinct data-like names under one zone before it is called a tunnel
 WINDOW: Final = 120.0  # seconds over which they must arrive
 MAX_ZONES: Final = 4096
@@ -106,7 +110,7 @@ class DnsTunnelTracker:
             if label in _DNS2TCP_LABELS:
                 return self._mark(zone, ts, f"dns2tcp control label {label} in {printable(qname.encode(), 80)}",
                                   {"tool": "dns2tcp", "zone": zone})  # fmt: skip
-        score = tunnel_score(qname, qtype)
+        score = self._data_score(labels, zone, qname, qtype)
         if score < DATA_SCORE:
             return None
         if z is None:
@@ -135,6 +139,29 @@ class DnsTunnelTracker:
             f"(types {types}), e.g. {printable(z.example.encode(), 80)} (score {score:.2f})",
             {"zone": zone, "queries": str(z.count), "types": types},
         )  # fmt: skip
+
+    @staticmethod
+    def _data_score(labels: list[str], zone: str, qname: str, qtype: int) -> float:
+        """``tunnel_score`` for names that can carry a tunnel's payload, 0 for the rest:
+
+        * a name with an underscore label is an attribute leaf (RFC 8552: ``_domainkey``,
+          ``_acme-challenge``, ``_dmarc``, DNS-SD's ``_tcp``/``_udp``): DKIM selectors such as
+          Amazon SES's are 32 random characters, and no tunnel tool writes such labels;
+        * fewer than ``MIN_DATA_CHARS`` characters left of the zone and no escaped byte: too
+          little to be a tunnel's data query (tools fill names towards 255 bytes), the size
+          of a hash or a CDN's node name;
+        * one hex label of a digest's length (MD5, SHA-1, SHA-256 halves) and nothing random
+          beside it: a reputation lookup (Team Cymru's MHR, hash block lists).
+        """
+        if any(label.startswith("_") for label in labels):
+            return 0.0
+        sub = labels[: len(labels) - zone.count(".") - 1]
+        text = ".".join(sub)
+        if len(text) < MIN_DATA_CHARS and "\\" not in qname:
+            return 0.0
+        if sub and len(sub[0]) in _DIGEST_LENGTHS and set(sub[0]) <= _HEX and all(len(x) <= 16 for x in sub[1:]):
+            return 0.0
+        return tunnel_score(qname, qtype)
 
     def _mark(self, zone: str, ts: float, evidence: str, info: dict[str, str]) -> Detection:
         z = self._zones.get(zone)

@@ -24,8 +24,12 @@ USENIX Security 2023), each of which lets an ordinary protocol through; a flow i
   framings), or the first byte is 0x04 (an uncompressed EC point: pre-EIP-8 RLPx);
 * an 8-byte string occurs twice in the first 512 bytes of a direction (a session id, a
   header field repeated per message: structure that ciphertext never has);
-* the server spoke first (fully encrypted proxies are client-first), or either direction
-  has fewer than ``MIN_CLIENT`` / ``MIN_SERVER`` bytes so far.
+* the server spoke first (fully encrypted proxies are client-first), or either side's first
+  segment is shorter than ``MIN_CLIENT`` / ``MIN_SERVER`` bytes (a short hello before a
+  TLS upgrade: PostgreSQL, RDP).
+
+It also fires on other protocols that are fully encrypted by design (BitTorrent's MSE/PE
+obfuscation, for one): that is what the kind says, and why the policy only alerts on it.
 
 And only to a destination with no name: a flow whose address came from a DNS answer or
 that named its server (SNI, CONNECT) is not called this (the engine checks, see
@@ -91,16 +95,23 @@ def looks_random(data: bytes) -> str | None:
 
 
 def detect_unknown_encrypted(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
+    """Called each time a direction grows, so the first call that sees client bytes sees the
+    client's first segment: it must already be ``MIN_CLIENT`` bytes (these proxies send their
+    salt or key and the first sealed chunk in one write), and likewise the server's first
+    segment ``MIN_SERVER`` bytes. A short first message (PostgreSQL's 8-byte SSLRequest and
+    its 1-byte answer, RDP's X.224 request, any protocol's hello before a TLS upgrade) rules
+    the flow out before the TLS bytes that follow could look random."""
     if not fwd:
         return NOT_THIS if rev or ctx.fwd_closed else NEED_MORE  # server-first: not these
     if len(fwd) < MIN_CLIENT:
-        return NOT_THIS if ctx.fwd_closed or ctx.rev_closed or ctx.fwd_full else NEED_MORE
-    # The server's first bytes must have come after the client's (client-first protocols).
+        return NOT_THIS
     up = looks_random(fwd)
     if up is None:
         return NOT_THIS
-    if len(rev) < MIN_SERVER:
+    if not rev:
         return NOT_THIS if ctx.rev_closed or ctx.rev_full else NEED_MORE
+    if len(rev) < MIN_SERVER:
+        return NOT_THIS
     down = looks_random(rev)
     if down is None:
         return NOT_THIS
