@@ -448,3 +448,30 @@ def test_a_short_hello_before_tls_is_not_unknown_encrypted() -> None:
     eng.finish(1.0)
     assert all("tunnel.unknown-encrypted" not in (e.detections or []) for e in eng.events), list(eng.events)
     assert detect_unknown_encrypted(b"\x00\x00\x00\x08\x04\xd2\x16\x2f", b"", CTX) is NOT_THIS
+
+
+def _jwt(claims: dict[str, object]) -> bytes:
+    import base64
+    import json
+
+    def enc(b: bytes) -> bytes:
+        return base64.urlsafe_b64encode(b).rstrip(b"=")
+
+    return b".".join([enc(b'{"typ":"JWT","alg":"HS256"}'), enc(json.dumps(claims).encode()), enc(os.urandom(32))])
+
+
+def test_wstunnel_upgrade_names_its_target_from_the_jwt_claims() -> None:
+    claims = {"id": "0191c2f5-0000-7000-8000-000000000000", "p": {"Tcp": {"proxy_protocol": False}},
+              "r": "10.0.0.5", "rp": 22}  # fmt: skip
+    req = UPGRADE.replace(b"Sec-WebSocket-Version: 13\r\n",
+                          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: v1, authorization.bearer." + _jwt(claims)
+                          + b"\r\n")  # fmt: skip
+    d = WS(req.replace(b"GET /tunnel", b"GET /v1/events"), b"", CTX)
+    assert isinstance(d, Detection) and d.kind == "tunnel.websocket" and d.info["target"] == "10.0.0.5:22"
+
+
+def test_a_bearer_token_subprotocol_of_an_ordinary_app_is_not_wstunnel() -> None:
+    req = UPGRADE.replace(b"Sec-WebSocket-Version: 13\r\n",
+                          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: realtime, authorization.bearer."
+                          + _jwt({"sub": "user-1", "exp": 1796455000}) + b"\r\n")  # fmt: skip
+    assert WS(req, b"", CTX) is NEED_MORE  # waits for the 101 and the frames, like any WebSocket

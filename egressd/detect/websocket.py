@@ -8,7 +8,8 @@ miners). So after a complete upgrade (the client's ``GET`` with ``Upgrade: webso
 and ``Sec-WebSocket-Key``, the server's ``101``) each direction's frames are decoded into the
 byte stream the application sees, and the stream detectors judge that stream exactly as
 they judge a plain TCP head. A WebSocket whose inner stream every detector rejects (JSON
-chat messages, say) is not a tunnel and gives no finding. A handshake GET that carries a
+chat messages, say) is not a tunnel and gives no finding. wstunnel announces its target in
+the upgrade itself (a JWT whose claims are its tunnel request). A handshake GET that carries a
 body is not a WebSocket at all but the fake upgrade of HTTP obfuscators (simple-obfs):
 ``tunnel.http`` at once.
 
@@ -29,6 +30,9 @@ positional, so a prefix decodes exactly). Never raises.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import zlib
 from typing import Final
 
@@ -53,6 +57,7 @@ _OP_TEXT: Final = 1
 _OP_BINARY: Final = 2
 _CONTROL_MIN: Final = 8
 _DEFLATE_TAIL: Final = b"\x00\x00\xff\xff"
+_BEARER: Final = b"authorization.bearer."
 
 
 def _head(data: bytes) -> int:
@@ -145,6 +150,36 @@ def _frames(buf: bytes, pos: int, masked: bool, deflate: bool) -> tuple[bytes, b
     return bytes(out[:INNER_MAX]), True
 
 
+def _wstunnel(protocols: bytes) -> Detection | None:
+    """wstunnel (erebe/wstunnel, ``jwt.rs``): the tunnel's target rides in the upgrade as a
+    subprotocol ``authorization.bearer.<JWT>`` whose claims are ``id``, ``p`` (the tunnel type:
+    ``Tcp``, ``Udp``, ``Socks5``, ``ReverseTcp`` ...), ``r`` (remote host) and ``rp`` (remote
+    port). Bearer tokens in subprotocols are common; these claim names are wstunnel's."""
+    for token in protocols.split(b","):
+        token = token.strip()
+        if not token.lower().startswith(_BEARER) or len(token) > 4096:
+            continue
+        parts = token[len(_BEARER) :].split(b".")
+        if len(parts) != 3:
+            continue
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(parts[1] + b"=" * (-len(parts[1]) % 4)))
+        except (ValueError, binascii.Error):
+            continue
+        if not isinstance(claims, dict) or not isinstance(claims.get("p"), dict):
+            continue
+        host, port = claims.get("r"), claims.get("rp")
+        if isinstance(host, str) and isinstance(port, int):
+            kind = next(iter(claims["p"]), "?")
+            target = f"{host[:64]}:{port}"
+            return Detection(
+                TUNNEL_WEBSOCKET,
+                f"wstunnel upgrade: JWT claims tunnel {str(kind)[:16]} to {printable(target.encode(), 80)}",
+                info={"tool": "wstunnel", "target": target, "tunnel": str(kind)[:16]},
+            )
+    return None
+
+
 def _unmask(data: bytes, key: bytes) -> bytes:
     """XOR with the 4-byte key, repeating (RFC 6455 §5.3); one big-int XOR, no per-byte loop."""
     if not data:
@@ -190,6 +225,9 @@ class WebSocketDetector:
                 + f" ({line})",
                 info={"tool": "simple-obfs-style"},
             )
+        tool = _wstunnel(req.get(b"sec-websocket-protocol", b""))
+        if tool is not None:
+            return tool
         rend = _head(rev)
         if rend < 0:
             return NOT_THIS if ctx.rev_closed or len(rev) > MAX_HEAD else NEED_MORE
