@@ -463,9 +463,8 @@ def _jwt(claims: dict[str, object]) -> bytes:
 def test_wstunnel_upgrade_names_its_target_from_the_jwt_claims() -> None:
     claims = {"id": "0191c2f5-0000-7000-8000-000000000000", "p": {"Tcp": {"proxy_protocol": False}},
               "r": "10.0.0.5", "rp": 22}  # fmt: skip
-    req = UPGRADE.replace(b"Sec-WebSocket-Version: 13\r\n",
-                          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: v1, authorization.bearer." + _jwt(claims)
-                          + b"\r\n")  # fmt: skip
+    proto = b"Sec-WebSocket-Protocol: v1, authorization.bearer." + _jwt(claims) + b"\r\n"
+    req = UPGRADE.replace(b"Sec-WebSocket-Version: 13\r\n", b"Sec-WebSocket-Version: 13\r\n" + proto)
     d = WS(req.replace(b"GET /tunnel", b"GET /v1/events"), b"", CTX)
     assert isinstance(d, Detection) and d.kind == "tunnel.websocket" and d.info["target"] == "10.0.0.5:22"
 
