@@ -474,3 +474,15 @@ def test_a_bearer_token_subprotocol_of_an_ordinary_app_is_not_wstunnel() -> None
                           b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: realtime, authorization.bearer."
                           + _jwt({"sub": "user-1", "exp": 1796455000}) + b"\r\n")  # fmt: skip
     assert WS(req, b"", CTX) is NEED_MORE  # waits for the 101 and the frames, like any WebSocket
+
+
+def test_a_multiplexing_header_before_each_message_is_looked_behind() -> None:
+    # aiowstunnel's Data packet: type 4, a 2-byte connection id, then the stream's bytes.
+    fwd = UPGRADE + frame(b"\x04\x00\x01" + BANNER[:20]) + frame(b"\x04\x00\x01" + BANNER[20:])
+    d = WS(fwd, SWITCH + frame(b"\x04\x00\x01" + BANNER, mask=False), CTX)
+    assert isinstance(d, Detection) and d.info["inner_kind"] == "ssh" and d.info["message_header"] == "3/3"
+
+
+def test_the_first_fragment_of_an_unfinished_message_is_already_inner_data() -> None:
+    d = WS(UPGRADE + frame(BANNER, fin=False), SWITCH, CTX)
+    assert isinstance(d, Detection) and d.info["inner_kind"] == "ssh"

@@ -58,6 +58,10 @@ _OP_BINARY: Final = 2
 _CONTROL_MIN: Final = 8
 _DEFLATE_TAIL: Final = b"\x00\x00\xff\xff"
 _BEARER: Final = b"authorization.bearer."
+_MAX_MUX_HEADER: Final = 16
+# First bytes of what the inner detectors recognise, looked for behind a multiplexing header:
+# an SSH banner, a TLS handshake record, a JSON-RPC object, a SOCKS5 greeting.
+_INNER_MAGICS: Final = (b"SSH-", b"\x16\x03\x01", b"\x16\x03\x03", b'{"', b"\x05\x01\x00", b"\x05\x02\x00")
 
 
 def _head(data: bytes) -> int:
@@ -79,21 +83,23 @@ def _has_token(value: bytes, token: bytes) -> bool:
     return any(t.strip().lower() == token for t in value.split(b","))
 
 
-def _frames(buf: bytes, pos: int, masked: bool, deflate: bool) -> tuple[bytes, bool]:
-    """The data frames' payload from ``pos`` on, unmasked (and inflated); False when the
-    bytes break the framing rules (wrong masking, reserved opcode, bad control frame)."""
-    out = bytearray()
+def _frames(buf: bytes, pos: int, masked: bool, deflate: bool) -> tuple[list[bytes], bool]:
+    """The data messages from ``pos`` on, unmasked, fragments joined (and inflated); the last
+    may be partial. False when the bytes break the framing rules (wrong masking, a reserved
+    opcode, a bad control frame)."""
+    out: list[bytes] = []
+    total = 0
     inflater = zlib.decompressobj(-15) if deflate else None
     compressed = False  # the message in progress has RSV1 set
-    msg = bytearray()  # compressed message bytes waiting for their final frame
+    msg = bytearray()  # the message in progress
     n = len(buf)
     frames = 0
-    while pos + 2 <= n and frames < MAX_FRAMES and len(out) < INNER_MAX:
+    while pos + 2 <= n and frames < MAX_FRAMES and total < INNER_MAX:
         frames += 1
         b0, b1 = buf[pos], buf[pos + 1]
         fin, rsv, op = b0 & 0x80, b0 & 0x70, b0 & 0x0F
         if bool(b1 & 0x80) != masked:
-            return bytes(out), False
+            return out, False
         length = b1 & 0x7F
         hdr = 2
         if length == 126:
@@ -107,7 +113,7 @@ def _frames(buf: bytes, pos: int, masked: bool, deflate: bool) -> tuple[bytes, b
             length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
             hdr = 10
             if length >> 63:
-                return bytes(out), False
+                return out, False
         key = b""
         if masked:
             if pos + hdr + 4 > n:
@@ -116,38 +122,53 @@ def _frames(buf: bytes, pos: int, masked: bool, deflate: bool) -> tuple[bytes, b
             hdr += 4
         if op >= _CONTROL_MIN:
             if op > 10 or not fin or length > 125 or rsv:
-                return bytes(out), False
+                return out, False
             pos += hdr + length
             continue
         if op not in (_OP_CONT, _OP_TEXT, _OP_BINARY):
-            return bytes(out), False
+            return out, False
         if op == _OP_CONT:
             if rsv:
-                return bytes(out), False  # RSV1 belongs to a message's first frame only
+                return out, False  # RSV1 belongs to a message's first frame only
         else:
             if rsv & 0x30 or (rsv and inflater is None):
-                return bytes(out), False  # no extension negotiated that would set them
+                return out, False  # no extension negotiated that would set them
             compressed = bool(rsv)
             msg.clear()
         start = pos + hdr
         avail = min(length, n - start)
         data = buf[start : start + avail]
-        if masked:
-            data = _unmask(data, key)
-        if compressed and inflater is not None:
-            msg += data
-            if fin and avail == length:
+        msg += _unmask(data, key) if masked else data
+        whole = fin and avail == length
+        if whole or avail < length:
+            body = bytes(msg)
+            if compressed and inflater is not None:
+                if not whole:
+                    break  # a compressed message is inflated only once complete
                 try:
-                    out += inflater.decompress(bytes(msg) + _DEFLATE_TAIL, INNER_MAX - len(out))
+                    body = inflater.decompress(body + _DEFLATE_TAIL, INNER_MAX - total)
                 except zlib.error:
-                    return bytes(out), False
-                msg.clear()
-        else:
-            out += data
+                    return out, False
+            out.append(body)
+            total += len(body)
+            msg.clear()
         if avail < length:
             break
         pos = start + length
-    return bytes(out[:INNER_MAX]), True
+    if msg and not compressed:
+        out.append(bytes(msg))  # fragments of a message whose last frame has not come yet
+    return out, True
+
+
+def _header_len(messages: list[bytes]) -> int:
+    """Where a known protocol's first bytes sit in the first message, when a multiplexing
+    tunnel puts a small per-message header before them (a stream id, a type byte): 1..16."""
+    first = next((m for m in messages if m), b"")
+    for magic in _INNER_MAGICS:
+        at = first.find(magic, 1, _MAX_MUX_HEADER + len(magic))
+        if at > 0:
+            return at
+    return 0
 
 
 def _wstunnel(protocols: bytes) -> Detection | None:
@@ -236,39 +257,55 @@ class WebSocketDetector:
             return NOT_THIS
         resp = _fields(rev[: rend - 4])
         deflate = b"permessage-deflate" in resp.get(b"sec-websocket-extensions", b"").lower()
-        inner_f, ok_f = _frames(fwd, fend, True, deflate)
-        inner_r, ok_r = _frames(rev, rend, False, deflate)
+        msgs_f, ok_f = _frames(fwd, fend, True, deflate)
+        msgs_r, ok_r = _frames(rev, rend, False, deflate)
         if not (ok_f and ok_r):
             return NOT_THIS
         final = (ctx.fwd_closed or ctx.fwd_full) and (ctx.rev_closed or ctx.rev_full)
         ictx = StreamContext(ctx.sport, ctx.dport, ctx.fwd_closed, ctx.rev_closed, ctx.fwd_full, ctx.rev_full)
+        inner_f, inner_r = b"".join(msgs_f), b"".join(msgs_r)
+        candidates = [(inner_f, inner_r, 0, 0)]
+        kf, kr = _header_len(msgs_f), _header_len(msgs_r)
+        if kf or kr:
+            strip_f = b"".join(m[kf:] for m in msgs_f)
+            strip_r = b"".join(m[kr:] for m in msgs_r)
+            candidates.append((strip_f, strip_r, kf, kr))
         waiting = False
-        for name, fn in self._inner:
-            r = fn(inner_f, inner_r, ictx)
-            if r is NEED_MORE:
-                waiting = True
-                continue
-            if r is NOT_THIS:
-                continue
-            assert isinstance(r, Detection)
-            path = fwd[4 : fwd.find(b" ", 4)] if fwd.find(b" ", 4) > 0 else b"?"
-            info = {
-                "path": printable(path, 64),
-                "inner_kind": r.kind,
-                "inner_detector": name,
-                "inner_evidence": r.evidence,
-            }
-            proto = req.get(b"sec-websocket-protocol")
-            if proto:
-                info["subprotocol"] = printable(proto.split(b",")[0], 32)
-            for k, v in r.info.items():
-                info.setdefault(k, v)
-            return Detection(
-                TUNNEL_WEBSOCKET,
-                f"WebSocket GET {info['path']} carries {r.kind}: {r.evidence}",
-                confidence=r.confidence,
-                info=info,
-            )
+        for cand_f, cand_r, kf, kr in candidates:
+            for name, fn in self._inner:
+                r = fn(cand_f, cand_r, ictx)
+                if r is NEED_MORE:
+                    waiting = True
+                    continue
+                if r is NOT_THIS:
+                    continue
+                assert isinstance(r, Detection)
+                return self._found(fwd, req, name, r, kf, kr)
         if waiting and not final and (inner_f or inner_r or not (ctx.fwd_closed or ctx.rev_closed)):
             return NEED_MORE
         return NOT_THIS
+
+    @staticmethod
+    def _found(fwd: bytes, req: dict[bytes, bytes], name: str, r: Detection, kf: int, kr: int) -> Detection:
+        """The WebSocket finding, naming what it carries (the engine records the inner kind too)."""
+        path = fwd[4 : fwd.find(b" ", 4)] if fwd.find(b" ", 4) > 0 else b"?"
+        info = {
+            "path": printable(path, 64),
+            "inner_kind": r.kind,
+            "inner_detector": name,
+            "inner_evidence": r.evidence,
+        }
+        proto = req.get(b"sec-websocket-protocol")
+        if proto:
+            info["subprotocol"] = printable(proto.split(b",")[0], 32)
+        for k, v in r.info.items():
+            info.setdefault(k, v)
+        mux = f" (after a {kf}/{kr}-byte header in each message)" if kf or kr else ""
+        if mux:
+            info["message_header"] = f"{kf}/{kr}"
+        return Detection(
+            TUNNEL_WEBSOCKET,
+            f"WebSocket GET {info['path']} carries {r.kind}{mux}: {r.evidence}",
+            confidence=r.confidence,
+            info=info,
+        )
