@@ -32,6 +32,7 @@ from egressd.detect.base import (
 )
 
 MAX_LINE: Final = 8192
+MAX_CLIENT_FIRST: Final = 1024  # bytes the node may send before the relay's request
 _METHODS: Final = frozenset(
     {
         b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
@@ -71,7 +72,10 @@ def detect_reverse_http(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
         if r == -1 or isinstance(r, tuple) or fwd.startswith(_H2_PREFACE[: len(fwd)]):
             return NOT_THIS  # the originator speaks HTTP itself: ordinary (or not ours to call)
     if not rev:
-        if ctx.rev_closed or ctx.rev_full:
+        # Relay clients say little before the relay's first request (nothing for localtunnel,
+        # a one-line hello for bore-style tools); a client that has sent more is not waiting
+        # for requests, and the flow need not stay in Python for this detector.
+        if ctx.rev_closed or ctx.rev_full or len(fwd) > MAX_CLIENT_FIRST:
             return NOT_THIS
         return NEED_MORE
     if rev.startswith(_H2_PREFACE):
