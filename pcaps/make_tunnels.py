@@ -381,6 +381,7 @@ def _ping(c: Ctx) -> None:
     c.node(["ping", "-c", "3", "-i", "0.2", ICMP_SRV])
     c.node(["ping", "-c", "2", "-i", "0.2", "-s", "1400", ICMP_SRV])
     c.node(["ping", "-c", "2", "-i", "0.2", "-p", "deadbeef", ICMP_SRV])
+    c.node(["ping", "-c", "6", "-i", "0.2", "-s", "200", ICMP_SRV])  # more requests than any ICMP rule counts
     c.node(["ping", "-6", "-c", "2", "-i", "0.2", "2001:db8:1::1"])
 
 

@@ -486,3 +486,20 @@ def test_a_multiplexing_header_before_each_message_is_looked_behind() -> None:
 def test_the_first_fragment_of_an_unfinished_message_is_already_inner_data() -> None:
     d = WS(UPGRADE + frame(BANNER, fin=False), SWITCH, CTX)
     assert isinstance(d, Detection) and d.info["inner_kind"] == "ssh"
+
+
+def test_pings_that_carry_a_file_are_a_channel_even_when_echoed() -> None:
+    e = EchoState()
+    chunks = [os.urandom(48) for _ in range(3)]
+    got = [
+        e.feed(8, echo(8, 9, i, struct.pack("<QQ", 1796455000 + i, i) + b"\0" * 8 + c), True)
+        for i, c in enumerate(chunks)
+    ]
+    assert got[:2] == [None, None] and got[2] is not None and got[2].info["tool"] == "changing-payload"
+
+
+def test_a_ping_with_a_changing_time_stamp_is_not_a_channel() -> None:
+    e = EchoState()
+    for seq in range(20):
+        data = struct.pack("<QQ", 1796455000 + seq, seq * 1000) + bytes(range(0x10, 0x38))
+        assert e.feed(8, echo(8, 9, seq, data), True) is None

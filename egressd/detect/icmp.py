@@ -9,6 +9,11 @@ timestamp and a fixed pattern. A tunnel must put *its own* bytes in both directi
   icmptunnel, icmpsh). A reply with the id and sequence number of a request seen on this
   flow but other data (not the same bytes, nor a truncation of them) is a tunnel, whatever
   the tool. The kernel answers ordinary pings itself, byte for byte.
+* **The requests carry changing data.** A ping program sends one payload over and over:
+  only its first bytes (a send time stamp, 8 to 16 bytes in iputils, BSD, Windows, busybox,
+  fping, Go's pro-bing) change per request. Requests on one identifier whose data differs
+  past the first 24 bytes, three times over, are a channel (an exfiltration tool writing a
+  file into pings is answered by the kernel's echo, so the reply test alone misses it).
 * **A known tunnel header in the data**, checked by structure, not only by magic (ptunnel-ng
   lets the user change its magic):
   - ptunnel / ptunnel-ng (``ptunnel.h`` ``ping_tunnel_pkt_t``): 28 bytes, network order:
@@ -42,6 +47,9 @@ from egressd.detect.base import TUNNEL_ICMP, Detection, printable
 
 MAX_PENDING: Final = 16
 ECHO_HEAD: Final = 4  # exactly echoed replies after which an echo flow is pinned as a ping
+MAX_TAILS: Final = 3  # distinct request payloads (past the time stamp) that make a flow a channel
+_STAMP: Final = 24  # bytes a pinger may vary per request (iputils: a 16-byte timeval; others 8..24)
+_MIN_TAIL: Final = 16
 ECHO_REQUESTS: Final = frozenset({8, 128})
 ECHO_REPLIES: Final = frozenset({0, 129})
 
@@ -109,10 +117,11 @@ class EchoState:
     ``settled`` once ``ECHO_HEAD`` replies returned their requests' data exactly: that is the
     head of an echo flow, as the first bytes are of a TCP one; the engine then pins it."""
 
-    __slots__ = ("_pending", "echoed")
+    __slots__ = ("_pending", "_tails", "echoed")
 
     def __init__(self) -> None:
         self._pending: dict[int, bytes] = {}
+        self._tails: set[bytes] = set()
         self.echoed = 0
 
     @property
@@ -132,6 +141,16 @@ class EchoState:
             if len(self._pending) >= MAX_PENDING:
                 self._pending.pop(next(iter(self._pending)))
             self._pending[seq] = data
+            tail = data[_STAMP:]
+            if len(tail) >= _MIN_TAIL and len(self._tails) < MAX_TAILS:
+                self._tails.add(tail)
+                if len(self._tails) >= MAX_TAILS:
+                    return Detection(
+                        TUNNEL_ICMP,
+                        f"{MAX_TAILS} echo requests on one identifier carry different data past their first "
+                        f"{_STAMP} bytes (ping repeats one payload): {printable(tail, 24)}",
+                        info={"tool": "changing-payload"},
+                    )
             return None
         if icmp_type in ECHO_REPLIES and not from_originator:
             sent = self._pending.pop(seq, None)
