@@ -23,6 +23,7 @@ counted and gets the policy's ``on_error`` verdict.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict, deque
 from typing import Final
 
@@ -171,6 +172,9 @@ class Engine:
         # tinc peers (address, port) seen on a meta connection: tinc's UDP data to the same
         # port has no cleartext of its own (nDPI does the same, its "DPI (cache)").
         self._tinc_peers: OrderedDict[tuple[bytes, int], str] = OrderedDict()
+        # Relay ports a reverse-tunnel registration announced (localtunnel): connections to
+        # them are the tunnel, idle or not.
+        self._relay_ports: OrderedDict[tuple[bytes, int], str] = OrderedDict()
         self._overload_last = -1e18
         self._overload_pending = 0
         self.policy = policy
@@ -278,6 +282,11 @@ class Engine:
         v = self._settle(flow, ts, "first-packet")
         if v is not None:
             return v
+        if p.proto == PROTO_TCP and self._relay_ports and (dst, dport) in self._relay_ports:
+            self._record(flow, "reverse-http", Detection(d.TUNNEL_REVERSE_HTTP, self._relay_ports[(dst, dport)]))
+            v = self._rejudge(flow, ts)
+            if v is not None:
+                return v
         if p.proto == PROTO_TCP:
             flow.fwd = StreamHead(self._head)
             flow.rev = StreamHead(self._head)
@@ -467,6 +476,12 @@ class Engine:
         flow.detections[name] = det
         if old is None or old.kind != det.kind:
             self.counters.detections[det.kind] = self.counters.detections.get(det.kind, 0) + 1
+        port = det.info.get("tunnel_port")
+        if port is not None and det.kind == d.TUNNEL_REVERSE_HTTP:
+            relay = _packed_ip(det.info.get("tunnel_ip")) or flow.dst
+            self._relay_ports[(relay, int(port))] = f"connection to the tunnel port of: {det.evidence}"
+            while len(self._relay_ports) > 1024:
+                self._relay_ports.popitem(last=False)
         if det.kind == d.TUNNEL_TINC and flow.proto == PROTO_TCP:
             self._tinc_peers[(flow.dst, flow.dport)] = f"{det.evidence} on flow {flow.fid}"
             while len(self._tinc_peers) > 1024:
@@ -727,6 +742,16 @@ class Engine:
         if self._monitor and dec.action == "drop":
             ev.extra = {"would_drop": True}
         self.events.append(ev)
+
+
+def _packed_ip(text: str | None) -> bytes | None:
+    """An address literal as the packet layer stores it, or None."""
+    if not text:
+        return None
+    try:
+        return ipaddress.ip_address(text).packed
+    except ValueError:
+        return None
 
 
 def _host_of(target: str | None) -> str | None:

@@ -178,6 +178,30 @@ def _ws_ssh(c: Ctx) -> None:
         c.lab.stop(ws)
 
 
+def _ncat_relay(c: Ctx) -> None:
+    """The node dials a relay and hands the connection to its local web server (``ncat
+    --sh-exec``): the relay's visitor request arrives on the node's own outbound connection,
+    with no registration step to recognise (the generic reverse-HTTP case)."""
+    srv = c.lab.spawn("inet", [SYS_PY, PEERS, "lt-server", LT_SRV, "--http-port", "8079", "--tunnel-port", "7001",
+                               "--lifetime", "30"], stdout=subprocess.PIPE, stderr=c.logfile("relay.log"))  # fmt: skip
+    web = c.lab.spawn("node", [SYS_PY, "-m", "http.server", "8000", "--bind", "127.0.0.1"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(c.tmp))  # fmt: skip
+    cli = None
+    try:
+        _wait_line(srv, "listening", 10, stream="stdout")
+        _wait_port(c, "node", 8000)
+        cli = c.lab.spawn("node", ["ncat", "--sh-exec", "ncat 127.0.0.1 8000", LT_SRV, "7001"],
+                          stdout=subprocess.DEVNULL, stderr=c.logfile("ncat-relay.log"))  # fmt: skip
+        line = _wait_line(srv, "visitor 1:", 15, stream="stdout")
+        if "HTTP/1" not in line:
+            raise MakeError(f"the relayed request was not answered: {line}")
+        time.sleep(0.3)
+    finally:
+        for p in (cli, web, srv):
+            if p is not None:
+                c.lab.stop(p)
+
+
 def _ws_pipe_listener(c: Ctx, port: int, ws_host: str, ws_port: int) -> subprocess.Popen[bytes]:
     """socat on 127.0.0.1:``port`` in the node: each connection piped through one WebSocket."""
     p = c.lab.spawn("node", ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
@@ -631,6 +655,7 @@ def _h(*addrs: str) -> str:
 
 RECIPES: list[Recipe] = [
     Recipe("reverse-http-localtunnel", _h(LT_SRV), _localtunnel, ("node",)),
+    Recipe("reverse-http-ncat-relay", _h(LT_SRV), _ncat_relay, ("ncat",)),
     Recipe("websocket-ssh-websockify", _h(WS_SRV), _ws_ssh, ("websockify",)),
     Recipe("websocket-stratum-websockify", _h(WS_SRV), _ws_stratum, ("websockify", "socat")),
     Recipe("websocket-socks5-websockify", _h(WS_SRV), _ws_socks, ("websockify", "socat", "microsocks")),

@@ -503,3 +503,28 @@ def test_a_ping_with_a_changing_time_stamp_is_not_a_channel() -> None:
     for seq in range(20):
         data = struct.pack("<QQ", 1796455000 + seq, seq * 1000) + bytes(range(0x10, 0x38))
         assert e.feed(8, echo(8, 9, seq, data), True) is None
+
+
+def test_localtunnel_registration_names_the_tunnel_and_its_port_is_dropped_on_syn() -> None:
+    from scapy.layers.inet import TCP
+
+    body = b'{"id":"node","ip":"203.0.113.70","port":7000,"max_conn_count":10,"url":"https://node.lt.example"}'
+    resp = b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n\r\n" % len(body)
+    d = detect_reverse_http(b"GET /?new HTTP/1.1\r\nHost: lt.example\r\n\r\n", resp + body, CTX)
+    assert isinstance(d, Detection) and d.info["tunnel_port"] == "7000" and d.info["tool"] == "localtunnel"
+    assert detect_reverse_http(b"GET /?new HTTP/1.1\r\n\r\n", resp + body[:20], CTX) is NEED_MORE
+    plain = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + b'{"port": 8080, "status": "ok"}'
+    assert detect_reverse_http(b"GET /api HTTP/1.1\r\n\r\n", plain, CTX) is NOT_THIS
+
+    eng = Engine(load_policy(default_policy()))
+    c, srv = "198.51.100.2", "203.0.113.70"
+
+    def seg(sp: int, dp: int, seq: int, ack: int, data: bytes, flags: str = "PA", rev: bool = False) -> bytes:
+        a, b = (srv, c) if rev else (c, srv)
+        return bytes(IP(src=a, dst=b) / TCP(sport=sp, dport=dp, flags=flags, seq=seq, ack=ack) / data)
+
+    req = b"GET /?new HTTP/1.1\r\nHost: lt.example\r\n\r\n"
+    eng.feed(seg(40000, 80, 1, 0, b"", "S"), 0.0)
+    eng.feed(seg(40000, 80, 2, 1, req), 0.1)
+    assert eng.feed(seg(80, 40000, 1, 2 + len(req), resp + body, rev=True), 0.2) == DROP
+    assert eng.feed(seg(40001, 7000, 1, 0, b"", "S"), 0.3) == DROP  # the announced port, idle or not

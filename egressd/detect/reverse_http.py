@@ -15,10 +15,16 @@ absolute URI, and the line is complete (CRLF) within 8 KiB. A responder that sen
 anything else first is not this; an originator that starts with a request is ordinary HTTP
 (whatever its server then sends is a response or, after an Upgrade, another protocol).
 When the originator answers the relayed request (``HTTP/1.x NNN``) that is said too.
+
+A tunnel nobody visits shows no relayed request, so the set-up is named as well where a tool
+has a fixed one: localtunnel's registration answer (JSON with the assigned ``port`` and
+``max_conn_count``); the engine remembers the announced port, so the tunnel connections to it
+are dropped on their first packet.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Final
 
 from egressd.detect.base import (
@@ -33,6 +39,7 @@ from egressd.detect.base import (
 
 MAX_LINE: Final = 8192
 MAX_CLIENT_FIRST: Final = 1024  # bytes the node may send before the relay's request
+MAX_JSON: Final = 4096  # a registration answer is a small JSON object
 _METHODS: Final = frozenset(
     {
         b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
@@ -66,9 +73,54 @@ def request_line(data: bytes) -> tuple[bytes, bytes] | int | None:
     return method, target
 
 
+def _registration(rev: bytes, ctx: StreamContext) -> Result:
+    """localtunnel's registration (``lib/Tunnel.js`` _init): the node's ``GET /?new`` (or
+    ``/<subdomain>``) is answered with a JSON object naming the relay's port the client
+    must open its tunnel connections to: ``id``, ``ip``, ``port``, ``url``, ``max_conn_count``.
+    The relay needs no visitor for this to show: an idle tunnel is named from its set-up."""
+    if not rev:
+        return NOT_THIS if ctx.rev_closed or ctx.rev_full else NEED_MORE
+    if not rev.startswith(b"HTTP/1."):
+        return NOT_THIS
+    end = rev.find(b"\r\n\r\n", 0, MAX_LINE)
+    if end < 0:
+        return NOT_THIS if ctx.rev_closed or ctx.rev_full or len(rev) >= MAX_LINE else NEED_MORE
+    head = rev[:end].lower()
+    if b" 200" not in head[:16] or b"application/json" not in head:
+        return NOT_THIS
+    body = rev[end + 4 : end + 4 + MAX_JSON]
+    start = body.find(b"{")
+    stop = body.rfind(b"}")
+    if start < 0 or stop < start:
+        return NOT_THIS if ctx.rev_closed or ctx.rev_full or len(body) >= MAX_JSON else NEED_MORE
+    try:
+        obj = json.loads(body[start : stop + 1])
+    except ValueError:
+        return NOT_THIS if ctx.rev_closed or ctx.rev_full or len(body) >= MAX_JSON else NEED_MORE
+    if not isinstance(obj, dict) or not isinstance(obj.get("port"), int) or "max_conn_count" not in obj:
+        return NOT_THIS
+    port = obj["port"]
+    if not 0 < port < 65536:
+        return NOT_THIS
+    info = {"tool": "localtunnel", "tunnel_port": str(port)}
+    ip = obj.get("ip")
+    if isinstance(ip, str) and len(ip) <= 45:
+        info["tunnel_ip"] = ip
+    url = obj.get("url")
+    where = f" for {printable(url.encode(), 60)}" if isinstance(url, str) else ""
+    return Detection(
+        TUNNEL_REVERSE_HTTP,
+        f"localtunnel registration{where}: the relay assigns tunnel port {port} "
+        f"(max_conn_count {printable(str(obj.get('max_conn_count')).encode(), 8)})",
+        info=info,
+    )
+
+
 def detect_reverse_http(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
     if fwd:
         r = request_line(fwd)
+        if isinstance(r, tuple) and r[0] == b"GET":
+            return _registration(rev, ctx)
         if r == -1 or isinstance(r, tuple) or fwd.startswith(_H2_PREFACE[: len(fwd)]):
             return NOT_THIS  # the originator speaks HTTP itself: ordinary (or not ours to call)
     if not rev:

@@ -1,7 +1,7 @@
 """The live daemon against real tunnel programs: reverse HTTP, a DNS tunnel, an ICMP tunnel.
 
-Each test runs the real client in the node namespace (localtunnel's ``lt`` from npm, Debian's
-``iodine`` and ``ptunnel-ng``) against its server in the inet namespace, with ``egressd run``
+Each test runs the real client in the node namespace (localtunnel's ``lt`` from npm, ncat,
+Debian's ``iodine`` and ``ptunnel-ng``) against its server in the inet namespace, with ``egressd run``
 on the shipped default policy, and checks both what the program could do (its tunnel never
 carried anything) and the event that explains it. The benign look-alikes run in the same
 tests against the same daemon: a ping and an ordinary DNS lookup pass.
@@ -55,36 +55,65 @@ def _wait(pred: object, timeout: float) -> bool:
     return False
 
 
-def test_localtunnel_reverse_http_is_dropped(dlab: DaemonLab, daemon: peers.Egressd, extra_addrs: None) -> None:
+def test_localtunnel_is_dropped_at_its_registration_and_never_opens_a_tunnel(
+    dlab: DaemonLab, daemon: peers.Egressd, extra_addrs: None
+) -> None:
     _need("node", str(LT))
     log = dlab.tmp / "lt-server.out"
     with open(log, "wb") as fh:
         srv = dlab.lab.spawn("inet", [SYS_PY, PEERS, "lt-server", LT_SRV, "--lifetime", "20"], stdout=fh)
-    web = dlab.lab.spawn("node", [SYS_PY, "-m", "http.server", "8000", "--bind", "127.0.0.1"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(dlab.tmp))  # fmt: skip
     lt = None
     try:
         assert _wait(lambda: peers.listening(dlab.lab, "inet", 7000), 10), "lt-server did not start"
-        assert _wait(lambda: peers.listening(dlab.lab, "node", 8000), 10), "the node's web server did not start"
         lt = dlab.lab.spawn("node", ["node", str(LT), "--host", f"http://{LT_SRV}", "--port", "8000",
                                      "--local-host", "127.0.0.1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        evs = events_to(daemon, LT_SRV, 7000, timeout=10)
-        assert evs, f"no event for the tunnel connection; events: {daemon.events()}"
-        ev = evs[0]
+        evs = events_to(daemon, LT_SRV, 80, timeout=10)
+        assert evs, f"no event for the registration; events: {daemon.events()}"
+        ev = evs[-1]
         assert (ev["rule"], ev["action"], ev["detection"]["kind"]) == (
             "drop-covert-tunnels", "blocked", "tunnel.reverse-http",
         ), ev  # fmt: skip
-        assert "GET /visitor/" in ev["detection"]["evidence"]
-        # The registration request (the node asking, ordinary HTTP) went through.
-        reg = events_to(daemon, LT_SRV, 80, timeout=3)
-        assert reg and reg[0]["action"] == "allowed", reg
-        assert _wait(lambda: "visitor 1:" in log.read_text(), 8), log.read_text()
+        assert "localtunnel registration" in ev["detection"]["evidence"] and "7000" in ev["detection"]["evidence"]
+        time.sleep(2.0)  # lt retries its registration; it must never learn the port
     finally:
-        for p in (lt, web, srv):
+        for p in (lt, srv):
             if p is not None:
                 dlab.lab.stop(p)
-    # No visitor's request was ever answered by the node's web server.
+    text = log.read_text()
+    assert "visitor" not in text, f"a tunnel connection reached the relay: {text}"
+    assert all(e["action"] == "blocked" for e in events_to(daemon, LT_SRV, 7000, timeout=0.1))
+
+
+def test_a_relay_sending_http_requests_down_the_nodes_connection_is_dropped(
+    dlab: DaemonLab, daemon: peers.Egressd, extra_addrs: None
+) -> None:
+    """``ncat --sh-exec`` hands an outbound connection to the node's web server: the generic
+    reverse-HTTP case (no registration step); the relay's visitor gets no answer."""
+    log = dlab.tmp / "relay.out"
+    with open(log, "wb") as fh:
+        srv = dlab.lab.spawn("inet", [SYS_PY, PEERS, "lt-server", LT_SRV, "--http-port", "8079", "--tunnel-port",
+                                      "7001", "--lifetime", "20"], stdout=fh)  # fmt: skip
+    web = dlab.lab.spawn("node", [SYS_PY, "-m", "http.server", "8000", "--bind", "127.0.0.1"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(dlab.tmp))  # fmt: skip
+    cli = None
+    try:
+        assert _wait(lambda: peers.listening(dlab.lab, "inet", 7001), 10), "the relay did not start"
+        assert _wait(lambda: peers.listening(dlab.lab, "node", 8000), 10), "the node's web server did not start"
+        cli = dlab.lab.spawn("node", ["ncat", "--sh-exec", "ncat 127.0.0.1 8000", LT_SRV, "7001"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        evs = events_to(daemon, LT_SRV, 7001, timeout=10)
+        assert evs, f"no event for the relay connection; events: {daemon.events()}"
+        ev = evs[-1]
+        assert (ev["rule"], ev["action"], ev["detection"]["kind"]) == (
+            "drop-covert-tunnels", "blocked", "tunnel.reverse-http",
+        ), ev  # fmt: skip
+        assert "GET /visitor/1" in ev["detection"]["evidence"]
+        assert _wait(lambda: "visitor 1:" in log.read_text(), 8), log.read_text()
+    finally:
+        for p in (cli, web, srv):
+            if p is not None:
+                dlab.lab.stop(p)
     visits = [line for line in log.read_text().splitlines() if line.startswith("visitor")]
     assert visits and all(" b'' " in v for v in visits), f"a visitor got an answer through the tunnel: {visits}"
 
