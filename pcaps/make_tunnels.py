@@ -420,22 +420,29 @@ def _openvpn(mode: str) -> Callable[[Ctx], None]:
                   "for n in server client; do openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 "
                   "-nodes -subj /CN=$n -keyout $n.key -out $n.csr 2>/dev/null && openssl x509 -req -in $n.csr "
                   "-CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -out $n.crt 2>/dev/null; done && "
-                  "openvpn --genkey secret tc.key")  # fmt: skip
+                  "openvpn --genkey secret tc.key && openvpn --genkey secret ta.key && "
+                  "openvpn --genkey tls-crypt-v2-server v2srv.key && "
+                  "openvpn --tls-crypt-v2 v2srv.key --genkey tls-crypt-v2-client v2cli.key")  # fmt: skip
             subprocess.run(["sh", "-c", sh], check=True, timeout=60)
         proto = "tcp" if mode == "tcp" else "udp"
         common = ["--dev", "tun", "--port", "1194", "--ca", str(pki / "ca.crt"),
                   "--verb", "3", "--data-ciphers", "AES-256-GCM"]  # fmt: skip
-        extra = ["--tls-crypt", str(pki / "tc.key")] if mode == "tls-crypt" else []
+        extra = {
+            "tls-crypt": ["--tls-crypt", str(pki / "tc.key")],
+            "tls-auth": ["--tls-auth", str(pki / "ta.key")],
+        }.get(mode, [])
+        srv_extra = ["--tls-crypt-v2", str(pki / "v2srv.key")] if mode == "tls-crypt-v2" else extra
+        cli_extra = ["--tls-crypt-v2", str(pki / "v2cli.key")] if mode == "tls-crypt-v2" else extra
         srv = c.lab.spawn("inet", ["openvpn", "--mode", "server", "--tls-server", "--local", OVPN,
                                    "--ifconfig", "10.98.0.1", "10.98.0.2", "--proto",
                                    "tcp-server" if proto == "tcp" else "udp", "--cert", str(pki / "server.crt"),
-                                   "--key", str(pki / "server.key"), "--dh", "none", *common, *extra],
+                                   "--key", str(pki / "server.key"), "--dh", "none", *common, *srv_extra],
                           stdout=c.logfile(f"ovpn-srv-{mode}.log"), stderr=subprocess.STDOUT)  # fmt: skip
         _wait_port(c, "inet", 1194, udp=proto == "udp")
         cli = c.lab.spawn("node", ["openvpn", "--client", "--remote", OVPN, "--nobind", "--proto",
                                    "tcp-client" if proto == "tcp" else "udp", "--cert",
                                    str(pki / "client.crt"), "--key", str(pki / "client.key"),
-                                   "--pull-filter", "ignore", "route", *common, *extra],
+                                   "--pull-filter", "ignore", "route", *common, *cli_extra],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
         try:
             _wait_line(cli, "Peer Connection Initiated", 30, stream="stdout")
@@ -668,6 +675,8 @@ RECIPES: list[Recipe] = [
     Recipe("benign-ping", "icmp or icmp6", _ping, ("ping",)),
     Recipe("openvpn-udp", _h(OVPN), _openvpn("udp"), ("openvpn",)),
     Recipe("openvpn-udp-tls-crypt", _h(OVPN), _openvpn("tls-crypt"), ("openvpn",)),
+    Recipe("openvpn-udp-tls-auth", _h(OVPN), _openvpn("tls-auth"), ("openvpn",)),
+    Recipe("openvpn-udp-tls-crypt-v2", _h(OVPN), _openvpn("tls-crypt-v2"), ("openvpn",)),
     Recipe("openvpn-tcp", _h(OVPN), _openvpn("tcp"), ("openvpn",)),
     Recipe("wireguard-go", _h(WG), _wireguard_go, ("wireguard-go", "wg")),
     Recipe("ike-scan", _h(IKE), _ike_scan, ("ike-scan",)),
