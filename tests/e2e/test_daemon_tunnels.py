@@ -29,6 +29,7 @@ PEERS = str(REPO / "pcaps" / "tunnel_peers.py")
 LT = REPO / "build" / "lab-npm" / "node_modules" / ".bin" / "lt"
 SYS_PY = "/usr/bin/python3"
 LT_SRV = "203.0.113.70"
+WS_SRV = "203.0.113.71"
 DNS_TUN = "203.0.113.72"
 ICMP_SRV = "203.0.113.74"
 SSHD = SERVICES["ssh_evil"][0]
@@ -42,7 +43,7 @@ def _need(*tools: str) -> None:
 
 @pytest.fixture(scope="module")
 def extra_addrs(dlab: DaemonLab) -> None:
-    for a in (LT_SRV, DNS_TUN, ICMP_SRV):
+    for a in (LT_SRV, WS_SRV, DNS_TUN, ICMP_SRV):
         dlab.lab.run_inet(["ip", "addr", "add", f"{a}/32", "dev", "lo"], check=True)
 
 
@@ -116,6 +117,30 @@ def test_a_relay_sending_http_requests_down_the_nodes_connection_is_dropped(
                 dlab.lab.stop(p)
     visits = [line for line in log.read_text().splitlines() if line.startswith("visitor")]
     assert visits and all(" b'' " in v for v in visits), f"a visitor got an answer through the tunnel: {visits}"
+
+
+def test_ssh_inside_a_websocket_is_dropped_even_to_the_allowed_bastion(
+    dlab: DaemonLab, daemon: peers.Egressd, extra_addrs: None
+) -> None:
+    """OpenSSH through websockify (the wstunnel/chisel pattern) to the allowlisted bastion: the
+    WebSocket frames are decoded live, the SSH inside is found and the flow is dropped."""
+    _need("websockify")
+    bastion = SERVICES["ssh_allowed"][0]
+    ws = dlab.lab.spawn("inet", ["websockify", f"{WS_SRV}:8080", f"{bastion}:22"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert _wait(lambda: peers.listening(dlab.lab, "inet", 8080, addr=WS_SRV), 10), "websockify did not start"
+        proxy = f"ProxyCommand={SYS_PY} {PEERS} ws-pipe {WS_SRV} 8080"
+        p, _ = dlab.run(dlab.peers.ssh(bastion, "echo", "tunnel-ok", options=["-o", proxy]), timeout=30)
+        assert "tunnel-ok" not in p.stdout, p.stdout
+        evs = events_to(daemon, WS_SRV, 8080, timeout=5)
+        assert evs and evs[-1]["action"] == "blocked", evs
+        assert "tunnel.websocket" in evs[-1]["detections"] and "ssh" in evs[-1]["detections"], evs[-1]
+    finally:
+        dlab.lab.stop(ws)
+    # Without the WebSocket around it, the same SSH to the bastion is allowed.
+    p, _ = dlab.run(dlab.peers.ssh(bastion, "echo", "direct-ok"), timeout=30)
+    assert p.stdout.strip() == "direct-ok", p.stderr
 
 
 def test_iodine_dns_tunnel_is_dropped_and_ordinary_dns_resolves(
