@@ -401,6 +401,22 @@ def _ptunnel(c: Ctx) -> None:
         c.lab.stop(srv)
 
 
+def _ptunnel_udp(c: Ctx) -> None:
+    """ptunnel-ng --udp: the same protocol over UDP to the proxy's port 53."""
+    srv = c.lab.spawn("inet", ["ptunnel-ng", "--udp", f"-r{SSHD}", "-R22", "-v1", "-o/dev/stdout"],
+                      stdout=c.logfile("ptunnel-udp-srv.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    _wait_port(c, "inet", 53, udp=True)
+    cli = c.lab.spawn("node", ["ptunnel-ng", "--udp", "-p", ICMP_SRV, "-l2222", f"-r{SSHD}", "-R22", "-v1",
+                               "-o/dev/stdout"],
+                      stdout=c.logfile("ptunnel-udp-cli.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        _wait_port(c, "node", 2222)
+        _ssh_echo(c, "-p", "2222", host="127.0.0.1")
+    finally:
+        c.lab.stop(cli)
+        c.lab.stop(srv)
+
+
 def _ping(c: Ctx) -> None:
     c.node(["ping", "-c", "3", "-i", "0.2", ICMP_SRV])
     c.node(["ping", "-c", "2", "-i", "0.2", "-s", "1400", ICMP_SRV])
@@ -672,6 +688,7 @@ RECIPES: list[Recipe] = [
     Recipe("dns-dns2tcp", _h(DNS_TUN), _dns2tcp, ("dns2tcpc", "dns2tcpd")),
     Recipe("benign-dns-long-names", _h(DNS_BENIGN), _dns_benign, ("dig",)),
     Recipe("icmp-ptunnel-ng", _h(ICMP_SRV), _ptunnel, ("ptunnel-ng",)),
+    Recipe("dns-ptunnel-ng-udp", _h(ICMP_SRV), _ptunnel_udp, ("ptunnel-ng",)),
     Recipe("benign-ping", "icmp or icmp6", _ping, ("ping",)),
     Recipe("openvpn-udp", _h(OVPN), _openvpn("udp"), ("openvpn",)),
     Recipe("openvpn-udp-tls-crypt", _h(OVPN), _openvpn("tls-crypt"), ("openvpn",)),

@@ -528,3 +528,10 @@ def test_localtunnel_registration_names_the_tunnel_and_its_port_is_dropped_on_sy
     eng.feed(seg(40000, 80, 2, 1, req), 0.1)
     assert eng.feed(seg(80, 40000, 1, 2 + len(req), resp + body, rev=True), 0.2) == DROP
     assert eng.feed(seg(40001, 7000, 1, 0, b"", "S"), 0.3) == DROP  # the announced port, idle or not
+
+
+def test_ptunnel_udp_mode_on_port_53_is_not_dns_but_a_tunnel() -> None:
+    hdr = struct.pack("!IIIIIIHH", 0xDEADC0DE, 0xCB007114, 22, 1 << 30, 0xFFFF, 0, 0, 0xD9D4)
+    d = detect_non_dns(b"\x08\x00\x28\x9e\xd9\xd4\x00\x00" + hdr)  # ICMP echo header kept inside UDP
+    assert d is not None and d.kind == "tunnel.dns" and d.info["mode"] == "udp"
+    assert detect_non_dns(b"\x12\x34\x01\x00\x00\x01\x00\x00" + bytes(28)) is None  # a DNS-like header: no

@@ -38,6 +38,7 @@ from typing import Final
 
 from egressd.detect.base import TUNNEL_DNS, Detection, printable
 from egressd.detect.dns import tunnel_score, type_name
+from egressd.detect.icmp import classify_data
 
 DATA_SCORE: Final = 0.5  # a query whose name looks like encoded data (see tunnel_score)
 MIN_DATA_CHARS: Final = 48  # characters left of the zone before a name can count as data
@@ -175,7 +176,13 @@ class DnsTunnelTracker:
 
 
 def detect_non_dns(payload: bytes) -> Detection | None:
-    """A datagram on a DNS port that is a known tunnel's own framing, not DNS."""
+    """A datagram on a DNS port that is a known tunnel's own framing, not DNS: iodine's raw
+    mode, or ptunnel-ng's ``--udp`` mode (its ICMP framing, sent to the proxy's port 53)."""
+    # ptunnel-ng's UDP mode keeps the ICMP echo header (type 8/0, code 0, checksum, id, seq).
+    inner = payload[8:] if len(payload) >= 36 and payload[0] in (0, 8) and payload[1] == 0 else payload
+    pt = classify_data(inner)
+    if pt is not None and pt.info.get("tool", "").startswith("ptunnel"):
+        return Detection(TUNNEL_DNS, f"not DNS on port 53 but {pt.evidence}", info={**pt.info, "mode": "udp"})
     if len(payload) >= 4 and payload.startswith(_IODINE_RAW) and payload[3] >> 4 in _IODINE_RAW_CMDS:
         cmd = {1: "login", 2: "data", 3: "ping"}[payload[3] >> 4]
         return Detection(
