@@ -535,3 +535,31 @@ def test_ptunnel_udp_mode_on_port_53_is_not_dns_but_a_tunnel() -> None:
     d = detect_non_dns(b"\x08\x00\x28\x9e\xd9\xd4\x00\x00" + hdr)  # ICMP echo header kept inside UDP
     assert d is not None and d.kind == "tunnel.dns" and d.info["mode"] == "udp"
     assert detect_non_dns(b"\x12\x34\x01\x00\x00\x01\x00\x00" + bytes(28)) is None  # a DNS-like header: no
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=700), st.binary(max_size=700), st.booleans(), st.booleans())
+def test_new_stream_detectors_never_raise_and_keep_the_three_way_contract(
+    fwd: bytes, rev: bytes, fclosed: bool, rclosed: bool
+) -> None:
+    ctx = StreamContext(40000, 443, fwd_closed=fclosed, rev_closed=rclosed)
+    det = HttpTunnelDetector((("ssh", detect_ssh),))
+    for fn in (detect_reverse_http, WS, det, detect_tor, detect_unknown_encrypted, detect_stream):
+        for a, b in ((fwd, rev), (b"GET / HTTP/1.1\r\n\r\n" + fwd, b"HTTP/1.1 101 OK\r\n\r\n" + rev)):
+            r = fn(a, b, ctx)
+            assert r is NEED_MORE or r is NOT_THIS or isinstance(r, Detection)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 255), st.booleans())
+def test_new_datagram_and_echo_parsers_never_raise(payload: bytes, icmp_type: int, orig: bool) -> None:
+    from egressd.detect.tunnels import detect_ip_protocol
+
+    for proto in (4, 41, 47, 50, 51):
+        detect_ip_protocol(proto, payload)
+    detect_datagram(payload, orig, 3544, 1194)
+    detect_non_dns(payload)
+    classify_data(payload)
+    EchoState().feed(icmp_type, payload, orig)
+    name = payload.decode("latin-1").replace(".", "")[:60] + ".t.example.net"
+    DnsTunnelTracker().query(name, icmp_type, 0.0)
