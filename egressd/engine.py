@@ -35,7 +35,7 @@ from egressd.detect.dnstunnel import DnsTunnelTracker, detect_non_dns
 from egressd.detect.http_tunnel import HttpTunnelDetector
 from egressd.detect.icmp import ECHO_REQUESTS, EchoState
 from egressd.detect.proxy import detect_proxy
-from egressd.detect.reverse_http import detect_reverse_http
+from egressd.detect.reverse_http import detect_pagekite, detect_reverse_http
 from egressd.detect.ssh import detect_ssh
 from egressd.detect.stratum import detect_stratum
 from egressd.detect.tls import detect_tls
@@ -84,6 +84,7 @@ _RANK: Final = {"accept": 0, "alert": 1, "drop": 2}
 
 # Order matters only for the evidence shown first; every detector sees the same bytes.
 _PROTOCOL_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
+    ("pagekite", detect_pagekite),  # before "proxy": PageKite's tunnel opens with a CONNECT
     ("proxy", detect_proxy),
     ("ssh", detect_ssh),
     ("stratum", detect_stratum),
@@ -100,7 +101,7 @@ _TCP_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
     ("http-tunnel", HttpTunnelDetector(_PROTOCOL_DETECTORS)),
     ("unknown-encrypted", detect_unknown_encrypted),
 )
-_INNER_DETECTORS: Final = tuple(x for x in _TCP_DETECTORS if x[0] != "proxy")
+_INNER_DETECTORS: Final = tuple(x for x in _TCP_DETECTORS if x[0] not in ("proxy", "pagekite"))
 _DNS_STREAM: Final[tuple[str, StreamDetector]] = ("dns", detect_dns_stream)
 
 # How much a finding matters when several were made on one flow (the event names the top one).
@@ -419,6 +420,10 @@ class Engine:
                     flow.active_detectors = keep + list(_INNER_DETECTORS)
                     for n, _ in _INNER_DETECTORS:
                         self._forget(flow, n)
+                    if changed:  # a finding made before the wrapper (PageKite's CONNECT) counts now
+                        v = self._rejudge(flow, ts)
+                        if v is not None:
+                            return v
                     return self._detect(flow, ts)
         if flow.dport in _DNS_PORTS or flow.sport in _DNS_PORTS:
             changed |= self._tcp_dns(flow, fdata, rdata, ts)

@@ -59,7 +59,10 @@ WEB = "203.0.113.81"
 WG = "203.0.113.82"
 IKE = "203.0.113.83"
 OBFS4 = "203.0.113.84"
-EXTRA = (LT_SRV, WS_SRV, DNS_TUN, DNS_BENIGN, ICMP_SRV, OVPN, TINC, NEBULA, TOR, HTTPTUN, SS, WEB, WG, IKE, OBFS4)
+PAGEKITE = "203.0.113.85"
+EXTRA = (
+    LT_SRV, WS_SRV, DNS_TUN, DNS_BENIGN, ICMP_SRV, OVPN, TINC, NEBULA, TOR, HTTPTUN, SS, WEB, WG, IKE, OBFS4, PAGEKITE,
+)  # fmt: skip
 
 
 class MakeError(RuntimeError):
@@ -126,6 +129,28 @@ class Recipe:
     bpf: str
     run: Callable[[Ctx], None]
     tools: tuple[str, ...] = ()
+    # Keep only the TCP connection whose client's first bytes start so (a program that also
+    # opens side connections to the same peer, such as PageKite's front-end probes).
+    keep_flow: bytes = b""
+
+
+def keep_only(path: Path, prefix: bytes) -> None:
+    """Rewrite ``path`` with only the TCP connection whose client sent ``prefix`` first."""
+    from egressd.packet import PROTO_TCP, Packet, decode
+    from egressd.pcapio import Reader
+
+    port = 0
+    for _ts, raw in Reader(path):
+        p = decode(raw)
+        if isinstance(p, Packet) and p.proto == PROTO_TCP and p.payload.startswith(prefix):
+            port = p.sport
+            break
+    if not port:
+        raise MakeError(f"no connection starting with {prefix!r} in {path.name}")
+    tmp = path.with_suffix(".kept.pcap")
+    subprocess.run(["tcpdump", "-r", str(path), "-w", str(tmp), f"tcp port {port}"], check=True,
+                   capture_output=True, timeout=30)  # fmt: skip
+    tmp.replace(path)
 
 
 def _wait_port(c: Ctx, ns: str, port: int, udp: bool = False, timeout: float = 10.0) -> None:
@@ -200,6 +225,38 @@ def _ncat_relay(c: Ctx) -> None:
         for p in (cli, web, srv):
             if p is not None:
                 c.lab.stop(p)
+
+
+def _pagekite(c: Ctx) -> None:
+    """PageKite (Debian's pagekite): a front-end in the inet namespace, the node's back-end
+    exposing its local web server as node.kite.example.net, and one visitor."""
+    fe = c.lab.spawn("inet", ["pagekite", "--clean", "--nullui", "--nocrashreport", "--isfrontend", "--ports=8080",
+                              "--protos=http", "--domain=http:*.kite.example.net:labsecret", "--logfile=stdio"],
+                     stdout=c.logfile("pagekite-fe.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    web = c.lab.spawn("node", [SYS_PY, "-m", "http.server", "8000", "--bind", "127.0.0.1"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(c.tmp))  # fmt: skip
+    be = None
+    try:
+        _wait_port(c, "inet", 8080)
+        _wait_port(c, "node", 8000)
+        be = c.lab.spawn("node", ["pagekite", "--clean", "--nullui", "--nocrashreport", f"--frontend={PAGEKITE}:8080",
+                                  "--service_on=http:node.kite.example.net:127.0.0.1:8000:labsecret",
+                                  "--logfile=stdio"],
+                         stdout=c.logfile("pagekite-be.log"), stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + 20
+        while True:
+            p = c.lab.run_inet(["curl", "-sS", "--max-time", "3", "-H", "Host: node.kite.example.net",
+                                f"http://{PAGEKITE}:8080/", "-o", "/dev/null", "-w", "%{http_code}"])  # fmt: skip
+            if p.stdout == "200":
+                break
+            if time.monotonic() > deadline:
+                raise MakeError(f"no visitor got through PageKite: {p.stdout} {p.stderr}")
+            time.sleep(0.5)
+        time.sleep(0.5)
+    finally:
+        for proc in (be, web, fe):
+            if proc is not None:
+                c.lab.stop(proc)
 
 
 def _ws_pipe_listener(c: Ctx, port: int, ws_host: str, ws_port: int) -> subprocess.Popen[bytes]:
@@ -679,6 +736,7 @@ def _h(*addrs: str) -> str:
 RECIPES: list[Recipe] = [
     Recipe("reverse-http-localtunnel", _h(LT_SRV), _localtunnel, ("node",)),
     Recipe("reverse-http-ncat-relay", _h(LT_SRV), _ncat_relay, ("ncat",)),
+    Recipe("reverse-http-pagekite", _h(PAGEKITE), _pagekite, ("pagekite",), keep_flow=b"CONNECT PageKite:"),
     Recipe("websocket-ssh-websockify", _h(WS_SRV), _ws_ssh, ("websockify",)),
     Recipe("websocket-stratum-websockify", _h(WS_SRV), _ws_stratum, ("websockify", "socat")),
     Recipe("websocket-socks5-websockify", _h(WS_SRV), _ws_socks, ("websockify", "socat", "microsocks")),
@@ -805,6 +863,8 @@ def main(argv: list[str] | None = None) -> int:
             for attempt in (1, 2):  # real programs are sometimes slow to set up: one retry
                 try:
                     out = capture(c, r, dev)
+                    if r.keep_flow:
+                        keep_only(out, r.keep_flow)
                     if not args.no_check:
                         check(r.name, out)
                     break

@@ -563,3 +563,14 @@ def test_new_datagram_and_echo_parsers_never_raise(payload: bytes, icmp_type: in
     EchoState().feed(icmp_type, payload, orig)
     name = payload.decode("latin-1").replace(".", "")[:60] + ".t.example.net"
     DnsTunnelTracker().query(name, icmp_type, 0.0)
+
+
+def test_pagekite_backend_tunnel_is_named_before_the_proxy_detector_sees_a_connect() -> None:
+    from egressd.detect.reverse_http import detect_pagekite
+
+    req = b"CONNECT PageKite:1 HTTP/1.0\r\nX-PageKite-Features: AddKites\r\n"
+    req += b"X-PageKite: http:node.kite.example:abc:def\r\n\r\n"
+    d = detect_pagekite(req, b"", CTX)
+    assert isinstance(d, Detection) and d.kind == "tunnel.reverse-http" and "http:node.kite.example" in d.evidence
+    assert detect_pagekite(req[:20], b"", CTX) is NEED_MORE
+    assert detect_pagekite(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n", b"", CTX) is NOT_THIS

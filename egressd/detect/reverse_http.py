@@ -19,7 +19,8 @@ When the originator answers the relayed request (``HTTP/1.x NNN``) that is said 
 A tunnel nobody visits shows no relayed request, so the set-up is named as well where a tool
 has a fixed one: localtunnel's registration answer (JSON with the assigned ``port`` and
 ``max_conn_count``); the engine remembers the announced port, so the tunnel connections to it
-are dropped on their first packet.
+are dropped on their first packet. PageKite's back-end announces itself the same way, with
+the ``CONNECT PageKite:1`` request that opens its tunnel to the front-end.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ _METHODS: Final = frozenset(
     }
 )  # fmt: skip
 _H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_PAGEKITE: Final = b"CONNECT PageKite:"
 _LONGEST_METHOD: Final = max(len(m) for m in _METHODS) + 1
 
 
@@ -114,6 +116,39 @@ def _registration(rev: bytes, ctx: StreamContext) -> Result:
         f"(max_conn_count {printable(str(obj.get('max_conn_count')).encode(), 8)})",
         info=info,
     )
+
+
+def _pagekite(fwd: bytes) -> Detection:
+    """PageKite's back-end (``pagekite.py``, Debian's pagekite): its tunnel to a front-end
+    opens with ``CONNECT PageKite:1 HTTP/1.0`` and ``X-PageKite:`` headers naming the kites
+    (``proto:name:...``) whose visitors the front-end will send down this connection."""
+    kites: list[str] = []
+    for line in fwd[: fwd.find(b"\r\n\r\n", 0, MAX_LINE)].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"x-pagekite" and len(kites) < 4:
+            parts = value.strip().split(b":")
+            if len(parts) > 1:
+                kites.append(printable(b":".join(parts[:2]), 60))
+    what = ", ".join(kites) if kites else "kites not shown"
+    return Detection(
+        TUNNEL_REVERSE_HTTP,
+        f"PageKite back-end tunnel (CONNECT PageKite:1) for {what}: the front-end sends visitors' requests down it",
+        info={"tool": "pagekite"},
+    )
+
+
+def detect_pagekite(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
+    """A stream detector of its own: the engine runs it before the proxy detector, which
+    would otherwise take the CONNECT for a proxy request and look only past it."""
+    if not fwd:
+        return NOT_THIS if ctx.fwd_closed or rev else NEED_MORE
+    if not _PAGEKITE.startswith(fwd[: len(_PAGEKITE)]):
+        return NOT_THIS
+    if len(fwd) < len(_PAGEKITE) or (
+        b"\r\n\r\n" not in fwd[:MAX_LINE] and not (ctx.fwd_closed or ctx.fwd_full or len(fwd) >= MAX_LINE)
+    ):
+        return NOT_THIS if ctx.fwd_closed or ctx.fwd_full else NEED_MORE
+    return _pagekite(fwd)
 
 
 def detect_reverse_http(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
