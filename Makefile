@@ -72,6 +72,7 @@ test-fast: venv
 bench: setup
 	$(PY) bench/replay.py
 	$(PY) bench/live.py
+	$(PY) bench/guard.py
 
 pcaps: setup lab-deps
 	$(PY) pcaps/make.py

@@ -27,7 +27,7 @@ from egressd.detect.tor import detect_tor, tor_like_name
 from egressd.detect.tunnels import detect_datagram, detect_stream
 from egressd.detect.unknown_encrypted import detect_unknown_encrypted, looks_random
 from egressd.detect.websocket import WebSocketDetector
-from egressd.engine import ACCEPT_PIN, DROP, Engine
+from egressd.engine import PIN_ALLOW, PIN_DENY, Engine
 from egressd.paths import default_policy
 from egressd.policy import load_policy
 
@@ -225,10 +225,10 @@ def test_engine_drops_a_dns_tunnel_on_one_socket_and_a_later_socket_at_once() ->
         q = IP(src="198.51.100.2", dst="203.0.113.53") / UDP(sport=41000, dport=53)
         q /= DNS(id=i, qd=DNSQR(qname=f"{b32(60)}.{b32(50)}.t.tun.example.net", qtype=10))
         verdicts.append(eng.feed(bytes(q), 1.0 + i))
-    assert verdicts[-1] == DROP or DROP in verdicts
+    assert verdicts[-1] == PIN_DENY or PIN_DENY in verdicts
     q = IP(src="198.51.100.2", dst="203.0.113.53") / UDP(sport=41001, dport=53)
     q /= DNS(id=9, qd=DNSQR(qname="v.t.tun.example.net", qtype=1))
-    assert eng.feed(bytes(q), 9.0) == DROP
+    assert eng.feed(bytes(q), 9.0) == PIN_DENY
 
 
 # -- ICMP ------------------------------------------------------------------------------------------
@@ -288,9 +288,9 @@ def test_engine_pins_a_ping_and_drops_a_ptunnel_flow() -> None:
         v.append(
             eng.feed(bytes(IP(src="203.0.113.74", dst="198.51.100.2") / ICMP(type=0, id=5, seq=seq) / PING_DATA), seq)
         )
-    assert v[-1] == ACCEPT_PIN and DROP not in v
+    assert v[-1] == PIN_ALLOW and PIN_DENY not in v
     hdr = struct.pack("!IIIIIIHH", 0xDEADC0DE, 0xCB007114, 22, 1 << 30, 0, 0, 0, 9)
-    assert eng.feed(bytes(IP(src="198.51.100.2", dst="203.0.113.74") / ICMP(id=6) / hdr), 9.0) == DROP
+    assert eng.feed(bytes(IP(src="198.51.100.2", dst="203.0.113.74") / ICMP(id=6) / hdr), 9.0) == PIN_DENY
 
 
 # -- VPNs, Tor, fully encrypted ------------------------------------------------------------------
@@ -417,7 +417,7 @@ def test_tinc_udp_data_is_named_after_its_meta_connection() -> None:
 
     eng = Engine(load_policy(default_policy()))
     udp = bytes(IP(src="198.51.100.2", dst="203.0.113.76") / UDP(sport=655, dport=655) / os.urandom(120))
-    assert eng.feed(udp, 0.0) == ACCEPT_PIN  # before any meta connection: nothing to tell
+    assert eng.feed(udp, 0.0) == PIN_ALLOW  # before any meta connection: nothing to tell
     syn = IP(src="198.51.100.2", dst="203.0.113.76") / TCP(sport=40000, dport=655, flags="S", seq=100)
     eng.feed(bytes(syn), 1.0)
     idl = IP(src="198.51.100.2", dst="203.0.113.76") / TCP(sport=40000, dport=655, flags="PA", seq=101, ack=1)
@@ -526,8 +526,8 @@ def test_localtunnel_registration_names_the_tunnel_and_its_port_is_dropped_on_sy
     req = b"GET /?new HTTP/1.1\r\nHost: lt.example\r\n\r\n"
     eng.feed(seg(40000, 80, 1, 0, b"", "S"), 0.0)
     eng.feed(seg(40000, 80, 2, 1, req), 0.1)
-    assert eng.feed(seg(80, 40000, 1, 2 + len(req), resp + body, rev=True), 0.2) == DROP
-    assert eng.feed(seg(40001, 7000, 1, 0, b"", "S"), 0.3) == DROP  # the announced port, idle or not
+    assert eng.feed(seg(80, 40000, 1, 2 + len(req), resp + body, rev=True), 0.2) == PIN_DENY
+    assert eng.feed(seg(40001, 7000, 1, 0, b"", "S"), 0.3) == PIN_DENY  # the announced port, idle or not
 
 
 def test_ptunnel_udp_mode_on_port_53_is_not_dns_but_a_tunnel() -> None:
@@ -574,3 +574,16 @@ def test_pagekite_backend_tunnel_is_named_before_the_proxy_detector_sees_a_conne
     assert isinstance(d, Detection) and d.kind == "tunnel.reverse-http" and "http:node.kite.example" in d.evidence
     assert detect_pagekite(req[:20], b"", CTX) is NEED_MORE
     assert detect_pagekite(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n", b"", CTX) is NOT_THIS
+
+
+# -- the per-query score (moved here from detect/dns.py with the tracker that uses it) -----------
+def test_tunnel_score_ranks_encoded_names_above_ordinary_ones() -> None:
+    from egressd.detect.dns import TYPE_A, TYPE_NULL
+    from egressd.detect.dnstunnel import tunnel_score
+
+    iodine_like = "0rbvhmkqf3xujy5dt2cvn7aiqzg8pwlre4ko1sbx6mhn9tdyu2vjcqa5fiw3.lpx7r2k.t.example.org"
+    dnscat_like = "dnscat.9f2c01f500b5e6a4c7d00219ab3e44f01c6d7a8e9b2f3041.5c6d7e8f90a1b2c3d4e5f6a7b8c9d0e1f2a3b4.x.com"
+    assert tunnel_score(iodine_like, TYPE_NULL) > 0.8
+    for ordinary in ("www.example.com", "a1234.dscb.akamaiedge.net", "login.microsoftonline.com", "example.com"):
+        assert tunnel_score(ordinary, TYPE_A) < 0.2, ordinary
+    assert tunnel_score(dnscat_like, TYPE_A) > tunnel_score("api.github.com", TYPE_A) + 0.4
