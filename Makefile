@@ -10,7 +10,7 @@ STAMP := build/.stamps
 APT_PACKAGES := python3 python3-venv python3-dev build-essential libnetfilter-queue-dev \
 	iptables nftables conntrack iproute2 iputils-ping kmod procps \
 	openssh-server openssh-client openssl curl ncat socat microsocks dnsmasq-base dnsutils \
-	tcpdump iperf3 libndpi-bin systemd
+	tcpdump iperf3 libndpi-bin systemd chromium
 
 # Real tunnel programs for pcaps/make_tunnels.py and tests/e2e/test_daemon_tunnels.py (Debian 12),
 # and localtunnel's client from npm (installed into build/lab-npm, not system-wide).
