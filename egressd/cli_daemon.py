@@ -47,6 +47,18 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="IFACE",
         help="judge forwarded traffic only from these container-side interfaces (iptables wildcards, e.g. veth+)",
     )
+    p.add_argument(
+        "--no-attribution",
+        action="store_true",
+        help="do not name the process, container and GPU behind each event (docs/attribution.md)",
+    )
+    p.add_argument(
+        "--attribution-timeout",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="longest an event waits for its attribution before it is written without (default %(default)s)",
+    )
     p.set_defaults(handler=cmd_run)
 
     r = sub.add_parser(
@@ -102,6 +114,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         install_rules=not args.no_rules,
         forward_ifaces=tuple(args.forward_iface),
+        attribution=not args.no_attribution,
+        attribution_timeout=min(max(args.attribution_timeout, 0.01), 10.0),
     )
     return run(opts)
 

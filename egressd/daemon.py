@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from egressd import netfilter, nfq, procstats, sdnotify
+from egressd.attribution.sink import AttributedSink  # issue 8
 from egressd.engine import ACCEPT, ACCEPT_PIN, ACCEPT_PLAIN, DIR_ORIGINAL, DIR_REPLY, Engine
 from egressd.eventlog import EventLog
 from egressd.policy import Policy, PolicyError, load_policy
@@ -55,6 +56,8 @@ class Options:
     metrics: str | None = None  # "127.0.0.1:9713"
     install_rules: bool = True
     forward_ifaces: tuple[str, ...] = ()
+    attribution: bool = True  # issue 8: name the process/container/GPU behind each event
+    attribution_timeout: float = 0.5
 
 
 class Daemon:
@@ -81,13 +84,20 @@ class Daemon:
         self._queue: nfq.Queue | None = None
         self._rules_installed = False
         self._servers: list[asyncio.AbstractServer] = []
+        # -- attribution (issue 8): events go through the sink, which names who is behind them
+        self.who: AttributedSink | None = None
+        if opts.attribution:
+            self.who = AttributedSink(self.log, opts.attribution_timeout)
 
     # -- the packet path -----------------------------------------------------------------
     def _on_packet(self, pkt: Any) -> None:
         """netfilterqueue calls this per packet; it must end in exactly one verdict."""
         mark = pkt.get_mark()
-        v = self.engine.feed(pkt.get_payload(), self._now, DIR_REPLY if mark & netfilter.MARK_REPLY else DIR_ORIGINAL)
+        data = pkt.get_payload()
+        v = self.engine.feed(data, self._now, DIR_REPLY if mark & netfilter.MARK_REPLY else DIR_ORIGINAL)
         if v == ACCEPT:
+            if self.who is not None:  # a fresh flow: name its process while it surely exists
+                self.who.attributor.prefetch(data, bool(mark & netfilter.MARK_REPLY))
             pkt.set_mark(netfilter.with_verdict(mark, netfilter.MARK_SEEN))
         elif v == ACCEPT_PLAIN:
             pkt.accept()
@@ -97,7 +107,9 @@ class Daemon:
         else:
             # Write the alert before the verdict reaches the kernel: the peer learns of the
             # drop from the reset, and whatever happens to us next, the reason is on disk.
-            self._drain_events()
+            # (With attribution the event waits for it, bounded; the dropped flow's socket is
+            # looked up before the verdict resets it: see egressd.attribution.service.)
+            self._drain_events(reply_drop=bool(mark & netfilter.MARK_REPLY))
             pkt.set_mark(netfilter.with_verdict(mark, netfilter.MARK_DENY))
         pkt.repeat()
 
@@ -116,9 +128,11 @@ class Daemon:
                 self.lat_max_ns = dt // n
         self._drain_events()
 
-    def _drain_events(self) -> None:
+    def _drain_events(self, reply_drop: bool = False) -> None:
         evs = self.engine.events
-        if evs:
+        if evs and self.who is not None:
+            self.who.take(evs, self.policy, reply_drop)
+        elif evs:
             while evs:
                 self.log.write(evs.popleft())
             self.log.flush()
@@ -180,6 +194,8 @@ class Daemon:
             self._now = now
             self.engine.sweep(now)
             self._drain_events()
+            if self.who is not None:
+                self.who.flush()
             self.log.check_rotation()
             with contextlib.suppress(OSError):
                 self.kernel = procstats.find(procstats.read(), self.queue_num)
@@ -241,6 +257,7 @@ class Daemon:
                 "errors": self.log.errors,
                 "last_error": self.log.last_error,
             },
+            "attribution": None if self.who is None else self.who.attributor.status(),
         }
 
     async def _serve_status(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -288,6 +305,8 @@ class Daemon:
                 self._queue.close()
                 raise
         loop.add_reader(self._queue.fileno(), self._readable)
+        if self.who is not None:
+            self.who.start(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -335,6 +354,8 @@ class Daemon:
             self._queue.close()
             self.engine.finish(time.time())
             self._drain_events()
+            if self.who is not None:
+                self.who.close()
             self.log.close()
             if self.opts.status_socket:
                 with contextlib.suppress(OSError):

@@ -1,0 +1,121 @@
+"""Between the engine's events and the event log: attribution, in order, never blocking.
+
+The daemon hands every event here instead of writing it. Each becomes a :class:`Pending` on
+the attribution worker; the sink writes events in the order the engine made them, each as
+soon as it and every event before it are attributed or past their deadline — so a slow
+``/proc`` delays the log by at most ``timeout``, and never a verdict. Responses (freeze,
+kill) are written as events of their own right after the event that caused them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any
+
+from egressd.attribution.service import Attributor, Pending, apply
+from egressd.eventlog import EventLog
+from egressd.events import Event
+
+
+class ResponseEvent(Event):
+    """``event_type: response``: what a ``respond:`` did (or why it refused), for one flow."""
+
+    @property
+    def event_type(self) -> str:
+        return "response"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = Event.to_dict(self)
+        d["event_type"] = "response"
+        d.pop("alert", None)
+        return d
+
+
+def response_event(ev: Event, resp: dict[str, Any]) -> ResponseEvent:
+    r = ResponseEvent(
+        time.time(), ev.flow_id, ev.src_ip, ev.src_port, ev.dest_ip, ev.dest_port, ev.proto,
+        ev.verdict, ev.action, ev.rule, ev.rule_description, "response", ev.mode,
+    )  # fmt: skip
+    r.process = ev.process
+    r.extra = {"response": resp}
+    if ev.extra and "container" in ev.extra:
+        r.extra["container"] = ev.extra["container"]
+    return r
+
+
+class AttributedSink:
+    def __init__(self, log: EventLog, timeout: float = 0.5) -> None:
+        self.log = log
+        self.timeout = timeout
+        self.pending: deque[Pending] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduled = False
+        self.attributor = Attributor(self._wakeup, timeout)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.attributor.start()
+
+    def _wakeup(self) -> None:
+        """From the worker: ask the loop to flush (coalesced: one call in flight at most)."""
+        loop = self._loop
+        if loop is not None and not self._scheduled:
+            self._scheduled = True
+            try:
+                loop.call_soon_threadsafe(self.flush)
+            except RuntimeError:  # the loop is closing
+                self._scheduled = False
+
+    def take(self, events: deque[Event], policy: Any, reply_drop: bool = False) -> None:
+        """Move the engine's new events in. ``reply_drop``: the packet being dropped is a
+        reply, so the local socket of a blocked flow is to be destroyed."""
+        a = self.attributor
+        while events:
+            ev = events.popleft()
+            blocked = ev.action == "blocked"
+            if blocked:
+                a.socket_now(ev)
+            self.pending.append(a.submit(ev, policy, destroy=reply_drop and blocked))
+        a.kick()
+
+    def flush(self, final: bool = False) -> None:
+        """Write every event at the head that is attributed or out of time."""
+        self._scheduled = False
+        now = time.monotonic()
+        wrote = False
+        q = self.pending
+        while q:
+            p = q[0]
+            late = not p.done and (final or now >= p.deadline)
+            if not p.done and not late:
+                break
+            q.popleft()
+            if late:
+                self.attributor.timeouts += 1
+            ev = apply(p, late)
+            if p.who is not None and not late:
+                self.attributor.count(p.who)
+            else:
+                self.attributor.unknown += 1
+            self.log.write(ev)
+            for resp in p.responses if not late else []:
+                self.log.write(response_event(ev, resp))
+            wrote = True
+        if wrote:
+            self.log.flush()
+        if q and self._loop is not None and not final:
+            self._loop.call_later(max(0.01, q[0].deadline - now), self._timer)
+
+    def _timer(self) -> None:
+        if not self._scheduled:
+            self.flush()
+
+    def close(self) -> None:
+        """At shutdown: give the worker its timeout to finish, then write everything."""
+        end = time.monotonic() + self.timeout
+        while self.pending and not all(p.done for p in self.pending) and time.monotonic() < end:
+            time.sleep(0.01)
+        self.flush(final=True)
+        self.attributor.stop()

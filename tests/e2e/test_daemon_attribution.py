@@ -1,0 +1,237 @@
+"""Who did it: the live daemon names the process, its container or pod, and the GPU it holds.
+
+Real processes on the real kernel: a miner client run as uid 4242 inside cgroups laid out
+like a Docker container and a Kubernetes pod (created under the v2 tree and removed after),
+one holding an fd on an NVIDIA device path (a file bind-mounted at /dev/nvidia3 in a private
+mount namespace), one in a pod network namespace routed through the node (FORWARD). Each
+alert must name the exact pid, uid, container id / pod UID and device.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from attribution_lab import (
+    CLIENT_UID,
+    MINER,
+    SYSTEM_PY,
+    Cgroups,
+    as_client,
+    in_cgroup,
+    start_client,
+    start_daemon_nsenter,
+    with_fake_gpu,
+)
+from daemon_fixtures import NEEDS_KERNEL, policy_copy
+
+from egressd import netfilter
+from egressd.lab import peers
+from egressd.lab.netns import SERVICES, Lab
+
+pytestmark = [*NEEDS_KERNEL, pytest.mark.skipif(shutil.which("nsenter") is None, reason="needs nsenter")]
+
+POOL = SERVICES["pool"][0]
+EVIL_SSH = SERVICES["ssh_evil"][0]
+POD_V4, POD_NODE_V4 = "203.0.113.130", "203.0.113.129"  # 203.0.113.128/26: no service address
+
+
+class World:
+    def __init__(self, lab: Lab, tmp: Path, cg: Cgroups, pod_ns: str) -> None:
+        self.lab = lab
+        self.tmp = tmp
+        self.cg = cg
+        self.pod_ns = pod_ns
+        self.daemons: list[peers.Egressd] = []
+
+    def daemon(self, policy: Path | None = None) -> peers.Egressd:
+        pol = policy or policy_copy(self.tmp)
+        d = start_daemon_nsenter(self.lab, self.tmp, pol, f"attr{len(self.daemons)}")
+        self.daemons.append(d)
+        return d
+
+    def stop_daemons(self) -> None:
+        for d in self.daemons:
+            d.stop(signal.SIGTERM)
+        self.daemons.clear()
+        netfilter.remove(netns=self.lab.node)
+
+
+def _sh(*argv: str) -> None:
+    subprocess.run(list(argv), check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    tmp = Path(tempfile.mkdtemp(prefix="egressd-attr-"))
+    os.chmod(tmp, 0o755)
+    lab = Lab(f"at{os.getpid() % 100000}")
+    cg: Cgroups | None = None
+    pod = f"{lab.prefix}-pod"
+    try:
+        lab.create()
+        peers.start_pool(lab, tmp, "v1", POOL, 3333, idle_timeout=3.0)
+        keys = peers.make_ssh_keys(tmp)
+        peers.start_sshd(lab, tmp, keys, [(EVIL_SSH, 22)], name="sshd-attr")
+        # A pod network namespace routed (and masqueraded) through the node, with a "pause"
+        # process in it as Kubernetes has, so the namespace exists before any flow.
+        dev_n, dev_p = f"{lab.prefix[:6]}p0", f"{lab.prefix[:6]}p1"
+        _sh("ip", "netns", "add", pod)
+        n, p = ["ip", "netns", "exec", lab.node], ["ip", "netns", "exec", pod]
+        _sh("ip", "link", "add", dev_n, "netns", lab.node, "type", "veth", "peer", dev_p, "netns", pod)
+        for ns, dev in ((n, dev_n), (p, dev_p)):
+            _sh(*ns, "ip", "link", "set", "lo", "up")
+            _sh(*ns, "ip", "link", "set", dev, "up")
+        _sh(*n, "ip", "addr", "add", f"{POD_NODE_V4}/26", "dev", dev_n)
+        _sh(*p, "ip", "addr", "add", f"{POD_V4}/26", "dev", dev_p)
+        _sh(*p, "ip", "route", "add", "default", "via", POD_NODE_V4)
+        _sh(*n, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        _sh(*n, "iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-s", f"{POD_V4}/26", "-j", "MASQUERADE")
+        pause = subprocess.Popen(["nsenter", f"--net=/run/netns/{pod}", "sleep", "600"], start_new_session=True)
+        lab.procs.append(pause)  # type: ignore[arg-type]
+        cg = Cgroups.create()
+        w = World(lab, tmp, cg, pod)
+        yield w
+        w.stop_daemons()
+    finally:
+        lab.close()
+        subprocess.run(["ip", "netns", "del", pod], capture_output=True, check=False)
+        if cg is not None:
+            cg.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def daemon(world: World) -> peers.Egressd:
+    """One daemon on the shipped default policy for the attribution tests of this module."""
+    return world.daemon()
+
+
+def _dump(d: peers.Egressd) -> None:
+    import json
+    for e in d.events():
+        print("EVT", json.dumps({k: e.get(k) for k in ("src_ip", "dest_ip", "dest_port", "rule", "reason", "process", "container")}))
+
+
+def _event(d: peers.Egressd, sport: int | None, dest: str, port: int, timeout: float = 4.0) -> dict[str, Any]:
+    got = d.wait_events(
+        lambda e: e["dest_ip"] == dest
+        and e["dest_port"] == port
+        and e.get("event_type") != "response"
+        and (sport is None or e["src_port"] == sport),
+        timeout,
+    )
+    assert got, f"no event for a flow to {dest}:{port}; events: {d.events()[-5:]}"
+    return got[0]
+
+
+def _miner(w: World, cgroup: str, *extra: str, netns: str | None = None, mode: str = "stratum") -> list[str]:
+    argv = [SYSTEM_PY, "-c", MINER, POOL, "3333", mode, *extra]
+    return in_cgroup(w.cg.mount, cgroup, as_client(netns or w.lab.node, argv))
+
+
+def _flows_of(d: peers.Egressd, pid: int, timeout: float = 4.0) -> list[dict[str, Any]]:
+    """The events (not responses) naming process ``pid``, once there is one (bounded wait)."""
+    return d.wait_events(
+        lambda e: e.get("process", {}).get("pid") == pid and e.get("event_type") != "response", timeout
+    )
+
+
+def test_docker_container_client_alert_names_pid_uid_and_container(world: World, daemon: peers.Egressd) -> None:
+    path, cid = world.cg.docker()
+    c = start_client(_miner(world, path))
+    try:
+        assert c.report["result"] in ("ECONNRESET", "ECONNREFUSED"), c.report
+        (ev,) = _flows_of(daemon, c.report["pid"])
+        assert (ev["rule"], ev["action"], ev["event_type"]) == ("drop-mining", "blocked", "alert")
+        proc = ev["process"]
+        assert proc["pid"] == c.proc.pid == c.report["pid"]
+        assert (proc["uid"], proc["name"]) == (CLIENT_UID, "python3")
+        assert proc["executable"].startswith("/usr/bin/python3")
+        cmd = proc["command_line"]
+        assert cmd.startswith(f"{SYSTEM_PY} -c ") and len(cmd) <= 1024, cmd
+        assert cmd.endswith(f"{POOL} 3333 stratum") or cmd.endswith("…"), cmd
+        assert proc["cgroup"] == path
+        assert proc["ppid"] > 1
+        assert ev["container"] == {"id": cid, "runtime": "docker"}
+        assert "gpu" not in ev
+    finally:
+        c.finish()
+
+
+def test_kubernetes_pod_client_alert_names_pod_uid_and_container(world: World, daemon: peers.Egressd) -> None:
+    path, pod, cid = world.cg.kubepod()
+    c = start_client(_miner(world, path))
+    try:
+        (ev,) = _flows_of(daemon, c.report["pid"]) or [{}]
+        assert ev.get("rule") == "drop-mining", daemon.events()[-3:]
+        assert ev["process"]["uid"] == CLIENT_UID
+        assert ev["container"] == {"id": cid, "runtime": "containerd", "pod_uid": pod}
+        assert ev["process"]["unit"] == f"cri-containerd-{cid}.scope"
+    finally:
+        c.finish()
+
+
+def test_gpu_holding_miner_names_the_device_at_top_severity(world: World, daemon: peers.Egressd) -> None:
+    path, cid = world.cg.docker()
+    backing = world.tmp / "fake-gpu"
+    backing.write_bytes(b"")
+    argv = [SYSTEM_PY, "-c", MINER, POOL, "3333", "stratum", "/dev/nvidia3"]
+    c = start_client(in_cgroup(world.cg.mount, path, with_fake_gpu("/dev/nvidia3", backing, as_client(world.lab.node, argv))))
+    try:
+        (ev,) = _flows_of(daemon, c.report["pid"]) or [{}]
+        assert ev.get("rule") == "drop-mining", daemon.events()[-3:]
+        assert ev["gpu"]["devices"] == ["/dev/nvidia3"]
+        assert ev["gpu"]["source"] == "proc-fd" and ev["gpu"]["held_by"] == "process"
+        assert ev["container"]["id"] == cid
+        assert ev["alert"]["severity"] == 1
+        assert ev["who_rule"] == "gpu-mining-or-tunnel"
+    finally:
+        c.finish()
+
+
+def test_pod_network_namespace_client_forwarded_through_the_node_is_attributed(
+    world: World, daemon: peers.Egressd
+) -> None:
+    path, pod, cid = world.cg.kubepod()
+    c = start_client(_miner(world, path, netns=world.pod_ns))
+    try:
+        assert c.report["result"] in ("ECONNRESET", "ECONNREFUSED"), c.report
+        ev = _event(daemon, None, POOL, 3333)
+        evs = [e for e in daemon.events() if e["src_ip"] == POD_V4 and e["dest_port"] == 3333]
+        assert len(evs) == 1, (c.report, daemon.events()[-3:])
+        ev = evs[0]
+        _dump(daemon)
+        assert ev["rule"] == "drop-mining"
+        assert ev["process"]["pid"] == c.report["pid"]
+        assert ev["process"]["uid"] == CLIENT_UID
+        assert ev["container"] == {"id": cid, "runtime": "containerd", "pod_uid": pod}
+    finally:
+        c.finish()
+
+
+def test_process_that_exits_right_after_connecting_event_says_what_was_found(
+    world: World, daemon: peers.Egressd
+) -> None:
+    path, cid = world.cg.docker()
+    p = subprocess.run(_miner(world, path, mode="exit"), capture_output=True, text=True, timeout=15)
+    assert p.returncode == 0, p.stderr
+    evs = daemon.wait_events(
+        lambda e: e["dest_ip"] == POOL and e.get("container", {}).get("id") == cid, timeout=4.0
+    )
+    _dump(daemon)
+    assert len(evs) == 1
+    proc = evs[0]["process"]
+    # The process is gone: no pid, and a reason; what the socket and cgroup still say is there.
+    assert evs[0]["rule"] == "drop-mining"
+    assert "pid" not in proc and "exited" in proc["unknown"], proc
+    assert proc["uid"] == CLIENT_UID and proc["cgroup"] == path
+    assert evs[0]["container"] == {"id": cid, "runtime": "docker"}
