@@ -99,6 +99,7 @@ class Event:
     bytes: int = 0
     process: dict[str, Any] | None = None
     extra: dict[str, Any] | None = None
+    severity: int = 0  # issue 8: set by a rule's 'severity:' (0 = the detection's own)
 
     @property
     def event_type(self) -> str:
@@ -137,7 +138,7 @@ class Event:
             d["alert"] = {
                 "signature": f"egressd {self.rule}: {kind}",
                 "category": category_of(kind),
-                "severity": severity_of(kind),
+                "severity": self.severity or severity_of(kind),
                 "action": self.action,
             }
         if self.process is not None:

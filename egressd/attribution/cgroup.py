@@ -151,19 +151,22 @@ def procs(mount: str, path: str, limit: int = MAX_PROCS) -> list[int]:
 class CgroupIndex:
     """cgroup id (what sock_diag reports) -> path. On a 64-bit kernel the id is the inode
     number of the cgroup's directory in the v2 hierarchy; the tree is walked once and again
-    on a miss, at most every ``rewalk`` seconds (a new container's cgroup appears later)."""
+    on a miss (a new container's cgroup appears later) — but a walk starts only when the
+    time since the last one is ``share`` times what that walk took, so misses cost the
+    worker at most 1/share of its time (a walk of this host's tree: about a millisecond)."""
 
-    def __init__(self, mount: str | None, rewalk: float = 0.1) -> None:
+    def __init__(self, mount: str | None, share: float = 10.0) -> None:
         self.mount = mount
-        self.rewalk = rewalk
+        self.share = share
         self._paths: dict[int, str] = {}
         self._walked = -1e18
+        self._took = 0.0
 
     def path(self, cgroup_id: int) -> str | None:
         if self.mount is None or cgroup_id <= 0:
             return None
         p = self._paths.get(cgroup_id)
-        if p is None and time.monotonic() - self._walked >= self.rewalk:
+        if p is None and time.monotonic() - self._walked >= self.share * self._took:
             self._walk()
             p = self._paths.get(cgroup_id)
         return p
@@ -192,3 +195,4 @@ class CgroupIndex:
             except OSError:
                 continue
         self._paths = paths
+        self._took = time.monotonic() - self._walked

@@ -416,5 +416,14 @@ def apply(p: Pending, timed_out: bool) -> Event:
         extra["gpu"] = who.gpu
     if p.local_socket is not None:
         extra["local_socket"] = p.local_socket
+    rule = p.who_rule if p.done else None
+    if rule is not None:
+        # A rule on who is behind the flow held: it names itself, may raise the severity and
+        # turns an accepted flow's record into an alert (the verdict itself is unchanged).
+        extra["who_rule"] = rule.name
+        if rule.severity:
+            ev.severity = rule.severity
+        if ev.verdict == "accept":
+            ev.verdict = "alert"
     ev.extra = extra or None
     return ev

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 from egressd.policy.matchers import DomainSet, Match
+
+if TYPE_CHECKING:
+    from egressd.events import Event
+    from egressd.policy.who import WhoMatch
 
 ACTIONS: Final = ("accept", "drop", "alert")
 MODES: Final = ("enforce", "monitor")
@@ -124,6 +128,10 @@ class Rule:
     file: str
     line: int
     decision: Decision
+    # -- issue 8: who-conditions (egressd.policy.who), containment, severity override
+    who: WhoMatch | None = None
+    respond: str = ""  # "" | "freeze" | "kill"
+    severity: int = 0  # 0: the detection's own EVE severity
 
 
 class Policy:
@@ -134,6 +142,7 @@ class Policy:
         "_default_decision",
         "_needs_addr",
         "default",
+        "who_rules",
         "fail",
         "files",
         "mode",
@@ -168,9 +177,11 @@ class Policy:
         self.on_error = on_error
         self.settings = settings if settings is not None else Settings()
         self.pool_domains = pool_domains if pool_domains is not None else DomainSet()
-        self.rules = rules
+        # Rules on who is behind a flow are judged after attribution, never for a verdict.
+        self.rules = tuple(r for r in rules if r.who is None)
+        self.who_rules = tuple(r for r in rules if r.who is not None)
         self._default_decision = Decision(default, "default", "")
-        self._needs_addr = any(r.match.uses_address for r in rules)
+        self._needs_addr = any(r.match.uses_address for r in self.rules)
         self._by_name = {r.name: r for r in rules}
 
     def judge(self, facts: FlowFacts) -> Decision:
@@ -219,6 +230,12 @@ class Policy:
     def needs_detection(self) -> bool:
         """True when some rule looks at detections; when False the first judgment is final."""
         return any(r.match.uses_detection for r in self.rules)
+
+    def judge_who(self, ev: Event, who: dict[str, Any]) -> Rule | None:
+        """The first who-rule that holds for an attributed event (egressd.policy.who)."""
+        from egressd.policy.who import judge_who
+
+        return judge_who(self.who_rules, ev, who)
 
     def rule(self, name: str) -> Rule | None:
         """The rule called ``name`` (for explaining a decision), or None."""

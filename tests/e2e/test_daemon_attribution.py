@@ -205,11 +205,9 @@ def test_pod_network_namespace_client_forwarded_through_the_node_is_attributed(
     c = start_client(_miner(world, path, netns=world.pod_ns))
     try:
         assert c.report["result"] in ("ECONNRESET", "ECONNREFUSED"), c.report
-        ev = _event(daemon, None, POOL, 3333)
-        evs = [e for e in daemon.events() if e["src_ip"] == POD_V4 and e["dest_port"] == 3333]
+        evs = daemon.wait_events(lambda e: e["src_ip"] == POD_V4 and e["dest_port"] == 3333, timeout=4.0)
         assert len(evs) == 1, (c.report, daemon.events()[-3:])
         ev = evs[0]
-        _dump(daemon)
         assert ev["rule"] == "drop-mining"
         assert ev["process"]["pid"] == c.report["pid"]
         assert ev["process"]["uid"] == CLIENT_UID
@@ -227,8 +225,7 @@ def test_process_that_exits_right_after_connecting_event_says_what_was_found(
     evs = daemon.wait_events(
         lambda e: e["dest_ip"] == POOL and e.get("container", {}).get("id") == cid, timeout=4.0
     )
-    _dump(daemon)
-    assert len(evs) == 1
+    assert len(evs) == 1, daemon.events()[-2:]
     proc = evs[0]["process"]
     # The process is gone: no pid, and a reason; what the socket and cgroup still say is there.
     assert evs[0]["rule"] == "drop-mining"
