@@ -101,7 +101,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             # validate() accepts a file of lists only (rules/lists/*.yaml); it is not a policy.
             print(f"{path}: ok (a list file, for policies to include)")
             continue
-        print(f"{path}: ok ({len(pol.rules) + len(pol.who_rules)} rules, mode {pol.mode}, default {pol.default}, {len(pol.files)} file(s))")
+        n = len(pol.rules) + len(pol.who_rules)
+        print(f"{path}: ok ({n} rules, mode {pol.mode}, default {pol.default}, {len(pol.files)} file(s))")
     return EXIT_FAIL if bad else EXIT_OK
 
 

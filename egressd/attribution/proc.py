@@ -15,6 +15,7 @@ mounts ``/proc`` with ``hidepid`` (systemd's ``ProtectProc=invisible``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import time
@@ -112,15 +113,11 @@ def describe(pid: int) -> dict[str, Any] | None:
     lpar, rpar = stat.find(b"("), stat.rfind(b")")
     rest = stat[rpar + 2 :].split()
     out: dict[str, Any] = {"pid": pid}
-    try:
+    with contextlib.suppress(IndexError, ValueError):
         out["ppid"] = int(rest[1])
-    except (IndexError, ValueError):
-        pass
     out["name"] = stat[lpar + 1 : rpar].decode("utf-8", "replace")
-    try:
+    with contextlib.suppress(OSError):
         out["executable"] = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        pass
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             raw = f.read(CMDLINE_MAX * 4 + 1)

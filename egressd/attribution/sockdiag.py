@@ -168,7 +168,7 @@ class SockDiag:
         """Abort the local socket (``ss -K``). Raises NotFound, or OSError (EPERM without
         CAP_NET_ADMIN, EOPNOTSUPP without CONFIG_INET_DIAG_DESTROY)."""
         data = self._call(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, proto, src, sport, dst, dport)
-        length, mtype, _f, _s, _p = _NLMSGHDR.unpack_from(data, 0)
+        _len, mtype, _f, _s, _p = _NLMSGHDR.unpack_from(data, 0)
         if mtype == NLMSG_ERROR:
             (err,) = _ERR.unpack_from(data, _NLMSGHDR.size)
             if err == 0:

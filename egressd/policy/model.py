@@ -142,7 +142,6 @@ class Policy:
         "_default_decision",
         "_needs_addr",
         "default",
-        "who_rules",
         "fail",
         "files",
         "mode",
@@ -152,6 +151,7 @@ class Policy:
         "pool_domains",
         "rules",
         "settings",
+        "who_rules",
     )
 
     def __init__(

@@ -18,7 +18,6 @@ from egressd.policy.matchers import PORT_PROTOS, CidrSet, DomainSet, IPNetwork, 
 from egressd.policy.model import ACTIONS, SETTINGS_LIMITS, Decision, Rule, Settings
 from egressd.policy.shapes import State, as_choice, as_text, is_null, known_keys, location, pairs, values_of
 from egressd.policy.source import FLOAT_TAG, INT_TAG, STR_TAG, node_kind, quote
-from egressd.policy.who import WHO_KEYS, WhoMatch, check_who_rule, parse_severity, parse_who
 from egressd.policy.values import (
     KIND_PATTERNS,
     KNOWN_KINDS,
@@ -29,6 +28,7 @@ from egressd.policy.values import (
     parse_proto,
     suggest,
 )
+from egressd.policy.who import WHO_KEYS, WhoMatch, check_who_rule, parse_severity, parse_who
 
 RULE_KEYS: Final = ("name", "description", "match", "action", "respond", "severity")
 MATCH_KEYS: Final = ("proto", "src", "dst", "src_port", "dst_port", "dst_domain", "detection", "not")

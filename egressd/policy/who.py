@@ -149,13 +149,13 @@ def parse_who(keys: dict[str, tuple[ScalarNode, Node]], st: State, what: str) ->
                 ok = False
             pk = known_keys(items, PROCESS_KEYS, st, "'process'")
             ok = ok and len(pk) == len(items)
-            for sub, (_k, v) in pk.items():
+            for sub, (_k, sub_node) in pk.items():
                 if sub == "uid":
-                    uids = _uids(v, st)
+                    uids = _uids(sub_node, st)
                     ok = ok and uids is not None
                     fields["uids"] = uids
                 else:
-                    vals = _texts(v, st, f"'process.{sub}'")
+                    vals = _texts(sub_node, st, f"'process.{sub}'")
                     ok = ok and vals is not None
                     fields[{"name": "names", "executable": "executables", "user": "users"}[sub]] = vals
         elif key == "container":
@@ -184,7 +184,7 @@ def parse_who(keys: dict[str, tuple[ScalarNode, Node]], st: State, what: str) ->
                 continue
             for v in vals:
                 if len(v) != 36 or v.count("-") != 4:
-                    st.report.node(vnode, f"'pod' must be a pod UID such as 5e393aad-0b0b-40f0-9ea6-41717ed6062d, not {quote(v)}")
+                    st.report.node(vnode, f"'pod' must be a pod UID (8-4-4-4-12 hex digits), not {quote(v)}")
                     ok = False
             fields["pods"] = tuple(v.lower() for v in vals)
         elif key == "cgroup":

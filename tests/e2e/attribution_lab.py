@@ -103,9 +103,7 @@ class Cgroups:
     def kubepod(self) -> tuple[str, str, str]:
         pod, cid = str(uuid.uuid4()), secrets.token_hex(32)
         u = pod.replace("-", "_")
-        rel = (
-            f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/cri-containerd-{cid}.scope"
-        )
+        rel = f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/cri-containerd-{cid}.scope"
         return self.make(rel), pod, cid
 
     def procs(self, path: str) -> list[int]:
@@ -206,9 +204,7 @@ def start_client(argv: list[str], timeout: float = 10.0) -> Client:
     return Client(p, json.loads(line))
 
 
-def start_daemon_nsenter(
-    lab: Lab, tmp: Path, policy: Path, name: str, extra: list[str] | None = None
-) -> peers.Egressd:
+def start_daemon_nsenter(lab: Lab, tmp: Path, policy: Path, name: str, extra: list[str] | None = None) -> peers.Egressd:
     """``egressd run`` in the lab's node network namespace, host mount namespace."""
     events, sock, err = tmp / f"{name}.events.jsonl", tmp / f"{name}.sock", tmp / f"{name}.stderr"
     with contextlib.suppress(FileNotFoundError):

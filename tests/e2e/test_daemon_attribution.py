@@ -9,6 +9,8 @@ alert must name the exact pid, uid, container id / pod UID and device.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -51,12 +53,22 @@ class World:
         self.cg = cg
         self.pod_ns = pod_ns
         self.daemons: list[peers.Egressd] = []
+        self.shared: peers.Egressd | None = None
+        self._n = 0
 
     def daemon(self, policy: Path | None = None) -> peers.Egressd:
-        pol = policy or policy_copy(self.tmp)
-        d = start_daemon_nsenter(self.lab, self.tmp, pol, f"attr{len(self.daemons)}")
+        """A daemon of its own (one queue per namespace: any other daemon is stopped first)."""
+        self.stop_daemons()
+        self._n += 1
+        d = start_daemon_nsenter(self.lab, self.tmp, policy or policy_copy(self.tmp), f"attr{self._n}")
         self.daemons.append(d)
         return d
+
+    def default_daemon(self) -> peers.Egressd:
+        """The daemon on the shipped policy, shared by the tests that only read its events."""
+        if self.shared is None or not self.shared.alive() or self.shared not in self.daemons:
+            self.shared = self.daemon()
+        return self.shared
 
     def stop_daemons(self) -> None:
         for d in self.daemons:
@@ -109,24 +121,20 @@ def world() -> Iterator[World]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def daemon(world: World) -> peers.Egressd:
-    """One daemon on the shipped default policy for the attribution tests of this module."""
-    return world.daemon()
-
-
-def _dump(d: peers.Egressd) -> None:
-    import json
-    for e in d.events():
-        print("EVT", json.dumps({k: e.get(k) for k in ("src_ip", "dest_ip", "dest_port", "rule", "reason", "process", "container")}))
+    """The daemon on the shipped default policy (started once, shared while it runs)."""
+    return world.default_daemon()
 
 
 def _event(d: peers.Egressd, sport: int | None, dest: str, port: int, timeout: float = 4.0) -> dict[str, Any]:
     got = d.wait_events(
-        lambda e: e["dest_ip"] == dest
-        and e["dest_port"] == port
-        and e.get("event_type") != "response"
-        and (sport is None or e["src_port"] == sport),
+        lambda e: (
+            e["dest_ip"] == dest
+            and e["dest_port"] == port
+            and e.get("event_type") != "response"
+            and (sport is None or e["src_port"] == sport)
+        ),
         timeout,
     )
     assert got, f"no event for a flow to {dest}:{port}; events: {d.events()[-5:]}"
@@ -171,7 +179,7 @@ def test_kubernetes_pod_client_alert_names_pod_uid_and_container(world: World, d
     path, pod, cid = world.cg.kubepod()
     c = start_client(_miner(world, path))
     try:
-        (ev,) = _flows_of(daemon, c.report["pid"]) or [{}]
+        (ev,) = _flows_of(daemon, c.report["pid"])
         assert ev.get("rule") == "drop-mining", daemon.events()[-3:]
         assert ev["process"]["uid"] == CLIENT_UID
         assert ev["container"] == {"id": cid, "runtime": "containerd", "pod_uid": pod}
@@ -185,9 +193,10 @@ def test_gpu_holding_miner_names_the_device_at_top_severity(world: World, daemon
     backing = world.tmp / "fake-gpu"
     backing.write_bytes(b"")
     argv = [SYSTEM_PY, "-c", MINER, POOL, "3333", "stratum", "/dev/nvidia3"]
-    c = start_client(in_cgroup(world.cg.mount, path, with_fake_gpu("/dev/nvidia3", backing, as_client(world.lab.node, argv))))
+    gpu_client = with_fake_gpu("/dev/nvidia3", backing, as_client(world.lab.node, argv))
+    c = start_client(in_cgroup(world.cg.mount, path, gpu_client))
     try:
-        (ev,) = _flows_of(daemon, c.report["pid"]) or [{}]
+        (ev,) = _flows_of(daemon, c.report["pid"])
         assert ev.get("rule") == "drop-mining", daemon.events()[-3:]
         assert ev["gpu"]["devices"] == ["/dev/nvidia3"]
         assert ev["gpu"]["source"] == "proc-fd" and ev["gpu"]["held_by"] == "process"
@@ -222,9 +231,7 @@ def test_process_that_exits_right_after_connecting_event_says_what_was_found(
     path, cid = world.cg.docker()
     p = subprocess.run(_miner(world, path, mode="exit"), capture_output=True, text=True, timeout=15)
     assert p.returncode == 0, p.stderr
-    evs = daemon.wait_events(
-        lambda e: e["dest_ip"] == POOL and e.get("container", {}).get("id") == cid, timeout=4.0
-    )
+    evs = daemon.wait_events(lambda e: e["dest_ip"] == POOL and e.get("container", {}).get("id") == cid, timeout=4.0)
     assert len(evs) == 1, daemon.events()[-2:]
     proc = evs[0]["process"]
     # The process is gone: no pid, and a reason; what the socket and cgroup still say is there.
@@ -232,3 +239,122 @@ def test_process_that_exits_right_after_connecting_event_says_what_was_found(
     assert "pid" not in proc and "exited" in proc["unknown"], proc
     assert proc["uid"] == CLIENT_UID and proc["cgroup"] == path
     assert evs[0]["container"] == {"id": cid, "runtime": "docker"}
+
+
+# -- containment (respond:) ---------------------------------------------------------------------
+COUNTER = "import sys, time\nwhile True:\n    open(sys.argv[1], 'a').write('x')\n    time.sleep(0.02)\n"
+
+
+def _respond_policy(world: World, how: str) -> Path:
+    def edit(text: str) -> str:
+        anchor = "    match:\n      detection: mining\n    action: drop\n"
+        assert anchor in text
+        return text.replace(anchor, anchor + f"    respond: {how}\n", 1)
+
+    return policy_copy(world.tmp, edit)
+
+
+def _grows(path: Path, wait: float = 0.4) -> bool:
+    before = path.stat().st_size if path.exists() else 0
+    time.sleep(wait)
+    return (path.stat().st_size if path.exists() else 0) > before
+
+
+def _response(d: peers.Egressd, pid: int, timeout: float = 4.0) -> dict[str, Any]:
+    got = d.wait_events(lambda e: e.get("event_type") == "response" and e["response"].get("pid") == pid, timeout)
+    assert len(got) == 1, d.events()[-3:]
+    return got[0]
+
+
+@pytest.fixture
+def responder_cgroups(world: World) -> Iterator[tuple[str, str]]:
+    """The offender's cgroup and a sibling cgroup, each with a counter process (its file grows
+    while it runs)."""
+    off, _ = world.cg.docker()
+    sib, _ = world.cg.docker()
+    yield off, sib
+    for path in (off, sib):
+        with contextlib.suppress(OSError):
+            Path(f"{world.cg.mount}{path}/cgroup.freeze").write_text("0")
+
+
+def _counter(world: World, cgroup: str, name: str) -> tuple[subprocess.Popen[bytes], Path]:
+    f = world.tmp / name
+    p = subprocess.Popen(in_cgroup(world.cg.mount, cgroup, [SYSTEM_PY, "-c", COUNTER, str(f)]), start_new_session=True)
+    world.lab.procs.append(p)
+    deadline = time.monotonic() + 5
+    while not f.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return p, f
+
+
+def test_respond_freeze_freezes_exactly_the_offending_cgroup(world: World, responder_cgroups: tuple[str, str]) -> None:
+    off, sib = responder_cgroups
+    d = world.daemon(_respond_policy(world, "freeze"))
+    try:
+        _, mate_file = _counter(world, off, "mate")  # another process of the offender's cgroup
+        _, sib_file = _counter(world, sib, "sibling")  # a process of a sibling cgroup
+        c = start_client(_miner(world, off))
+        try:
+            r = _response(d, c.report["pid"])
+            assert r["response"] == {"action": "freeze", "pid": c.report["pid"], "cgroup": off, "result": "done"}
+            assert r["rule"] == "drop-mining" and r["process"]["pid"] == c.report["pid"]
+            assert world.cg.events(off)["frozen"] == "1"
+            assert world.cg.events(sib)["frozen"] == "0"
+            assert not _grows(mate_file), "a process of the frozen cgroup kept running"
+            assert _grows(sib_file), "a process of a sibling cgroup stopped"
+            assert d.status()["pid"] == d.proc.pid  # the daemon answers: not frozen
+            parent = off.rsplit("/", 1)[0]
+            assert world.cg.events(parent)["frozen"] == "0"  # never a cgroup above the offender's
+        finally:
+            Path(f"{world.cg.mount}{off}/cgroup.freeze").write_text("0")
+            c.finish()
+    finally:
+        world.stop_daemons()
+
+
+def test_respond_kill_kills_exactly_the_offender(world: World, responder_cgroups: tuple[str, str]) -> None:
+    off, _ = responder_cgroups
+    d = world.daemon(_respond_policy(world, "kill"))
+    try:
+        mate, mate_file = _counter(world, off, "mate-k")
+        c = start_client(_miner(world, off))
+        try:
+            r = _response(d, c.report["pid"])
+            assert r["response"] == {"action": "kill", "pid": c.report["pid"], "signal": "SIGKILL", "result": "done"}
+            assert c.proc.wait(3) == -signal.SIGKILL
+            assert mate.poll() is None and _grows(mate_file), "another process of the cgroup was killed"
+            assert d.alive()
+        finally:
+            c.finish()
+    finally:
+        world.stop_daemons()
+
+
+# -- the reply-side gap -----------------------------------------------------------------------------
+SSH_WAITER = r"""
+import errno, json, socket, sys, time
+s = socket.create_connection((sys.argv[1], 22), timeout=5)
+t = time.monotonic()
+try:
+    data = s.recv(4096)
+    res = "data" if data else "eof"
+except OSError as e:
+    res = errno.errorcode.get(e.errno, "") if e.errno else type(e).__name__
+print(json.dumps({"result": res, "secs": round(time.monotonic() - t, 3), "port": s.getsockname()[1]}), flush=True)
+"""
+
+
+def test_drop_decided_on_a_reply_aborts_the_local_socket_at_once(world: World, daemon: peers.Egressd) -> None:
+    """The client only reads: the first bytes are the server's SSH banner, a reply, and the
+    drop is decided on it. Without SOCK_DESTROY the client would wait for its own timeout
+    (here 5 s, socket.timeout); with it, recv() fails with ECONNABORTED."""
+    path, _ = world.cg.docker()
+    argv = in_cgroup(world.cg.mount, path, as_client(world.lab.node, [SYSTEM_PY, "-c", SSH_WAITER, EVIL_SSH]))
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    rep = json.loads(p.stdout.strip().splitlines()[-1])
+    assert rep["result"] == "ECONNABORTED", (rep, p.stderr)
+    ev = _event(daemon, rep["port"], EVIL_SSH, 22)
+    assert (ev["rule"], ev["action"]) == ("drop-ssh-unlisted", "blocked")
+    assert ev["local_socket"] == {"destroyed": True}
+    assert ev["process"]["uid"] == CLIENT_UID
