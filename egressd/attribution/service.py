@@ -146,7 +146,8 @@ class Attributor:
     def stop(self, wait: float = 1.0) -> None:
         self._stop = True
         self._wake.set()
-        self._thread.join(wait)
+        if self._thread.ident is not None:
+            self._thread.join(wait)
         self.node.close()
         if self.netns is not None and not self._thread.is_alive():
             self.netns.close()
