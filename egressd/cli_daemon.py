@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from egressd import netfilter
 
@@ -166,7 +167,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         con.print(t2)
     ev = st["events"]
     con.print(f"events written {ev['written']}, write errors {ev['errors']} {ev['last_error']}")
+    _print_attribution(con, st.get("attribution"))
     return 0
+
+
+def _print_attribution(con: Any, a: dict[str, Any] | None) -> None:
+    """Who was behind the last alerts (issue 8; docs/attribution.md)."""
+    if a is None:
+        con.print("attribution: off (--no-attribution)")
+        return
+    from rich.table import Table
+
+    from egressd.demo import who_line
+
+    con.print(
+        f"attribution: {a['attributed']} named, {a['partial']} socket/cgroup only, {a['unknown']} unknown, "
+        f"{a['timeouts']} timed out; nvml: {a['nvml']}"
+    )
+    if a.get("recent_alerts"):
+        t = Table("destination", "rule", "action", "who", title="recent alerts", title_justify="left")
+        for r in a["recent_alerts"]:
+            who = who_line(r).split("who:[/dim] ", 1)[-1]
+            t.add_row(r["dest"], r["rule"], r["action"], who)
+        con.print(t)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

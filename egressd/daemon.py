@@ -257,7 +257,7 @@ class Daemon:
                 "errors": self.log.errors,
                 "last_error": self.log.last_error,
             },
-            "attribution": None if self.who is None else self.who.attributor.status(),
+            "attribution": None if self.who is None else self.who.status(),
         }
 
     async def _serve_status(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -53,6 +53,7 @@ class AttributedSink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self.attributor = Attributor(self._wakeup, timeout)
+        self.recent: deque[dict[str, Any]] = deque(maxlen=10)  # the last alerts and who was behind them
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -100,6 +101,8 @@ class AttributedSink:
             else:
                 self.attributor.unknown += 1
             self.log.write(ev)
+            if ev.event_type == "alert":
+                self.recent.append(_summary(ev))
             for resp in p.responses if not late else []:
                 self.log.write(response_event(ev, resp))
             wrote = True
@@ -112,6 +115,9 @@ class AttributedSink:
         if not self._scheduled:
             self.flush()
 
+    def status(self) -> dict[str, Any]:
+        return {**self.attributor.status(), "recent_alerts": list(self.recent)}
+
     def close(self) -> None:
         """At shutdown: give the worker its timeout to finish, then write everything."""
         end = time.monotonic() + self.timeout
@@ -119,3 +125,18 @@ class AttributedSink:
             time.sleep(0.01)
         self.flush(final=True)
         self.attributor.stop()
+
+
+def _summary(ev: Event) -> dict[str, Any]:
+    """What ``egressd status`` shows of an alert: when, where to, which rule, and who."""
+    d: dict[str, Any] = {
+        "time": ev.timestamp,
+        "dest": f"{ev.dest_ip}:{ev.dest_port}",
+        "rule": ev.rule,
+        "action": ev.action,
+        "process": ev.process,
+    }
+    for key in ("container", "gpu", "who_rule"):
+        if ev.extra and key in ev.extra:
+            d[key] = ev.extra[key]
+    return d
