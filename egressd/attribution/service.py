@@ -30,6 +30,7 @@ from typing import Any, Final
 
 from egressd.attribution import respond as responder
 from egressd.attribution.cgroup import CgroupIndex, cgroup_of, container_of, procs, unit_of, v2_mount
+from egressd.attribution.ctevents import ConntrackNew
 from egressd.attribution.gpu import Nvml, gpu_from_proc
 from egressd.attribution.netns import Namespaces
 from egressd.attribution.proc import Denied, describe, find_socket_owner, pids, start_time, user_name
@@ -42,6 +43,8 @@ Key = tuple[int, bytes, int, bytes, int]  # proto, local address, local port, re
 _PROTOS: Final = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
 CACHE: Final = 16384  # remembered results, by 4-tuple and by flow id (LRU)
 KEY_TTL: Final = 120.0  # seconds a 4-tuple's result stands for a later event of that flow
+PROC_TTL: Final = 5.0  # seconds a process's /proc description is reused
+GPU_TTL: Final = 2.0  # seconds a (process, cgroup) GPU answer is reused
 MAX_QUEUE: Final = 20000  # items waiting for the worker; beyond, events go out unattributed
 
 
@@ -122,13 +125,24 @@ class Attributor:
             self.netns: Namespaces | None = Namespaces()
         except OSError:
             self.netns = None
-        self._work: deque[tuple[bytes, bool] | Pending] = deque()
+        self._work: deque[tuple[bytes, bool] | Key | Pending] = deque()
         self._wake = threading.Event()
         self._stop = False
         self._early: OrderedDict[Key, tuple[SocketInfo, str]] = OrderedDict()
         self._by_key: OrderedDict[Key, tuple[float, Who]] = OrderedDict()
         self._by_flow: OrderedDict[int, Who] = OrderedDict()
+        # The processes that owned the last sockets of each cgroup: a job opens many
+        # connections from the same few processes, so they are looked at first.
+        self._owners: OrderedDict[int, deque[int]] = OrderedDict()
+        self._procs: OrderedDict[tuple[int, int], tuple[float, dict[str, Any], str | None]] = OrderedDict()
+        self._gpus: OrderedDict[tuple[int | None, str | None], tuple[float, dict[str, Any] | None]] = OrderedDict()
         self._thread = threading.Thread(target=self._run, name="egressd-attribution", daemon=True)
+        self.ct: ConntrackNew | None = None
+        self.ct_unavailable: str | None = None
+        try:
+            self.ct = ConntrackNew(self._on_ct_new)  # created here: the daemon's namespace
+        except OSError as e:
+            self.ct_unavailable = f"conntrack events: {e.strerror or e}"
         # Counters for `egressd status` and the benchmark.
         self.lookups = 0
         self.attributed = 0  # events whose process was named
@@ -142,10 +156,20 @@ class Attributor:
     # -- loop-thread side ----------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        if self.ct is not None:
+            self.ct.start()
+
+    def _on_ct_new(self, key: Key) -> None:
+        """From the conntrack thread: a connection just started; look its owner up now."""
+        if len(self._work) < MAX_QUEUE:
+            self._work.append(key)
+            self._wake.set()
 
     def stop(self, wait: float = 1.0) -> None:
         self._stop = True
         self._wake.set()
+        if self.ct is not None:
+            self.ct.stop()
         if self._thread.ident is not None:
             self._thread.join(wait)
         self.node.close()
@@ -204,6 +228,8 @@ class Attributor:
             "reasons": dict(self.reasons),
             "queue": len(self._work),
             "cgroup_v2": self.mount,
+            "conntrack_events": self.ct_unavailable
+            or ({"seen": self.ct.seen, "overflows": self.ct.overflows} if self.ct is not None else None),
             "nvml": self.nvml.unavailable or ("available" if self.nvml._mod is not None else "not tried"),
             "netns": None
             if self.netns is None
@@ -243,6 +269,8 @@ class Attributor:
                     item.done = True
                     if self.on_done is not None:
                         self.on_done()
+                elif len(item) == 5:
+                    self._safe(lambda it=item: self._prefetch_key(it))  # type: ignore[misc]
                 else:
                     self._safe(lambda it=item: self._prefetch(*it))  # type: ignore[misc]
 
@@ -259,8 +287,17 @@ class Attributor:
             return
         assert isinstance(p, Packet)
         key: Key = (p.proto, p.dst, p.dport, p.src, p.sport) if reply else (p.proto, p.src, p.sport, p.dst, p.dport)
+        self._prefetch_key(key)
+
+    def _prefetch_key(self, key: Key) -> None:
         now = time.monotonic()
-        self._by_key[key] = (now, self._attribute(key, now + self.timeout))
+        hit = self._by_key.get(key)
+        if hit is not None and now - hit[0] < 1.0:
+            return  # conntrack and the first packet both asked: one lookup per flow
+        who = self._attribute(key, now + self.timeout, early=True)
+        if who.cgroup is None and who.pid is None:
+            return  # not a local socket (an inbound connection), or gone: the event will say why
+        self._by_key[key] = (now, who)
         self._by_key.move_to_end(key)
         while len(self._by_key) > CACHE:
             self._by_key.popitem(last=False)
@@ -304,6 +341,16 @@ class Attributor:
             p.responses.append(responder.kill(who.pid, who.started))
         self.responses += len(p.responses)
 
+    def _remember_owner(self, cgroup_id: int, pid: int) -> None:
+        q = self._owners.get(cgroup_id)
+        if q is None:
+            q = self._owners[cgroup_id] = deque(maxlen=4)
+            while len(self._owners) > 1024:
+                self._owners.popitem(last=False)
+        if pid in q:
+            q.remove(pid)
+        q.appendleft(pid)
+
     def _destroy(self, key: Key) -> dict[str, Any]:
         early = self._early.get(key)
         sd: SockDiag | None = self.node
@@ -321,10 +368,10 @@ class Attributor:
                 return {"destroyed": False, "reason": f"SOCK_DESTROY failed: {e.strerror or e}"}
         return {"destroyed": False, "reason": "the local socket was already gone"}
 
-    def _find_socket(self, key: Key) -> tuple[SocketInfo | None, str]:
-        early = self._early.pop(key, None)
-        if early is not None:
-            return early[0], ""
+    def _find_socket(self, key: Key, early: bool = False) -> tuple[SocketInfo | None, str]:
+        found = self._early.get(key)  # kept for the event and for SOCK_DESTROY; bounded LRU
+        if found is not None:
+            return found[0], ""
         try:
             return self.node.lookup(*key), ""
         except NotFound:
@@ -335,7 +382,7 @@ class Attributor:
         if ns is None:
             return None, "socket closed before lookup"
         sd = ns.for_address(key[1])
-        if sd is None and ns.due(True):
+        if sd is None and not early and ns.due(True):
             ns.refresh()
             sd = ns.for_address(key[1])
         if sd is not None:
@@ -348,9 +395,9 @@ class Attributor:
             return None, f"socket closed before lookup, or in another network namespace that {ns.unavailable}"
         return None, "socket closed before lookup"
 
-    def _attribute(self, key: Key, deadline: float) -> Who:
+    def _attribute(self, key: Key, deadline: float, early: bool = False) -> Who:
         self.lookups += 1
-        info, why = self._find_socket(key)
+        info, why = self._find_socket(key, early)
         if info is None:
             return unknown(why)
         if info.state == "time-wait":  # a kernel leftover: no owner, no uid, no cgroup
@@ -361,26 +408,33 @@ class Attributor:
         if info.inode == 0:
             reason = f"socket orphaned ({info.state}): its program closed it or exited before lookup"
         else:
-            cands = procs(self.mount, cg) if self.mount is not None and cg is not None else []
+            recent = list(self._owners.get(info.cgroup_id, ()))
+            members = procs(self.mount, cg) if self.mount is not None and cg is not None else []
+            cands = recent + [x for x in members if x not in recent]
             try:
                 pid = find_socket_owner(info.inode, cands, deadline)
                 if pid is None:
+                    # Everything else, newest first: a short-lived client is most likely recent,
+                    # and it must be found before it exits.
                     tried = set(cands)
-                    pid = find_socket_owner(info.inode, (x for x in pids() if x not in tried), deadline)
+                    rest = sorted((x for x in pids() if x not in tried), reverse=True)
+                    pid = find_socket_owner(info.inode, rest, deadline)
+                if pid is not None:
+                    self._remember_owner(info.cgroup_id, pid)
             except Denied:
                 reason = "the socket's process cannot be read (needs CAP_SYS_PTRACE and a visible /proc)"
             except TimeoutError:
                 reason = "process lookup timed out"
             if pid is None and not reason:
-                reason = "process exited before lookup"
-        desc = describe(pid) if pid is not None else None
+                reason = "no process holds the socket any more: closed or exited before lookup"
+        started = start_time(pid) if pid is not None else None
+        desc, pcg = self._describe(pid, started) if pid is not None and started is not None else (None, None)
         if pid is not None and desc is None:
             reason = "process exited before lookup"
             pid = None
-        pcg = (cgroup_of(pid) if pid is not None else None) or cg
+        pcg = pcg or cg
         if desc is not None:
-            process = desc
-            started = start_time(pid) if pid is not None else None
+            process = dict(desc)
         else:
             process = {"unknown": reason, "uid": info.uid}
             name = user_name(info.uid)
@@ -393,6 +447,31 @@ class Attributor:
             if unit is not None:
                 process["unit"] = unit
         ctr = container_of(pcg) if pcg is not None else None
+        return Who(process, ctr.as_dict() if ctr else None, self._gpu(pid, pcg, deadline), pid, started, pcg)
+
+    def _describe(self, pid: int, started: int) -> tuple[dict[str, Any] | None, str | None]:
+        """/proc facts of a process and its cgroup, cached for PROC_TTL by (pid, start time):
+        a job opens many connections from the same processes."""
+        now = time.monotonic()
+        hit = self._procs.get((pid, started))
+        if hit is not None and now - hit[0] < PROC_TTL:
+            return hit[1], hit[2]
+        desc = describe(pid)
+        pcg = cgroup_of(pid)
+        if desc is not None:
+            self._procs[(pid, started)] = (now, desc, pcg)
+            while len(self._procs) > CACHE:
+                self._procs.popitem(last=False)
+        return desc, pcg
+
+    def _gpu(self, pid: int | None, pcg: str | None, deadline: float) -> dict[str, Any] | None:
+        """GPU facts for (process, cgroup), cached for GPU_TTL: scanning every process of a
+        large cgroup per connection would cost more than all the rest."""
+        now = time.monotonic()
+        key = (pid, pcg)
+        hit = self._gpus.get(key)
+        if hit is not None and now - hit[0] < GPU_TTL:
+            return hit[1]
         members = procs(self.mount, pcg) if self.mount is not None and pcg is not None else []
         gpu = gpu_from_proc(pid, members, deadline + self.timeout)
         if gpu is None:
@@ -400,7 +479,10 @@ class Attributor:
             nv = self.nvml.devices_for(holders) if holders else None
             if nv:
                 gpu = {"devices": nv, "source": "nvml"}
-        return Who(process, ctr.as_dict() if ctr else None, gpu, pid, started, pcg)
+        self._gpus[key] = (now, gpu)
+        while len(self._gpus) > CACHE:
+            self._gpus.popitem(last=False)
+        return gpu
 
 
 def apply(p: Pending, timed_out: bool) -> Event:
