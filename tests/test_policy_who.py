@@ -73,6 +73,7 @@ def test_first_matching_who_rule_applies() -> None:
     assert p.judge_who(_ev("mining.stratum"), _who(gpu=True)).name == "gpu-tunnel"  # type: ignore[union-attr]
     assert p.judge_who(_ev("mining.stratum"), _who()) is None
     assert p.judge_who(_ev("tls"), _who(gpu=True)) is None
+    assert p.judge_who(_ev("mining.stratum"), _who(gpu=None)) is None  # fds unreadable: unknown
     m = p.judge_who(_ev(), _who(name="xmrig-6.2", uid=1500))
     assert m is not None and m.name == "miners-by-name"
     assert p.judge_who(_ev(), _who(name="xmrig-6.2", uid=4242)) is None

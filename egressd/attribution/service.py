@@ -46,6 +46,9 @@ KEY_TTL: Final = 120.0  # seconds a 4-tuple's result stands for a later event of
 PROC_TTL: Final = 5.0  # seconds a process's /proc description is reused
 GPU_TTL: Final = 2.0  # seconds a (process, cgroup) GPU answer is reused
 MAX_QUEUE: Final = 20000  # items waiting for the worker; beyond, events go out unattributed
+DENIED: Final = (
+    "the socket's process cannot be read (needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, and a visible /proc)"
+)
 
 
 @dataclass(slots=True)
@@ -69,7 +72,8 @@ class Who:
             "uid": self.process.get("uid"),
             "cgroup": self.cgroup,
             "container": self.container,
-            "gpu": self.gpu is not None,
+            # True / False, or None when the fds could not be read (a gpu condition then fails)
+            "gpu": None if self.gpu is not None and "unknown" in self.gpu else self.gpu is not None,
             "known": self.pid is not None or self.cgroup is not None,
         }
 
@@ -422,7 +426,7 @@ class Attributor:
                 if pid is not None:
                     self._remember_owner(info.cgroup_id, pid)
             except Denied:
-                reason = "the socket's process cannot be read (needs CAP_SYS_PTRACE and a visible /proc)"
+                reason = DENIED
             except TimeoutError:
                 reason = "process lookup timed out"
             if pid is None and not reason:
@@ -447,7 +451,10 @@ class Attributor:
             if unit is not None:
                 process["unit"] = unit
         ctr = container_of(pcg) if pcg is not None else None
-        return Who(process, ctr.as_dict() if ctr else None, self._gpu(pid, pcg, deadline), pid, started, pcg)
+        gpu = self._gpu(pid, pcg, deadline)
+        if gpu is None and reason == DENIED:
+            gpu = {"unknown": DENIED.replace("the socket's process", "the processes' fds")}
+        return Who(process, ctr.as_dict() if ctr else None, gpu, pid, started, pcg)
 
     def _describe(self, pid: int, started: int) -> tuple[dict[str, Any] | None, str | None]:
         """/proc facts of a process and its cgroup, cached for PROC_TTL by (pid, start time):

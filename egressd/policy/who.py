@@ -85,7 +85,10 @@ class WhoMatch:
             return False
         if self.cgroups is not None and not _glob_any(who.get("cgroup"), self.cgroups):
             return False
-        return self.gpu is None or bool(who.get("gpu")) == self.gpu
+        if self.gpu is None:
+            return True
+        held = who.get("gpu")
+        return held is not None and bool(held) == self.gpu  # unknown (fds unreadable) proves nothing
 
 
 def _glob_any(value: object, patterns: tuple[str, ...]) -> bool:

@@ -204,13 +204,25 @@ def start_client(argv: list[str], timeout: float = 10.0) -> Client:
     return Client(p, json.loads(line))
 
 
-def start_daemon_nsenter(lab: Lab, tmp: Path, policy: Path, name: str, extra: list[str] | None = None) -> peers.Egressd:
-    """``egressd run`` in the lab's node network namespace, host mount namespace."""
+def start_daemon_nsenter(
+    lab: Lab, tmp: Path, policy: Path, name: str, extra: list[str] | None = None, as_user: tuple[int, str] | None = None
+) -> peers.Egressd:
+    """``egressd run`` in the lab's node network namespace, host mount namespace.
+
+    ``as_user`` (uid, caps such as "+net_admin"): run it unprivileged, holding exactly those
+    capabilities (inheritable, ambient and bounding set), as the systemd unit does."""
     events, sock, err = tmp / f"{name}.events.jsonl", tmp / f"{name}.sock", tmp / f"{name}.stderr"
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
+    user: list[str] = []
+    if as_user is not None:
+        uid, caps = as_user
+        user = [
+            "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", f"--inh-caps=-all,{caps}",
+            f"--ambient-caps=-all,{caps}", f"--bounding-set=-all,{caps}",
+        ]  # fmt: skip
     argv = [
-        "nsenter", f"--net=/run/netns/{lab.node}", *peers.egressd_argv(), "run", "--policy", str(policy),
+        "nsenter", f"--net=/run/netns/{lab.node}", *user, *peers.egressd_argv(), "run", "--policy", str(policy),
         "--events", str(events), "--status-socket", str(sock), *(extra or []),
     ]  # fmt: skip
     with open(err, "ab") as fh:

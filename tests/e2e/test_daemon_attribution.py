@@ -43,6 +43,7 @@ pytestmark = [*NEEDS_KERNEL, pytest.mark.skipif(shutil.which("nsenter") is None,
 
 POOL = SERVICES["pool"][0]
 EVIL_SSH = SERVICES["ssh_evil"][0]
+DAEMON_UID = 4243  # an unprivileged daemon: not the client's uid, not root
 POD_V4, POD_NODE_V4 = "203.0.113.130", "203.0.113.129"  # 203.0.113.128/26: no service address
 
 
@@ -61,6 +62,18 @@ class World:
         self.stop_daemons()
         self._n += 1
         d = start_daemon_nsenter(self.lab, self.tmp, policy or policy_copy(self.tmp), f"attr{self._n}")
+        self.daemons.append(d)
+        return d
+
+    def unprivileged_daemon(self, caps: str) -> peers.Egressd:
+        """A daemon as uid DAEMON_UID holding only ``caps``, files in a directory it owns."""
+        self.stop_daemons()
+        self._n += 1
+        home = self.tmp / f"unpriv{self._n}"
+        home.mkdir()
+        os.chown(home, DAEMON_UID, DAEMON_UID)
+        pol = policy_copy(self.tmp)
+        d = start_daemon_nsenter(self.lab, home, pol, "d", as_user=(DAEMON_UID, caps))
         self.daemons.append(d)
         return d
 
@@ -358,3 +371,34 @@ def test_drop_decided_on_a_reply_aborts_the_local_socket_at_once(world: World, d
     assert (ev["rule"], ev["action"]) == ("drop-ssh-unlisted", "blocked")
     assert ev["local_socket"] == {"destroyed": True}
     assert ev["process"]["uid"] == CLIENT_UID
+
+
+# -- least privilege --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("caps", "named"),
+    [("+net_admin", False), ("+net_admin,+sys_ptrace,+dac_read_search", True)],
+    ids=["net_admin-only", "with-ptrace-and-dac-read-search"],
+)
+def test_unprivileged_daemon_attributes_what_its_capabilities_allow(world: World, caps: str, named: bool) -> None:
+    """CAP_NET_ADMIN alone: uid, cgroup and container still come from sock_diag's cgroup id
+    and the cgroup tree, and the event says why the process is not named. With the two
+    read-only capabilities of the systemd unit: the process is named."""
+    d = world.unprivileged_daemon(caps)
+    path, cid = world.cg.docker()
+    c = start_client(_miner(world, path))
+    try:
+        evs = d.wait_events(lambda e: e.get("container", {}).get("id") == cid, timeout=4.0)
+        assert len(evs) == 1, d.events()[-2:]
+        ev = evs[0]
+        assert ev["rule"] == "drop-mining"
+        assert ev["container"] == {"id": cid, "runtime": "docker"}
+        proc = ev["process"]
+        assert (proc["uid"], proc["cgroup"]) == (CLIENT_UID, path)
+        if named:
+            assert proc["pid"] == c.report["pid"] and proc["executable"].startswith(SYSTEM_PY)
+        else:
+            assert "pid" not in proc and "CAP_SYS_PTRACE" in proc["unknown"], proc
+            assert "CAP_DAC_READ_SEARCH" in ev["gpu"]["unknown"]  # not "no GPU": it could not look
+    finally:
+        c.finish()
+        world.stop_daemons()
