@@ -128,6 +128,15 @@ def test_respond_and_severity_values_are_checked(tmp_path: Path) -> None:
     ]
 
 
+def test_respond_on_an_accept_rule_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "p.yaml"
+    f.write_text("default: accept\nrules:\n  - name: r\n    match: {dst_port: 22}\n    action: accept\n"
+                 "    respond: kill\n")  # fmt: skip
+    assert [(d.line, d.message) for d in validate(f)] == [
+        (6, "rule 'r' accepts the flow; 'respond' only goes with drop or alert")
+    ]
+
+
 def test_a_who_rule_without_flow_conditions_does_not_hide_later_rules() -> None:
     p = load_policy_text("default: accept\nrules:\n  - {name: a, match: {gpu: true}, action: alert}\n"
                          "  - {name: b, match: {detection: mining}, action: drop}\n")  # fmt: skip

@@ -171,6 +171,14 @@ class CgroupIndex:
             p = self._paths.get(cgroup_id)
         return p
 
+    def refresh(self) -> None:
+        if self.mount is not None:
+            self._walk()
+
+    def cached(self, cgroup_id: int) -> str | None:
+        """The path if already known; never walks (for the daemon's loop thread)."""
+        return self._paths.get(cgroup_id)
+
     def _walk(self) -> None:
         assert self.mount is not None
         self._walked = time.monotonic()

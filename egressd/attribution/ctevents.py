@@ -96,8 +96,9 @@ def _tuple(data: bytes, off: int, end: int) -> Tuple5 | None:
 class ConntrackNew:
     """A thread reading NEW events and handing TCP/UDP tuples to ``on_new``."""
 
-    def __init__(self, on_new: Callable[[Tuple5], None]) -> None:
+    def __init__(self, on_new: Callable[[Tuple5], None], gate: Callable[[], bool] = lambda: True) -> None:
         self.on_new = on_new
+        self.gate = gate  # False: read and discard without parsing (the early-lookup budget is spent)
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
         self.sock.bind((0, 1 << (NFNLGRP_CONNTRACK_NEW - 1)))
         self.sock.settimeout(0.5)
@@ -126,6 +127,8 @@ class ConntrackNew:
                     self.overflows += 1
                     continue
                 return
+            if not self.gate():
+                continue
             for t in parse_new(data):
                 if t[0] in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
                     self.seen += 1

@@ -46,6 +46,9 @@ KEY_TTL: Final = 120.0  # seconds a 4-tuple's result stands for a later event of
 PROC_TTL: Final = 5.0  # seconds a process's /proc description is reused
 GPU_TTL: Final = 2.0  # seconds a (process, cgroup) GPU answer is reused
 MAX_QUEUE: Final = 20000  # items waiting for the worker; beyond, events go out unattributed
+MAX_PREFETCH_QUEUE: Final = 1024  # early lookups waiting; beyond, they are skipped (events still get one)
+PREFETCH_BUDGET: Final = 0.1  # seconds of worker time per second for early lookups (a flood bound)
+SEE_RECORD: Final = "the flow was dropped before the lookup started at its SYN finished"
 DENIED: Final = (
     "the socket's process cannot be read (needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, and a visible /proc)"
 )
@@ -62,6 +65,7 @@ class Who:
     pid: int | None = None
     started: int | None = None
     cgroup: str | None = None
+    inode: int = 0  # the socket's: tells a cached answer from one about an earlier socket
 
     def facts(self) -> dict[str, Any]:
         """What ``process.*``/``container``/``pod``/``cgroup``/``gpu`` policy conditions read."""
@@ -95,6 +99,7 @@ class Pending:
     responses: list[dict[str, Any]] = field(default_factory=list)
     local_socket: dict[str, Any] | None = None
     who_rule: Any = None  # the rule on process facts that matched, if any
+    written: Who | None = None  # a drop's alert went out before the verdict, with this
 
 
 def key_of_event(ev: Event) -> Key | None:
@@ -144,7 +149,7 @@ class Attributor:
         self.ct: ConntrackNew | None = None
         self.ct_unavailable: str | None = None
         try:
-            self.ct = ConntrackNew(self._on_ct_new)  # created here: the daemon's namespace
+            self.ct = ConntrackNew(self._on_ct_new, self.prefetch_ok)  # created here: the daemon's namespace
         except OSError as e:
             self.ct_unavailable = f"conntrack events: {e.strerror or e}"
         # Counters for `egressd status` and the benchmark.
@@ -156,6 +161,10 @@ class Attributor:
         self.inline = 0  # sock_diag asked on the loop thread for a dropped flow
         self.reasons: dict[str, int] = {}
         self.responses = 0
+        self.prefetch_skipped = 0
+        self.destroyed = 0  # local sockets aborted for drops decided on a reply
+        self._pf_window = 0.0
+        self._pf_spent = 0.0
 
     # -- loop-thread side ----------------------------------------------------------------
     def start(self) -> None:
@@ -164,10 +173,23 @@ class Attributor:
             self.ct.start()
 
     def _on_ct_new(self, key: Key) -> None:
-        """From the conntrack thread: a connection just started; look its owner up now."""
-        if len(self._work) < MAX_QUEUE:
+        """From the conntrack thread (its gate checked the budget): look the owner up now."""
+        if len(self._work) < MAX_PREFETCH_QUEUE:
             self._work.append(key)
             self._wake.set()
+
+    def prefetch_ok(self) -> bool:
+        """Early lookups are a courtesy, bounded so that a connection flood cannot turn them
+        into a CPU sink: at most PREFETCH_BUDGET s of worker time per second, and a short
+        queue. Skipped flows are still looked up (once) when their event comes."""
+        now = time.monotonic()
+        if now - self._pf_window >= 1.0:
+            self._pf_window = now
+            self._pf_spent = 0.0
+        if self._pf_spent >= PREFETCH_BUDGET or len(self._work) >= MAX_PREFETCH_QUEUE:
+            self.prefetch_skipped += 1
+            return False
+        return True
 
     def stop(self, wait: float = 1.0) -> None:
         self._stop = True
@@ -185,8 +207,9 @@ class Attributor:
             self._wake.set()
 
     def prefetch(self, payload: bytes, reply: bool) -> None:
-        """A fresh flow's first packet: name its socket's owner while it is surely alive."""
-        if len(self._work) < MAX_QUEUE:
+        """A fresh flow's first packet: name its socket's owner while it is surely alive.
+        Only without conntrack events, which announce the flow a round trip earlier."""
+        if self.ct is None and self.prefetch_ok():
             self._work.append((payload, reply))
 
     def submit(self, ev: Event, policy: Any, destroy: bool = False) -> Pending:
@@ -198,12 +221,15 @@ class Attributor:
             p.done = True
         return p
 
-    def socket_now(self, ev: Event) -> None:
+    def socket_now(self, ev: Event) -> SocketInfo | None:
         """sock_diag for a flow about to be dropped (see the module docstring). Never raises."""
         try:
             key = key_of_event(ev)
-            if key is None or key in self._early:
-                return
+            if key is None:
+                return None
+            known = self._early.get(key)
+            if known is not None:
+                return known[0]
             self.inline += 1
             try:
                 info = self.node.lookup(*key)
@@ -211,14 +237,47 @@ class Attributor:
             except NotFound:
                 sd = self.netns.for_address(key[1]) if self.netns is not None else None
                 if sd is None:
-                    return
+                    return None
                 info = sd.lookup(*key)
                 where = "netns"
             self._early[key] = (info, where)
             while len(self._early) > 4096:
                 self._early.popitem(last=False)
+            return info
         except Exception:  # the worker will try again, and say why if it fails too
-            return
+            return None
+
+    def at_drop(self, ev: Event) -> tuple[Who, bool]:
+        """Who is behind a flow being dropped, from memory only (no /proc, no tree walk): the
+        alert is written before the verdict. (who, complete): complete when the lookup
+        started at the SYN already named the process of this very socket."""
+        info = self.socket_now(ev)
+        key = key_of_event(ev)
+        hit = self._by_key.get(key) if key is not None else None
+        if hit is not None and time.monotonic() - hit[0] < KEY_TTL:
+            who = hit[1]
+            if (info is None and who.pid is not None) or (info is not None and info.inode == who.inode):
+                # The lookup started at the SYN, about this very socket: what it found (or why not).
+                return who, who.pid is not None
+        if info is None:
+            return unknown("socket not found when the flow was dropped"), False
+        if info.state == "time-wait":
+            return unknown("socket closed before the drop (time-wait)"), False
+        path = self.cgroups.cached(info.cgroup_id)
+        why = f"process not named in time: {SEE_RECORD}"
+        if info.inode == 0:
+            why = f"socket orphaned ({info.state}): its program closed it or exited before the drop"
+        process: dict[str, Any] = {"unknown": why}
+        process["uid"] = info.uid
+        ctr = None
+        if path is not None:
+            process["cgroup"] = path
+            unit = unit_of(path)
+            if unit is not None:
+                process["unit"] = unit
+            c = container_of(path)
+            ctr = c.as_dict() if c is not None else None
+        return Who(process, ctr, None, None, None, path, info.inode), False
 
     def status(self) -> dict[str, Any]:
         return {
@@ -228,6 +287,8 @@ class Attributor:
             "unknown": self.unknown,
             "timeouts": self.timeouts,
             "inline_socket_lookups": self.inline,
+            "early_lookups_skipped": self.prefetch_skipped,
+            "sockets_destroyed": self.destroyed,
             "responses": self.responses,
             "reasons": dict(self.reasons),
             "queue": len(self._work),
@@ -258,6 +319,7 @@ class Attributor:
 
     # -- worker ----------------------------------------------------------------------------
     def _run(self) -> None:
+        self._safe(self.cgroups.refresh)  # index the cgroup tree once at start
         first = True
         while not self._stop:
             if not first:
@@ -298,9 +360,15 @@ class Attributor:
         hit = self._by_key.get(key)
         if hit is not None and now - hit[0] < 1.0:
             return  # conntrack and the first packet both asked: one lookup per flow
-        who = self._attribute(key, now + self.timeout, early=True)
+        try:
+            who = self._attribute(key, now + self.timeout, early=True)
+        finally:
+            self._pf_spent += time.monotonic() - now
         if who.cgroup is None and who.pid is None:
-            return  # not a local socket (an inbound connection), or gone: the event will say why
+            # Not a local socket (an inbound connection), or gone: the event will say why.
+            # An answer about an earlier connection on the same 4-tuple must not stand in.
+            self._by_key.pop(key, None)
+            return
         self._by_key[key] = (now, who)
         self._by_key.move_to_end(key)
         while len(self._by_key) > CACHE:
@@ -313,7 +381,9 @@ class Attributor:
         if who is None:
             hit = self._by_key.get(key) if key is not None else None
             now = time.monotonic()
-            if hit is not None and now - hit[0] < KEY_TTL and key not in self._early:
+            early = self._early.get(key) if key is not None else None
+            if hit is not None and now - hit[0] < KEY_TTL and (early is None or early[0].inode == hit[1].inode):
+                # Looked up at the SYN (conntrack) or the first packet, about this very socket.
                 who = hit[1]
             elif key is None:
                 who = unknown(f"no socket lookup for protocol {ev.proto}")
@@ -337,7 +407,9 @@ class Attributor:
                 action = p.who_rule.respond
         if not action:
             return
-        if who.pid is None:
+        if getattr(policy, "mode", "enforce") == "monitor":
+            p.responses.append({"action": action, "result": "refused", "reason": "monitor mode: would respond"})
+        elif who.pid is None:
             p.responses.append({"action": action, "result": "refused", "reason": "no process was attributed"})
         elif action == "freeze":
             p.responses.append(responder.freeze(self.mount, who.pid, who.started))
@@ -413,10 +485,13 @@ class Attributor:
             reason = f"socket orphaned ({info.state}): its program closed it or exited before lookup"
         else:
             recent = list(self._owners.get(info.cgroup_id, ()))
-            members = procs(self.mount, cg) if self.mount is not None and cg is not None else []
-            cands = recent + [x for x in members if x not in recent]
             try:
-                pid = find_socket_owner(info.inode, cands, deadline)
+                pid = find_socket_owner(info.inode, recent, deadline) if recent else None
+                cands = recent
+                if pid is None:
+                    members = procs(self.mount, cg) if self.mount is not None and cg is not None else []
+                    cands = recent + [x for x in members if x not in recent]
+                    pid = find_socket_owner(info.inode, cands[len(recent) :], deadline)
                 if pid is None:
                     # Everything else, newest first: a short-lived client is most likely recent,
                     # and it must be found before it exits.
@@ -454,7 +529,7 @@ class Attributor:
         gpu = self._gpu(pid, pcg, deadline)
         if gpu is None and reason == DENIED:
             gpu = {"unknown": DENIED.replace("the socket's process", "the processes' fds")}
-        return Who(process, ctr.as_dict() if ctr else None, gpu, pid, started, pcg)
+        return Who(process, ctr.as_dict() if ctr else None, gpu, pid, started, pcg, info.inode)
 
     def _describe(self, pid: int, started: int) -> tuple[dict[str, Any] | None, str | None]:
         """/proc facts of a process and its cgroup, cached for PROC_TTL by (pid, start time):
@@ -492,21 +567,26 @@ class Attributor:
         return gpu
 
 
+def final_who(p: Pending, timed_out: bool) -> Who:
+    if (timed_out and not p.done) or p.who is None:
+        return unknown("attribution timed out")
+    return p.who
+
+
 def apply(p: Pending, timed_out: bool) -> Event:
     """The event with its attribution (or the reason it has none) filled in."""
-    ev = p.event
-    who = p.who if p.done and p.who is not None else unknown("attribution timed out")
-    if timed_out and not p.done:
-        who = unknown("attribution timed out")
+    return fill(p.event, final_who(p, timed_out), p.who_rule if p.done else None, p.local_socket)
+
+
+def fill(ev: Event, who: Who, rule: Any, local_socket: dict[str, Any] | None = None) -> Event:
     ev.process = who.process
     extra = dict(ev.extra) if ev.extra else {}
     if who.container is not None:
         extra["container"] = who.container
     if who.gpu is not None:
         extra["gpu"] = who.gpu
-    if p.local_socket is not None:
-        extra["local_socket"] = p.local_socket
-    rule = p.who_rule if p.done else None
+    if local_socket is not None:
+        extra["local_socket"] = local_socket
     if rule is not None:
         # A rule on who is behind the flow held: it names itself, may raise the severity and
         # turns an accepted flow's record into an alert (the verdict itself is unchanged).

@@ -294,6 +294,8 @@ def _rule(node: Node, st: State, names: dict[str, str]) -> tuple[str | None, Rul
     respond = ""
     if "respond" in keys:
         respond = as_choice(keys["respond"][1], st, "respond", ("freeze", "kill")) or ""
+        if respond and action == "accept":
+            st.report.node(keys["respond"][1], f"{label} accepts the flow; 'respond' only goes with drop or alert")
     severity = 0
     if "severity" in keys:
         severity = parse_severity(keys["severity"][1], st) or 0

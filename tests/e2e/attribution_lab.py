@@ -32,14 +32,16 @@ from egressd.lab.netns import Lab
 CLIENT_UID = 4242
 SYSTEM_PY = "/usr/bin/python3"  # stdlib only: uid 4242 needs nothing from the repository
 
-# A miner as a test sees it: connect, send a Stratum subscribe, report what happened, then
-# stay alive (a real miner retries) until its stdin closes or 20 s pass.
+# A miner as a test sees it: connect, wait ``delay_ms`` (the round trip to a pool on the
+# internet: on a real network the first data segment follows the SYN by at least one), send a
+# Stratum subscribe, report what happened, then stay alive (a real miner retries) until its
+# stdin closes or 20 s pass.
 MINER = r"""
 import json, os, select, socket, sys, time
-host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+host, port, mode, delay_ms = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 gpu = None
-if len(sys.argv) > 4:
-    gpu = os.open(sys.argv[4], os.O_RDONLY)
+if len(sys.argv) > 5:
+    gpu = os.open(sys.argv[5], os.O_RDONLY)
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 s = socket.socket(fam, socket.SOCK_STREAM)
 s.settimeout(5)
@@ -47,12 +49,14 @@ rep = {"pid": os.getpid(), "uid": os.getuid()}
 t = time.monotonic()
 try:
     s.connect((host, port))
+    rep["port"] = s.getsockname()[1]
     if mode == "exit":
         # Corked: the subscribe leaves the node only when exit closes the socket, so the
         # process is surely gone before egressd sees a byte of this flow.
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
         s.sendall(b'{"id": 1, "method": "mining.subscribe", "params": ["cpuminer/2.5.1"]}\n')
         os._exit(0)
+    time.sleep(delay_ms / 1000)
     if mode == "stratum":
         s.sendall(b'{"id": 1, "method": "mining.subscribe", "params": ["cpuminer/2.5.1"]}\n')
     data = s.recv(4096)
