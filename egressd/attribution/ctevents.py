@@ -117,6 +117,9 @@ class ConntrackNew:
         self.sock.close()
 
     def _run(self) -> None:
+        from egressd.attribution.service import lower_priority
+
+        lower_priority()
         while not self._stop:
             try:
                 data = self.sock.recv(65536)

@@ -20,6 +20,8 @@ without a verdict ever waiting for ``/proc``. Plan:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import threading
 import time
@@ -80,6 +82,13 @@ class Who:
             "gpu": None if self.gpu is not None and "unknown" in self.gpu else self.gpu is not None,
             "known": self.pid is not None or self.cgroup is not None,
         }
+
+
+def lower_priority() -> None:
+    """Attribution threads yield the CPU to the packet loop when both want it (nice +5; the
+    thread's own nice value, so the loop keeps the daemon's)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)
 
 
 def unknown(why: str) -> Who:
@@ -319,6 +328,7 @@ class Attributor:
 
     # -- worker ----------------------------------------------------------------------------
     def _run(self) -> None:
+        lower_priority()
         self._safe(self.cgroups.refresh)  # index the cgroup tree once at start
         first = True
         while not self._stop:
