@@ -49,7 +49,7 @@ PROC_TTL: Final = 5.0  # seconds a process's /proc description is reused
 GPU_TTL: Final = 2.0  # seconds a (process, cgroup) GPU answer is reused
 MAX_QUEUE: Final = 20000  # items waiting for the worker; beyond, events go out unattributed
 MAX_PREFETCH_QUEUE: Final = 1024  # early lookups waiting; beyond, they are skipped (events still get one)
-PREFETCH_BUDGET: Final = 0.1  # seconds of worker time per second for early lookups (a flood bound)
+PREFETCH_BUDGET: Final = 0.25  # seconds of worker time per second for early lookups (a flood bound)
 SEE_RECORD: Final = "the flow was dropped before the lookup started at its SYN finished"
 DENIED: Final = (
     "the socket's process cannot be read (needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, and a visible /proc)"
