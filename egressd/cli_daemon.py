@@ -178,7 +178,7 @@ def _print_attribution(con: Any, a: dict[str, Any] | None) -> None:
         return
     from rich.table import Table
 
-    from egressd.demo import who_line
+    from egressd.attribution.render import who_line
 
     con.print(
         f"attribution: {a['attributed']} named, {a['partial']} socket/cgroup only, {a['unknown']} unknown, "

@@ -31,6 +31,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from egressd.attribution.render import who_line
 from egressd.lab import peers
 from egressd.lab.netns import SERVICES, Lab, LabError
 
@@ -222,28 +223,6 @@ def explain(e: dict[str, Any]) -> str:
     elif e.get("domain"):
         text += f", domain {escape(str(e['domain']))}"
     return text + f" [dim]({escape(str(e.get('reason')))})[/dim]" + who_line(e)
-
-
-def who_line(e: dict[str, Any]) -> str:
-    """Who was behind the flow (issue 8), as a second line: process, user, container, GPU."""
-    p = e.get("process")
-    if not isinstance(p, dict):
-        return ""
-    if "pid" in p:
-        who = f"pid {p['pid']} {p.get('name', '?')} (user {p.get('user', p.get('uid', '?'))})"
-    else:
-        who = f"process unknown: {p.get('unknown', '?')}"
-    c = e.get("container")
-    if isinstance(c, dict):
-        who += f", {c.get('runtime')} container {str(c.get('id', ''))[:12]}"
-        if c.get("pod_uid"):
-            who += f" of pod {c['pod_uid']}"
-    elif p.get("unit"):
-        who += f", unit {p['unit']}"
-    g = e.get("gpu")
-    if isinstance(g, dict):
-        who += f", holds GPU {' '.join(g.get('devices', []))}"
-    return f"\n    [dim]who:[/dim] {escape(who)}"
 
 
 def judge(s: Step, out: Outcome) -> str:

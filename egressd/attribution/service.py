@@ -3,19 +3,19 @@
 Goal: every event names the process, its container or pod, and whether it holds a GPU —
 without a verdict ever waiting for ``/proc``. Plan:
 
-* The daemon's packet loop only appends to a deque (``prefetch`` for a fresh flow's first
-  packet, ``submit`` for an event) and wakes the worker once per batch. The worker thread
-  does the lookups: sock_diag (uid, inode, cgroup id), then the cgroup's processes'
-  ``/proc/PID/fd``, the cgroup path, the GPU fds. One lookup per flow: results are cached by
-  4-tuple (for the events that follow a prefetch) and by flow id (a flow's later events).
-* One exception, because the socket would not exist a microsecond later: when the engine
-  drops a flow, the kernel resets its local socket as the verdict lands, so the daemon asks
-  sock_diag for the socket *before* giving the verdict (``socket_now``: one netlink round
-  trip, ~8 µs measured, no ``/proc``; dropped flows only). The ``/proc`` part still runs on
-  the worker — the process keeps its fd on the reset socket until it closes it.
-* The daemon writes each event when its attribution is done or ``timeout`` has passed,
-  in the order the engine made them. An event whose attribution failed or timed out says
-  why: ``"process": {"unknown": "socket closed before lookup"}``, never nothing.
+* Lookups start when conntrack announces a connection (its SYN left: ``ctevents``), or, when
+  those events are unavailable, at a fresh flow's first packet (``prefetch``): the packet loop
+  and the conntrack thread only append to a deque. The worker thread does the lookups:
+  sock_diag (uid, inode, cgroup id), then the cgroup's processes' ``/proc/PID/fd``, the
+  cgroup path, the GPU fds. One lookup per flow: results are cached by 4-tuple (for the
+  events that follow) and by flow id (a flow's later events). Early lookups are bounded by a
+  CPU budget, so a connection flood cannot make them a CPU sink.
+* Events (``submit``) are written when their attribution is done or ``timeout`` has passed,
+  in the order the engine made them, and say why when it failed:
+  ``"process": {"unknown": "socket closed before lookup"}``, never nothing.
+* Except a dropped flow's alert, which is written before its verdict (sink.py), from memory
+  only (``at_drop``): the daemon asks sock_diag for the socket first, because the verdict
+  resets it (one netlink round trip, ~8 µs measured, no ``/proc``; dropped flows only).
 """
 
 from __future__ import annotations
