@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from egressd.attribution.cgroup import v2_mount
-from egressd.lab import peers
-from egressd.lab.netns import Lab
+from egressd_lab import peers
+from egressd_lab.netns import Lab
 
 CLIENT_UID = 4242
 SYSTEM_PY = "/usr/bin/python3"  # stdlib only: uid 4242 needs nothing from the repository

@@ -33,11 +33,12 @@ from attribution_lab import (
     start_daemon_nsenter,
     with_fake_gpu,
 )
-from daemon_fixtures import NEEDS_KERNEL, policy_copy
+from daemon_fixtures import NEEDS_KERNEL
 
 from egressd import netfilter
-from egressd.lab import peers
-from egressd.lab.netns import SERVICES, Lab
+from egressd_lab import peers
+from egressd_lab.harness import policy_copy
+from egressd_lab.netns import SERVICES, Lab
 
 pytestmark = [*NEEDS_KERNEL, pytest.mark.skipif(shutil.which("nsenter") is None, reason="needs nsenter")]
 
