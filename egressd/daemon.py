@@ -107,8 +107,9 @@ class Daemon:
         else:
             # Write the alert before the verdict reaches the kernel: the peer learns of the
             # drop from the reset, and whatever happens to us next, the reason is on disk.
-            # (With attribution the event waits for it, bounded; the dropped flow's socket is
-            # looked up before the verdict resets it: see egressd.attribution.service.)
+            # (With attribution the alert is still written here, with what memory holds about
+            # who is behind the flow; its socket is looked up first, since the verdict resets
+            # it: see egressd.attribution.sink.)
             self._drain_events(reply_drop=bool(mark & netfilter.MARK_REPLY))
             pkt.set_mark(netfilter.with_verdict(mark, netfilter.MARK_DENY))
         pkt.repeat()

@@ -16,6 +16,7 @@ mounts ``/proc`` with ``hidepid`` (systemd's ``ProtectProc=invisible``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pwd
 import time
@@ -80,7 +81,9 @@ def find_socket_owner(inode: int, candidates: Iterable[int], deadline: float) ->
     return None
 
 
+@functools.lru_cache(maxsize=1024)
 def user_name(uid: int) -> str | None:
+    """The user's name (cached: ``getpwuid`` reads /etc/passwd on every call)."""
     try:
         return pwd.getpwuid(uid).pw_name
     except (KeyError, OverflowError):
