@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,17 @@ def test_shipped_policies_raise_gpu_mining_and_respond_nowhere() -> None:
     for f in sorted(default_policy().parent.glob("*.yaml")):
         pol = load_policy(f)
         assert [r.name for r in (*pol.rules, *pol.who_rules) if r.respond] == [], f"{f}: containment is opt-in"
+
+
+def test_egressd_test_says_which_rules_it_could_not_evaluate(capsys: pytest.CaptureFixture[str]) -> None:
+    from egressd.cli import main
+
+    pcap = Path(__file__).resolve().parents[1] / "pcaps" / "stratum-v1.pcap"
+    assert main(["test", "--no-progress", str(pcap)]) == 0
+    out = capsys.readouterr().out
+    assert "not evaluated: rule 'gpu-mining-or-tunnel' matches on the process, container or GPU" in out
+    assert main(["test", "--json", "--no-progress", str(pcap)]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    mining = [r for r in rows if r["rule"] == "drop-mining"]
+    assert mining and all(r["unevaluated_rules"] == ["gpu-mining-or-tunnel"] for r in mining)
+    assert all("unevaluated_rules" not in r for r in rows if not r.get("detections"))
