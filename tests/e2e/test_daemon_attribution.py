@@ -43,6 +43,7 @@ from egressd_lab.netns import SERVICES, Lab
 pytestmark = [*NEEDS_KERNEL, pytest.mark.skipif(shutil.which("nsenter") is None, reason="needs nsenter")]
 
 POOL = SERVICES["pool"][0]
+POOL6 = SERVICES["pool"][1]
 EVIL_SSH = SERVICES["ssh_evil"][0]
 DAEMON_UID = 4243  # an unprivileged daemon: not the client's uid, not root
 POD_V4, POD_NODE_V4 = "203.0.113.130", "203.0.113.129"  # 203.0.113.128/26: no service address
@@ -106,6 +107,7 @@ def world() -> Iterator[World]:
     try:
         lab.create()
         peers.start_pool(lab, tmp, "v1", POOL, 3333, idle_timeout=3.0)
+        peers.start_pool(lab, tmp, "v1", POOL6, 3333, idle_timeout=3.0)
         keys = peers.make_ssh_keys(tmp)
         peers.start_sshd(lab, tmp, keys, [(EVIL_SSH, 22)], name="sshd-attr")
         # A pod network namespace routed (and masqueraded) through the node, with a "pause"
@@ -147,9 +149,15 @@ RTT_MS = "30"  # the miner's wait between connect() and its subscribe: a pool's 
 
 
 def _miner(
-    w: World, cgroup: str, *extra: str, netns: str | None = None, mode: str = "stratum", delay: str = RTT_MS
+    w: World,
+    cgroup: str,
+    *extra: str,
+    netns: str | None = None,
+    mode: str = "stratum",
+    delay: str = RTT_MS,
+    pool: str = POOL,
 ) -> list[str]:
-    argv = [SYSTEM_PY, "-c", MINER, POOL, "3333", mode, delay, *extra]
+    argv = [SYSTEM_PY, "-c", MINER, pool, "3333", mode, delay, *extra]
     return in_cgroup(w.cg.mount, cgroup, as_client(netns or w.lab.node, argv))
 
 
@@ -163,16 +171,19 @@ def _alert_and_who(d: peers.Egressd, pred: Any, timeout: float = 5.0) -> tuple[d
     return alerts[0], {k: alerts[0][k] for k in WHO_FIELDS if k in alerts[0]}
 
 
-def _to_pool_from(port: int) -> Any:
-    return lambda e: e["dest_ip"] == POOL and e["dest_port"] == 3333 and e["src_port"] == port
+def _to_pool_from(port: int, pool: str = POOL) -> Any:
+    return lambda e: e["dest_ip"] == pool and e["dest_port"] == 3333 and e["src_port"] == port
 
 
-def test_docker_container_client_alert_names_pid_uid_and_container(world: World, daemon: peers.Egressd) -> None:
+@pytest.mark.parametrize("pool", [POOL, POOL6], ids=["ipv4", "ipv6"])
+def test_docker_container_client_alert_names_pid_uid_and_container(
+    world: World, daemon: peers.Egressd, pool: str
+) -> None:
     path, cid = world.cg.docker()
-    c = start_client(_miner(world, path))
+    c = start_client(_miner(world, path, pool=pool))
     try:
         assert c.report["result"] in ("ECONNRESET", "ECONNREFUSED"), c.report
-        alert, who = _alert_and_who(daemon, _to_pool_from(c.report["port"]))
+        alert, who = _alert_and_who(daemon, _to_pool_from(c.report["port"], pool))
         assert (alert["rule"], alert["action"]) == ("drop-mining", "blocked")
         proc = who["process"]
         assert proc["pid"] == c.proc.pid == c.report["pid"]
@@ -180,7 +191,7 @@ def test_docker_container_client_alert_names_pid_uid_and_container(world: World,
         assert proc["executable"].startswith("/usr/bin/python3")
         cmd = proc["command_line"]
         assert cmd.startswith(f"{SYSTEM_PY} -c ") and len(cmd) <= 1024, cmd
-        assert cmd.endswith(f"{POOL} 3333 stratum {RTT_MS}") or cmd.endswith("…"), cmd
+        assert cmd.endswith(f"{pool} 3333 stratum {RTT_MS}") or cmd.endswith("…"), cmd
         assert proc["cgroup"] == path
         assert proc["ppid"] > 1
         assert who["container"] == {"id": cid, "runtime": "docker"}
