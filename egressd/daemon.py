@@ -86,6 +86,7 @@ class Daemon:
         self._servers: list[asyncio.AbstractServer] = []
         # -- attribution (issue 8): events go through the sink, which names who is behind them
         self.who: AttributedSink | None = None
+        self._overload_seen = 0
         if opts.attribution:
             self.who = AttributedSink(self.log, opts.attribution_timeout)
 
@@ -121,6 +122,9 @@ class Daemon:
         t0 = time.perf_counter_ns()
         self._now = time.time()
         n = q.process(BATCH)
+        if self.who is not None and self.engine.counters.overload != self._overload_seen:
+            self._overload_seen = self.engine.counters.overload  # issue 8: pause early lookups
+            self.who.attributor.paused_until = time.monotonic() + 2.0
         if n:
             dt = time.perf_counter_ns() - t0
             self.lat_total_ns += dt // n

@@ -49,7 +49,9 @@ PROC_TTL: Final = 5.0  # seconds a process's /proc description is reused
 GPU_TTL: Final = 2.0  # seconds a (process, cgroup) GPU answer is reused
 MAX_QUEUE: Final = 20000  # items waiting for the worker; beyond, events go out unattributed
 MAX_PREFETCH_QUEUE: Final = 1024  # early lookups waiting; beyond, they are skipped (events still get one)
-PREFETCH_BUDGET: Final = 0.25  # seconds of worker time per second for early lookups (a flood bound)
+# Worker time per second (a flood bound: every new connection could cost a /proc search).
+BUDGET: Final = 0.25  # all lookups; beyond it an event says "attribution budget spent"
+PREFETCH_BUDGET: Final = 0.15  # the part early lookups may use, leaving the rest to events
 SEE_RECORD: Final = "the flow was dropped before the lookup started at its SYN finished"
 DENIED: Final = (
     "the socket's process cannot be read (needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, and a visible /proc)"
@@ -172,6 +174,10 @@ class Attributor:
         self.responses = 0
         self.prefetch_skipped = 0
         self.destroyed = 0  # local sockets aborted for drops decided on a reply
+        self.budget_spent = 0  # events not looked up: the lookup budget was spent
+        # Early lookups stop while the engine sheds new flows (on_overload): a flood is when
+        # the packet loop needs the CPU most, and its flows are the least worth a /proc search.
+        self.paused_until = 0.0
         self._pf_window = 0.0
         self._pf_spent = 0.0
 
@@ -191,11 +197,12 @@ class Attributor:
         """Early lookups are a courtesy, bounded so that a connection flood cannot turn them
         into a CPU sink: at most PREFETCH_BUDGET s of worker time per second, and a short
         queue. Skipped flows are still looked up (once) when their event comes."""
-        now = time.monotonic()
-        if now - self._pf_window >= 1.0:
-            self._pf_window = now
-            self._pf_spent = 0.0
-        if self._pf_spent >= PREFETCH_BUDGET or len(self._work) >= MAX_PREFETCH_QUEUE:
+        self._roll_window()
+        if (
+            self._pf_spent >= PREFETCH_BUDGET
+            or len(self._work) >= MAX_PREFETCH_QUEUE
+            or time.monotonic() < self.paused_until
+        ):
             self.prefetch_skipped += 1
             return False
         return True
@@ -214,6 +221,12 @@ class Attributor:
     def kick(self) -> None:
         if self._work:
             self._wake.set()
+
+    def _roll_window(self) -> None:
+        now = time.monotonic()
+        if now - self._pf_window >= 1.0:
+            self._pf_window = now
+            self._pf_spent = 0.0
 
     def prefetch(self, payload: bytes, reply: bool) -> None:
         """A fresh flow's first packet: name its socket's owner while it is surely alive.
@@ -298,6 +311,7 @@ class Attributor:
             "inline_socket_lookups": self.inline,
             "early_lookups_skipped": self.prefetch_skipped,
             "sockets_destroyed": self.destroyed,
+            "budget_spent": self.budget_spent,
             "responses": self.responses,
             "reasons": dict(self.reasons),
             "queue": len(self._work),
@@ -338,17 +352,22 @@ class Attributor:
             first = False
             if self.netns is not None and self.netns.due(False):
                 self._safe(self.netns.refresh)
+            finished = 0
             while self._work and not self._stop:
                 item = self._work.popleft()
                 if isinstance(item, Pending):
                     self._safe(lambda it=item: self._event(it))  # type: ignore[misc]
                     item.done = True
-                    if self.on_done is not None:
-                        self.on_done()
+                    finished += 1
+                    if finished >= 64 and self.on_done is not None:
+                        self.on_done()  # a long burst: let the loop write what is done so far
+                        finished = 0
                 elif len(item) == 5:
                     self._safe(lambda it=item: self._prefetch_key(it))  # type: ignore[misc]
                 else:
                     self._safe(lambda it=item: self._prefetch(*it))  # type: ignore[misc]
+            if finished and self.on_done is not None:
+                self.on_done()  # one wake-up of the packet loop per burst, not per event
 
     @staticmethod
     def _safe(fn: Callable[[], None]) -> None:
@@ -398,7 +417,16 @@ class Attributor:
             elif key is None:
                 who = unknown(f"no socket lookup for protocol {ev.proto}")
             else:
-                who = self._attribute(key, p.deadline)
+                self._roll_window()
+                if self._pf_spent >= BUDGET:
+                    self.budget_spent += 1
+                    who = unknown(f"attribution budget spent ({BUDGET:g} s of lookups per second: a flood?)")
+                else:
+                    t0 = time.monotonic()
+                    try:
+                        who = self._attribute(key, p.deadline)
+                    finally:
+                        self._pf_spent += time.monotonic() - t0
             self._by_flow[ev.flow_id] = who
             while len(self._by_flow) > CACHE:
                 self._by_flow.popitem(last=False)
