@@ -27,7 +27,7 @@ from egressd.attribution.sockdiag import SockDiag
 
 CLONE_NEWNET: Final = 0x40000000
 MAX_NAMESPACES: Final = 4096
-RESCAN: Final = 2.0  # seconds between scans for new namespaces (a miss may trigger one sooner)
+RESCAN: Final = 30.0  # seconds between scans for new namespaces (a miss triggers one sooner)
 MISS_RESCAN: Final = 0.5
 
 _LOOPBACK: Final = frozenset({bytes([127, 0, 0, 1]), bytes(15) + b"\x01"})
