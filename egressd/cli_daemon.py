@@ -60,6 +60,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="SECONDS",
         help="longest an event waits for its attribution before it is written without (default %(default)s)",
     )
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="reload the policy when its files change on disk (config management, a Kubernetes ConfigMap "
+        "volume's ..data swap), exactly as SIGHUP does: a broken policy is rejected and the running one stays",
+    )
     netfilter.add_guard_arguments(p)
     p.set_defaults(handler=cmd_run)
 
@@ -114,6 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         forward_ifaces=tuple(args.forward_iface),
         attribution=not args.no_attribution,
         attribution_timeout=min(max(args.attribution_timeout, 0.01), 10.0),
+        watch=args.watch,
         guard=not args.no_guard,
         guard_ifaces=tuple(args.guard_iface),
     )
