@@ -47,6 +47,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="IFACE",
         help="judge forwarded traffic only from these container-side interfaces (iptables wildcards, e.g. veth+)",
     )
+    netfilter.add_guard_arguments(p)
     p.set_defaults(handler=cmd_run)
 
     r = sub.add_parser(
@@ -98,6 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         install_rules=not args.no_rules,
         forward_ifaces=tuple(args.forward_iface),
+        guard=not args.no_guard,
+        guard_ifaces=tuple(args.guard_iface),
     )
     return run(opts)
 

@@ -1,13 +1,13 @@
 """``egressd run``: the engine on live traffic. asyncio on uvloop, NFQUEUE via netfilterqueue.
 
-The shell is thin on purpose (DESIGN.md): every decision is the engine's, made on exactly the
+The shell is thin on purpose (docs/architecture.md): every decision is the engine's, made on exactly the
 bytes the kernel copied to us, so a capture of the same traffic replays to the same verdicts.
 What lives here is only what a live system needs:
 
 * the queue's fd on the event loop (``loop.add_reader``), drained in bounded batches
   (``nfq.Queue.process(budget)``) so signals, reloads and the status socket stay responsive
   under load — ``nfq.run(block=False)`` drains everything and stalls the loop for up to a
-  second (NFQUEUE.md);
+  second (docs/architecture.md);
 * the verdict back to the kernel as a mark + ``repeat()``, so the kernel rules pin it
   (netfilter.py explains the mark bits);
 * SIGHUP: load the new policy *beside* the old one; only a policy that loads completely
@@ -51,6 +51,7 @@ _MARK_BITS: dict[int, int] = {
 BATCH = 64  # packets per wake-up before the loop gets a chance to run other work
 TICK = 1.0  # seconds between housekeeping rounds (sweep, rotation, kernel counters, watchdog)
 UNINSPECTED_EVERY = 2  # ticks between reads of the rule counters (an iptables-save per family)
+GUARD_EVERY = 5  # ticks between looks for a new way out (a default route) to guard
 
 
 @dataclass
@@ -63,6 +64,8 @@ class Options:
     metrics: str | None = None  # "127.0.0.1:9713"
     install_rules: bool = True
     forward_ifaces: tuple[str, ...] = ()
+    guard: bool = True  # the link guard (netfilter.render_guard) on guard_ifaces
+    guard_ifaces: tuple[str, ...] = ()  # empty: the default routes' interfaces, followed while running
 
 
 class Daemon:
@@ -88,6 +91,9 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._queue: nfq.Queue | None = None
         self._rules_installed = False
+        self.guard_ifaces: list[str] = []  # what the link guard watches now
+        self.guard_error = ""
+        self._guard_unavailable = False  # no nft, or the kernel refused the egress hook
         self._servers: list[asyncio.AbstractServer] = []
 
     # -- the packet path -----------------------------------------------------------------
@@ -160,7 +166,7 @@ class Daemon:
                 file=sys.stderr,
                 flush=True,
             )
-        if self._rules_installed and self.kernel_head(new) != self.kernel_head(self.policy):
+        if self._rules_installed and netfilter.kernel_head(new_s) != netfilter.kernel_head(old_s):
             # head_bytes/max_packets changed: the kernel's bound must follow, or a larger head
             # could be outlasted by a slow sender. install() replaces the rules in one
             # transaction per table; pinned connections keep their connmarks.
@@ -198,12 +204,14 @@ class Daemon:
             self._ticks += 1
             if self._rules_installed and self.fail_open and self._ticks % UNINSPECTED_EVERY == 0:
                 self._count_uninspected()
+            if self._rules_installed and self._ticks % GUARD_EVERY == 0:
+                self._follow_uplinks()
             sdnotify.watchdog()
             sdnotify.status(self._status_line())
 
     def _count_uninspected(self) -> None:
         """With fail: open the kernel passes queue overflow uninspected and counts it nowhere
-        (NFQUEUE.md): the NFQUEUE rules' packet counters minus what the queue accepted
+        (docs/architecture.md): the NFQUEUE rules' packet counters minus what the queue accepted
         (id_sequence) and dropped is that number. Reported, never silently lost."""
         k = self.kernel
         if k is None:
@@ -228,6 +236,7 @@ class Daemon:
             "mode": self.policy.mode,
             "fail": self.policy.fail,
             "queue_num": self.queue_num,
+            "link_guard": {"ifaces": self.guard_ifaces, "error": self.guard_error},
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
             "last_reload_error": self.last_reload_error,
@@ -353,25 +362,65 @@ class Daemon:
                     os.unlink(self.opts.status_socket)
         return 0
 
-    @staticmethod
-    def kernel_head(policy: Policy) -> int:
-        """The kernel's per-direction head bound for a policy.
-
-        It must exceed what the engine can need, or a 1-byte-segment sender could outlast
-        it: the engine pins a flow within 2 * head_bytes + max_packets packets
-        (Engine._inspect), whatever the peers do.
-        """
-        s = policy.settings
-        return 2 * s.head_bytes + s.max_packets + 16
-
     def _install_rules(self, policy: Policy) -> None:
         netfilter.install(
             self.queue_num,
             fail_open=self.fail_open,
-            max_packets=self.kernel_head(policy),
+            max_packets=netfilter.kernel_head(policy.settings),
             forward_ifaces=self.opts.forward_ifaces,
         )
         self._rules_installed = True
+        if not self.guard_ifaces:  # a reload re-installs the iptables rules only; the guard stays
+            self._install_guard()
+
+    def _install_guard(self) -> None:
+        """The link guard on the named interfaces, or on the way out (the default routes).
+
+        Named interfaces that cannot be guarded are an error (the rules are taken down again
+        and the daemon stops); when following the default routes, a system without nft or a
+        kernel without the netdev egress hook gets a warning and egressd runs without a guard.
+        """
+        if not self.opts.guard:
+            return
+        ifaces = list(self.opts.guard_ifaces) or netfilter.uplinks()
+        if not ifaces:
+            self.guard_error = "no default route yet: nothing to guard"
+            return
+        try:
+            netfilter.install_guard(ifaces)
+        except netfilter.GuardUnavailable as e:
+            if self.opts.guard_ifaces:
+                self._remove_rules()
+                raise
+            self.guard_error, self._guard_unavailable = str(e), True
+            print(
+                f"egressd: warning: no link guard ({e}): frames a CAP_NET_RAW process writes through "
+                "a packet socket are not judged",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        self.guard_ifaces, self.guard_error = ifaces, ""
+
+    def _follow_uplinks(self) -> None:
+        """A new way out (a default route through an interface not guarded yet): guard it too.
+
+        Only when following the default routes. The set only grows while the daemon runs (the
+        kernel re-hooks a guarded name when its interface comes back); /proc/net is read, no
+        subprocess, and nft runs only when something changed.
+        """
+        if not self.opts.guard or self.opts.guard_ifaces or self._guard_unavailable:
+            return
+        want = sorted(set(self.guard_ifaces) | set(netfilter.uplinks()))
+        if not want or want == self.guard_ifaces:
+            return
+        try:
+            netfilter.install_guard(want)
+        except netfilter.NetfilterError as e:
+            self.guard_error = str(e)
+            return
+        print(f"egressd: link guard now on {', '.join(want)}", file=sys.stderr, flush=True)
+        self.guard_ifaces, self.guard_error = want, ""
 
     def _remove_rules(self) -> None:
         if self._rules_installed:
@@ -380,6 +429,7 @@ class Daemon:
             except netfilter.NetfilterError as e:
                 print(f"egressd: removing the kernel rules failed: {e}", file=sys.stderr, flush=True)
             self._rules_installed = False
+            self.guard_ifaces = []
 
 
 def parse_metrics_address(text: str) -> tuple[str, int]:
@@ -451,6 +501,12 @@ def run(opts: Options) -> int:
             "egressd run: needs CAP_NET_ADMIN (run as root or with AmbientCapabilities=CAP_NET_ADMIN)",
             file=sys.stderr,
         )
+        return 2
+    try:
+        for name in opts.guard_ifaces:
+            netfilter.check_iface(name)
+    except ValueError as e:
+        print(f"egressd run: --guard-iface: {e}", file=sys.stderr)
         return 2
     if opts.metrics:
         try:

@@ -11,7 +11,7 @@ the kernel to stop sending it) as soon as every detector has decided, or after
 ``max_packets`` packets, so Python sees the first handful of packets of each connection,
 never the bulk.
 
-Judgement (DESIGN.md "How a flow is judged"): the policy decides provisionally on the
+Judgement (docs/architecture.md, "The engine, per packet"): the policy decides provisionally on the
 first packet from addresses, ports and the DNS-learned domain; it is asked again whenever a
 detection or a new domain (TLS SNI, CONNECT target) arrives. Decisions only ever get
 stricter: accept -> alert -> drop, never back, so a later, spoofable fact (an SNI naming an

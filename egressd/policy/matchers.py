@@ -244,14 +244,6 @@ class Match:
         )
 
     @property
-    def uses_domain(self) -> bool:
-        return self.domains is not None or any(n.uses_domain for n in self.nots)
-
-    @property
-    def uses_detection(self) -> bool:
-        return self.kinds is not None or any(n.uses_detection for n in self.nots)
-
-    @property
     def uses_content(self) -> bool:
         return self.content is not None or any(n.uses_content for n in self.nots)
 
@@ -290,23 +282,3 @@ class Match:
             if sub.test(f, src, dst):
                 return False
         return True
-
-    def may_match_with_detections(self, f: FlowFacts, src: int, dst: int) -> bool:
-        """Could this block hold for ``f`` once more detections are added to it?
-
-        Conservative: the detection condition is assumed to become true, and a ``not`` block
-        that mentions detections is assumed not to hold (a detection might change it).
-        """
-        if self.protos is not None and f.proto not in self.protos:
-            return False
-        if self.dst_ports is not None and (f.proto not in PORT_PROTOS or not self.dst_ports.contains(f.dport)):
-            return False
-        if self.src_ports is not None and (f.proto not in PORT_PROTOS or not self.src_ports.contains(f.sport)):
-            return False
-        if self.dst is not None and not self.dst.contains(f.version, dst):
-            return False
-        if self.src is not None and not self.src.contains(f.version, src):
-            return False
-        if self.domains is not None and self.domains.match_any(f.domains) is None:
-            return False
-        return all(sub.uses_detection or sub.uses_content or not sub.test(f, src, dst) for sub in self.nots)

@@ -63,7 +63,6 @@ from egressd.detect.dns import (
     detect_dns_stream,
     iter_tcp_messages,
     parse_message,
-    tunnel_score,
 )
 from egressd.detect.proxy import detect_proxy
 from egressd.detect.ssh import detect_ssh
@@ -1627,9 +1626,6 @@ class DnsTarget(DetectorTarget):
                         raise Violation(f"answers_by_ip gave ({ip!r}, {name!r}, {ttl!r})")
                 for q in m.questions:
                     _log_safe(q.name, "question name")
-                    score = tunnel_score(q.name, q.qtype)
-                    if not 0.0 <= score <= 1.0:
-                        raise Violation(f"tunnel_score {score}")
             check_result(detect_dns_datagram(data, bool(len(data) & 1)), data, b"")
         msgs = iter_tcp_messages(x.fwd)
         if len(msgs) > MAX_TCP_MESSAGES or any(not m for m in msgs):
