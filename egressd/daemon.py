@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from egressd import netfilter, nfq, procstats, sdnotify, verdict
-from egressd.engine import DIR_ORIGINAL, DIR_REPLY, Engine
+from egressd import ctevents, netfilter, nfq, procstats, sdnotify, verdict
+from egressd.engine import DIR_FRESH, DIR_ORIGINAL, DIR_REPLY, Engine
 from egressd.eventlog import EventLog
 from egressd.policy import Policy, PolicyError, load_policy
 from egressd.verdict import DROP_PACKET, PASS, PIN_DENY
@@ -90,6 +90,8 @@ class Daemon:
         self._now = time.time()
         self._stop: asyncio.Event | None = None
         self._queue: nfq.Queue | None = None
+        self._ct: ctevents.Events | None = None  # conntrack destroy events: where flows end
+        self.ct_error = ""
         self._rules_installed = False
         self.guard_ifaces: list[str] = []  # what the link guard watches now
         self.guard_error = ""
@@ -105,7 +107,10 @@ class Daemon:
         ``repeat()`` for those that write the connection's state (the rules save it).
         """
         mark = pkt.get_mark()
-        v = self.engine.feed(pkt.get_payload(), self._now, DIR_REPLY if mark & netfilter.MARK_REPLY else DIR_ORIGINAL)
+        d = DIR_REPLY if mark & netfilter.MARK_REPLY else DIR_ORIGINAL
+        if mark & netfilter.MARK_FRESH:
+            d |= DIR_FRESH
+        v = self.engine.feed(pkt.get_payload(), self._now, d)
         if v == PASS:
             pkt.accept()
             return
@@ -118,6 +123,33 @@ class Daemon:
             self._drain_events()
         pkt.set_mark(netfilter.with_verdict(mark, _MARK_BITS[v]))
         pkt.repeat()
+
+    def _ct_readable(self) -> None:
+        """Conntrack destroyed some connections: their flows end now (``Engine.end``)."""
+        ct = self._ct
+        if ct is None:
+            return
+        try:
+            ended = ct.read()
+        except OSError as e:
+            self.ct_error = str(e)
+            return
+        now = time.time()
+        for _mtype, (proto, src, sport, dst, dport) in ended:
+            self.engine.end(proto, src, sport, dst, dport, now)
+        if ended:
+            self._drain_events()
+
+    def _open_conntrack_events(self) -> None:
+        """Subscribe to conntrack destroy events before the rules send any traffic our way.
+
+        Without them (no CAP_NET_ADMIN over ctnetlink, nf_conntrack_netlink missing) flows
+        end by idle timeout, as they always could: said once, and in ``egressd status``."""
+        try:
+            self._ct = ctevents.Events(ctevents.NFNLGRP_CONNTRACK_DESTROY)
+        except OSError as e:
+            self.ct_error = f"no conntrack events ({e}): flows end by idle timeout"
+            print(f"egressd: warning: {self.ct_error}", file=sys.stderr, flush=True)
 
     def _readable(self) -> None:
         q = self._queue
@@ -257,6 +289,12 @@ class Daemon:
                 "uninspected": self.uninspected,
             },
             "netlink_enobufs": self._queue.enobufs if self._queue is not None else 0,
+            "conntrack_events": {
+                "listening": self._ct is not None,
+                "destroyed": self._ct.messages if self._ct is not None else 0,
+                "overflows": self._ct.overflows if self._ct is not None else 0,
+                "error": self.ct_error,
+            },
             "events": {
                 "written": self.log.written,
                 "errors": self.log.errors,
@@ -302,12 +340,17 @@ class Daemon:
             max_len=settings.queue_len,
             on_error=self._on_callback_error,
         )
+        self._open_conntrack_events()
         if self.opts.install_rules:
             try:
                 self._install_rules(self.policy)
             except BaseException:
                 self._queue.close()
+                if self._ct is not None:
+                    self._ct.close()
                 raise
+        if self._ct is not None:
+            loop.add_reader(self._ct.fileno(), self._ct_readable)
         loop.add_reader(self._queue.fileno(), self._readable)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -339,6 +382,9 @@ class Daemon:
             sdnotify.stopping()
             ticker.cancel()
             loop.remove_reader(self._queue.fileno())
+            if self._ct is not None:
+                loop.remove_reader(self._ct.fileno())
+                self._ct.close()
             for s in self._servers:
                 s.close()
             # fail: open -> remove the rules first, so nothing waits on a queue that is about

@@ -74,6 +74,7 @@ from egressd.verdict import (
 # Verdicts returned by feed() (egressd.verdict: what each does to the packet and to the
 # connection's kernel state, and the one table of flow-state transitions).
 __all__ = [
+    "DIR_FRESH",
     "DIR_ORIGINAL",
     "DIR_REPLY",
     "DIR_UNKNOWN",
@@ -91,6 +92,12 @@ __all__ = [
 DIR_UNKNOWN: Final = 0
 DIR_ORIGINAL: Final = 1
 DIR_REPLY: Final = 2
+# Or'ed into the direction by the daemon when the kernel says the packet's connection started
+# under its rules and nothing of it has been judged (netfilter.MARK_FRESH): the kernel no
+# longer queues a dataless SYN, so this is how a first data segment is known to start its
+# stream rather than to be a connection met mid-stream. A capture never sets it (it has the SYN).
+DIR_FRESH: Final = 4
+_DIR_MASK: Final = 3
 
 _RANK: Final = {"accept": 0, "alert": 1, "drop": 2}
 
@@ -120,6 +127,7 @@ class Counters:
         "accept_pinned",
         "detections",
         "dropped",
+        "ended",
         "errors",
         "evicted",
         "flows",
@@ -141,6 +149,7 @@ class Counters:
         self.evicted = 0
         self.fragments = 0
         self.dropped = 0
+        self.ended = 0  # flows forgotten because conntrack said their connection ended
         self.accept_pinned = 0
         self.detections: dict[str, int] = {}
         self.rules: dict[str, int] = {}
@@ -202,16 +211,23 @@ class Engine:
     def _packet(self, p: Packet, ts: float, direction: int) -> int:
         key = make_key(p.proto, p.src, p.sport, p.dst, p.dport)
         flow = self.table.get(key)
+        fresh = direction & DIR_FRESH
+        if fresh:
+            direction &= _DIR_MASK
         if flow is not None and p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN and p.seq != flow.syn_seq:
             # A new connection on a 4-tuple we remember (the port was reused after TIME_WAIT,
             # or tcp_tw_reuse): the kernel sees a new connection, so must we. Answering it
-            # from the old flow's pinned verdict would let it through unjudged.
+            # from the old flow's pinned verdict would let it through unjudged. Live, the
+            # kernel does not queue a dataless SYN: there the old flow is forgotten when
+            # conntrack destroys the old connection (``end``), which happens before the new
+            # connection's entry exists. "Fresh" alone cannot say it: two segments of one new
+            # connection can both be queued before the first verdict is saved.
             self.table.discard(key)
             if flow.state == PENDING:
                 self._report(flow, ts, "end")
             flow = None
         if flow is None:
-            return self._new_flow(p, key, ts, direction)
+            return self._new_flow(p, key, ts, direction, bool(fresh))
         flow.last_ts = ts
         flow.bytes += p.ip_len
         if flow.state == PINNED_DROP or flow.state == PINNED_ACCEPT:
@@ -221,7 +237,9 @@ class Engine:
             from_orig = direction != DIR_REPLY
         return self._inspect(flow, p, ts, from_orig)
 
-    def _new_flow(self, p: Packet, key: tuple[int, bytes, int, bytes, int], ts: float, direction: int) -> int:
+    def _new_flow(
+        self, p: Packet, key: tuple[int, bytes, int, bytes, int], ts: float, direction: int, fresh: bool = False
+    ) -> int:
         room = self.table.make_room(ts, self._idle)
         if room is False:
             return self._overload(p, ts)
@@ -236,9 +254,9 @@ class Engine:
             syn = p.tcp_flags & (TCP_SYN | TCP_ACK)
             if direction == DIR_REPLY or syn == (TCP_SYN | TCP_ACK):
                 from_orig = False
-                midstream = syn != (TCP_SYN | TCP_ACK)
+                midstream = syn != (TCP_SYN | TCP_ACK) and not fresh
             elif syn != TCP_SYN:
-                midstream = True
+                midstream = not fresh
                 if direction == DIR_UNKNOWN and p.sport < p.dport:
                     # A capture that starts mid-stream: guess that the lower port is the server,
                     # and say it was a guess (the event carries "midstream": true).
@@ -592,6 +610,25 @@ class Engine:
         return v
 
     # -- time and end of input ----------------------------------------------------------
+    def end(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int, now: float) -> bool:
+        """The kernel says this connection is gone (a conntrack destroy event): forget its flow.
+
+        Live, a flow's end comes from here rather than from queued FIN/RST segments (the
+        kernel queues no packet of a pinned connection, nor of one without data). A flow
+        still being classified is concluded and reported like an idle one. True when a flow
+        was tracked under that tuple."""
+        key = make_key(proto, src, sport, dst, dport)
+        flow = self.table.active.pop(key, None)
+        if flow is not None:
+            self.counters.ended += 1
+            self._conclude(flow)
+            self._report(flow, now, "end")
+            return True
+        if self.table.done.pop(key, None) is not None:
+            self.counters.ended += 1
+            return True
+        return False
+
     def sweep(self, now: float) -> None:
         """Expire idle flows (the shell calls this about once a second, or at capture end)."""
         for f in self.table.expire(now, self._idle):

@@ -130,7 +130,13 @@ MARK_SEEN: Final = 0x10000000
 MARK_ALLOW: Final = 0x20000000
 MARK_DENY: Final = 0x30000000
 MARK_REPLY: Final = 0x40000000  # set by the rules on queued reply-direction packets
-MARK_BITS: Final = MARK_MASK | MARK_REPLY  # the bits egressd's iptables rules own (scrubbed on local packets)
+# In the connmark: the kernel saw this connection's SYN and no daemon has judged any of its
+# packets yet. Copied to the packet mark of a queued packet, it tells the daemon that the
+# first data segment it gets is the start of the stream (the SYN itself is not queued), and
+# a verdict saved with repeat() clears it. docs/fast-path.md says why it is needed.
+MARK_FRESH: Final = 0x08000000
+MARK_BITS: Final = MARK_MASK | MARK_REPLY | MARK_FRESH  # the bits egressd's rules own (scrubbed on local packets)
+_SAVE_MASK: Final = MARK_MASK | MARK_FRESH  # what a repeated verdict writes to the connmark
 # Set on every packet that leaves the IP layer (the guard's postrouting chain, last of all);
 # the link guard drops IP frames without it. Never scrubbed, never saved to the connmark.
 MARK_PASSED: Final = 0x80000000
@@ -162,6 +168,11 @@ def with_verdict(mark: int, verdict: int) -> int:
 def is_reply(mark: int) -> bool:
     """True when the rules queued this packet as the reply direction of its connection."""
     return bool(mark & MARK_REPLY)
+
+
+def is_fresh(mark: int) -> bool:
+    """True when the kernel saw this packet's connection start and nobody has judged it yet."""
+    return bool(mark & MARK_FRESH)
 
 
 # -- names ------------------------------------------------------------------------------
@@ -247,8 +258,9 @@ def _fast_allow(chain: str) -> str:
 def _verdict_rules(chain: str) -> list[str]:
     """Shared head of OUT/IN/FWD: remember a verdict the daemon just gave, enforce pinned ones."""
     m = _hex(MARK_MASK)
+    sm = _hex(_SAVE_MASK)
     return [
-        f"-A {chain} -m mark ! --mark 0x0/{m} -j CONNMARK --save-mark --nfmask {m} --ctmask {m}",
+        f"-A {chain} -m mark ! --mark 0x0/{m} -j CONNMARK --save-mark --nfmask {sm} --ctmask {sm}",
         f"-A {chain} -m connmark --mark {_hex(MARK_DENY)}/{m} -j {CHAIN_DENY}",
         # A packet without conntrack (INVALID) keeps its verdict only in its own mark.
         f"-A {chain} -m mark --mark {_hex(MARK_DENY)}/{m} -j {CHAIN_DENY}",
@@ -268,7 +280,7 @@ _TCP_ACK: Final = 0x10
 _TCP_SYN_RST_FIN: Final = 0x07
 
 
-def nodata_u32(family: int, doff: int, *, reply: bool) -> str:
+def nodata_u32(family: int, doff: int, *, reply: bool, any_flags: bool = False) -> str:
     """The ``u32`` test: a TCP segment of data offset ``doff`` with zero payload, nothing to read.
 
     The IP length field must equal the IP plus TCP header length for this one data offset
@@ -283,6 +295,8 @@ def nodata_u32(family: int, doff: int, *, reply: bool) -> str:
         raise ValueError(f"TCP data offset {doff} is outside 5..15")
     flags = (0, _TCP_ACK, _TCP_SYN | _TCP_ACK) if reply else (0,)
     mask = 0xF000 | _TCP_SYN_RST_FIN | (_TCP_ACK if reply else 0)
+    if any_flags:  # a connection nobody has judged: its SYN and its close carry nothing either
+        flags, mask = (0,), 0xF000
     values = ",".join(f"0x{doff << 12 | f:04X}" for f in flags)
     if family == 4:
         # Word 0: version 4 + IHL 5 (no options) and the total length; word 4: MF + offset;
@@ -293,11 +307,33 @@ def nodata_u32(family: int, doff: int, *, reply: bool) -> str:
 
 
 def _enqueue_rules(chain: str, family: int, q: str, *, reply: bool) -> list[str]:
-    """The tail every queued packet goes through: dataless segments RETURN, the rest is queued."""
-    skip = [
+    """The tail every queued packet goes through: dataless segments RETURN, the rest is queued.
+
+    A connection nobody has judged yet (connmark state 00) carries nothing to read until its
+    first data segment: its dataless SYN, ACKs, FIN and RST all pass, so a connection that
+    never carries data costs no verdict. The originator's SYN marks the connection FRESH
+    first, so the daemon knows that first data segment starts the stream. A connection the
+    daemon is classifying (SEEN) still queues its FIN/RST: "the peer closed" is evidence
+    the detectors read (a silent SSH client, a line followed by a close).
+    """
+    m = _hex(MARK_MASK)
+    fresh = _hex(MARK_FRESH)
+    out: list[str] = []
+    if not reply:
+        out.append(
+            f"-A {chain} -p tcp -m tcp --syn -m conntrack --ctstate NEW -m connmark --mark 0x0/{m} "
+            f"-j CONNMARK --set-xmark {fresh}/{fresh}"
+        )
+    unseen = f"-p tcp -m connmark --mark 0x0/{m} -m u32 --u32"
+    out += [
+        f'-A {chain} {unseen} "{nodata_u32(family, d, reply=reply, any_flags=True)}" -j RETURN'
+        for d in TCP_DATA_OFFSETS
+    ]
+    out += [
         f'-A {chain} -p tcp -m u32 --u32 "{nodata_u32(family, d, reply=reply)}" -j RETURN' for d in TCP_DATA_OFFSETS
     ]
-    return [*skip, f"-A {chain} {q}"]
+    out.append(f"-A {chain} -m connmark --mark {fresh}/{fresh} -j MARK --or-mark {fresh}")
+    return [*out, f"-A {chain} {q}"]
 
 
 def render(cfg: RuleConfig, family: int, present_jumps: frozenset[tuple[str, str, str]] = frozenset()) -> str:
