@@ -185,6 +185,7 @@ CHAIN_ENQ_ORIG: Final = "EGRESSD-ENQ-ORIG"
 CHAIN_ENQ_REPLY: Final = "EGRESSD-ENQ-REPLY"
 CHAIN_DENY: Final = "EGRESSD-DENY"
 CHAIN_SCRUB: Final = "EGRESSD-SCRUB"
+CHAIN_POLICY: Final = "EGRESSD-POLICY"  # the compiled policy (egressd.kernelsets); its sub-chains share the prefix
 
 # table -> our chains, and table -> (builtin chain, our chain) jumps, in install order.
 CHAINS: Final[dict[str, tuple[str, ...]]] = {
@@ -197,9 +198,17 @@ CHAINS: Final[dict[str, tuple[str, ...]]] = {
         CHAIN_ENQ_ORIG,
         CHAIN_ENQ_REPLY,
         CHAIN_DENY,
+        CHAIN_POLICY,
     ),
     "mangle": (CHAIN_SCRUB,),
 }
+
+
+def _is_ours(table: str, chain: str) -> bool:
+    """One of egressd's chains, including the compiled policy's per-rule sub-chains."""
+    return chain in CHAINS.get(table, ()) or (table == "filter" and chain.startswith(CHAIN_POLICY + "-"))
+
+
 JUMPS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
     "filter": (("OUTPUT", CHAIN_OUT), ("INPUT", CHAIN_IN), ("FORWARD", CHAIN_FWD)),
     "mangle": (("OUTPUT", CHAIN_SCRUB),),
@@ -230,6 +239,10 @@ class RuleConfig:
     # Queue TCP/UDP packets conntrack calls INVALID (a raw-socket sender's crafted packets
     # have no connection to pin a verdict on): judged one by one.
     judge_invalid: bool = True
+    # The EGRESSD-POLICY chain's lines (and sub-chain declarations) per family, from
+    # egressd.kernelsets: what the policy decides from addresses alone, decided at the SYN.
+    policy4: tuple[str, ...] = ()
+    policy6: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.queue_num <= 0xFFFF:
@@ -336,7 +349,12 @@ def _enqueue_rules(chain: str, family: int, q: str, *, reply: bool) -> list[str]
     return [*out, f"-A {chain} {q}"]
 
 
-def render(cfg: RuleConfig, family: int, present_jumps: frozenset[tuple[str, str, str]] = frozenset()) -> str:
+def render(
+    cfg: RuleConfig,
+    family: int,
+    present_jumps: frozenset[tuple[str, str, str]] = frozenset(),
+    stale_chains: Sequence[str] = (),
+) -> str:
     """The ``iptables-restore --noflush`` input that installs (or replaces) egressd's rules.
 
     Declaring a chain that exists flushes it, so a re-install replaces our rules in one
@@ -351,13 +369,24 @@ def render(cfg: RuleConfig, family: int, present_jumps: frozenset[tuple[str, str
     cb = "-m connbytes --connbytes 0:{n} --connbytes-dir {d} --connbytes-mode packets"
     skip_multicast = "-m addrtype --dst-type MULTICAST -j RETURN"
 
-    f: list[str] = ["*filter", *(f":{c} - [0:0]" for c in CHAINS["filter"])]
+    policy = cfg.policy4 if family == 4 else cfg.policy6
+    decls = [ln for ln in policy if ln.startswith(":")]
+    f: list[str] = ["*filter", *(f":{c} - [0:0]" for c in CHAINS["filter"]), *decls]
+    # Sub-chains of a previous compiled policy: flushed and deleted in the same transaction.
+    declared = {ln[1:].split()[0] for ln in decls}
+    stale = [c for c in stale_chains if c not in declared]
+    f += [f"-F {c}" for c in stale] + [f"-X {c}" for c in stale]
+    # A new connection nobody has judged walks the compiled policy once, at its first packet;
+    # a match sets the connmark (ALLOW/DENY) that the verdict rules below enforce.
+    to_policy = f"-m conntrack --ctstate NEW -m connmark --mark 0x0/{_hex(MARK_MASK)} -j {CHAIN_POLICY}"
     # Locally originated: everything but loopback and the replies of inbound connections.
     f += [_fast_allow(CHAIN_OUT)]
     f += [f"-A {CHAIN_OUT} -o lo -j RETURN", f"-A {CHAIN_OUT} -m conntrack --ctdir REPLY -j RETURN"]
     f += [f"-A {CHAIN_OUT} {skip_multicast}"]
     if family == 4:
         f += [f"-A {CHAIN_OUT} -m addrtype --dst-type BROADCAST -j RETURN"]
+    if policy:
+        f += [f"-A {CHAIN_OUT} {to_policy}"]
     f += _verdict_rules(CHAIN_OUT)
     f += [f"-A {CHAIN_OUT} -j {CHAIN_QORIG}"]
     # Arriving: only the replies of connections this node originated.
@@ -367,6 +396,11 @@ def render(cfg: RuleConfig, family: int, present_jumps: frozenset[tuple[str, str
     f += [f"-A {CHAIN_IN} -j {CHAIN_QREPLY}"]
     # Forwarded: connections from containers, both directions.
     f += [_fast_allow(CHAIN_FWD)]
+    if policy:
+        if cfg.forward_ifaces:
+            f += [f"-A {CHAIN_FWD} -i {ifc} {to_policy}" for ifc in cfg.forward_ifaces]
+        else:
+            f += [f"-A {CHAIN_FWD} -m conntrack ! --ctstate DNAT {to_policy}"]
     f += _verdict_rules(CHAIN_FWD)
     if cfg.forward_ifaces:
         for ifc in cfg.forward_ifaces:
@@ -407,6 +441,7 @@ def render(cfg: RuleConfig, family: int, present_jumps: frozenset[tuple[str, str
         f"-A {CHAIN_DENY} -p udp -j REJECT --reject-with {udp_reject}",
         f"-A {CHAIN_DENY} -j DROP",
     ]
+    f += [ln for ln in policy if not ln.startswith(":")]
     f += _jumps("filter", present_jumps)
     f += ["COMMIT"]
 
@@ -481,7 +516,7 @@ def render_remove(tables: dict[str, TableState]) -> str:
         if st is None:
             continue
         lines = [f"-D {b} -j {c}" for b, rest in st.rules for c in ours if rest == f"-j {c}" and b not in ours]
-        present = [c for c in ours if c in st.chains]
+        present = [c for c in ours if c in st.chains] + [c for c in st.chains if c not in ours and _is_ours(table, c)]
         lines += [f"-F {c}" for c in present]
         lines += [f"-X {c}" for c in present]
         if lines:
@@ -496,12 +531,12 @@ def ours_only(tables: dict[str, TableState]) -> str:
         st = tables.get(table)
         if st is None:
             continue
-        lines = [f":{c} {st.chains[c]}" for c in ours if c in st.chains]
+        lines = [f":{c} {st.chains[c]}" for c in st.chains if _is_ours(table, c)]
         jumps = {f"-j {c}" for c in ours}
         lines += [
             f"{cnt} -A {ch} {rest}".lstrip()
             for (ch, rest), cnt in zip(st.rules, st.counters, strict=True)
-            if ch in ours or rest in jumps
+            if _is_ours(table, ch) or rest in jumps
         ]
         if lines:
             out += [f"*{table}", *lines, "COMMIT"]
@@ -784,6 +819,67 @@ def uplinks(*, netns: str | None = None) -> list[str]:
 
 
 # -- the API the daemon and the CLI use ---------------------------------------------------
+# -- kernel sets (ipset) for the compiled policy (egressd.kernelsets) ------------------------
+def ipset_available() -> bool:
+    return shutil.which("ipset") is not None
+
+
+def _ipset(args: Sequence[str], netns: str | None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return _run(["ipset", *args], netns, stdin=stdin)
+
+
+def our_sets(*, netns: str | None = None) -> list[str]:
+    """The ipset sets egressd made (every name with the kernelsets prefix), [] without ipset."""
+    from egressd.kernelsets import SET_PREFIX
+
+    if not ipset_available():
+        return []
+    p = _ipset(["list", "-n"], netns)
+    k = len(SET_PREFIX)
+    return [n for n in p.stdout.split() if n.startswith(SET_PREFIX) and n[k : k + 1].isdigit()]
+
+
+def next_generation(*, netns: str | None = None) -> int:
+    """A set generation not in use: the sets of a new compiled policy are built beside the old."""
+    from egressd.kernelsets import SET_PREFIX
+
+    gens = {int(n[len(SET_PREFIX) :].split("-", 1)[0]) for n in our_sets(netns=netns)}
+    return max(gens, default=0) % 9999 + 1
+
+
+def create_sets(lines: Sequence[str], *, netns: str | None = None) -> None:
+    """Create and fill sets in one ``ipset restore`` (a set that exists is an error: names are new)."""
+    if not lines:
+        return
+    if not ipset_available():
+        raise NetfilterError("ipset not found (apt install ipset): the compiled policy needs it")
+    text = "\n".join(lines) + "\n"
+    _check(_ipset(["restore"], netns, stdin=text), "ipset restore", stdin=text)
+
+
+def destroy_sets(names: Sequence[str], *, netns: str | None = None) -> None:
+    """Destroy sets no rule refers to any more (best effort: one in use stays, and says so)."""
+    errors = []
+    for n in names:
+        p = _ipset(["destroy", n], netns)
+        if p.returncode != 0 and "does not exist" not in p.stderr:
+            errors.append(f"{n}: {p.stderr.strip()}")
+    if errors:
+        raise NetfilterError("ipset destroy: " + "; ".join(errors))
+
+
+def add_learned(lines: Sequence[str], *, netns: str | None = None) -> None:
+    """``add <set> <ip> timeout <s>`` lines in one ``ipset restore -exist`` (refreshes the timeout)."""
+    if lines:
+        text = "\n".join(lines) + "\n"
+        _check(_ipset(["restore", "-exist"], netns, stdin=text), "ipset restore -exist", stdin=text)
+
+
+def _stale_policy_chains(tables: dict[str, TableState]) -> list[str]:
+    st = tables.get("filter")
+    return [c for c in st.chains if c.startswith(CHAIN_POLICY + "-")] if st is not None else []
+
+
 def install(
     queue_num: int,
     *,
@@ -793,6 +889,8 @@ def install(
     forward_ifaces: Sequence[str] = (),
     judge_invalid: bool = True,
     netns: str | None = None,
+    policy: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
+    sets: Sequence[str] = (),
 ) -> None:
     """Install (or replace) egressd's rules for IPv4 and, unless ``ipv6=False``, IPv6.
 
@@ -807,16 +905,22 @@ def install(
         ipv6=ipv6,
         forward_ifaces=tuple(forward_ifaces),
         judge_invalid=judge_invalid,
+        policy4=policy[0],
+        policy6=policy[1],
     )
     with contextlib.suppress(NetfilterError):
         ensure_conntrack_accounting(netns)  # nf_conntrack may not be loaded yet; checked again below
     families = (4, 6) if ipv6 else (4,)
     try:
         for fam in families:
-            _restore(fam, render(cfg, fam, present_jumps(_save(fam, netns))), netns)
+            saved = _save(fam, netns)
+            _restore(fam, render(cfg, fam, present_jumps(saved), _stale_policy_chains(saved)), netns)
         if not ipv6:
             _remove_family(6, netns)  # a previous install may have had IPv6
         ensure_conntrack_accounting(netns)
+        # The new rules refer only to ``sets``: the previous generation goes now.
+        with contextlib.suppress(NetfilterError):
+            destroy_sets([n for n in our_sets(netns=netns) if n not in set(sets)], netns=netns)
     except NetfilterError:
         with contextlib.suppress(NetfilterError):
             remove(netns=netns)
@@ -840,6 +944,10 @@ def remove(*, netns: str | None = None) -> None:
             _remove_family(fam, netns)
         except NetfilterError as e:
             errors.append(str(e))
+    try:
+        destroy_sets(our_sets(netns=netns), netns=netns)
+    except NetfilterError as e:
+        errors.append(str(e))
     try:
         remove_guard(netns=netns)
     except NetfilterError as e:

@@ -64,7 +64,8 @@ def test_the_originators_syn_of_an_unseen_new_connection_marks_it_fresh_and_the_
     rules = _chain(nf.render(CFG, 4), nf.CHAIN_ENQ_ORIG)
     fresh = nf._hex(nf.MARK_FRESH)
     assert rules[0] == (
-        f"-A {nf.CHAIN_ENQ_ORIG} -p tcp -m tcp --syn -m conntrack --ctstate NEW -m connmark --mark 0x0/{nf._hex(nf.MARK_MASK)} "
+        f"-A {nf.CHAIN_ENQ_ORIG} -p tcp -m tcp --syn -m conntrack --ctstate NEW "
+        f"-m connmark --mark 0x0/{nf._hex(nf.MARK_MASK)} "
         f"-j CONNMARK --set-xmark {fresh}/{fresh}"
     )
     assert rules[-2] == f"-A {nf.CHAIN_ENQ_ORIG} -m connmark --mark {fresh}/{fresh} -j MARK --or-mark {fresh}"
