@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from egressd import ctevents, netfilter, nfq, procstats, sdnotify, verdict
+from egressd import ctevents, kernelsets, netfilter, nfq, procstats, sdnotify, verdict
+from egressd.dnsnames import TTL_GRACE
 from egressd.engine import DIR_FRESH, DIR_ORIGINAL, DIR_REPLY, Engine
 from egressd.eventlog import EventLog
 from egressd.policy import Policy, PolicyError, load_policy
@@ -92,6 +93,11 @@ class Daemon:
         self._queue: nfq.Queue | None = None
         self._ct: ctevents.Events | None = None  # conntrack destroy events: where flows end
         self.ct_error = ""
+        self._plan: kernelsets.Plan | None = None  # the compiled policy in the kernel
+        self._plan_sig: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self._gen = 0
+        self.dns_mirrored = 0
+        self.dns_set_error = ""
         self._rules_installed = False
         self.guard_ifaces: list[str] = []  # what the link guard watches now
         self.guard_error = ""
@@ -111,6 +117,8 @@ class Daemon:
         if mark & netfilter.MARK_FRESH:
             d |= DIR_FRESH
         v = self.engine.feed(pkt.get_payload(), self._now, d)
+        if self.engine.dns.learned:
+            self._mirror_dns()  # before the verdict: the answer must not reach the client first
         if v == PASS:
             pkt.accept()
             return
@@ -123,6 +131,66 @@ class Daemon:
             self._drain_events()
         pkt.set_mark(netfilter.with_verdict(mark, _MARK_BITS[v]))
         pkt.repeat()
+
+    def _mirror_dns(self) -> None:
+        """Addresses a DNS answer gave for a compiled name rule's names go into its kernel set.
+
+        A drop rule's set is written before the answer's own verdict is given (one ``ipset``
+        call, and only for the answers that name what the rule drops, a mining pool): the
+        client cannot connect before the kernel knows to refuse it. Accept sets are written off
+        the loop; until then the engine decides those connections, with the same result."""
+        learned = self.engine.dns.learned
+        if learned is None:
+            return
+        plan, gen = self._plan, self._gen
+        now_lines: list[str] = []
+        later: list[str] = []
+        if plan is not None:
+            for ip, name, ttl in learned:
+                fam = 4 if len(ip) == 4 else 6
+                for e in plan.name_entries:
+                    doms = e.match.domains
+                    if doms is None or doms.match(name) is None:
+                        continue
+                    line = (
+                        f"add {kernelsets.set_name(gen, e.index, 'n', fam)} {kernelsets.address_text(ip)} "
+                        f"timeout {kernelsets.dns_timeout(ttl, TTL_GRACE)}"
+                    )
+                    (now_lines if e.action == "drop" else later).append(line)
+        learned.clear()
+        try:
+            if now_lines:
+                netfilter.add_learned(now_lines)
+                self.dns_mirrored += len(now_lines)
+        except netfilter.NetfilterError as e:
+            self.dns_set_error = str(e)
+        if later:
+            self.dns_mirrored += len(later)
+            asyncio.get_running_loop().run_in_executor(None, self._add_later, later)
+
+    def _refill_dns_sets(self) -> None:
+        """A new generation of sets starts empty: give it what the engine's name cache knows."""
+        plan, now = self._plan, time.time()
+        if plan is None:
+            return
+        lines: list[str] = []
+        for ip, names, expiry in self.engine.dns.live(now):
+            fam = 4 if len(ip) == 4 else 6
+            for e in plan.name_entries:
+                doms = e.match.domains
+                if doms is not None and doms.match_any(names) is not None:
+                    name = kernelsets.set_name(self._gen, e.index, "n", fam)
+                    lines.append(f"add {name} {kernelsets.address_text(ip)} timeout {max(1, int(expiry - now))}")
+        try:
+            netfilter.add_learned(lines)
+        except netfilter.NetfilterError as e:
+            self.dns_set_error = str(e)
+
+    def _add_later(self, lines: list[str]) -> None:
+        try:
+            netfilter.add_learned(lines)
+        except netfilter.NetfilterError as e:
+            self.dns_set_error = str(e)
 
     def _ct_readable(self) -> None:
         """Conntrack destroyed some connections: their flows end now (``Engine.end``)."""
@@ -198,7 +266,9 @@ class Daemon:
                 file=sys.stderr,
                 flush=True,
             )
-        if self._rules_installed and netfilter.kernel_head(new_s) != netfilter.kernel_head(old_s):
+        if self._rules_installed and (
+            netfilter.kernel_head(new_s) != netfilter.kernel_head(old_s) or _plan_signature(new) != self._plan_sig
+        ):
             # head_bytes/max_packets changed: the kernel's bound must follow, or a larger head
             # could be outlasted by a slow sender. install() replaces the rules in one
             # transaction per table; pinned connections keep their connmarks.
@@ -289,6 +359,12 @@ class Daemon:
                 "uninspected": self.uninspected,
             },
             "netlink_enobufs": self._queue.enobufs if self._queue is not None else 0,
+            "kernel_policy": {
+                "compiled": [e.rule for e in self._plan.entries] if self._plan is not None else [],
+                "generation": self._gen,
+                "dns_addresses_added": self.dns_mirrored,
+                "error": self.dns_set_error,
+            },
             "conntrack_events": {
                 "listening": self._ct is not None,
                 "destroyed": self._ct.messages if self._ct is not None else 0,
@@ -409,12 +485,47 @@ class Daemon:
         return 0
 
     def _install_rules(self, policy: Policy) -> None:
+        """The queue rules, and what the policy decides from addresses (egressd.kernelsets).
+
+        The compiled part goes in as a new generation of sets beside the old one, the rules
+        are swapped in one transaction per table, then the old sets are destroyed. Without
+        ipset the compiled part is left out (said once): the engine decides those connections."""
+        plan = kernelsets.compile_policy(policy)
+        rendered: tuple[kernelsets.Rendered, ...] = ()
+        if plan.entries or plan.default is not None:
+            if netfilter.ipset_available():
+                gen = netfilter.next_generation()
+                rendered = tuple(
+                    kernelsets.render(
+                        plan,
+                        fam,
+                        gen,
+                        state_mask=netfilter.MARK_MASK,
+                        allow=netfilter.MARK_ALLOW,
+                        deny=netfilter.MARK_DENY,
+                        deny_chain=netfilter.CHAIN_DENY,
+                    )
+                    for fam in (4, 6)
+                )
+            else:
+                self.dns_set_error = "ipset not found: the policy's address rules are decided in Python"
+                print(f"egressd: warning: {self.dns_set_error}", file=sys.stderr, flush=True)
+        if rendered:
+            netfilter.create_sets([*rendered[0].ipset, *rendered[1].ipset])
+            self._gen = gen
         netfilter.install(
             self.queue_num,
             fail_open=self.fail_open,
             max_packets=netfilter.kernel_head(policy.settings),
             forward_ifaces=self.opts.forward_ifaces,
+            policy=(tuple(rendered[0].rules), tuple(rendered[1].rules)) if rendered else ((), ()),
+            sets=[*rendered[0].sets, *rendered[1].sets] if rendered else (),
         )
+        self._plan = plan if rendered else None
+        self._plan_sig = _plan_signature(policy)
+        self.engine.dns.learned = [] if rendered and plan.name_entries else None
+        if self.engine.dns.learned is not None:
+            self._refill_dns_sets()
         self._rules_installed = True
         if not self.guard_ifaces:  # a reload re-installs the iptables rules only; the guard stays
             self._install_guard()
@@ -476,6 +587,19 @@ class Daemon:
                 print(f"egressd: removing the kernel rules failed: {e}", file=sys.stderr, flush=True)
             self._rules_installed = False
             self.guard_ifaces = []
+
+
+def _plan_signature(policy: Policy) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The compiled policy's rules as text, generation aside: equal means "nothing to swap"."""
+    plan = kernelsets.compile_policy(policy)
+    kw: dict[str, Any] = {
+        "state_mask": netfilter.MARK_MASK,
+        "allow": netfilter.MARK_ALLOW,
+        "deny": netfilter.MARK_DENY,
+        "deny_chain": netfilter.CHAIN_DENY,
+    }
+    r4, r6 = kernelsets.render(plan, 4, 0, **kw), kernelsets.render(plan, 6, 0, **kw)
+    return (tuple(r4.rules + r4.ipset), tuple(r6.rules + r6.ipset))
 
 
 def parse_metrics_address(text: str) -> tuple[str, int]:

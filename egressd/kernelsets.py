@@ -153,6 +153,13 @@ def _harmless(action: str, shadow: Match, shadow_action: str) -> bool:
     return _blind_at_first_judgement(shadow) or shadow_action == "drop"
 
 
+# DNS in either direction (dnsnames.is_dns_port): an accept in the kernel would hide the
+# answers the engine learns names from, and with them the decisions of every name rule.
+_DNS_PORTS: Final = PortSet([(53, 53), (5353, 5353)])
+_DNS: Final = Match(protos=frozenset({6, 17}), dst_ports=_DNS_PORTS)
+_DNS_REPLY: Final = Match(protos=frozenset({6, 17}), src_ports=_DNS_PORTS)
+
+
 def compile_policy(policy: Policy) -> Plan:
     """The rules the kernel can decide exactly as the engine would (see the module doc)."""
     plan = Plan()
@@ -176,10 +183,27 @@ def compile_policy(policy: Policy) -> Plan:
             shadows.append((m, r.action))
             continue
         by_name = m.domains is not None
-        plan.entries.append(Entry(i, r.name, r.action, m, by_name))
+        km = m
+        if r.action == "accept" and not (disjoint(m, _DNS) and disjoint(m, _DNS_REPLY)):
+            # DNS stays with the engine, which must read the answers (the names later rules
+            # and later flows are judged by); it decides those flows by this same rule.
+            km = Match(
+                protos=m.protos,
+                src=m.src,
+                dst=m.dst,
+                src_ports=m.src_ports,
+                dst_ports=m.dst_ports,
+                domains=m.domains,
+                nots=(*m.nots, _DNS, _DNS_REPLY),
+            )
+        plan.entries.append(Entry(i, r.name, r.action, km, by_name))
         if by_name:
             shadows.append((m, r.action))
-    if not shadows and (policy.default == "accept" or (policy.default == "drop" and enforce)):
+    if not shadows and policy.default == "accept":
+        # Every flow but DNS (the engine must read the answers: see the accept rules above).
+        catch = Match(nots=(_DNS, _DNS_REPLY))
+        plan.entries.append(Entry(len(policy.rules), "default", "accept", catch, False))
+    elif not shadows and policy.default == "drop" and enforce:
         plan.default = policy.default
     return plan
 

@@ -243,6 +243,10 @@ class RuleConfig:
     # egressd.kernelsets: what the policy decides from addresses alone, decided at the SYN.
     policy4: tuple[str, ...] = ()
     policy6: tuple[str, ...] = ()
+    # Queue the SYN of a connection nobody has judged (fail: closed). Without it a SYN passes
+    # in the kernel, and "no daemon" could not refuse a connection: only its data, which a
+    # fail-closed queue without a listener drops. With it, no daemon means no connection.
+    queue_syn: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.queue_num <= 0xFFFF:
@@ -319,7 +323,7 @@ def nodata_u32(family: int, doff: int, *, reply: bool, any_flags: bool = False) 
     return f"4&0xFFFFFF00=0x{4 * doff:04X}0600 && 52>>16&0x{mask:04X}={values}"
 
 
-def _enqueue_rules(chain: str, family: int, q: str, *, reply: bool) -> list[str]:
+def _enqueue_rules(chain: str, family: int, q: str, *, reply: bool, queue_syn: bool = False) -> list[str]:
     """The tail every queued packet goes through: dataless segments RETURN, the rest is queued.
 
     A connection nobody has judged yet (connmark state 00) carries nothing to read until its
@@ -327,7 +331,8 @@ def _enqueue_rules(chain: str, family: int, q: str, *, reply: bool) -> list[str]
     never carries data costs no verdict. The originator's SYN marks the connection FRESH
     first, so the daemon knows that first data segment starts the stream. A connection the
     daemon is classifying (SEEN) still queues its FIN/RST: "the peer closed" is evidence
-    the detectors read (a silent SSH client, a line followed by a close).
+    the detectors read (a silent SSH client, a line followed by a close). ``queue_syn``
+    (fail: closed) queues the SYN as before, so that no daemon means no connection at all.
     """
     m = _hex(MARK_MASK)
     fresh = _hex(MARK_FRESH)
@@ -337,6 +342,8 @@ def _enqueue_rules(chain: str, family: int, q: str, *, reply: bool) -> list[str]
             f"-A {chain} -p tcp -m tcp --syn -m conntrack --ctstate NEW -m connmark --mark 0x0/{m} "
             f"-j CONNMARK --set-xmark {fresh}/{fresh}"
         )
+        if queue_syn:
+            out.append(f"-A {chain} -p tcp -m tcp --syn -m connmark --mark 0x0/{m} {q}")
     unseen = f"-p tcp -m connmark --mark 0x0/{m} -m u32 --u32"
     out += [
         f'-A {chain} {unseen} "{nodata_u32(family, d, reply=reply, any_flags=True)}" -j RETURN'
@@ -432,7 +439,7 @@ def render(
         f"-A {CHAIN_QREPLY} -m conntrack --ctstate RELATED,ESTABLISHED -g {CHAIN_ENQ_REPLY}",
     ]
     # Queue what the engine can use; dataless ACKs (and the reply's dataless SYN-ACK) pass.
-    f += _enqueue_rules(CHAIN_ENQ_ORIG, family, q, reply=False)
+    f += _enqueue_rules(CHAIN_ENQ_ORIG, family, q, reply=False, queue_syn=cfg.queue_syn)
     f += _enqueue_rules(CHAIN_ENQ_REPLY, family, q, reply=True)
     # Denied: fail fast, never answer a reset with a reset.
     udp_reject = "icmp-port-unreachable" if family == 4 else "icmp6-adm-prohibited"
@@ -891,6 +898,7 @@ def install(
     netns: str | None = None,
     policy: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
     sets: Sequence[str] = (),
+    queue_syn: bool | None = None,
 ) -> None:
     """Install (or replace) egressd's rules for IPv4 and, unless ``ipv6=False``, IPv6.
 
@@ -907,6 +915,7 @@ def install(
         judge_invalid=judge_invalid,
         policy4=policy[0],
         policy6=policy[1],
+        queue_syn=not fail_open if queue_syn is None else queue_syn,
     )
     with contextlib.suppress(NetfilterError):
         ensure_conntrack_accounting(netns)  # nf_conntrack may not be loaded yet; checked again below
