@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from egressd import ctevents, kernelsets, netfilter, nfq, procstats, sdnotify, verdict
+from egressd import ctevents, kernellog, kernelsets, netfilter, nfq, procstats, sdnotify, verdict
 from egressd.dnsnames import TTL_GRACE
 from egressd.engine import DIR_FRESH, DIR_ORIGINAL, DIR_REPLY, Engine
 from egressd.eventlog import EventLog
@@ -93,6 +93,8 @@ class Daemon:
         self._queue: nfq.Queue | None = None
         self._ct: ctevents.Events | None = None  # conntrack destroy events: where flows end
         self.ct_error = ""
+        self._klog: kernellog.KernelLog | None = None  # the compiled policy's drops, for their events
+        self._plan_policy: Policy | None = None  # the policy the compiled rules came from
         self._plan: kernelsets.Plan | None = None  # the compiled policy in the kernel
         self._plan_sig: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self._gen = 0
@@ -191,6 +193,24 @@ class Daemon:
             netfilter.add_learned(lines)
         except netfilter.NetfilterError as e:
             self.dns_set_error = str(e)
+
+    def _klog_readable(self) -> None:
+        """The kernel reset connections by compiled drop rules: each gets its event."""
+        klog, pol = self._klog, self._plan_policy
+        if klog is None:
+            return
+        try:
+            got = klog.read()
+        except OSError as e:
+            self.dns_set_error = f"kernel log: {e}"
+            return
+        if pol is None or not got:
+            return
+        now = time.time()
+        for index, proto, src, sport, dst, dport in got:
+            decision = pol.rules[index].decision if index < len(pol.rules) else pol.default_decision
+            self.engine.kernel_dropped(decision, proto, src, sport, dst, dport, now)
+        self._drain_events()
 
     def _ct_readable(self) -> None:
         """Conntrack destroyed some connections: their flows end now (``Engine.end``)."""
@@ -417,6 +437,8 @@ class Daemon:
             on_error=self._on_callback_error,
         )
         self._open_conntrack_events()
+        with contextlib.suppress(OSError):  # without it the kernel's drops still happen, unrecorded
+            self._klog = kernellog.KernelLog(self.queue_num)
         if self.opts.install_rules:
             try:
                 self._install_rules(self.policy)
@@ -427,6 +449,8 @@ class Daemon:
                 raise
         if self._ct is not None:
             loop.add_reader(self._ct.fileno(), self._ct_readable)
+        if self._klog is not None:
+            loop.add_reader(self._klog.fileno(), self._klog_readable)
         loop.add_reader(self._queue.fileno(), self._readable)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -461,6 +485,9 @@ class Daemon:
             if self._ct is not None:
                 loop.remove_reader(self._ct.fileno())
                 self._ct.close()
+            if self._klog is not None:
+                loop.remove_reader(self._klog.fileno())
+                self._klog.close()
             for s in self._servers:
                 s.close()
             # fail: open -> remove the rules first, so nothing waits on a queue that is about
@@ -504,6 +531,7 @@ class Daemon:
                         allow=netfilter.MARK_ALLOW,
                         deny=netfilter.MARK_DENY,
                         deny_chain=netfilter.CHAIN_DENY,
+                        log_group=self.queue_num if self._klog is not None else None,
                     )
                     for fam in (4, 6)
                 )
@@ -522,6 +550,7 @@ class Daemon:
             sets=[*rendered[0].sets, *rendered[1].sets] if rendered else (),
         )
         self._plan = plan if rendered else None
+        self._plan_policy = policy
         self._plan_sig = _plan_signature(policy)
         self.engine.dns.learned = [] if rendered and plan.name_entries else None
         if self.engine.dns.learned is not None:

@@ -629,6 +629,36 @@ class Engine:
             return True
         return False
 
+    def kernel_dropped(
+        self, decision: Decision, proto: int, src: bytes, sport: int, dst: bytes, dport: int, now: float
+    ) -> None:
+        """The kernel refused a new connection by a compiled rule (egressd.kernelsets): record
+        it as the engine would have, had it seen the first packet (no flow is kept)."""
+        self.counters.flows += 1
+        self.counters.dropped += 1
+        self.counters.rules[decision.rule] = self.counters.rules.get(decision.rule, 0) + 1
+        self._fid += 1
+        names = self.dns.names_for(dst, now)
+        ev = Event(
+            timestamp=now,
+            flow_id=self._fid,
+            src_ip=ip_text(src),
+            src_port=sport,
+            dest_ip=ip_text(dst),
+            dest_port=dport,
+            proto=eve_name(proto),
+            verdict=decision.action,
+            action="blocked",
+            rule=decision.rule,
+            rule_description=decision.description,
+            reason="first-packet",
+            mode=self.policy.mode,
+            domain=names[0] if names else None,
+            packets=1,
+        )
+        ev.extra = {"kernel": True}
+        self.events.append(ev)
+
     def sweep(self, now: float) -> None:
         """Expire idle flows (the shell calls this about once a second, or at capture end)."""
         for f in self.table.expire(now, self._idle):

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from egressd.policy import Policy
 
 SET_PREFIX: Final = "egd"
+DEFAULT_INDEX: Final = 99999  # the NFLOG prefix index of a compiled default drop
 CHAIN_POLICY: Final = "EGRESSD-POLICY"
 DNS_SET_MAX: Final = 65536  # addresses per name rule and family; a full set refuses, the engine still judges
 DNS_TIMEOUT_MAX: Final = 86_400
@@ -288,7 +289,17 @@ class Rendered:
     sets: list[str]  # every set name the rules use
 
 
-def render(plan: Plan, family: int, gen: int, *, state_mask: int, allow: int, deny: int, deny_chain: str) -> Rendered:
+def render(
+    plan: Plan,
+    family: int,
+    gen: int,
+    *,
+    state_mask: int,
+    allow: int,
+    deny: int,
+    deny_chain: str,
+    log_group: int | None = None,
+) -> Rendered:
     """The POLICY chain for ``family``: one line per (rule, protocol, port chunk), in policy order.
 
     Every line also requires the connmark state to be still unset, so the first rule that
@@ -318,7 +329,8 @@ def render(plan: Plan, family: int, gen: int, *, state_mask: int, allow: int, de
                 continue
             conds, sets = got
             ipset += sets
-        if e.match.nots:
+        log = e.action == "drop" and log_group is not None
+        if e.match.nots or log:
             sub = f"{CHAIN_POLICY}-{e.index}"
             chains.append(sub)
             for k, n in enumerate(e.match.nots):
@@ -327,13 +339,18 @@ def render(plan: Plan, family: int, gen: int, *, state_mask: int, allow: int, de
                     continue
                 ipset += got_n[1]
                 rules += [f"-A {sub} {c} -j RETURN".replace("  ", " ") for c in got_n[0]]
+            if log:
+                rules.append(f'-A {sub} -j NFLOG --nflog-group {log_group} --nflog-prefix "egd {e.index}"')
             rules.append(f"-A {sub} -j CONNMARK {target}")
             rules += [f"-A {CHAIN_POLICY} {m_unset} {c} -j {sub}".replace("  ", " ") for c in conds]
         else:
             rules += [f"-A {CHAIN_POLICY} {m_unset} {c} -j CONNMARK {target}".replace("  ", " ") for c in conds]
-    if plan.default is not None:
-        target = f"--set-xmark {allow if plan.default == 'accept' else deny:#x}/{state_mask:#x}"
-        rules.append(f"-A {CHAIN_POLICY} {m_unset} -j CONNMARK {target}")
+    if plan.default is not None:  # only ever "drop" (a compiled accept default is an entry)
+        if log_group is not None:
+            rules.append(
+                f'-A {CHAIN_POLICY} {m_unset} -j NFLOG --nflog-group {log_group} --nflog-prefix "egd {DEFAULT_INDEX}"'
+            )
+        rules.append(f"-A {CHAIN_POLICY} {m_unset} -j CONNMARK --set-xmark {deny:#x}/{state_mask:#x}")
     del deny_chain  # the caller's verdict rules send DENY there; kept in the signature for clarity
     sets = [ln.split()[1] for ln in ipset if ln.startswith("create ")]
     return Rendered(ipset, [*(f":{c} - [0:0]" for c in chains), *rules], sets)
