@@ -195,6 +195,10 @@ class Engine:
     # -- the hot path -------------------------------------------------------------------
     def feed(self, data: bytes, ts: float, direction: int = DIR_UNKNOWN) -> int:
         self.counters.packets += 1
+        if self.table.done:
+            v = self._pinned(data, ts)
+            if v >= 0:
+                return v
         try:
             p = decode(data)
             if type(p) is Malformed:
@@ -207,6 +211,74 @@ class Engine:
         except Exception:  # never let one packet stop the loop; it still gets a verdict
             self.counters.errors += 1
             return self._error_verdict
+
+    def _pinned(self, data: bytes, ts: float) -> int:
+        """The verdict of a packet of a pinned flow, read from the raw bytes; -1: decode it.
+
+        A capture replays every packet of every flow, and most belong to flows already
+        pinned, which only need their key found. This peeks the 5-tuple at fixed offsets for
+        the plain layouts (IPv4 without options, IPv6 without extension headers; TCP or UDP;
+        no fragment) and answers exactly what ``_packet`` would: the checks ``decode`` makes
+        on these headers are repeated (a malformed packet goes the long way and gets
+        ``on_error``), and a SYN goes the long way too (a reused 4-tuple is a new flow).
+        """
+        n = len(data)
+        if n < 28:
+            return -1
+        b0 = data[0]
+        if b0 == 0x45:
+            total = data[2] << 8 | data[3]
+            if total < 20:
+                if total:
+                    return -1
+                total = n
+            if data[6] & 0x3F or data[7]:
+                return -1  # a fragment
+            proto = data[9]
+            src = data[12:16]
+            dst = data[16:20]
+            off = 20
+        elif b0 >> 4 == 6:
+            if n < 48:
+                return -1
+            plen = data[4] << 8 | data[5]
+            total = 40 + plen if plen else n
+            proto = data[6]
+            src = data[8:24]
+            dst = data[24:40]
+            off = 40
+        else:
+            return -1
+        end = total if total <= n else n
+        avail = end - off
+        if proto == PROTO_TCP:
+            if avail < 20:
+                return -1
+            thl = (data[off + 12] >> 4) * 4
+            if thl < 20 or thl > avail or data[off + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN:
+                return -1
+        elif proto == PROTO_UDP:
+            if avail < 8:
+                return -1
+            ulen = data[off + 4] << 8 | data[off + 5]
+            if ulen < 8 and ulen != 0:
+                return -1
+        else:
+            return -1
+        sport = data[off] << 8 | data[off + 1]
+        dport = data[off + 2] << 8 | data[off + 3]
+        key = (proto, src, sport, dst, dport) if (src, sport) <= (dst, dport) else (proto, dst, dport, src, sport)
+        done = self.table.done
+        flow = done.get(key)
+        if flow is None:
+            return -1
+        state = flow.state
+        if state != PINNED_ACCEPT and state != PINNED_DROP:
+            return -1
+        done.move_to_end(key)
+        flow.last_ts = ts
+        flow.bytes += total
+        return PIN_ALLOW if state == PINNED_ACCEPT else PIN_DENY
 
     def _packet(self, p: Packet, ts: float, direction: int) -> int:
         key = make_key(p.proto, p.src, p.sport, p.dst, p.dport)
