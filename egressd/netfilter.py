@@ -292,6 +292,10 @@ def _queue_target(cfg: RuleConfig) -> str:
 
 # -- what is not worth a verdict ----------------------------------------------------------
 TCP_DATA_OFFSETS: Final = range(5, 16)  # the TCP header is 5..15 32-bit words (RFC 9293)
+# The order the skip rules try them: the common ones first (Linux: 8 words on every segment
+# with timestamps, 10 on a SYN/SYN-ACK with options, 5 without options), so a dataless
+# segment leaves after one to three u32 tests instead of up to eleven.
+_SKIP_ORDER: Final = (8, 10, 5, 6, 7, 9, 11, 12, 13, 14, 15)
 _TCP_SYN: Final = 0x02
 _TCP_ACK: Final = 0x10
 _TCP_SYN_RST_FIN: Final = 0x07
@@ -346,12 +350,9 @@ def _enqueue_rules(chain: str, family: int, q: str, *, reply: bool, queue_syn: b
             out.append(f"-A {chain} -p tcp -m tcp --syn -m connmark --mark 0x0/{m} {q}")
     unseen = f"-p tcp -m connmark --mark 0x0/{m} -m u32 --u32"
     out += [
-        f'-A {chain} {unseen} "{nodata_u32(family, d, reply=reply, any_flags=True)}" -j RETURN'
-        for d in TCP_DATA_OFFSETS
+        f'-A {chain} {unseen} "{nodata_u32(family, d, reply=reply, any_flags=True)}" -j RETURN' for d in _SKIP_ORDER
     ]
-    out += [
-        f'-A {chain} -p tcp -m u32 --u32 "{nodata_u32(family, d, reply=reply)}" -j RETURN' for d in TCP_DATA_OFFSETS
-    ]
+    out += [f'-A {chain} -p tcp -m u32 --u32 "{nodata_u32(family, d, reply=reply)}" -j RETURN' for d in _SKIP_ORDER]
     out.append(f"-A {chain} -m connmark --mark {fresh}/{fresh} -j MARK --or-mark {fresh}")
     return [*out, f"-A {chain} {q}"]
 

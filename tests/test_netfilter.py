@@ -693,3 +693,7 @@ def _install_args_keep_guard(
         out, err = io.StringIO(), io.StringIO()
         rc = nf.run_rules(p.parse_args(["install", *argv]), out, err)
     return rc, got, out.getvalue(), err.getvalue()
+
+
+def test_the_skip_rules_try_every_data_offset_once_common_ones_first() -> None:
+    assert sorted(nf._SKIP_ORDER) == list(nf.TCP_DATA_OFFSETS) and nf._SKIP_ORDER[:3] == (8, 10, 5)
