@@ -129,6 +129,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"packets {eng['packets']}  flows {eng['flows']} (tracked {st['flows_tracked']})  dropped {eng['dropped']}  "
         f"malformed {eng['malformed']}  errors {eng['errors'] + st['callback_errors']}  overload {eng['overload']}"
     )
+    g = st.get("link_guard") or {}
+    if g.get("ifaces"):
+        con.print(f"link guard on {', '.join(g['ifaces'])}: {g['dropped']} frames from below the IP layer dropped")
+    else:
+        con.print(f"link guard: off{' (' + g['error'] + ')' if g.get('error') else ''}")
     k = st.get("kernel_queue")
     if k:
         con.print(

@@ -103,6 +103,7 @@ class Daemon:
         self._rules_installed = False
         self.guard_ifaces: list[str] = []  # what the link guard watches now
         self.guard_error = ""
+        self.guard_dropped = 0  # frames the guard dropped (read every GUARD_EVERY ticks)
         self._guard_unavailable = False  # no nft, or the kernel refused the egress hook
         self._servers: list[asyncio.AbstractServer] = []
 
@@ -328,6 +329,9 @@ class Daemon:
                 self._count_uninspected()
             if self._rules_installed and self._ticks % GUARD_EVERY == 0:
                 self._follow_uplinks()
+                if self.guard_ifaces:
+                    with contextlib.suppress(netfilter.NetfilterError, OSError, ValueError):
+                        self.guard_dropped = netfilter.guard_drops()
             sdnotify.watchdog()
             sdnotify.status(self._status_line())
 
@@ -358,7 +362,7 @@ class Daemon:
             "mode": self.policy.mode,
             "fail": self.policy.fail,
             "queue_num": self.queue_num,
-            "link_guard": {"ifaces": self.guard_ifaces, "error": self.guard_error},
+            "link_guard": {"ifaces": self.guard_ifaces, "error": self.guard_error, "dropped": self.guard_dropped},
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
             "last_reload_error": self.last_reload_error,
@@ -680,6 +684,11 @@ def prometheus_text(st: dict[str, Any]) -> str:
         metric("queue_dropped_total", k["queue_dropped"], "Packets the kernel dropped: queue full.")
         metric("uninspected_total", k["uninspected"], "Packets passed without a verdict: queue full, fail: open.")
         metric("user_dropped_total", k["user_dropped"], "Packets the kernel dropped: netlink buffer full.")
+    metric(
+        "link_guard_dropped_total",
+        st["link_guard"]["dropped"],
+        "IP frames that did not come through the IP layer (packet sockets), dropped by the link guard.",
+    )
     metric("netlink_enobufs_total", st["netlink_enobufs"], "Netlink receive-buffer overflows reported to us.")
     metric("event_write_errors_total", st["events"]["errors"], "Events that could not be written.")
     return "\n".join(out) + "\n"

@@ -789,6 +789,20 @@ def guard_installed(*, netns: str | None = None) -> list[str]:
     return []
 
 
+def guard_drops(*, netns: str | None = None) -> int:
+    """Frames the link guard has dropped since it was installed (its counter; 0 when absent)."""
+    if shutil.which("nft") is None:
+        return 0
+    p = _run(["nft", "list", "chain", "netdev", GUARD_TABLE, "guard"], netns)
+    for line in p.stdout.splitlines() if p.returncode == 0 else ():
+        words = line.split()
+        if words[-1:] == ["drop"] and "counter" in words:
+            i = words.index("counter")
+            if words[i + 1 : i + 2] == ["packets"]:
+                return int(words[i + 2])
+    return 0
+
+
 def _read_proc(path: str, netns: str | None) -> str:
     if netns:
         p = _run(["cat", path], netns)

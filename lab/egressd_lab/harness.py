@@ -248,11 +248,7 @@ def send_frames(
 
 def guard_drops(lb: Lab) -> int:
     """Frames the link guard of the node namespace dropped (its counter; 0 when there is none)."""
-    out = lb.run_node(["nft", "list", "chain", "netdev", netfilter.GUARD_TABLE, "guard"]).stdout
-    for line in out.splitlines():
-        if "counter packets" in line and line.strip().endswith("drop"):
-            return int(line.split("counter packets", 1)[1].split()[0])
-    return 0
+    return netfilter.guard_drops(netns=lb.node)
 
 
 # -- counting what reaches the inet side ------------------------------------------------------

@@ -117,6 +117,7 @@ def test_metrics_listen_on_loopback_only(priv: PrivLab) -> None:
     fetch = f"import urllib.request as u; print(u.urlopen({url!r}, timeout=3).read().decode())"
     body = priv.lab.run_node([PY, "-c", fetch]).stdout
     assert "egressd_packets_total" in body
+    assert "\negressd_link_guard_dropped_total 0\n" in body
 
 
 def test_unprivileged_daemon_installs_the_link_guard(priv: PrivLab) -> None:

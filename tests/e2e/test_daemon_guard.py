@@ -20,8 +20,8 @@ from daemon_fixtures import NEEDS_KERNEL, DaemonLab
 
 from egressd import netfilter
 from egressd_lab import peers
-from egressd_lab.harness import policy_copy, set_key
-from egressd_lab.netns import INET_V4, INET_V6
+from egressd_lab.harness import mac_of, policy_copy, send_frames, set_key
+from egressd_lab.netns import INET_V4, INET_V6, NODE_V4, SERVICES
 
 pytestmark = NEEDS_KERNEL
 pytest_plugins = ["conftest_daemon"]
@@ -38,11 +38,24 @@ def test_the_daemon_guards_the_default_route_interface_and_fail_open_removes_it(
     dlab: DaemonLab, daemon: peers.Egressd
 ) -> None:
     up = _veth(dlab)
-    assert daemon.status()["link_guard"] == {"ifaces": [up], "error": ""}
+    assert daemon.status()["link_guard"] == {"ifaces": [up], "error": "", "dropped": 0}
     assert netfilter.guard_installed(netns=dlab.lab.node) == [up]
+    shown = dlab.egressd("status", "--socket", str(daemon.socket)).stdout
+    assert f"link guard on {up}: 0 frames from below the IP layer dropped" in shown, shown
     assert daemon.stop(signal.SIGTERM) == 0
     assert netfilter.guard_installed(netns=dlab.lab.node) == []
     assert "egressd" not in dlab.lab.run_node(["nft", "list", "tables"]).stdout
+
+
+def test_the_daemon_reports_what_the_guard_dropped(dlab: DaemonLab, daemon: peers.Egressd) -> None:
+    up = _veth(dlab)
+    rep = send_frames(dlab.lab, up, mac_of(dlab.lab, "inet"), NODE_V4, SERVICES["bulk"][0], "udp", 40000, 9, "x",
+                      "count=3")  # fmt: skip
+    assert rep["errors"] == ["No buffer space available"] * 3, rep
+    deadline = time.monotonic() + 8  # read every 5 s
+    while daemon.status()["link_guard"]["dropped"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert daemon.status()["link_guard"]["dropped"] == 3
 
 
 def test_fail_closed_keeps_the_guard_with_the_rules_and_rules_remove_takes_it(
@@ -67,7 +80,7 @@ def test_a_killed_daemon_leaves_the_guard_for_exec_stop_post(dlab: DaemonLab, da
 
 def test_no_guard_installs_none(dlab: DaemonLab, start_daemon: Callable[..., peers.Egressd]) -> None:
     d = start_daemon(extra=["--no-guard"])
-    assert d.status()["link_guard"] == {"ifaces": [], "error": ""}
+    assert d.status()["link_guard"] == {"ifaces": [], "error": "", "dropped": 0}
     assert netfilter.guard_installed(netns=dlab.lab.node) == []
 
 
