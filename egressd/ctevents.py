@@ -36,6 +36,7 @@ IPCTNL_MSG_CT_DELETE: Final = 2
 MSG_NEW: Final = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
 MSG_DELETE: Final = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
 CTA_TUPLE_ORIG: Final = 1
+CTA_MARK: Final = 8
 CTA_TUPLE_IP: Final = 1
 CTA_TUPLE_PROTO: Final = 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
@@ -63,10 +64,11 @@ def _attrs(data: bytes, off: int, end: int) -> Iterator[tuple[int, int, int]]:
         off += (length + 3) & ~3
 
 
-def parse(data: bytes) -> list[tuple[int, Tuple5]]:
-    """(message type, original-direction 5-tuple) of each ctnetlink NEW/DELETE message in a
-    datagram (``MSG_NEW`` or ``MSG_DELETE``). Anything else, or a truncated message, is skipped."""
-    out: list[tuple[int, Tuple5]] = []
+def parse(data: bytes) -> list[tuple[int, Tuple5, int]]:
+    """(message type, original-direction 5-tuple, connmark) of each ctnetlink NEW/DELETE
+    message in a datagram (``MSG_NEW`` or ``MSG_DELETE``; the mark is 0 when the kernel sent
+    none). Anything else, or a truncated message, is skipped."""
+    out: list[tuple[int, Tuple5, int]] = []
     off = 0
     while off + _NLMSGHDR.size <= len(data):
         length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
@@ -76,9 +78,16 @@ def parse(data: bytes) -> list[tuple[int, Tuple5]]:
         if mtype in (MSG_NEW, MSG_DELETE):
             t = _tuple(data, off + _NLMSGHDR.size + 4, end)  # after nfgenmsg
             if t is not None:
-                out.append((mtype, t))
+                out.append((mtype, t, _mark(data, off + _NLMSGHDR.size + 4, end)))
         off += (length + 3) & ~3
     return out
+
+
+def _mark(data: bytes, off: int, end: int) -> int:
+    for atype, a, b in _attrs(data, off, end):
+        if atype == CTA_MARK and b - a >= 4:
+            return int.from_bytes(data[a : a + 4], "big")
+    return 0
 
 
 def _tuple(data: bytes, off: int, end: int) -> Tuple5 | None:
@@ -136,8 +145,8 @@ class Events:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def read(self, budget: int = 256) -> list[tuple[int, Tuple5]]:
-        out: list[tuple[int, Tuple5]] = []
+    def read(self, budget: int = 256) -> list[tuple[int, Tuple5, int]]:
+        out: list[tuple[int, Tuple5, int]] = []
         for _ in range(budget):
             try:
                 data = self.sock.recv(65536)

@@ -224,8 +224,11 @@ class Daemon:
             self.ct_error = str(e)
             return
         now = time.time()
-        for _mtype, (proto, src, sport, dst, dport) in ended:
-            self.engine.end(proto, src, sport, dst, dport, now)
+        for _mtype, (proto, src, sport, dst, dport), mark in ended:
+            if not self.engine.end(proto, src, sport, dst, dport, now) and mark & netfilter.MARK_FRESH:
+                # A connection this node opened that never carried data: the kernel let its
+                # handshake pass without a verdict, and its end is its flow record.
+                self.engine.dataless_end(proto, src, sport, dst, dport, now)
         if ended:
             self._drain_events()
 

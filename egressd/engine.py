@@ -701,6 +701,35 @@ class Engine:
             return True
         return False
 
+    def dataless_end(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int, now: float) -> None:
+        """A connection that never carried data ended (conntrack said so, and its mark says the
+        kernel saw its SYN and no verdict was ever given): its flow record, judged as the
+        engine would judge such a flow at its end (content ``none``; no flow is kept)."""
+        self.counters.flows += 1
+        self._fid += 1
+        names = self.dns.names_for(dst, now)
+        version = 4 if len(src) == 4 else 6
+        dec = self.policy.judge(FlowFacts(proto, version, src, dst, sport, dport, names, (), CONTENT_NONE))
+        self.counters.rules[dec.rule] = self.counters.rules.get(dec.rule, 0) + 1
+        ev = Event(
+            timestamp=now,
+            flow_id=self._fid,
+            src_ip=ip_text(src),
+            src_port=sport,
+            dest_ip=ip_text(dst),
+            dest_port=dport,
+            proto=eve_name(proto),
+            verdict=dec.action,
+            action="allowed",  # nothing of it was stopped: it carried nothing
+            rule=dec.rule,
+            rule_description=dec.description,
+            reason="end",
+            mode=self.policy.mode,
+            domain=names[0] if names else None,
+        )
+        ev.extra = {"dataless": True}
+        self.events.append(ev)
+
     def kernel_dropped(
         self, decision: Decision, proto: int, src: bytes, sport: int, dst: bytes, dport: int, now: float
     ) -> None:
