@@ -523,30 +523,37 @@ class Daemon:
 
         The compiled part goes in as a new generation of sets beside the old one, the rules
         are swapped in one transaction per table, then the old sets are destroyed. Without
-        ipset the compiled part is left out (said once): the engine decides those connections."""
+        ipset or CAP_NET_RAW (``netfilter.sets_usable``) the address rules are plain rules and
+        the DNS-learned names stay with the engine (said in ``egressd status``)."""
         plan = kernelsets.compile_policy(policy)
         rendered: tuple[kernelsets.Rendered, ...] = ()
+        use_sets = netfilter.sets_usable()
+        gen = 0
         if plan.entries or plan.default is not None:
-            if netfilter.ipset_available():
+            if use_sets:
                 gen = netfilter.next_generation()
-                rendered = tuple(
-                    kernelsets.render(
-                        plan,
-                        fam,
-                        gen,
-                        state_mask=netfilter.MARK_MASK,
-                        allow=netfilter.MARK_ALLOW,
-                        deny=netfilter.MARK_DENY,
-                        deny_chain=netfilter.CHAIN_DENY,
-                        log_group=self.queue_num if self._klog is not None else None,
-                    )
-                    for fam in (4, 6)
-                )
             else:
-                self.dns_set_error = "ipset not found: the policy's address rules are decided in Python"
-                print(f"egressd: warning: {self.dns_set_error}", file=sys.stderr, flush=True)
+                self.dns_set_error = (
+                    "no ipset, or no CAP_NET_RAW for iptables' set match: address rules as plain "
+                    "rules, names learned over DNS decided in Python"
+                )
+            rendered = tuple(
+                kernelsets.render(
+                    plan,
+                    fam,
+                    gen,
+                    state_mask=netfilter.MARK_MASK,
+                    allow=netfilter.MARK_ALLOW,
+                    deny=netfilter.MARK_DENY,
+                    deny_chain=netfilter.CHAIN_DENY,
+                    log_group=self.queue_num if self._klog is not None else None,
+                    use_sets=use_sets,
+                )
+                for fam in (4, 6)
+            )
         if rendered:
-            netfilter.create_sets([*rendered[0].ipset, *rendered[1].ipset])
+            if use_sets:
+                netfilter.create_sets([*rendered[0].ipset, *rendered[1].ipset])
             self._gen = gen
         netfilter.install(
             self.queue_num,
@@ -559,7 +566,7 @@ class Daemon:
         self._plan = plan if rendered else None
         self._plan_policy = policy
         self._plan_sig = _plan_signature(policy)
-        self.engine.dns.learned = [] if rendered and plan.name_entries else None
+        self.engine.dns.learned = [] if rendered and use_sets and plan.name_entries else None
         if self.engine.dns.learned is not None:
             self._refill_dns_sets()
         self._rules_installed = True

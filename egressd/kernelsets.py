@@ -237,22 +237,29 @@ def _port_chunks(p: PortSet) -> list[str]:
     return chunks
 
 
-def _conditions(m: Match, family: int, gen: int, index: int, tag: str) -> tuple[list[str], list[str]] | None:
+def _conditions(
+    m: Match, family: int, gen: int, index: int, tag: str, use_sets: bool = True
+) -> tuple[list[str], list[str]] | None:
     """(match strings, ipset creation lines) expanding one block over protocols and port
-    chunks; None when the block cannot hold in this family (no CIDR of this family)."""
+    chunks; None when the block cannot hold in this family (no CIDR of this family).
+    Without ``use_sets`` each network is a ``-d``/``-s`` of its own line (no ipset)."""
     sets: list[str] = []
-    parts: list[str] = []
+    addr_parts: list[str] = [""]
     for what, cidrs, flag in (("d", m.dst, "dst"), ("s", m.src, "src")):
         if cidrs is None:
             continue
         nets = _nets(cidrs, family)
         if not nets:
             return None
+        if not use_sets:
+            opt = "-d" if flag == "dst" else "-s"
+            addr_parts = [f"{a} {opt} {n}".strip() for a in addr_parts for n in nets]
+            continue
         name = set_name(gen, index, tag + what, family)
         fam = "inet" if family == 4 else "inet6"
         sets.append(f"create {name} hash:net family {fam} maxelem {max(len(nets), 1)}")
         sets += [f"add {name} {n}" for n in nets]
-        parts.append(f"-m set --match-set {name} {flag}")
+        addr_parts = [f"{a} -m set --match-set {name} {flag}".strip() for a in addr_parts]
     protos: list[str | None]
     if m.protos is None and m.dst_ports is None and m.src_ports is None:
         protos = [None]
@@ -262,7 +269,6 @@ def _conditions(m: Match, family: int, gen: int, index: int, tag: str) -> tuple[
         if not protos:
             return None
     out: list[str] = []
-    tail = " ".join(parts)
     for proto in protos:
         base = f"-p {proto}" if proto is not None else ""
         port_opts: list[str] = [""]
@@ -276,7 +282,7 @@ def _conditions(m: Match, family: int, gen: int, index: int, tag: str) -> tuple[
                     opt += f" --dports {dc}" if dc else ""
                     opt += f" --sports {sc}" if sc else ""
                     port_opts.append(opt)
-        out += [" ".join(x for x in (base, po, tail) if x) for po in port_opts]
+        out += [" ".join(x for x in (base, po, tail) if x) for po in port_opts for tail in addr_parts]
     return out, sets
 
 
@@ -299,6 +305,7 @@ def render(
     deny: int,
     deny_chain: str,
     log_group: int | None = None,
+    use_sets: bool = True,
 ) -> Rendered:
     """The POLICY chain for ``family``: one line per (rule, protocol, port chunk), in policy order.
 
@@ -313,6 +320,8 @@ def render(
     for e in plan.entries:
         target = f"--set-xmark {allow if e.action == 'accept' else deny:#x}/{state_mask:#x}"
         conds: list[str]
+        if e.by_name and not use_sets:
+            continue  # DNS-learned addresses need a set: the engine decides those connections
         if e.by_name:
             name = set_name(gen, e.index, "n", family)
             fam = "inet" if family == 4 else "inet6"
@@ -324,7 +333,7 @@ def render(
             ipset += sets
             conds = [f"{c} -m set --match-set {name} dst".strip() for c in conds]
         else:
-            got = _conditions(e.match, family, gen, e.index, "")
+            got = _conditions(e.match, family, gen, e.index, "", use_sets)
             if got is None:
                 continue
             conds, sets = got
@@ -334,7 +343,7 @@ def render(
             sub = f"{CHAIN_POLICY}-{e.index}"
             chains.append(sub)
             for k, n in enumerate(e.match.nots):
-                got_n = _conditions(n, family, gen, e.index, f"x{k}")
+                got_n = _conditions(n, family, gen, e.index, f"x{k}", use_sets)
                 if got_n is None:
                     continue
                 ipset += got_n[1]

@@ -846,6 +846,30 @@ def ipset_available() -> bool:
     return shutil.which("ipset") is not None
 
 
+CAP_NET_RAW: Final = 13
+
+
+def sets_usable(status: str | None = None) -> bool:
+    """Can this process install rules with ``-m set``? ipset itself needs CAP_NET_ADMIN, but
+    iptables' set match (libxt_set) opens a raw socket to look the set up: CAP_NET_RAW, which
+    the unprivileged service does not hold (measured: "Can't open socket to ipset"). Without
+    it the compiled policy is rendered as plain ``-d``/``-s`` rules and names stay in Python."""
+    if not ipset_available():
+        return False
+    if status is None:
+        try:
+            status = Path("/proc/self/status").read_text()
+        except OSError:
+            return os.geteuid() == 0
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            try:
+                return bool(int(line.split()[1], 16) >> CAP_NET_RAW & 1)
+            except (IndexError, ValueError):
+                return False
+    return os.geteuid() == 0
+
+
 def _ipset(args: Sequence[str], netns: str | None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return _run(["ipset", *args], netns, stdin=stdin)
 

@@ -150,3 +150,22 @@ def test_compiled_rules_decide_as_the_engine_does_on_real_captures(shipped: Poli
             wrong.append(f"{e.proto} {e.src_ip}:{e.src_port} -> {e.dest_ip}:{e.dest_port}: kernel {k}, engine {engine}")
     assert decided > 20, decided
     assert not wrong, "\n".join(wrong[:20])
+
+
+def test_without_sets_networks_become_plain_rules_and_name_rules_stay_in_python(shipped: Policy) -> None:
+    trust = _rule(
+        "trust",
+        "accept",
+        Match(dst=CidrSet([_net("203.0.113.0/25"), _net("198.51.100.7/32")]), dst_ports=PortSet([(443, 443)])),
+    )
+    plan = ks.compile_policy(_with_rules(shipped, (trust, *shipped.rules)))
+    assert [e.rule for e in plan.entries] == ["trust", "drop-mining-pool-names"]
+    r = ks.render(plan, 4, 1, state_mask=MASK, allow=ALLOW, deny=DENY, deny_chain="X", log_group=0, use_sets=False)
+    assert r.ipset == [] and r.sets == [] and not any("-m set" in x for x in r.rules)
+    tails = [
+        x.split("-m multiport --dports 443 ", 1)[1] for x in r.rules if x.startswith("-A EGRESSD-POLICY -m connmark")
+    ]
+    assert {t.split(" -j ")[0] for t in tails} == {"-d 203.0.113.0/25", "-d 198.51.100.7/32"}
+    assert len(tails) == 2 * 5  # two networks, five port protocols
+    with_sets = ks.render(plan, 4, 1, state_mask=MASK, allow=ALLOW, deny=DENY, deny_chain="X", log_group=0)
+    assert "egd1-2n4" in with_sets.sets and any("NFLOG" in x for x in with_sets.rules)  # rule index 2
