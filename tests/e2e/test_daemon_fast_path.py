@@ -149,7 +149,10 @@ def test_a_pool_address_learned_over_dns_is_reset_at_its_syn_by_the_kernel(
     r = flab.run_node(["dig", "+short", "+time=2", "+tries=1", f"@{DNS_V4}", "xmr.nanopool.org"], timeout=20)
     assert r.stdout.split() == [POOL_V4], r.stdout
     sets = flab.run_node(["ipset", "list"]).stdout
-    assert POOL_V4 in sets, sets  # in the kernel before the answer reached dig
+    entry = next((ln for ln in sets.splitlines() if ln.startswith(POOL_V4 + " ")), "")
+    assert entry, sets  # in the kernel before the answer reached dig
+    # The answer's TTL (dnsmasq says 0) plus the engine's grace: never longer than its own cache.
+    assert 0 < int(entry.split("timeout ")[1].split()[0]) <= 60, entry
     h0, p0 = _hits(flab), daemon.status()["engine"]["packets"]
     t = time.monotonic()
     assert _client(flab, POOL_V4, 1, 64) == "error ConnectionRefusedError"
@@ -182,3 +185,34 @@ def test_a_flows_end_is_learned_from_conntrack(flab: Lab, daemon: peers.Egressd)
     assert st["engine"]["ended"] == e0 + 1, (st["engine"], st["conntrack_events"], st["flows_tracked"])
     assert st["conntrack_events"]["destroyed"] > ct0["destroyed"]
     assert st["flows_tracked"] == 0, st  # forgotten now, not at the idle timeout (300 s)
+
+
+def test_a_reload_swaps_the_compiled_policy_in_one_step(flab: Lab, tmp_path: Path) -> None:
+    import signal
+
+    pol = write_policy(tmp_path, prepend_rules=[TRUST])
+    d = peers.start_egressd(flab, tmp_path, pol)
+    try:
+        st = d.status()["kernel_policy"]
+        gen, sets0 = st["generation"], set(flab.run_node(["ipset", "list", "-n"]).stdout.split())
+        assert gen > 0 and f"egd{gen}-0d4" in sets0, (st, sets0)
+        moved = dict(TRUST, match={"dst": f"{POOL_V4}/32", "proto": "tcp", "dst_port": PORT})
+        write_policy(tmp_path, prepend_rules=[moved])
+        h0 = _hits(flab)
+        d.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and d.status()["kernel_policy"]["generation"] == gen:
+            time.sleep(0.1)
+        st = d.status()["kernel_policy"]
+        sets1 = set(flab.run_node(["ipset", "list", "-n"]).stdout.split())
+        assert st["generation"] != gen and f"egd{st['generation']}-0d4" in sets1, (st, sets1)
+        assert not {n for n in sets1 if n.startswith(f"egd{gen}-")}, sets1  # the old generation is gone
+        # The trust moved: the pool's address is now decided in the kernel, the old one in Python.
+        assert _client(flab, POOL_V4, 3, 64) == "ok 3"
+        time.sleep(0.3)
+        assert _hits(flab) == h0
+        assert _client(flab, TLS4, 2, 64) == "ok 2"
+        time.sleep(0.3)
+        assert _hits(flab) > h0
+    finally:
+        d.stop()
