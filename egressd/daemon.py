@@ -50,6 +50,7 @@ _MARK_BITS: dict[int, int] = {
 }
 
 BATCH = 64  # packets per wake-up before the loop gets a chance to run other work
+KERNEL_DEBOUNCE = 0.5  # seconds a reload's compiled policy waits, so a burst of reloads installs once
 TICK = 1.0  # seconds between housekeeping rounds (sweep, rotation, kernel counters, watchdog)
 UNINSPECTED_EVERY = 2  # ticks between reads of the rule counters (an iptables-save per family)
 GUARD_EVERY = 5  # ticks between looks for a new way out (a default route) to guard
@@ -97,6 +98,11 @@ class Daemon:
         self._plan_policy: Policy | None = None  # the policy the compiled rules came from
         self._plan: kernelsets.Plan | None = None  # the compiled policy in the kernel
         self._plan_sig: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self._kernel_busy = False  # a reload's compiled policy is being installed off the loop
+        self._kernel_next: Policy | None = None
+        self._kernel_fut: asyncio.Future[Any] | None = None
+        self._kernel_timer: asyncio.TimerHandle | None = None
+        self.kernel_error = ""
         self._gen = 0
         self.dns_mirrored = 0
         self.dns_set_error = ""
@@ -290,9 +296,10 @@ class Daemon:
                 file=sys.stderr,
                 flush=True,
             )
-        if self._rules_installed and (
-            netfilter.kernel_head(new_s) != netfilter.kernel_head(old_s) or _plan_signature(new) != self._plan_sig
-        ):
+        if self._rules_installed and netfilter.kernel_head(new_s) == netfilter.kernel_head(old_s):
+            if _plan_signature(new) != self._plan_sig or self._kernel_busy or self._kernel_timer is not None:
+                self._rewrite_kernel_later(new)
+        elif self._rules_installed:
             # head_bytes/max_packets changed: the kernel's bound must follow, or a larger head
             # could be outlasted by a slow sender. install() replaces the rules in one
             # transaction per table; pinned connections keep their connmarks.
@@ -390,7 +397,7 @@ class Daemon:
                 "compiled": [e.rule for e in self._plan.entries] if self._plan is not None else [],
                 "generation": self._gen,
                 "dns_addresses_added": self.dns_mirrored,
-                "error": self.dns_set_error,
+                "error": self.dns_set_error or self.kernel_error,
             },
             "conntrack_events": {
                 "listening": self._ct is not None,
@@ -497,6 +504,13 @@ class Daemon:
                 self._klog.close()
             for s in self._servers:
                 s.close()
+            if self._kernel_timer is not None:
+                self._kernel_timer.cancel()
+            if self._kernel_fut is not None and not self._kernel_fut.done():
+                # A reload's install still running in its thread: let it finish, or it could
+                # put rules back after they were removed.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(self._kernel_fut), 30)
             # fail: open -> remove the rules first, so nothing waits on a queue that is about
             # to lose its listener. fail: closed -> leave them: with nobody bound to the queue
             # (and no --queue-bypass) every judged packet is dropped until egressd is back.
@@ -525,6 +539,13 @@ class Daemon:
         are swapped in one transaction per table, then the old sets are destroyed. Without
         ipset or CAP_NET_RAW (``netfilter.sets_usable``) the address rules are plain rules and
         the DNS-learned names stay with the engine (said in ``egressd status``)."""
+        self._adopt(policy, self._write_kernel(policy))
+        if not self.guard_ifaces:  # a reload re-installs the iptables rules only; the guard stays
+            self._install_guard()
+
+    def _write_kernel(self, policy: Policy) -> tuple[kernelsets.Plan | None, int, bool]:
+        """Compile and install (subprocesses only, no daemon state touched: a reload runs it in
+        a worker thread). Returns (the plan now in the kernel or None, its generation, sets used)."""
         plan = kernelsets.compile_policy(policy)
         rendered: tuple[kernelsets.Rendered, ...] = ()
         use_sets = netfilter.sets_usable()
@@ -532,11 +553,6 @@ class Daemon:
         if plan.entries or plan.default is not None:
             if use_sets:
                 gen = netfilter.next_generation()
-            else:
-                self.dns_set_error = (
-                    "no ipset, or no CAP_NET_RAW for iptables' set match: address rules as plain "
-                    "rules, names learned over DNS decided in Python"
-                )
             rendered = tuple(
                 kernelsets.render(
                     plan,
@@ -551,10 +567,8 @@ class Daemon:
                 )
                 for fam in (4, 6)
             )
-        if rendered:
             if use_sets:
                 netfilter.create_sets([*rendered[0].ipset, *rendered[1].ipset])
-            self._gen = gen
         netfilter.install(
             self.queue_num,
             fail_open=self.fail_open,
@@ -563,15 +577,54 @@ class Daemon:
             policy=(tuple(rendered[0].rules), tuple(rendered[1].rules)) if rendered else ((), ()),
             sets=[*rendered[0].sets, *rendered[1].sets] if rendered else (),
         )
-        self._plan = plan if rendered else None
-        self._plan_policy = policy
+        return (plan if rendered else None), gen, use_sets
+
+    def _adopt(self, policy: Policy, done: tuple[kernelsets.Plan | None, int, bool]) -> None:
+        """On the loop: remember what the kernel now holds, mirror DNS names into it if it can."""
+        plan, gen, use_sets = done
+        self._plan, self._gen, self._plan_policy = plan, gen, policy
         self._plan_sig = _plan_signature(policy)
-        self.engine.dns.learned = [] if rendered and use_sets and plan.name_entries else None
+        if plan is not None and not use_sets:
+            self.dns_set_error = (
+                "no ipset, or no CAP_NET_RAW for iptables' set match: address rules as plain "
+                "rules, names learned over DNS decided in Python"
+            )
+        self.engine.dns.learned = [] if plan is not None and use_sets and plan.name_entries else None
         if self.engine.dns.learned is not None:
             self._refill_dns_sets()
         self._rules_installed = True
-        if not self.guard_ifaces:  # a reload re-installs the iptables rules only; the guard stays
-            self._install_guard()
+
+    def _rewrite_kernel_later(self, policy: Policy) -> None:
+        """A reload changed only the compiled part: install it off the loop (subprocesses take
+        tens to hundreds of milliseconds; verdicts must not wait), at most one at a time and
+        after a short pause, so a burst of reloads installs only the last policy. Until it is
+        in, the kernel decides new connections by the previous compiled part, which was the
+        policy in force until then (and the engine, already on the new policy, judges the rest)."""
+        self._kernel_next = policy
+        if self._kernel_busy or self._kernel_timer is not None:
+            return
+        self._kernel_timer = asyncio.get_running_loop().call_later(KERNEL_DEBOUNCE, self._start_kernel_job)
+
+    def _start_kernel_job(self) -> None:
+        self._kernel_timer = None
+        policy, self._kernel_next = self._kernel_next, None
+        if policy is None or not self._rules_installed or _plan_signature(policy) == self._plan_sig:
+            return
+        self._kernel_busy = True
+        fut = asyncio.get_running_loop().run_in_executor(None, self._write_kernel, policy)
+        self._kernel_fut = fut
+
+        def finished(f: asyncio.Future[tuple[kernelsets.Plan | None, int, bool]]) -> None:
+            self._kernel_busy = False
+            try:
+                self._adopt(policy, f.result())
+            except netfilter.NetfilterError as e:
+                self.kernel_error = f"kernel rules for the reloaded policy: {e}"
+                print(f"egressd: {self.kernel_error}", file=sys.stderr, flush=True)
+            if self._kernel_next is not None:
+                self._kernel_timer = asyncio.get_running_loop().call_later(KERNEL_DEBOUNCE, self._start_kernel_job)
+
+        fut.add_done_callback(finished)
 
     def _install_guard(self) -> None:
         """The link guard on the named interfaces, or on the way out (the default routes).
