@@ -726,6 +726,7 @@ class Engine:
             reason="end",
             mode=self.policy.mode,
             domain=names[0] if names else None,
+            severity=dec.severity,
         )
         ev.extra = {"dataless": True}
         self.events.append(ev)
@@ -756,6 +757,7 @@ class Engine:
             mode=self.policy.mode,
             domain=names[0] if names else None,
             packets=1,
+            severity=decision.severity,
         )
         ev.extra = {"kernel": True}
         self.events.append(ev)
