@@ -26,6 +26,7 @@ from egressd.stream import StreamHead
 
 if TYPE_CHECKING:
     from egressd.detect.base import Detection, StreamDetector
+    from egressd.detect.icmp import EchoState
     from egressd.policy import Decision
 
 FlowKey = tuple[int, bytes, int, bytes, int]
@@ -60,6 +61,7 @@ class Flow:
         "first_ts",
         "fwd",
         "fwd_pkts",
+        "icmp",
         "inner_fwd",
         "inner_rev",
         "key",
@@ -114,6 +116,7 @@ class Flow:
         self.domains: tuple[str, ...] = ()
         self.active_detectors: list[tuple[str, StreamDetector]] = []
         self.inner_fwd = 0
+        self.icmp: EchoState | None = None  # ICMP echo flows: requests awaiting their replies
         self.inner_rev = 0
         self.reported: tuple[str, str] | None = None  # (action, rule) last written as an event
 
@@ -121,6 +124,7 @@ class Flow:
         """Drop what only classification needs, once the verdict is final."""
         self.fwd = None
         self.rev = None
+        self.icmp = None
         self.active_detectors = []
 
 
