@@ -8,7 +8,7 @@ STAMP := build/.stamps
 
 # Everything the daemon, the tests, the capture script and the benchmarks use.
 APT_PACKAGES := python3 python3-venv python3-dev build-essential libnetfilter-queue-dev \
-	iptables nftables conntrack iproute2 iputils-ping kmod procps \
+	iptables ipset nftables conntrack iproute2 iputils-ping kmod procps \
 	openssh-server openssh-client openssl curl ncat socat microsocks dnsmasq-base dnsutils \
 	tcpdump iperf3 libndpi-bin systemd chromium \
 	mmdebstrap

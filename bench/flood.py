@@ -118,9 +118,7 @@ def bench_queue(seconds: float, lens: list[int]) -> None:
             rows.append([*row, f"{done}/{len(q.attempts)}", q.pool_requests])
     cols = "fail|queue_len|sent|delivered|judged|q_dropped|u_dropped|not queued|enobufs|stratum ok|pool reqs"
     print(table(cols.split("|"), rows))
-    print(
-        "uninspected = NFQUEUE rule hits - packets the kernel queued (fail-open overflow; no counter has it)"
-    )
+    print("uninspected = NFQUEUE rule hits - packets the kernel queued (fail-open overflow; no counter has it)")
 
 
 def bench_storm(seconds: float, rate: float) -> None:

@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from egressd import netfilter, nfq, procstats, sdnotify, verdict
+from egressd import ctevents, kernellog, kernelsets, netfilter, nfq, procstats, sdnotify, verdict
 from egressd.attribution.sink import AttributedSink  # issue 8
-from egressd.engine import DIR_ORIGINAL, DIR_REPLY, Engine
+from egressd.dnsnames import TTL_GRACE
+from egressd.engine import DIR_FRESH, DIR_ORIGINAL, DIR_REPLY, Engine
 from egressd.eventlog import EventLog
 from egressd.policy import Policy, PolicyError, load_policy
 from egressd.verdict import DROP_PACKET, PASS, PASS_MARK_SEEN, PIN_DENY
@@ -50,6 +51,7 @@ _MARK_BITS: dict[int, int] = {
 }
 
 BATCH = 64  # packets per wake-up before the loop gets a chance to run other work
+KERNEL_DEBOUNCE = 0.5  # seconds a reload's compiled policy waits, so a burst of reloads installs once
 TICK = 1.0  # seconds between housekeeping rounds (sweep, rotation, kernel counters, watchdog)
 UNINSPECTED_EVERY = 2  # ticks between reads of the rule counters (an iptables-save per family)
 GUARD_EVERY = 5  # ticks between looks for a new way out (a default route) to guard
@@ -95,6 +97,20 @@ class Daemon:
         self._now = time.time()
         self._stop: asyncio.Event | None = None
         self._queue: nfq.Queue | None = None
+        self._ct: ctevents.Events | None = None  # conntrack destroy events: where flows end
+        self.ct_error = ""
+        self._klog: kernellog.KernelLog | None = None  # the compiled policy's drops, for their events
+        self._plan_policy: Policy | None = None  # the policy the compiled rules came from
+        self._plan: kernelsets.Plan | None = None  # the compiled policy in the kernel
+        self._plan_sig: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self._kernel_busy = False  # a reload's compiled policy is being installed off the loop
+        self._kernel_next: Policy | None = None
+        self._kernel_fut: asyncio.Future[Any] | None = None
+        self._kernel_timer: asyncio.TimerHandle | None = None
+        self.kernel_error = ""
+        self._gen = 0
+        self.dns_mirrored = 0
+        self.dns_set_error = ""
         self._rules_installed = False
         self.guard_ifaces: list[str] = []  # what the link guard watches now
         self.guard_error = ""
@@ -117,7 +133,12 @@ class Daemon:
         """
         mark = pkt.get_mark()
         data = pkt.get_payload()
-        v = self.engine.feed(data, self._now, DIR_REPLY if mark & netfilter.MARK_REPLY else DIR_ORIGINAL)
+        d = DIR_REPLY if mark & netfilter.MARK_REPLY else DIR_ORIGINAL
+        if mark & netfilter.MARK_FRESH:
+            d |= DIR_FRESH
+        v = self.engine.feed(data, self._now, d)
+        if self.engine.dns.learned:
+            self._mirror_dns()  # before the verdict: the answer must not reach the client first
         if v == PASS:
             pkt.accept()
             return
@@ -137,6 +158,114 @@ class Daemon:
             self.who.attributor.prefetch(data, bool(mark & netfilter.MARK_REPLY))
         pkt.set_mark(netfilter.with_verdict(mark, _MARK_BITS[v]))
         pkt.repeat()
+
+    def _mirror_dns(self) -> None:
+        """Addresses a DNS answer gave for a compiled name rule's names go into its kernel set.
+
+        A drop rule's set is written before the answer's own verdict is given (one ``ipset``
+        call, and only for the answers that name what the rule drops, a mining pool): the
+        client cannot connect before the kernel knows to refuse it. Accept sets are written off
+        the loop; until then the engine decides those connections, with the same result."""
+        learned = self.engine.dns.learned
+        if learned is None:
+            return
+        plan, gen = self._plan, self._gen
+        now_lines: list[str] = []
+        later: list[str] = []
+        if plan is not None:
+            for ip, name, ttl in learned:
+                fam = 4 if len(ip) == 4 else 6
+                for e in plan.name_entries:
+                    doms = e.match.domains
+                    if doms is None or doms.match(name) is None:
+                        continue
+                    line = (
+                        f"add {kernelsets.set_name(gen, e.index, 'n', fam)} {kernelsets.address_text(ip)} "
+                        f"timeout {kernelsets.dns_timeout(ttl, TTL_GRACE)}"
+                    )
+                    (now_lines if e.action == "drop" else later).append(line)
+        learned.clear()
+        try:
+            if now_lines:
+                netfilter.add_learned(now_lines)
+                self.dns_mirrored += len(now_lines)
+        except netfilter.NetfilterError as e:
+            self.dns_set_error = str(e)
+        if later:
+            self.dns_mirrored += len(later)
+            asyncio.get_running_loop().run_in_executor(None, self._add_later, later)
+
+    def _refill_dns_sets(self) -> None:
+        """A new generation of sets starts empty: give it what the engine's name cache knows."""
+        plan, now = self._plan, time.time()
+        if plan is None:
+            return
+        lines: list[str] = []
+        for ip, names, expiry in self.engine.dns.live(now):
+            fam = 4 if len(ip) == 4 else 6
+            for e in plan.name_entries:
+                doms = e.match.domains
+                if doms is not None and doms.match_any(names) is not None:
+                    name = kernelsets.set_name(self._gen, e.index, "n", fam)
+                    lines.append(f"add {name} {kernelsets.address_text(ip)} timeout {max(1, int(expiry - now))}")
+        try:
+            netfilter.add_learned(lines)
+        except netfilter.NetfilterError as e:
+            self.dns_set_error = str(e)
+
+    def _add_later(self, lines: list[str]) -> None:
+        try:
+            netfilter.add_learned(lines)
+        except netfilter.NetfilterError as e:
+            self.dns_set_error = str(e)
+
+    def _klog_readable(self) -> None:
+        """The kernel reset connections by compiled drop rules: each gets its event."""
+        klog, pol = self._klog, self._plan_policy
+        if klog is None:
+            return
+        try:
+            got = klog.read()
+        except OSError as e:
+            self.dns_set_error = f"kernel log: {e}"
+            return
+        if pol is None or not got:
+            return
+        now = time.time()
+        for index, proto, src, sport, dst, dport in got:
+            decision = pol.rules[index].decision if index < len(pol.rules) else pol.default_decision
+            self.engine.kernel_dropped(decision, proto, src, sport, dst, dport, now)
+        self._drain_events()
+
+    def _ct_readable(self) -> None:
+        """Conntrack destroyed some connections: their flows end now (``Engine.end``)."""
+        ct = self._ct
+        if ct is None:
+            return
+        try:
+            ended = ct.read()
+        except OSError as e:
+            self.ct_error = str(e)
+            return
+        now = time.time()
+        for _mtype, (proto, src, sport, dst, dport), mark in ended:
+            if not self.engine.end(proto, src, sport, dst, dport, now) and mark & netfilter.MARK_FRESH:
+                # A connection this node opened that never carried data: the kernel let its
+                # handshake pass without a verdict, and its end is its flow record.
+                self.engine.dataless_end(proto, src, sport, dst, dport, now)
+        if ended:
+            self._drain_events()
+
+    def _open_conntrack_events(self) -> None:
+        """Subscribe to conntrack destroy events before the rules send any traffic our way.
+
+        Without them (no CAP_NET_ADMIN over ctnetlink, nf_conntrack_netlink missing) flows
+        end by idle timeout, as they always could: said once, and in ``egressd status``."""
+        try:
+            self._ct = ctevents.Events(ctevents.NFNLGRP_CONNTRACK_DESTROY)
+        except OSError as e:
+            self.ct_error = f"no conntrack events ({e}): flows end by idle timeout"
+            print(f"egressd: warning: {self.ct_error}", file=sys.stderr, flush=True)
 
     def _readable(self) -> None:
         q = self._queue
@@ -190,7 +319,10 @@ class Daemon:
                 file=sys.stderr,
                 flush=True,
             )
-        if self._rules_installed and netfilter.kernel_head(new_s) != netfilter.kernel_head(old_s):
+        if self._rules_installed and netfilter.kernel_head(new_s) == netfilter.kernel_head(old_s):
+            if _plan_signature(new) != self._plan_sig or self._kernel_busy or self._kernel_timer is not None:
+                self._rewrite_kernel_later(new)
+        elif self._rules_installed:
             # head_bytes/max_packets changed: the kernel's bound must follow, or a larger head
             # could be outlasted by a slow sender. install() replaces the rules in one
             # transaction per table; pinned connections keep their connmarks.
@@ -286,6 +418,18 @@ class Daemon:
                 "uninspected": self.uninspected,
             },
             "netlink_enobufs": self._queue.enobufs if self._queue is not None else 0,
+            "kernel_policy": {
+                "compiled": [e.rule for e in self._plan.entries] if self._plan is not None else [],
+                "generation": self._gen,
+                "dns_addresses_added": self.dns_mirrored,
+                "error": self.dns_set_error or self.kernel_error,
+            },
+            "conntrack_events": {
+                "listening": self._ct is not None,
+                "destroyed": self._ct.messages if self._ct is not None else 0,
+                "overflows": self._ct.overflows if self._ct is not None else 0,
+                "error": self.ct_error,
+            },
             "events": {
                 "written": self.log.written,
                 "errors": self.log.errors,
@@ -332,12 +476,21 @@ class Daemon:
             max_len=settings.queue_len,
             on_error=self._on_callback_error,
         )
+        self._open_conntrack_events()
+        with contextlib.suppress(OSError):  # without it the kernel's drops still happen, unrecorded
+            self._klog = kernellog.KernelLog(self.queue_num)
         if self.opts.install_rules:
             try:
                 self._install_rules(self.policy)
             except BaseException:
                 self._queue.close()
+                if self._ct is not None:
+                    self._ct.close()
                 raise
+        if self._ct is not None:
+            loop.add_reader(self._ct.fileno(), self._ct_readable)
+        if self._klog is not None:
+            loop.add_reader(self._klog.fileno(), self._klog_readable)
         loop.add_reader(self._queue.fileno(), self._readable)
         if self.who is not None:
             self.who.start(loop)
@@ -374,8 +527,21 @@ class Daemon:
             if watcher is not None:
                 watcher.cancel()
             loop.remove_reader(self._queue.fileno())
+            if self._ct is not None:
+                loop.remove_reader(self._ct.fileno())
+                self._ct.close()
+            if self._klog is not None:
+                loop.remove_reader(self._klog.fileno())
+                self._klog.close()
             for s in self._servers:
                 s.close()
+            if self._kernel_timer is not None:
+                self._kernel_timer.cancel()
+            if self._kernel_fut is not None and not self._kernel_fut.done():
+                # A reload's install still running in its thread: let it finish, or it could
+                # put rules back after they were removed.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(self._kernel_fut), 30)
             # fail: open -> remove the rules first, so nothing waits on a queue that is about
             # to lose its listener. fail: closed -> leave them: with nobody bound to the queue
             # (and no --queue-bypass) every judged packet is dropped until egressd is back.
@@ -409,15 +575,98 @@ class Daemon:
         await watch.watch(files, self.reload)
 
     def _install_rules(self, policy: Policy) -> None:
+        """The queue rules, and what the policy decides from addresses (egressd.kernelsets).
+
+        The compiled part goes in as a new generation of sets beside the old one, the rules
+        are swapped in one transaction per table, then the old sets are destroyed. Without
+        ipset or CAP_NET_RAW (``netfilter.sets_usable``) the address rules are plain rules and
+        the DNS-learned names stay with the engine (said in ``egressd status``)."""
+        self._adopt(policy, self._write_kernel(policy))
+        if not self.guard_ifaces:  # a reload re-installs the iptables rules only; the guard stays
+            self._install_guard()
+
+    def _write_kernel(self, policy: Policy) -> tuple[kernelsets.Plan | None, int, bool]:
+        """Compile and install (subprocesses only, no daemon state touched: a reload runs it in
+        a worker thread). Returns (the plan now in the kernel or None, its generation, sets used)."""
+        plan = kernelsets.compile_policy(policy)
+        rendered: tuple[kernelsets.Rendered, ...] = ()
+        use_sets = netfilter.sets_usable()
+        gen = 0
+        if plan.entries or plan.default is not None:
+            if use_sets:
+                gen = netfilter.next_generation()
+            rendered = tuple(
+                kernelsets.render(
+                    plan,
+                    fam,
+                    gen,
+                    state_mask=netfilter.MARK_MASK,
+                    allow=netfilter.MARK_ALLOW,
+                    deny=netfilter.MARK_DENY,
+                    deny_chain=netfilter.CHAIN_DENY,
+                    log_group=self.queue_num if self._klog is not None else None,
+                    use_sets=use_sets,
+                )
+                for fam in (4, 6)
+            )
+            if use_sets:
+                netfilter.create_sets([*rendered[0].ipset, *rendered[1].ipset])
         netfilter.install(
             self.queue_num,
             fail_open=self.fail_open,
             max_packets=netfilter.kernel_head(policy.settings),
             forward_ifaces=self.opts.forward_ifaces,
+            policy=(tuple(rendered[0].rules), tuple(rendered[1].rules)) if rendered else ((), ()),
+            sets=[*rendered[0].sets, *rendered[1].sets] if rendered else (),
         )
+        return (plan if rendered else None), gen, use_sets
+
+    def _adopt(self, policy: Policy, done: tuple[kernelsets.Plan | None, int, bool]) -> None:
+        """On the loop: remember what the kernel now holds, mirror DNS names into it if it can."""
+        plan, gen, use_sets = done
+        self._plan, self._gen, self._plan_policy = plan, gen, policy
+        self._plan_sig = _plan_signature(policy)
+        if plan is not None and not use_sets:
+            self.dns_set_error = (
+                "no ipset, or no CAP_NET_RAW for iptables' set match: address rules as plain "
+                "rules, names learned over DNS decided in Python"
+            )
+        self.engine.dns.learned = [] if plan is not None and use_sets and plan.name_entries else None
+        if self.engine.dns.learned is not None:
+            self._refill_dns_sets()
         self._rules_installed = True
-        if not self.guard_ifaces:  # a reload re-installs the iptables rules only; the guard stays
-            self._install_guard()
+
+    def _rewrite_kernel_later(self, policy: Policy) -> None:
+        """A reload changed only the compiled part: install it off the loop (subprocesses take
+        tens to hundreds of milliseconds; verdicts must not wait), at most one at a time and
+        after a short pause, so a burst of reloads installs only the last policy. Until it is
+        in, the kernel decides new connections by the previous compiled part, which was the
+        policy in force until then (and the engine, already on the new policy, judges the rest)."""
+        self._kernel_next = policy
+        if self._kernel_busy or self._kernel_timer is not None:
+            return
+        self._kernel_timer = asyncio.get_running_loop().call_later(KERNEL_DEBOUNCE, self._start_kernel_job)
+
+    def _start_kernel_job(self) -> None:
+        self._kernel_timer = None
+        policy, self._kernel_next = self._kernel_next, None
+        if policy is None or not self._rules_installed or _plan_signature(policy) == self._plan_sig:
+            return
+        self._kernel_busy = True
+        fut = asyncio.get_running_loop().run_in_executor(None, self._write_kernel, policy)
+        self._kernel_fut = fut
+
+        def finished(f: asyncio.Future[tuple[kernelsets.Plan | None, int, bool]]) -> None:
+            self._kernel_busy = False
+            try:
+                self._adopt(policy, f.result())
+            except netfilter.NetfilterError as e:
+                self.kernel_error = f"kernel rules for the reloaded policy: {e}"
+                print(f"egressd: {self.kernel_error}", file=sys.stderr, flush=True)
+            if self._kernel_next is not None:
+                self._kernel_timer = asyncio.get_running_loop().call_later(KERNEL_DEBOUNCE, self._start_kernel_job)
+
+        fut.add_done_callback(finished)
 
     def _install_guard(self) -> None:
         """The link guard on the named interfaces, or on the way out (the default routes).
@@ -476,6 +725,19 @@ class Daemon:
                 print(f"egressd: removing the kernel rules failed: {e}", file=sys.stderr, flush=True)
             self._rules_installed = False
             self.guard_ifaces = []
+
+
+def _plan_signature(policy: Policy) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The compiled policy's rules as text, generation aside: equal means "nothing to swap"."""
+    plan = kernelsets.compile_policy(policy)
+    kw: dict[str, Any] = {
+        "state_mask": netfilter.MARK_MASK,
+        "allow": netfilter.MARK_ALLOW,
+        "deny": netfilter.MARK_DENY,
+        "deny_chain": netfilter.CHAIN_DENY,
+    }
+    r4, r6 = kernelsets.render(plan, 4, 0, **kw), kernelsets.render(plan, 6, 0, **kw)
+    return (tuple(r4.rules + r4.ipset), tuple(r6.rules + r6.ipset))
 
 
 def parse_metrics_address(text: str, allow_remote: bool = False) -> tuple[str, int]:

@@ -58,14 +58,21 @@ NOT_DNS: Final = DnsSeen((), None, dns=False)
 class DnsNames:
     """The address -> names cache and the reading of DNS messages (see the module doc)."""
 
-    __slots__ = ("_cache", "cap")
+    __slots__ = ("_cache", "cap", "learned")
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self._cache: OrderedDict[bytes, tuple[tuple[str, ...], float]] = OrderedDict()
+        # (address, name, ttl) of every answer learned, for a shell that mirrors names into
+        # kernel sets (egressd.kernelsets); None (the default, and a capture replay): not kept.
+        self.learned: list[tuple[bytes, str, int]] | None = None
 
     def __len__(self) -> int:
         return len(self._cache)
+
+    def live(self, ts: float) -> list[tuple[bytes, tuple[str, ...], float]]:
+        """(address, names, expiry) of every entry not expired at ``ts`` (to refill kernel sets)."""
+        return [(ip, names, exp) for ip, (names, exp) in self._cache.items() if exp >= ts]
 
     def names_for(self, ip: bytes, ts: float) -> tuple[str, ...]:
         """Names whose answers gave ``ip`` (newest first), or () when unknown or expired."""
@@ -106,6 +113,8 @@ class DnsNames:
 
     def _learn(self, answers: list[tuple[bytes, str, int]], ts: float) -> None:
         cache = self._cache
+        if self.learned is not None:
+            self.learned.extend(answers)
         for ip, name, ttl in answers:
             names: tuple[str, ...] = (name,)
             old = cache.get(ip)

@@ -83,6 +83,7 @@ from egressd.verdict import (
 # Verdicts returned by feed() (egressd.verdict: what each does to the packet and to the
 # connection's kernel state, and the one table of flow-state transitions).
 __all__ = [
+    "DIR_FRESH",
     "DIR_ORIGINAL",
     "DIR_REPLY",
     "DIR_UNKNOWN",
@@ -100,6 +101,12 @@ __all__ = [
 DIR_UNKNOWN: Final = 0
 DIR_ORIGINAL: Final = 1
 DIR_REPLY: Final = 2
+# Or'ed into the direction by the daemon when the kernel says the packet's connection started
+# under its rules and nothing of it has been judged (netfilter.MARK_FRESH): the kernel no
+# longer queues a dataless SYN, so this is how a first data segment is known to start its
+# stream rather than to be a connection met mid-stream. A capture never sets it (it has the SYN).
+DIR_FRESH: Final = 4
+_DIR_MASK: Final = 3
 
 _RANK: Final = {"accept": 0, "alert": 1, "drop": 2}
 
@@ -140,6 +147,7 @@ class Counters:
         "accept_pinned",
         "detections",
         "dropped",
+        "ended",
         "errors",
         "evicted",
         "flows",
@@ -161,6 +169,7 @@ class Counters:
         self.evicted = 0
         self.fragments = 0
         self.dropped = 0
+        self.ended = 0  # flows forgotten because conntrack said their connection ended
         self.accept_pinned = 0
         self.detections: dict[str, int] = {}
         self.rules: dict[str, int] = {}
@@ -213,6 +222,10 @@ class Engine:
     # -- the hot path -------------------------------------------------------------------
     def feed(self, data: bytes, ts: float, direction: int = DIR_UNKNOWN) -> int:
         self.counters.packets += 1
+        if self.table.done:
+            v = self._pinned(data, ts)
+            if v >= 0:
+                return v
         try:
             p = decode(data)
             if type(p) is Malformed:
@@ -226,19 +239,94 @@ class Engine:
             self.counters.errors += 1
             return self._error_verdict
 
+    def _pinned(self, data: bytes, ts: float) -> int:
+        """The verdict of a packet of a pinned flow, read from the raw bytes; -1: decode it.
+
+        A capture replays every packet of every flow, and most belong to flows already
+        pinned, which only need their key found. This peeks the 5-tuple at fixed offsets for
+        the plain layouts (IPv4 without options, IPv6 without extension headers; TCP or UDP;
+        no fragment) and answers exactly what ``_packet`` would: the checks ``decode`` makes
+        on these headers are repeated (a malformed packet goes the long way and gets
+        ``on_error``), and a SYN goes the long way too (a reused 4-tuple is a new flow).
+        """
+        n = len(data)
+        if n < 28:
+            return -1
+        b0 = data[0]
+        if b0 == 0x45:
+            total = data[2] << 8 | data[3]
+            if total < 20:
+                if total:
+                    return -1
+                total = n
+            if data[6] & 0x3F or data[7]:
+                return -1  # a fragment
+            proto = data[9]
+            src = data[12:16]
+            dst = data[16:20]
+            off = 20
+        elif b0 >> 4 == 6:
+            if n < 48:
+                return -1
+            plen = data[4] << 8 | data[5]
+            total = 40 + plen if plen else n
+            proto = data[6]
+            src = data[8:24]
+            dst = data[24:40]
+            off = 40
+        else:
+            return -1
+        end = total if total <= n else n
+        avail = end - off
+        if proto == PROTO_TCP:
+            if avail < 20:
+                return -1
+            thl = (data[off + 12] >> 4) * 4
+            if thl < 20 or thl > avail or data[off + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN:
+                return -1
+        elif proto == PROTO_UDP:
+            if avail < 8:
+                return -1
+            ulen = data[off + 4] << 8 | data[off + 5]
+            if ulen < 8 and ulen != 0:
+                return -1
+        else:
+            return -1
+        sport = data[off] << 8 | data[off + 1]
+        dport = data[off + 2] << 8 | data[off + 3]
+        key = (proto, src, sport, dst, dport) if (src, sport) <= (dst, dport) else (proto, dst, dport, src, sport)
+        done = self.table.done
+        flow = done.get(key)
+        if flow is None:
+            return -1
+        state = flow.state
+        if state != PINNED_ACCEPT and state != PINNED_DROP:
+            return -1
+        done.move_to_end(key)
+        flow.last_ts = ts
+        flow.bytes += total
+        return PIN_ALLOW if state == PINNED_ACCEPT else PIN_DENY
+
     def _packet(self, p: Packet, ts: float, direction: int) -> int:
         key = make_key(p.proto, p.src, p.sport, p.dst, p.dport)
         flow = self.table.get(key)
+        fresh = direction & DIR_FRESH
+        if fresh:
+            direction &= _DIR_MASK
         if flow is not None and p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN and p.seq != flow.syn_seq:
             # A new connection on a 4-tuple we remember (the port was reused after TIME_WAIT,
             # or tcp_tw_reuse): the kernel sees a new connection, so must we. Answering it
-            # from the old flow's pinned verdict would let it through unjudged.
+            # from the old flow's pinned verdict would let it through unjudged. Live, the
+            # kernel does not queue a dataless SYN: there the old flow is forgotten when
+            # conntrack destroys the old connection (``end``), which happens before the new
+            # connection's entry exists. "Fresh" alone cannot say it: two segments of one new
+            # connection can both be queued before the first verdict is saved.
             self.table.discard(key)
             if flow.state == PENDING:
                 self._report(flow, ts, "end")
             flow = None
         if flow is None:
-            return self._new_flow(p, key, ts, direction)
+            return self._new_flow(p, key, ts, direction, bool(fresh))
         flow.last_ts = ts
         flow.bytes += p.ip_len
         if flow.state == PINNED_DROP or flow.state == PINNED_ACCEPT:
@@ -248,7 +336,9 @@ class Engine:
             from_orig = direction != DIR_REPLY
         return self._inspect(flow, p, ts, from_orig)
 
-    def _new_flow(self, p: Packet, key: tuple[int, bytes, int, bytes, int], ts: float, direction: int) -> int:
+    def _new_flow(
+        self, p: Packet, key: tuple[int, bytes, int, bytes, int], ts: float, direction: int, fresh: bool = False
+    ) -> int:
         room = self.table.make_room(ts, self._idle)
         if room is False:
             return self._overload(p, ts)
@@ -263,9 +353,9 @@ class Engine:
             syn = p.tcp_flags & (TCP_SYN | TCP_ACK)
             if direction == DIR_REPLY or syn == (TCP_SYN | TCP_ACK):
                 from_orig = False
-                midstream = syn != (TCP_SYN | TCP_ACK)
+                midstream = syn != (TCP_SYN | TCP_ACK) and not fresh
             elif syn != TCP_SYN:
-                midstream = True
+                midstream = not fresh
                 if direction == DIR_UNKNOWN and p.sport < p.dport:
                     # A capture that starts mid-stream: guess that the lower port is the server,
                     # and say it was a guess (the event carries "midstream": true).
@@ -695,6 +785,86 @@ class Engine:
         return v
 
     # -- time and end of input ----------------------------------------------------------
+    def end(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int, now: float) -> bool:
+        """The kernel says this connection is gone (a conntrack destroy event): forget its flow.
+
+        Live, a flow's end comes from here rather than from queued FIN/RST segments (the
+        kernel queues no packet of a pinned connection, nor of one without data). A flow
+        still being classified is concluded and reported like an idle one. True when a flow
+        was tracked under that tuple."""
+        key = make_key(proto, src, sport, dst, dport)
+        flow = self.table.active.pop(key, None)
+        if flow is not None:
+            self.counters.ended += 1
+            self._conclude(flow)
+            self._report(flow, now, "end")
+            return True
+        if self.table.done.pop(key, None) is not None:
+            self.counters.ended += 1
+            return True
+        return False
+
+    def dataless_end(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int, now: float) -> None:
+        """A connection that never carried data ended (conntrack said so, and its mark says the
+        kernel saw its SYN and no verdict was ever given): its flow record, judged as the
+        engine would judge such a flow at its end (content ``none``; no flow is kept)."""
+        self.counters.flows += 1
+        self._fid += 1
+        names = self.dns.names_for(dst, now)
+        version = 4 if len(src) == 4 else 6
+        dec = self.policy.judge(FlowFacts(proto, version, src, dst, sport, dport, names, (), CONTENT_NONE))
+        self.counters.rules[dec.rule] = self.counters.rules.get(dec.rule, 0) + 1
+        ev = Event(
+            timestamp=now,
+            flow_id=self._fid,
+            src_ip=ip_text(src),
+            src_port=sport,
+            dest_ip=ip_text(dst),
+            dest_port=dport,
+            proto=eve_name(proto),
+            verdict=dec.action,
+            action="allowed",  # nothing of it was stopped: it carried nothing
+            rule=dec.rule,
+            rule_description=dec.description,
+            reason="end",
+            mode=self.policy.mode,
+            domain=names[0] if names else None,
+            severity=dec.severity,
+        )
+        ev.extra = {"dataless": True}
+        self.events.append(ev)
+
+    def kernel_dropped(
+        self, decision: Decision, proto: int, src: bytes, sport: int, dst: bytes, dport: int, now: float
+    ) -> None:
+        """The kernel refused a new connection by a compiled rule (egressd.kernelsets): record
+        it as the engine would have, had it seen the first packet (no flow is kept)."""
+        self.counters.flows += 1
+        self.counters.dropped += 1
+        self.counters.rules[decision.rule] = self.counters.rules.get(decision.rule, 0) + 1
+        self._fid += 1
+        names = self.dns.names_for(dst, now)
+        ev = Event(
+            timestamp=now,
+            flow_id=self._fid,
+            src_ip=ip_text(src),
+            src_port=sport,
+            dest_ip=ip_text(dst),
+            dest_port=dport,
+            proto=eve_name(proto),
+            verdict=decision.action,
+            action="blocked",
+            rule=decision.rule,
+            rule_description=decision.description,
+            reason="first-packet",
+            mode=self.policy.mode,
+            domain=names[0] if names else None,
+            packets=1,
+            severity=decision.severity,
+        )
+        ev.extra = {"kernel": True}
+        self.events.append(ev)
+
     def sweep(self, now: float) -> None:
         """Expire idle flows (the shell calls this about once a second, or at capture end)."""
         for f in self.table.expire(now, self._idle):

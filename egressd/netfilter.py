@@ -130,7 +130,13 @@ MARK_SEEN: Final = 0x10000000
 MARK_ALLOW: Final = 0x20000000
 MARK_DENY: Final = 0x30000000
 MARK_REPLY: Final = 0x40000000  # set by the rules on queued reply-direction packets
-MARK_BITS: Final = MARK_MASK | MARK_REPLY  # the bits egressd's iptables rules own (scrubbed on local packets)
+# In the connmark: the kernel saw this connection's SYN and no daemon has judged any of its
+# packets yet. Copied to the packet mark of a queued packet, it tells the daemon that the
+# first data segment it gets is the start of the stream (the SYN itself is not queued), and
+# a verdict saved with repeat() clears it. docs/fast-path.md says why it is needed.
+MARK_FRESH: Final = 0x08000000
+MARK_BITS: Final = MARK_MASK | MARK_REPLY | MARK_FRESH  # the bits egressd's rules own (scrubbed on local packets)
+_SAVE_MASK: Final = MARK_MASK | MARK_FRESH  # what a repeated verdict writes to the connmark
 # Set on every packet that leaves the IP layer (the guard's postrouting chain, last of all);
 # the link guard drops IP frames without it. Never scrubbed, never saved to the connmark.
 MARK_PASSED: Final = 0x80000000
@@ -164,6 +170,11 @@ def is_reply(mark: int) -> bool:
     return bool(mark & MARK_REPLY)
 
 
+def is_fresh(mark: int) -> bool:
+    """True when the kernel saw this packet's connection start and nobody has judged it yet."""
+    return bool(mark & MARK_FRESH)
+
+
 # -- names ------------------------------------------------------------------------------
 CHAIN_OUT: Final = "EGRESSD-OUT"
 CHAIN_IN: Final = "EGRESSD-IN"
@@ -174,6 +185,7 @@ CHAIN_ENQ_ORIG: Final = "EGRESSD-ENQ-ORIG"
 CHAIN_ENQ_REPLY: Final = "EGRESSD-ENQ-REPLY"
 CHAIN_DENY: Final = "EGRESSD-DENY"
 CHAIN_SCRUB: Final = "EGRESSD-SCRUB"
+CHAIN_POLICY: Final = "EGRESSD-POLICY"  # the compiled policy (egressd.kernelsets); its sub-chains share the prefix
 
 # table -> our chains, and table -> (builtin chain, our chain) jumps, in install order.
 CHAINS: Final[dict[str, tuple[str, ...]]] = {
@@ -186,9 +198,17 @@ CHAINS: Final[dict[str, tuple[str, ...]]] = {
         CHAIN_ENQ_ORIG,
         CHAIN_ENQ_REPLY,
         CHAIN_DENY,
+        CHAIN_POLICY,
     ),
     "mangle": (CHAIN_SCRUB,),
 }
+
+
+def _is_ours(table: str, chain: str) -> bool:
+    """One of egressd's chains, including the compiled policy's per-rule sub-chains."""
+    return chain in CHAINS.get(table, ()) or (table == "filter" and chain.startswith(CHAIN_POLICY + "-"))
+
+
 JUMPS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
     "filter": (("OUTPUT", CHAIN_OUT), ("INPUT", CHAIN_IN), ("FORWARD", CHAIN_FWD)),
     "mangle": (("OUTPUT", CHAIN_SCRUB),),
@@ -219,6 +239,14 @@ class RuleConfig:
     # Queue TCP/UDP packets conntrack calls INVALID (a raw-socket sender's crafted packets
     # have no connection to pin a verdict on): judged one by one.
     judge_invalid: bool = True
+    # The EGRESSD-POLICY chain's lines (and sub-chain declarations) per family, from
+    # egressd.kernelsets: what the policy decides from addresses alone, decided at the SYN.
+    policy4: tuple[str, ...] = ()
+    policy6: tuple[str, ...] = ()
+    # Queue the SYN of a connection nobody has judged (fail: closed). Without it a SYN passes
+    # in the kernel, and "no daemon" could not refuse a connection: only its data, which a
+    # fail-closed queue without a listener drops. With it, no daemon means no connection.
+    queue_syn: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.queue_num <= 0xFFFF:
@@ -247,8 +275,9 @@ def _fast_allow(chain: str) -> str:
 def _verdict_rules(chain: str) -> list[str]:
     """Shared head of OUT/IN/FWD: remember a verdict the daemon just gave, enforce pinned ones."""
     m = _hex(MARK_MASK)
+    sm = _hex(_SAVE_MASK)
     return [
-        f"-A {chain} -m mark ! --mark 0x0/{m} -j CONNMARK --save-mark --nfmask {m} --ctmask {m}",
+        f"-A {chain} -m mark ! --mark 0x0/{m} -j CONNMARK --save-mark --nfmask {sm} --ctmask {sm}",
         f"-A {chain} -m connmark --mark {_hex(MARK_DENY)}/{m} -j {CHAIN_DENY}",
         # A packet without conntrack (INVALID) keeps its verdict only in its own mark.
         f"-A {chain} -m mark --mark {_hex(MARK_DENY)}/{m} -j {CHAIN_DENY}",
@@ -263,12 +292,16 @@ def _queue_target(cfg: RuleConfig) -> str:
 
 # -- what is not worth a verdict ----------------------------------------------------------
 TCP_DATA_OFFSETS: Final = range(5, 16)  # the TCP header is 5..15 32-bit words (RFC 9293)
+# The order the skip rules try them: the common ones first (Linux: 8 words on every segment
+# with timestamps, 10 on a SYN/SYN-ACK with options, 5 without options), so a dataless
+# segment leaves after one to three u32 tests instead of up to eleven.
+_SKIP_ORDER: Final = (8, 10, 5, 6, 7, 9, 11, 12, 13, 14, 15)
 _TCP_SYN: Final = 0x02
 _TCP_ACK: Final = 0x10
 _TCP_SYN_RST_FIN: Final = 0x07
 
 
-def nodata_u32(family: int, doff: int, *, reply: bool) -> str:
+def nodata_u32(family: int, doff: int, *, reply: bool, any_flags: bool = False) -> str:
     """The ``u32`` test: a TCP segment of data offset ``doff`` with zero payload, nothing to read.
 
     The IP length field must equal the IP plus TCP header length for this one data offset
@@ -283,6 +316,8 @@ def nodata_u32(family: int, doff: int, *, reply: bool) -> str:
         raise ValueError(f"TCP data offset {doff} is outside 5..15")
     flags = (0, _TCP_ACK, _TCP_SYN | _TCP_ACK) if reply else (0,)
     mask = 0xF000 | _TCP_SYN_RST_FIN | (_TCP_ACK if reply else 0)
+    if any_flags:  # a connection nobody has judged: its SYN and its close carry nothing either
+        flags, mask = (0,), 0xF000
     values = ",".join(f"0x{doff << 12 | f:04X}" for f in flags)
     if family == 4:
         # Word 0: version 4 + IHL 5 (no options) and the total length; word 4: MF + offset;
@@ -292,15 +327,42 @@ def nodata_u32(family: int, doff: int, *, reply: bool) -> str:
     return f"4&0xFFFFFF00=0x{4 * doff:04X}0600 && 52>>16&0x{mask:04X}={values}"
 
 
-def _enqueue_rules(chain: str, family: int, q: str, *, reply: bool) -> list[str]:
-    """The tail every queued packet goes through: dataless segments RETURN, the rest is queued."""
-    skip = [
-        f'-A {chain} -p tcp -m u32 --u32 "{nodata_u32(family, d, reply=reply)}" -j RETURN' for d in TCP_DATA_OFFSETS
+def _enqueue_rules(chain: str, family: int, q: str, *, reply: bool, queue_syn: bool = False) -> list[str]:
+    """The tail every queued packet goes through: dataless segments RETURN, the rest is queued.
+
+    A connection nobody has judged yet (connmark state 00) carries nothing to read until its
+    first data segment: its dataless SYN, ACKs, FIN and RST all pass, so a connection that
+    never carries data costs no verdict. The originator's SYN marks the connection FRESH
+    first, so the daemon knows that first data segment starts the stream. A connection the
+    daemon is classifying (SEEN) still queues its FIN/RST: "the peer closed" is evidence
+    the detectors read (a silent SSH client, a line followed by a close). ``queue_syn``
+    (fail: closed) queues the SYN as before, so that no daemon means no connection at all.
+    """
+    m = _hex(MARK_MASK)
+    fresh = _hex(MARK_FRESH)
+    out: list[str] = []
+    if not reply:
+        out.append(
+            f"-A {chain} -p tcp -m tcp --syn -m conntrack --ctstate NEW -m connmark --mark 0x0/{m} "
+            f"-j CONNMARK --set-xmark {fresh}/{fresh}"
+        )
+        if queue_syn:
+            out.append(f"-A {chain} -p tcp -m tcp --syn -m connmark --mark 0x0/{m} {q}")
+    unseen = f"-p tcp -m connmark --mark 0x0/{m} -m u32 --u32"
+    out += [
+        f'-A {chain} {unseen} "{nodata_u32(family, d, reply=reply, any_flags=True)}" -j RETURN' for d in _SKIP_ORDER
     ]
-    return [*skip, f"-A {chain} {q}"]
+    out += [f'-A {chain} -p tcp -m u32 --u32 "{nodata_u32(family, d, reply=reply)}" -j RETURN' for d in _SKIP_ORDER]
+    out.append(f"-A {chain} -m connmark --mark {fresh}/{fresh} -j MARK --or-mark {fresh}")
+    return [*out, f"-A {chain} {q}"]
 
 
-def render(cfg: RuleConfig, family: int, present_jumps: frozenset[tuple[str, str, str]] = frozenset()) -> str:
+def render(
+    cfg: RuleConfig,
+    family: int,
+    present_jumps: frozenset[tuple[str, str, str]] = frozenset(),
+    stale_chains: Sequence[str] = (),
+) -> str:
     """The ``iptables-restore --noflush`` input that installs (or replaces) egressd's rules.
 
     Declaring a chain that exists flushes it, so a re-install replaces our rules in one
@@ -315,13 +377,24 @@ def render(cfg: RuleConfig, family: int, present_jumps: frozenset[tuple[str, str
     cb = "-m connbytes --connbytes 0:{n} --connbytes-dir {d} --connbytes-mode packets"
     skip_multicast = "-m addrtype --dst-type MULTICAST -j RETURN"
 
-    f: list[str] = ["*filter", *(f":{c} - [0:0]" for c in CHAINS["filter"])]
+    policy = cfg.policy4 if family == 4 else cfg.policy6
+    decls = [ln for ln in policy if ln.startswith(":")]
+    f: list[str] = ["*filter", *(f":{c} - [0:0]" for c in CHAINS["filter"]), *decls]
+    # Sub-chains of a previous compiled policy: flushed and deleted in the same transaction.
+    declared = {ln[1:].split()[0] for ln in decls}
+    stale = [c for c in stale_chains if c not in declared]
+    f += [f"-F {c}" for c in stale] + [f"-X {c}" for c in stale]
+    # A new connection nobody has judged walks the compiled policy once, at its first packet;
+    # a match sets the connmark (ALLOW/DENY) that the verdict rules below enforce.
+    to_policy = f"-m conntrack --ctstate NEW -m connmark --mark 0x0/{_hex(MARK_MASK)} -j {CHAIN_POLICY}"
     # Locally originated: everything but loopback and the replies of inbound connections.
     f += [_fast_allow(CHAIN_OUT)]
     f += [f"-A {CHAIN_OUT} -o lo -j RETURN", f"-A {CHAIN_OUT} -m conntrack --ctdir REPLY -j RETURN"]
     f += [f"-A {CHAIN_OUT} {skip_multicast}"]
     if family == 4:
         f += [f"-A {CHAIN_OUT} -m addrtype --dst-type BROADCAST -j RETURN"]
+    if policy:
+        f += [f"-A {CHAIN_OUT} {to_policy}"]
     f += _verdict_rules(CHAIN_OUT)
     f += [f"-A {CHAIN_OUT} -j {CHAIN_QORIG}"]
     # Arriving: only the replies of connections this node originated.
@@ -331,6 +404,11 @@ def render(cfg: RuleConfig, family: int, present_jumps: frozenset[tuple[str, str
     f += [f"-A {CHAIN_IN} -j {CHAIN_QREPLY}"]
     # Forwarded: connections from containers, both directions.
     f += [_fast_allow(CHAIN_FWD)]
+    if policy:
+        if cfg.forward_ifaces:
+            f += [f"-A {CHAIN_FWD} -i {ifc} {to_policy}" for ifc in cfg.forward_ifaces]
+        else:
+            f += [f"-A {CHAIN_FWD} -m conntrack ! --ctstate DNAT {to_policy}"]
     f += _verdict_rules(CHAIN_FWD)
     if cfg.forward_ifaces:
         for ifc in cfg.forward_ifaces:
@@ -362,7 +440,7 @@ def render(cfg: RuleConfig, family: int, present_jumps: frozenset[tuple[str, str
         f"-A {CHAIN_QREPLY} -m conntrack --ctstate RELATED,ESTABLISHED -g {CHAIN_ENQ_REPLY}",
     ]
     # Queue what the engine can use; dataless ACKs (and the reply's dataless SYN-ACK) pass.
-    f += _enqueue_rules(CHAIN_ENQ_ORIG, family, q, reply=False)
+    f += _enqueue_rules(CHAIN_ENQ_ORIG, family, q, reply=False, queue_syn=cfg.queue_syn)
     f += _enqueue_rules(CHAIN_ENQ_REPLY, family, q, reply=True)
     # Denied: fail fast, never answer a reset with a reset.
     udp_reject = "icmp-port-unreachable" if family == 4 else "icmp6-adm-prohibited"
@@ -371,6 +449,7 @@ def render(cfg: RuleConfig, family: int, present_jumps: frozenset[tuple[str, str
         f"-A {CHAIN_DENY} -p udp -j REJECT --reject-with {udp_reject}",
         f"-A {CHAIN_DENY} -j DROP",
     ]
+    f += [ln for ln in policy if not ln.startswith(":")]
     f += _jumps("filter", present_jumps)
     f += ["COMMIT"]
 
@@ -445,7 +524,7 @@ def render_remove(tables: dict[str, TableState]) -> str:
         if st is None:
             continue
         lines = [f"-D {b} -j {c}" for b, rest in st.rules for c in ours if rest == f"-j {c}" and b not in ours]
-        present = [c for c in ours if c in st.chains]
+        present = [c for c in ours if c in st.chains] + [c for c in st.chains if c not in ours and _is_ours(table, c)]
         lines += [f"-F {c}" for c in present]
         lines += [f"-X {c}" for c in present]
         if lines:
@@ -460,12 +539,12 @@ def ours_only(tables: dict[str, TableState]) -> str:
         st = tables.get(table)
         if st is None:
             continue
-        lines = [f":{c} {st.chains[c]}" for c in ours if c in st.chains]
+        lines = [f":{c} {st.chains[c]}" for c in st.chains if _is_ours(table, c)]
         jumps = {f"-j {c}" for c in ours}
         lines += [
             f"{cnt} -A {ch} {rest}".lstrip()
             for (ch, rest), cnt in zip(st.rules, st.counters, strict=True)
-            if ch in ours or rest in jumps
+            if _is_ours(table, ch) or rest in jumps
         ]
         if lines:
             out += [f"*{table}", *lines, "COMMIT"]
@@ -762,6 +841,91 @@ def uplinks(*, netns: str | None = None) -> list[str]:
 
 
 # -- the API the daemon and the CLI use ---------------------------------------------------
+# -- kernel sets (ipset) for the compiled policy (egressd.kernelsets) ------------------------
+def ipset_available() -> bool:
+    return shutil.which("ipset") is not None
+
+
+CAP_NET_RAW: Final = 13
+
+
+def sets_usable(status: str | None = None) -> bool:
+    """Can this process install rules with ``-m set``? ipset itself needs CAP_NET_ADMIN, but
+    iptables' set match (libxt_set) opens a raw socket to look the set up: CAP_NET_RAW, which
+    the unprivileged service does not hold (measured: "Can't open socket to ipset"). Without
+    it the compiled policy is rendered as plain ``-d``/``-s`` rules and names stay in Python."""
+    if not ipset_available():
+        return False
+    if status is None:
+        try:
+            status = Path("/proc/self/status").read_text()
+        except OSError:
+            return os.geteuid() == 0
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            try:
+                return bool(int(line.split()[1], 16) >> CAP_NET_RAW & 1)
+            except (IndexError, ValueError):
+                return False
+    return os.geteuid() == 0
+
+
+def _ipset(args: Sequence[str], netns: str | None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return _run(["ipset", *args], netns, stdin=stdin)
+
+
+def our_sets(*, netns: str | None = None) -> list[str]:
+    """The ipset sets egressd made (every name with the kernelsets prefix), [] without ipset."""
+    from egressd.kernelsets import SET_PREFIX
+
+    if not ipset_available():
+        return []
+    p = _ipset(["list", "-n"], netns)
+    k = len(SET_PREFIX)
+    return [n for n in p.stdout.split() if n.startswith(SET_PREFIX) and n[k : k + 1].isdigit()]
+
+
+def next_generation(*, netns: str | None = None) -> int:
+    """A set generation not in use: the sets of a new compiled policy are built beside the old."""
+    from egressd.kernelsets import SET_PREFIX
+
+    gens = {int(n[len(SET_PREFIX) :].split("-", 1)[0]) for n in our_sets(netns=netns)}
+    return max(gens, default=0) % 9999 + 1
+
+
+def create_sets(lines: Sequence[str], *, netns: str | None = None) -> None:
+    """Create and fill sets in one ``ipset restore`` (a set that exists is an error: names are new)."""
+    if not lines:
+        return
+    if not ipset_available():
+        raise NetfilterError("ipset not found (apt install ipset): the compiled policy needs it")
+    text = "\n".join(lines) + "\n"
+    _check(_ipset(["restore"], netns, stdin=text), "ipset restore", stdin=text)
+
+
+def destroy_sets(names: Sequence[str], *, netns: str | None = None) -> None:
+    """Destroy sets no rule refers to any more (best effort: one in use stays, and says so)."""
+    errors = []
+    for n in names:
+        p = _ipset(["destroy", n], netns)
+        if p.returncode != 0 and "does not exist" not in p.stderr:
+            errors.append(f"{n}: {p.stderr.strip()}")
+    if errors:
+        raise NetfilterError("ipset destroy: " + "; ".join(errors))
+
+
+def add_learned(lines: Sequence[str], *, netns: str | None = None) -> None:
+    """``add <set> <ip> timeout <s>`` lines in one ``ipset restore -exist`` (refreshes the timeout)."""
+    if lines:
+        text = "\n".join(lines) + "\n"
+        _check(_ipset(["restore", "-exist"], netns, stdin=text), "ipset restore -exist", stdin=text)
+
+
+def _stale_policy_chains(tables: dict[str, TableState]) -> list[str]:
+    st = tables.get("filter")
+    return [c for c in st.chains if c.startswith(CHAIN_POLICY + "-")] if st is not None else []
+
+
 def install(
     queue_num: int,
     *,
@@ -771,6 +935,9 @@ def install(
     forward_ifaces: Sequence[str] = (),
     judge_invalid: bool = True,
     netns: str | None = None,
+    policy: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
+    sets: Sequence[str] = (),
+    queue_syn: bool | None = None,
 ) -> None:
     """Install (or replace) egressd's rules for IPv4 and, unless ``ipv6=False``, IPv6.
 
@@ -785,16 +952,23 @@ def install(
         ipv6=ipv6,
         forward_ifaces=tuple(forward_ifaces),
         judge_invalid=judge_invalid,
+        policy4=policy[0],
+        policy6=policy[1],
+        queue_syn=not fail_open if queue_syn is None else queue_syn,
     )
     with contextlib.suppress(NetfilterError):
         ensure_conntrack_accounting(netns)  # nf_conntrack may not be loaded yet; checked again below
     families = (4, 6) if ipv6 else (4,)
     try:
         for fam in families:
-            _restore(fam, render(cfg, fam, present_jumps(_save(fam, netns))), netns)
+            saved = _save(fam, netns)
+            _restore(fam, render(cfg, fam, present_jumps(saved), _stale_policy_chains(saved)), netns)
         if not ipv6:
             _remove_family(6, netns)  # a previous install may have had IPv6
         ensure_conntrack_accounting(netns)
+        # The new rules refer only to ``sets``: the previous generation goes now.
+        with contextlib.suppress(NetfilterError):
+            destroy_sets([n for n in our_sets(netns=netns) if n not in set(sets)], netns=netns)
     except NetfilterError:
         with contextlib.suppress(NetfilterError):
             remove(netns=netns)
@@ -818,6 +992,10 @@ def remove(*, netns: str | None = None) -> None:
             _remove_family(fam, netns)
         except NetfilterError as e:
             errors.append(str(e))
+    try:
+        destroy_sets(our_sets(netns=netns), netns=netns)
+    except NetfilterError as e:
+        errors.append(str(e))
     try:
         remove_guard(netns=netns)
     except NetfilterError as e:

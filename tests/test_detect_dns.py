@@ -139,9 +139,7 @@ def test_bytes_after_the_last_record_are_tolerated() -> None:
 
 def test_a_and_aaaa_answers_map_to_the_question() -> None:
     qn = name("example.com")
-    msg = (
-        header(RESPONSE, an=2) + question(qn) + rr(pointer(12), TYPE_A, IP1) + rr(pointer(12), TYPE_AAAA, IP6)
-    )
+    msg = header(RESPONSE, an=2) + question(qn) + rr(pointer(12), TYPE_A, IP1) + rr(pointer(12), TYPE_AAAA, IP6)
     assert answers_by_ip(parsed(msg)) == [(IP1, "example.com", 300), (IP6, "example.com", 300)]
 
 
@@ -202,9 +200,7 @@ def test_nxdomain_has_no_addresses() -> None:
 
 
 def test_ttl_with_top_bit_set_is_treated_as_zero() -> None:
-    msg = (
-        header(RESPONSE, an=1) + question(name("example.com")) + rr(pointer(12), TYPE_A, IP1, ttl=0x80000001)
-    )
+    msg = header(RESPONSE, an=1) + question(name("example.com")) + rr(pointer(12), TYPE_A, IP1, ttl=0x80000001)
     assert answers_by_ip(parsed(msg))[0][2] == 0
 
 
@@ -214,11 +210,7 @@ def test_a_record_with_wrong_length_is_malformed() -> None:
 
 
 def test_cname_rdata_name_must_end_at_rdlength() -> None:
-    msg = (
-        header(RESPONSE, an=1)
-        + question(name("example.com"))
-        + rr(pointer(12), TYPE_CNAME, name("x.example") + b"!")
-    )
+    msg = header(RESPONSE, an=1) + question(name("example.com")) + rr(pointer(12), TYPE_CNAME, name("x.example") + b"!")
     assert parse_message(msg) is None
 
 
@@ -244,11 +236,7 @@ def test_response_built_by_scapy_maps_addresses_to_the_question() -> None:
 
 
 def test_compression_pointer_into_the_question_is_followed() -> None:
-    msg = (
-        header(RESPONSE, an=1)
-        + question(name("www.example.com"))
-        + rr(b"\x04mail" + pointer(16), TYPE_A, IP1)
-    )
+    msg = header(RESPONSE, an=1) + question(name("www.example.com")) + rr(b"\x04mail" + pointer(16), TYPE_A, IP1)
     assert parsed(msg).answers[0].name == "mail.example.com"
 
 

@@ -26,9 +26,7 @@ from egressd.detect.proxy import detect_proxy
 CTX = StreamContext(sport=40000, dport=3128)
 CLOSED = StreamContext(sport=40000, dport=3128, fwd_closed=True, rev_closed=True)
 
-CONNECT = (
-    b"CONNECT pool.example.net:3333 HTTP/1.1\r\nHost: pool.example.net:3333\r\nUser-Agent: curl/8.5\r\n\r\n"
-)
+CONNECT = b"CONNECT pool.example.net:3333 HTTP/1.1\r\nHost: pool.example.net:3333\r\nUser-Agent: curl/8.5\r\n\r\n"
 INNER = b'{"id":1,"method":"mining.subscribe","params":[]}\n'
 OK_200 = b"HTTP/1.1 200 Connection established\r\n\r\n"
 

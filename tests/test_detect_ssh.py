@@ -30,9 +30,7 @@ CLIENT_BANNER = b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n"
 SERVER_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"
 
 KEX_CLIENT = b"sntrup761x25519-sha512@openssh.com,curve25519-sha256,ecdh-sha2-nistp256,ext-info-c"
-KEX_SERVER = (
-    b"sntrup761x25519-sha512@openssh.com,curve25519-sha256,ecdh-sha2-nistp256,kex-strict-s-v00@openssh.com"
-)
+KEX_SERVER = b"sntrup761x25519-sha512@openssh.com,curve25519-sha256,ecdh-sha2-nistp256,kex-strict-s-v00@openssh.com"
 KEX_PLAIN = b"curve25519-sha256,ecdh-sha2-nistp256,diffie-hellman-group14-sha256"
 KEX_GEX = b"diffie-hellman-group-exchange-sha256"
 KEX_RSA = b"rsa2048-sha256"
@@ -455,9 +453,7 @@ _CTXS = st.builds(
 )
 _SSHISH = st.one_of(
     st.binary(max_size=600),
-    st.builds(
-        lambda b, t: b + t, st.sampled_from([CLIENT_BANNER, SERVER_BANNER, b"SSH-1.5-x\n"]), st.binary()
-    ),
+    st.builds(lambda b, t: b + t, st.sampled_from([CLIENT_BANNER, SERVER_BANNER, b"SSH-1.5-x\n"]), st.binary()),
     st.builds(lambda t: CLIENT_BANNER + kexinit(KEX_CLIENT)[: len(t)] + t, st.binary(max_size=2000)),
 )
 

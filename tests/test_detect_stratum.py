@@ -110,18 +110,14 @@ def test_eth_proxy_methods_are_eth_stratum(method: str) -> None:
 
 
 def test_ethereum_stratum_subscribe_is_eth_stratum() -> None:
-    msg = line(
-        {"id": 1, "method": "mining.subscribe", "params": ["ethminer/0.19.0", "EthereumStratum/1.0.0"]}
-    )
+    msg = line({"id": 1, "method": "mining.subscribe", "params": ["ethminer/0.19.0", "EthereumStratum/1.0.0"]})
     found = detection(detect_stratum(msg, b"", CTX))
     assert found.kind == MINING_ETH
     assert found.info["agent"] == "ethminer/0.19.0"
 
 
 def test_ethereum_stratum_2_hello_is_eth_stratum() -> None:
-    msg = line(
-        {"id": 0, "method": "mining.hello", "params": {"agent": "ethminer", "proto": "EthereumStratum/2.0.0"}}
-    )
+    msg = line({"id": 0, "method": "mining.hello", "params": {"agent": "ethminer", "proto": "EthereumStratum/2.0.0"}})
     assert detection(detect_stratum(msg, b"", CTX)).kind == MINING_ETH
 
 
@@ -222,9 +218,7 @@ def test_xmr_login_result_with_job_is_pool() -> None:
 
 
 def test_xmr_job_notification_is_pool() -> None:
-    msg = line(
-        {"jsonrpc": "2.0", "method": "job", "params": {"blob": "0e0e", "job_id": "59", "target": "b88d0600"}}
-    )
+    msg = line({"jsonrpc": "2.0", "method": "job", "params": {"blob": "0e0e", "job_id": "59", "target": "b88d0600"}})
     assert detection(detect_stratum(b"", msg, CTX)).kind == MINING_POOL
 
 
@@ -235,10 +229,7 @@ def test_client_side_wins_over_pool_side_and_names_the_pool_message() -> None:
 
 
 def test_first_pool_message_generic_then_notify_is_pool() -> None:
-    rev = (
-        b'{"id":1,"result":[null,"e66c0000"],"error":null}\n'
-        b'{"id":0,"params":["0004"],"method":"mining.set_target"}\n'
-    )
+    rev = b'{"id":1,"result":[null,"e66c0000"],"error":null}\n{"id":0,"params":["0004"],"method":"mining.set_target"}\n'
     assert detection(detect_stratum(b"", rev, CTX)).kind == MINING_POOL
 
 
@@ -275,15 +266,11 @@ def test_method_after_a_long_params_array_is_found() -> None:
 
 
 def test_method_name_case_is_folded() -> None:
-    assert (
-        detection(detect_stratum(b'{"id":1,"method":"Mining.Subscribe"}\n', b"", CTX)).kind == MINING_STRATUM
-    )
+    assert detection(detect_stratum(b'{"id":1,"method":"Mining.Subscribe"}\n', b"", CTX)).kind == MINING_STRATUM
 
 
 def test_batch_request_is_looked_into() -> None:
-    batch = (
-        b'[{"id":1,"method":"server.version","params":[]},{"id":2,"method":"mining.subscribe","params":[]}]\n'
-    )
+    batch = b'[{"id":1,"method":"server.version","params":[]},{"id":2,"method":"mining.subscribe","params":[]}]\n'
     assert detection(detect_stratum(batch, b"", CTX)).kind == MINING_STRATUM
 
 
@@ -324,12 +311,8 @@ def test_complete_message_without_newline_is_decided_at_once() -> None:
 
 # --- no false positives -----------------------------------------------------------------------
 
-LSP_INIT = (
-    b'Content-Length: 75\r\n\r\n{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"processId":null}}'
-)
-LSP_DID_OPEN = (
-    b'{"jsonrpc":"2.0","method":"textDocument/didOpen","params":{"textDocument":{"uri":"file:///a"}}}\n'
-)
+LSP_INIT = b'Content-Length: 75\r\n\r\n{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"processId":null}}'
+LSP_DID_OPEN = b'{"jsonrpc":"2.0","method":"textDocument/didOpen","params":{"textDocument":{"uri":"file:///a"}}}\n'
 TLS_CLIENT_HELLO = bytes.fromhex("160301002f0100002b0303") + bytes(32) + bytes.fromhex("000002c02f01000000")
 BITCOIN_VERSION = bytes.fromhex("f9beb4d976657273696f6e000000000055000000") + bytes(85)
 
@@ -413,9 +396,7 @@ _JSONISH = st.one_of(
         st.none() | st.booleans() | st.integers() | st.text(max_size=8),
         lambda children: (
             st.lists(children, max_size=4)
-            | st.dictionaries(
-                st.sampled_from(["method", "params", "result", "job", "login"]), children, max_size=4
-            )
+            | st.dictionaries(st.sampled_from(["method", "params", "result", "job", "login"]), children, max_size=4)
         ),
         max_leaves=20,
     ).map(lambda v: json.dumps(v).encode() + b"\n"),

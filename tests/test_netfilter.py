@@ -49,7 +49,28 @@ def test_mark_states_fit_in_the_mask_and_are_distinct() -> None:
     states = {nf.MARK_SEEN, nf.MARK_ALLOW, nf.MARK_DENY}
     assert len(states) == 3 and all(s & nf.MARK_MASK == s and s for s in states)
     assert nf.MARK_REPLY & nf.MARK_MASK == 0
-    assert nf.MARK_BITS == nf.MARK_MASK | nf.MARK_REPLY
+    assert nf.MARK_FRESH & (nf.MARK_MASK | nf.MARK_REPLY | nf.MARK_PASSED) == 0
+    assert nf.MARK_BITS == nf.MARK_MASK | nf.MARK_REPLY | nf.MARK_FRESH
+
+
+def test_a_verdict_clears_fresh_in_the_mark_and_the_save_clears_it_in_the_connmark() -> None:
+    assert nf.with_verdict(nf.MARK_FRESH | 0x4000, nf.MARK_SEEN) == nf.MARK_SEEN | 0x4000
+    save = [r for r in _chain(nf.render(CFG, 4), nf.CHAIN_OUT) if "--save-mark" in r]
+    mask = nf._hex(nf.MARK_MASK | nf.MARK_FRESH)
+    assert save and all(f"--nfmask {mask} --ctmask {mask}" in r for r in save)
+
+
+def test_the_originators_syn_of_an_unseen_new_connection_marks_it_fresh_and_the_queue_says_so() -> None:
+    rules = _chain(nf.render(CFG, 4), nf.CHAIN_ENQ_ORIG)
+    fresh = nf._hex(nf.MARK_FRESH)
+    assert rules[0] == (
+        f"-A {nf.CHAIN_ENQ_ORIG} -p tcp -m tcp --syn -m conntrack --ctstate NEW "
+        f"-m connmark --mark 0x0/{nf._hex(nf.MARK_MASK)} "
+        f"-j CONNMARK --set-xmark {fresh}/{fresh}"
+    )
+    assert rules[-2] == f"-A {nf.CHAIN_ENQ_ORIG} -m connmark --mark {fresh}/{fresh} -j MARK --or-mark {fresh}"
+    assert "NFQUEUE" in rules[-1]
+    assert not any("CONNMARK" in r for r in _chain(nf.render(CFG, 4), nf.CHAIN_ENQ_REPLY))
 
 
 def test_with_verdict_keeps_other_software_bits() -> None:
@@ -104,10 +125,13 @@ def test_render_head_bound_uses_max_packets_per_direction() -> None:
 
 def test_render_saves_and_matches_only_within_the_mask() -> None:
     text = nf.render(CFG, 4)
-    assert "--save-mark --nfmask 0x30000000 --ctmask 0x30000000" in text
+    assert "--save-mark --nfmask 0x38000000 --ctmask 0x38000000" in text  # the state and FRESH
     for ln in text.splitlines():
         if "--mark" in ln and "MARK" not in ln.split("-j")[-1] and "CONNMARK" not in ln:
             assert "/0x30000000" in ln, ln
+        elif "--mark" in ln:  # the FRESH bit's own rules touch only that bit
+            own = ("/0x30000000", "0x8000000/0x8000000", "--or-mark 0x8000000", "--and-mark 0x87ffffff")
+            assert any(x in ln for x in own), ln
 
 
 def test_render_verdict_is_saved_before_anything_can_queue_the_packet_again() -> None:
@@ -189,7 +213,7 @@ def test_render_invalid_packets_are_queued_only_when_asked() -> None:
 
 def test_render_scrub_clears_every_egressd_bit_and_nothing_else() -> None:
     (rule,) = _lines(nf.render(CFG, 4), f"-A {nf.CHAIN_SCRUB} ")
-    assert rule.endswith("-j MARK --and-mark 0x8fffffff")
+    assert rule.endswith("-j MARK --and-mark 0x87ffffff")
 
 
 def test_render_rejects_unknown_family() -> None:
@@ -222,9 +246,13 @@ def _chain(text: str, chain: str) -> list[str]:
 @pytest.mark.parametrize("chain", [nf.CHAIN_ENQ_ORIG, nf.CHAIN_ENQ_REPLY])
 def test_render_enqueue_chain_tries_one_skip_rule_per_data_offset_then_queues(family: int, chain: str) -> None:
     rules = _chain(nf.render(CFG, family), chain)
-    assert len(rules) == 12
-    assert all(r.startswith(f'-A {chain} -p tcp -m u32 --u32 "') and r.endswith('" -j RETURN') for r in rules[:11])
-    assert rules[11] == f"-A {chain} -j NFQUEUE --queue-num 5 --queue-bypass"
+    if chain == nf.CHAIN_ENQ_ORIG:
+        rules = rules[1:]  # the SYN's FRESH mark (tested below)
+    assert len(rules) == 24
+    unseen = f'-A {chain} -p tcp -m connmark --mark 0x0/{nf._hex(nf.MARK_MASK)} -m u32 --u32 "'
+    assert all(r.startswith(unseen) and r.endswith('" -j RETURN') for r in rules[:11])
+    assert all(r.startswith(f'-A {chain} -p tcp -m u32 --u32 "') and r.endswith('" -j RETURN') for r in rules[11:22])
+    assert rules[23] == f"-A {chain} -j NFQUEUE --queue-num 5 --queue-bypass"
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -289,10 +317,13 @@ def _u32(expr: str, pkt: bytes) -> bool:
     return True
 
 
-def _skipped(pkt: bytes, family: int, chain: str) -> bool:
-    """Whether a rendered skip rule of ``chain`` RETURNs this packet (a TCP one: -p tcp holds)."""
-    exprs = [r.split('--u32 "')[1].split('"')[0] for r in _chain(nf.render(CFG, family), chain) if "u32" in r]
-    assert len(exprs) == 11
+def _skipped(pkt: bytes, family: int, chain: str, *, unseen: bool = False) -> bool:
+    """Whether a rendered skip rule of ``chain`` RETURNs this packet (a TCP one: -p tcp holds)
+    of a connection the daemon is classifying (SEEN) or, ``unseen``, has never judged."""
+    rules = [r for r in _chain(nf.render(CFG, family), chain) if "u32" in r]
+    only_unseen = [r for r in rules if f"-m connmark --mark 0x0/{nf._hex(nf.MARK_MASK)}" in r]
+    assert len(rules) == 22 and len(only_unseen) == 11
+    exprs = [r.split('--u32 "')[1].split('"')[0] for r in rules if unseen or r not in only_unseen]
     return any(_u32(e, pkt) for e in exprs)
 
 
@@ -328,6 +359,7 @@ FRAGMENT = bytes([6, 0, 0, 0, 0, 0, 0, 9])  # next header TCP, offset 0, M=0 (an
 def test_a_dataless_ack_is_skipped_at_every_data_offset(family: int, doff: int) -> None:
     for chain in BOTH:
         assert _skipped(_ip(family, _tcp(doff)), family, chain)
+        assert _skipped(_ip(family, _tcp(doff)), family, chain, unseen=True)
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -336,7 +368,10 @@ def test_any_payload_is_queued_at_every_data_offset(family: int, size: int) -> N
     # 4 and 40 bytes make the IP length equal to another data offset's dataless length.
     for doff in nf.TCP_DATA_OFFSETS:
         for chain in BOTH:
-            assert not _skipped(_ip(family, _tcp(doff, b"d" * size)), family, chain), (doff, chain)
+            for flags in (ACK, SYN, SYN | ACK, FIN | ACK, RST):  # data in a SYN (TCP Fast Open) is data
+                for unseen in (False, True):
+                    pkt = _ip(family, _tcp(doff, b"d" * size, flags))
+                    assert not _skipped(pkt, family, chain, unseen=unseen), (doff, chain, flags)
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -348,6 +383,15 @@ def test_only_syn_rst_fin_free_segments_and_the_replys_syn_ack_are_skipped(famil
     assert _skipped(pkt, family, nf.CHAIN_ENQ_REPLY) == (flags & (SYN | RST | FIN) == 0 or syn_ack)
 
 
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("flags", range(0x80))
+def test_every_dataless_segment_of_a_connection_nobody_judged_is_skipped(family: int, flags: int) -> None:
+    # Its SYN, its FIN, its RST: a connection that never carries data costs no verdict.
+    pkt = _ip(family, _tcp(8, b"", flags))
+    for chain in BOTH:
+        assert _skipped(pkt, family, chain, unseen=True)
+
+
 def test_a_syn_ack_with_data_is_queued() -> None:
     for family in (4, 6):
         assert not _skipped(_ip(family, _tcp(10, b"hello", SYN | ACK)), family, nf.CHAIN_ENQ_REPLY)
@@ -356,24 +400,24 @@ def test_a_syn_ack_with_data_is_queued() -> None:
 @pytest.mark.parametrize("ihl", [6, 15])
 def test_ipv4_with_ip_options_is_queued(ihl: int) -> None:
     for chain in BOTH:
-        assert not _skipped(_v4(_tcp(5), ihl=ihl), 4, chain)
+        assert not _skipped(_v4(_tcp(5), ihl=ihl), 4, chain, unseen=True)
 
 
 @pytest.mark.parametrize("frag", [0x2000, 0x6000, 0x0001, 0x1FFF], ids=["MF", "DF+MF", "offset1", "offsetmax"])
 def test_ipv4_fragments_are_queued(frag: int) -> None:
     assert _skipped(_v4(_tcp(5), frag=0x4000), 4, nf.CHAIN_ENQ_ORIG)  # DF alone is no fragment
     for chain in BOTH:
-        assert not _skipped(_v4(_tcp(5), frag=frag), 4, chain)
+        assert not _skipped(_v4(_tcp(5), frag=frag), 4, chain, unseen=True)
 
 
 @pytest.mark.parametrize(("ext", "first"), [(DSTOPTS, 60), (FRAGMENT, 44)], ids=["dstopts", "fragment"])
 def test_ipv6_extension_headers_are_queued(ext: bytes, first: int) -> None:
     for chain in BOTH:
-        assert not _skipped(_v6(_tcp(5), ext, first), 6, chain)
+        assert not _skipped(_v6(_tcp(5), ext, first), 6, chain, unseen=True)
 
 
 def test_a_non_tcp_protocol_with_a_tcp_like_body_is_not_skipped() -> None:
-    assert not _skipped(_v4(_tcp(5), proto=17), 4, nf.CHAIN_ENQ_ORIG)
+    assert not _skipped(_v4(_tcp(5), proto=17), 4, nf.CHAIN_ENQ_ORIG, unseen=True)
 
 
 # -- parsing a save ----------------------------------------------------------------------------
@@ -649,3 +693,7 @@ def _install_args_keep_guard(
         out, err = io.StringIO(), io.StringIO()
         rc = nf.run_rules(p.parse_args(["install", *argv]), out, err)
     return rc, got, out.getvalue(), err.getvalue()
+
+
+def test_the_skip_rules_try_every_data_offset_once_common_ones_first() -> None:
+    assert sorted(nf._SKIP_ORDER) == list(nf.TCP_DATA_OFFSETS) and nf._SKIP_ORDER[:3] == (8, 10, 5)

@@ -8,8 +8,7 @@ from egressd import procstats
 
 # Two lines exactly as the kernel prints them ("%5u %6u %5u %1u %5u %5u %5u %8u %2d").
 SAMPLE = (
-    "    5  13908     3 2  4016     0     0       16  1\n"
-    "   11 4294967295  1024 1 65531   296    17 4294967295  1\n"
+    "    5  13908     3 2  4016     0     0       16  1\n   11 4294967295  1024 1 65531   296    17 4294967295  1\n"
 )
 
 

@@ -84,9 +84,7 @@ def idb(linktype: int = 1, e: str = "<", snaplen: int = 0, options: bytes = b"")
 
 
 def epb(data: bytes, iface: int = 0, ts: int = 1_700_000_000_000_000, e: str = "<") -> bytes:
-    return block(
-        6, struct.pack(e + "IIIII", iface, ts >> 32, ts & 0xFFFFFFFF, len(data), len(data)) + data, e
-    )
+    return block(6, struct.pack(e + "IIIII", iface, ts >> 32, ts & 0xFFFFFFFF, len(data), len(data)) + data, e)
 
 
 def opb(data: bytes, iface: int = 0, ts: int = 1_700_000_000_000_000, e: str = "<") -> bytes:
@@ -545,9 +543,7 @@ def _boundaries_pcap(data: bytes) -> dict[int, int]:
 
 
 @pytest.mark.parametrize("make", [_small_pcap, _small_pcapng], ids=["pcap", "pcapng"])
-def test_truncation_at_every_byte_raises_capture_error_or_stops_at_a_boundary(
-    tmp_path: Path, make: object
-) -> None:
+def test_truncation_at_every_byte_raises_capture_error_or_stops_at_a_boundary(tmp_path: Path, make: object) -> None:
     data = make()  # type: ignore[operator]
     assert isinstance(data, bytes)
     full = len(read_all(write(tmp_path, data))[0])
@@ -601,9 +597,7 @@ def test_arbitrary_bytes_raise_only_capture_error(tmp_path: Path, data: bytes) -
     head=st.sampled_from([pcap([]), pcap([], endian=">", nano=True), pcap([], linktype=0), shb(), shb(">")]),
     tail=st.binary(max_size=400),
 )
-def test_valid_header_then_arbitrary_bytes_raise_only_capture_error(
-    tmp_path: Path, head: bytes, tail: bytes
-) -> None:
+def test_valid_header_then_arbitrary_bytes_raise_only_capture_error(tmp_path: Path, head: bytes, tail: bytes) -> None:
     _read_or_capture_error(tmp_path, head + tail)
 
 
@@ -613,9 +607,7 @@ def test_valid_header_then_arbitrary_bytes_raise_only_capture_error(
     frames=st.lists(st.binary(max_size=80), max_size=6),
     e=st.sampled_from(["<", ">"]),
 )
-def test_arbitrary_frames_on_every_link_type_never_crash(
-    tmp_path: Path, lt: int, frames: list[bytes], e: str
-) -> None:
+def test_arbitrary_frames_on_every_link_type_never_crash(tmp_path: Path, lt: int, frames: list[bytes], e: str) -> None:
     got, stats = read_all(write(tmp_path, pcap(frames, linktype=lt, endian=e), "f"))
     assert stats.packets + stats.non_ip == len(frames) == stats.records
     assert all(b[0] >> 4 in (4, 6) or lt in (1, 0, 108, 9, 50, 51, 104, 113, 276) for _, b in got if b)

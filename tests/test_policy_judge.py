@@ -52,9 +52,7 @@ def test_default_decides_when_no_rule_matches() -> None:
 
 
 def test_decision_carries_rule_description() -> None:
-    p = policy(
-        "  - name: r\n    description: Because reasons.\n    match: {dst_port: 22}\n    action: drop\n"
-    )
+    p = policy("  - name: r\n    description: Because reasons.\n    match: {dst_port: 22}\n    action: drop\n")
     assert p.judge(flow(dport=22)).description == "Because reasons."
 
 
@@ -65,9 +63,7 @@ def test_catch_all_rule_matches_everything() -> None:
 
 
 def test_monitor_mode_is_exposed_and_judge_still_reports_drop() -> None:
-    p = policy(
-        "  - {name: r, match: {dst_port: 22}, action: drop}\n", head="default: accept\nmode: monitor\n"
-    )
+    p = policy("  - {name: r, match: {dst_port: 22}, action: drop}\n", head="default: accept\nmode: monitor\n")
     assert p.mode == "monitor"
     assert p.judge(flow(dport=22)).action == "drop"
 
@@ -278,10 +274,7 @@ def test_not_alone_is_not_a_catch_all() -> None:
 
 def test_pool_domains_list_is_loaded() -> None:
     p = load_policy_text(
-        "default: accept\n"
-        "settings: {pool_domains: pools}\n"
-        "lists:\n"
-        "  pools: {type: domain, items: [a.example]}\n"
+        "default: accept\nsettings: {pool_domains: pools}\nlists:\n  pools: {type: domain, items: [a.example]}\n"
     )
     assert p.pool_domains.match("a.example") == "a.example"
 

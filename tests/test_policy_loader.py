@@ -55,9 +55,7 @@ def test_minimal_policy_loads(tmp_path: Path) -> None:
 
 
 def test_validate_returns_empty_list_for_a_good_policy(tmp_path: Path) -> None:
-    assert (
-        validate(write(tmp_path, HEAD + "rules:\n  - {name: r, match: {dst_port: 22}, action: drop}\n")) == []
-    )
+    assert validate(write(tmp_path, HEAD + "rules:\n  - {name: r, match: {dst_port: 22}, action: drop}\n")) == []
 
 
 def test_load_policy_accepts_pathlike_and_records_path(tmp_path: Path) -> None:
@@ -443,8 +441,7 @@ def test_detection_prefix_of_known_kind_is_accepted(tmp_path: Path) -> None:
         validate(
             write(
                 tmp_path,
-                HEAD
-                + "rules:\n  - {name: r, match: {detection: [mining, ssh.reverse, proxy]}, action: drop}\n",
+                HEAD + "rules:\n  - {name: r, match: {detection: [mining, ssh.reverse, proxy]}, action: drop}\n",
             )
         )
         == []
@@ -536,9 +533,7 @@ def test_diamond_include_is_read_once(tmp_path: Path) -> None:
 
 def test_included_rules_come_before_own_rules(tmp_path: Path) -> None:
     write(tmp_path, "rules:\n  - {name: inc, match: {dst_port: 2}, action: drop}\n", "inc.yaml")
-    path = write(
-        tmp_path, HEAD + "include: inc.yaml\nrules:\n  - {name: own, match: {dst_port: 1}, action: drop}\n"
-    )
+    path = write(tmp_path, HEAD + "include: inc.yaml\nrules:\n  - {name: own, match: {dst_port: 1}, action: drop}\n")
     assert [r.name for r in load_policy(path).rules] == ["inc", "own"]
 
 
@@ -754,16 +749,13 @@ _SCALARS = st.one_of(
     st.booleans(),
     st.integers(-(2**70), 2**70),
     st.floats(allow_nan=True),
-    st.sampled_from(
-        ["accept", "drop", "cidr", "port", "domain", "$a", "mining", "10.0.0.0/8", "*.x.com", "1-9"]
-    ),
+    st.sampled_from(["accept", "drop", "cidr", "port", "domain", "$a", "mining", "10.0.0.0/8", "*.x.com", "1-9"]),
     st.text(max_size=8),
 )
 _DOCS = st.recursive(
     _SCALARS,
     lambda inner: (
-        st.lists(inner, max_size=4)
-        | st.dictionaries(st.sampled_from(_KEYS) | st.text(max_size=4), inner, max_size=5)
+        st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_KEYS) | st.text(max_size=4), inner, max_size=5)
     ),
     max_leaves=25,
 )

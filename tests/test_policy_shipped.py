@@ -57,10 +57,7 @@ def test_default_policy_settings(default: Policy) -> None:
 
 
 def test_default_accepts_ordinary_https(default: Policy) -> None:
-    assert (
-        default.judge(flow("198.51.100.80", 443, domains=("pypi.org",), detections=("tls",))).action
-        == "accept"
-    )
+    assert default.judge(flow("198.51.100.80", 443, domains=("pypi.org",), detections=("tls",))).action == "accept"
 
 
 @pytest.mark.parametrize("dst", ["203.0.113.10", "2001:db8:10::5"])
@@ -100,9 +97,7 @@ def test_default_drops_mining_detected_on_port_443(default: Policy, kind: str) -
     assert (decision.action, decision.rule) == ("drop", "drop-mining")
 
 
-@pytest.mark.parametrize(
-    "name", ["xmr-eu1.nanopool.org", "nanopool.org", "pool.supportxmr.com", "donate.v2.xmrig.com"]
-)
+@pytest.mark.parametrize("name", ["xmr-eu1.nanopool.org", "nanopool.org", "pool.supportxmr.com", "donate.v2.xmrig.com"])
 def test_default_drops_pool_domain_at_first_packet(default: Policy, name: str) -> None:
     decision = default.judge(flow("198.51.100.40", 443, domains=(name,)))
     assert (decision.action, decision.rule) == ("drop", "drop-mining-pool-names")
@@ -126,9 +121,7 @@ def test_default_drops_dns_lookup_of_a_pool(default: Policy) -> None:
 
 
 def test_default_names_tls_sni_of_a_pool_as_pool_name(default: Policy) -> None:
-    facts = flow(
-        "198.51.100.41", 443, domains=("xmr-eu1.nanopool.org",), detections=("tls", "mining.pool-domain")
-    )
+    facts = flow("198.51.100.41", 443, domains=("xmr-eu1.nanopool.org",), detections=("tls", "mining.pool-domain"))
     decision = default.judge(facts)
     assert (decision.action, decision.rule) == ("drop", "drop-mining-pool-names")
 
@@ -204,10 +197,7 @@ def test_allowlist_drops_ssh_hidden_on_443_to_registry(allowlist: Policy) -> Non
 
 
 def test_allowlist_accepts_git_over_ssh(allowlist: Policy) -> None:
-    assert (
-        allowlist.judge(flow("192.0.2.80", 22, domains=("github.com",), detections=("ssh",))).action
-        == "accept"
-    )
+    assert allowlist.judge(flow("192.0.2.80", 22, domains=("github.com",), detections=("ssh",))).action == "accept"
 
 
 def test_allowlist_dns_only_to_node_resolvers(allowlist: Policy) -> None:
@@ -216,10 +206,7 @@ def test_allowlist_dns_only_to_node_resolvers(allowlist: Policy) -> None:
 
 
 def test_allowlist_accepts_ntp_pool_by_name(allowlist: Policy) -> None:
-    assert (
-        allowlist.judge(flow("192.0.2.123", 123, proto=UDP, domains=("2.debian.pool.ntp.org",))).action
-        == "accept"
-    )
+    assert allowlist.judge(flow("192.0.2.123", 123, proto=UDP, domains=("2.debian.pool.ntp.org",))).action == "accept"
 
 
 def test_allowlist_accepts_internal_and_ipv6_neighbour_discovery(allowlist: Policy) -> None:

@@ -16,82 +16,21 @@ connection flood) only loses early lookups: the flow is still looked up when its
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Final
+from collections.abc import Callable
 
-NETLINK_NETFILTER: Final = 12
-NFNLGRP_CONNTRACK_NEW: Final = 1
-NFNL_SUBSYS_CTNETLINK: Final = 1
-IPCTNL_MSG_CT_NEW: Final = 0
-CTA_TUPLE_ORIG: Final = 1
-CTA_TUPLE_IP: Final = 1
-CTA_TUPLE_PROTO: Final = 2
-CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
-CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
-NLA_TYPE_MASK: Final = 0x3FFF
+from egressd.ctevents import MSG_NEW, NETLINK_NETFILTER, NFNLGRP_CONNTRACK_NEW, Tuple5, parse
 
-_NLMSGHDR: Final = struct.Struct("=IHHII")
-_NLA: Final = struct.Struct("=HH")
-_PORT: Final = struct.Struct(">H")
-
-Tuple5 = tuple[int, bytes, int, bytes, int]  # proto, src, sport, dst, dport of the original direction
-
-
-def _attrs(data: bytes, off: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, value offset, value end) of each netlink attribute in data[off:end]."""
-    while off + _NLA.size <= end:
-        length, atype = _NLA.unpack_from(data, off)
-        if length < _NLA.size or off + length > end:
-            return
-        yield atype & NLA_TYPE_MASK, off + _NLA.size, off + length
-        off += (length + 3) & ~3
+__all__ = ["NETLINK_NETFILTER", "NFNLGRP_CONNTRACK_NEW", "ConntrackNew", "Tuple5", "parse_new"]
 
 
 def parse_new(data: bytes) -> list[Tuple5]:
-    """The original-direction 5-tuples of the ctnetlink NEW messages in one datagram."""
-    out: list[Tuple5] = []
-    off = 0
-    while off + _NLMSGHDR.size <= len(data):
-        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size:
-            break
-        end = min(off + length, len(data))
-        if mtype == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW:
-            t = _tuple(data, off + _NLMSGHDR.size + 4, end)  # after nfgenmsg
-            if t is not None:
-                out.append(t)
-        off += (length + 3) & ~3
-    return out
+    """The original-direction 5-tuples of the ctnetlink NEW messages in one datagram.
 
-
-def _tuple(data: bytes, off: int, end: int) -> Tuple5 | None:
-    for atype, a, b in _attrs(data, off, end):
-        if atype != CTA_TUPLE_ORIG:
-            continue
-        src = dst = b""
-        proto = sport = dport = -1
-        for t2, a2, b2 in _attrs(data, a, b):
-            if t2 == CTA_TUPLE_IP:
-                for t3, a3, b3 in _attrs(data, a2, b2):
-                    if t3 in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
-                        src = data[a3:b3]
-                    elif t3 in (CTA_IP_V4_DST, CTA_IP_V6_DST):
-                        dst = data[a3:b3]
-            elif t2 == CTA_TUPLE_PROTO:
-                for t3, a3, b3 in _attrs(data, a2, b2):
-                    if t3 == CTA_PROTO_NUM and b3 > a3:
-                        proto = data[a3]
-                    elif t3 == CTA_PROTO_SRC_PORT and b3 - a3 >= 2:
-                        (sport,) = _PORT.unpack_from(data, a3)
-                    elif t3 == CTA_PROTO_DST_PORT and b3 - a3 >= 2:
-                        (dport,) = _PORT.unpack_from(data, a3)
-        if src and dst and proto >= 0 and sport >= 0 and dport >= 0:
-            return proto, src, sport, dst, dport
-        return None
-    return None
+    One ctnetlink parser serves the project (``egressd.ctevents``: NEW here, DESTROY for the
+    daemon's flow ends); this is its NEW half."""
+    return [t for mtype, t, _mark in parse(data) if mtype == MSG_NEW]
 
 
 class ConntrackNew:

@@ -143,13 +143,19 @@ class DomainSet:
     lowercases what it learns), and are not normalised again on the hot path.
     """
 
-    __slots__ = ("_exact", "_wild", "entries")
+    __slots__ = ("_exact", "_memo", "_wild", "entries")
+
+    MEMO_MAX: Final = 4096  # names remembered per set (cleared when full: bounded whatever the input)
 
     def __init__(self, entries: Iterable[str] = ()) -> None:
         uniq = tuple(dict.fromkeys(entries))
         self.entries: tuple[str, ...] = uniq
         self._exact: frozenset[str] = frozenset(e for e in uniq if not e.startswith("*."))
         self._wild: dict[str, str] = {e[2:]: e for e in uniq if e.startswith("*.")}
+        # Wildcard answers by name: the same few names are asked about again and again (every
+        # flow to a CDN name, every rule with a domain list), and the label walk was ~9 % of a
+        # capture replay's time (py-spy, bench/replay.py's merged corpus).
+        self._memo: dict[str, str | None] = {}
 
     def match(self, name: str) -> str | None:
         """The entry that matches ``name`` (exact first, then the longest wildcard), or None."""
@@ -158,6 +164,17 @@ class DomainSet:
         wild = self._wild
         if not wild:
             return None
+        memo = self._memo
+        if name in memo:
+            return memo[name]
+        hit = self._walk(name, wild)
+        if len(memo) >= self.MEMO_MAX:
+            memo.clear()
+        memo[name] = hit
+        return hit
+
+    @staticmethod
+    def _walk(name: str, wild: dict[str, str]) -> str | None:
         i = name.find(".")
         while i >= 0:
             hit = wild.get(name[i + 1 :])

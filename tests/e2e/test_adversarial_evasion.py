@@ -102,9 +102,7 @@ def _lab_for(proxy: str, request: pytest.FixtureRequest) -> EvasionLab:
     return lab
 
 
-def _ssh(
-    e: EvasionLab, host: str, proxy: str | None = None, port: int = 0
-) -> subprocess.CompletedProcess[str]:
+def _ssh(e: EvasionLab, host: str, proxy: str | None = None, port: int = 0) -> subprocess.CompletedProcess[str]:
     opts: list[str] = []
     if proxy is not None:
         addr = PROXY_V4 if proxy == "http" else SOCKS_V4
@@ -125,9 +123,7 @@ def test_control_direct_ssh_to_an_allowed_host_works(ev: EvasionLab) -> None:
 
 @pytest.mark.parametrize("port", PROXY_PORTS)
 @pytest.mark.parametrize("proxy", ["http", "socks5"])
-def test_control_proxies_carry_an_allowed_http_download(
-    proxy: str, port: int, request: pytest.FixtureRequest
-) -> None:
+def test_control_proxies_carry_an_allowed_http_download(proxy: str, port: int, request: pytest.FixtureRequest) -> None:
     ev = _lab_for(proxy, request)
     via = f"http://{PROXY_V4}:{port}" if proxy == "http" else f"socks5h://{SOCKS_V4}:{port}"
     r = ev.lab.run_node(
@@ -155,9 +151,7 @@ def test_stratum_split_into_one_byte_segments_is_blocked(ev: EvasionLab) -> None
 def test_stratum_through_a_proxy_is_blocked(proxy: str, port: int, request: pytest.FixtureRequest) -> None:
     ev = _lab_for(proxy, request)
     mark, since = ev.pool.mark(), ev.d.mark()
-    via = (
-        ["--via-connect", f"{PROXY_V4}:{port}"] if proxy == "http" else ["--via-socks5", f"{SOCKS_V4}:{port}"]
-    )
+    via = ["--via-connect", f"{PROXY_V4}:{port}"] if proxy == "http" else ["--via-socks5", f"{SOCKS_V4}:{port}"]
     rep = stratum(ev.lab, POOL_V4, 3333, *via)
     assert not rep["handshake_complete"], rep
     assert ev.pool.requests(mark) == []
@@ -287,9 +281,7 @@ def test_fragmented_syn_carrying_stratum_is_blocked(ev: EvasionLab, fragsize: in
     port = 4400 + fragsize
     log = _tfo_server(ev, port)
     frag0 = ev.d.status()["engine"]["fragments"]
-    n = ev.lab.run_node(
-        [PY, "-c", FRAG_SYN, NODE_V4, POOL_V4, str(port), "40001", "hello-frag\n", str(fragsize)]
-    )
+    n = ev.lab.run_node([PY, "-c", FRAG_SYN, NODE_V4, POOL_V4, str(port), "40001", "hello-frag\n", str(fragsize)])
     assert int(n.stdout) >= 2, n.stderr
     time.sleep(0.6)
     control = [json.loads(x)["data"] for x in log.read_text().splitlines()]
@@ -302,9 +294,7 @@ def test_fragmented_syn_carrying_stratum_is_blocked(ev: EvasionLab, fragsize: in
     assert got == ["hello-frag\n"], got
     evs = _new_events(ev, since)
     assert [x["rule"] for x in evs] == ["drop-mining"], evs
-    assert ev.d.status()["engine"]["fragments"] == frag0, (
-        "the queue saw fragments (the kernel did not reassemble)"
-    )
+    assert ev.d.status()["engine"]["fragments"] == frag0, "the queue saw fragments (the kernel did not reassemble)"
 
 
 def _packet_socket_syn(e: EvasionLab, port: int, sport: int, data: str, sender: str) -> None:
@@ -424,9 +414,7 @@ for i, line in enumerate(sys.stdin):
 """
 
 
-def test_pool_lookup_after_a_harmless_one_on_the_same_udp_socket_is_blocked(
-    dlab: Lab, tmp_path: Path
-) -> None:
+def test_pool_lookup_after_a_harmless_one_on_the_same_udp_socket_is_blocked(dlab: Lab, tmp_path: Path) -> None:
     need("dnsmasq")
     _dns_lab(dlab, tmp_path)
     c = Ctl(dlab, "node", DNS_SAME_SOCKET, DNS_V4)

@@ -64,9 +64,7 @@ def flood_accept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FloodRun]
 
 def test_flood_keeps_daemon_rss_bounded(flood_drop: FloodRun) -> None:
     grew = flood_drop.rss_after - flood_drop.rss_before
-    assert grew < 8 * 1024, (
-        f"RSS {flood_drop.rss_before} -> {flood_drop.rss_after} kB ({flood_drop.generator})"
-    )
+    assert grew < 8 * 1024, f"RSS {flood_drop.rss_before} -> {flood_drop.rss_after} kB ({flood_drop.generator})"
 
 
 def test_flood_never_tracks_more_flows_than_max_flows(flood_drop: FloodRun) -> None:

@@ -61,6 +61,8 @@ def test_refused_connection_to_a_pool_port_is_a_flow_record_not_an_alert(
 ) -> None:
     p, _ = dlab.run([peers.PY, "-c", f"import socket; print(socket.socket().connect_ex(({ADDR!r}, {REFUSED_PORT})))"])
     assert p.stdout.strip() == "111", p.stdout  # ECONNREFUSED: nothing listens there
+    # No data, so no verdict (docs/fast-path.md): the record is written when conntrack ends the
+    # connection (a refused one at once: the reset to its SYN kills the entry).
     ev = one_event(daemon, ADDR, REFUSED_PORT)
     assert (ev["event_type"], ev["verdict"], ev["rule"]) == ("flow", "accept", "note-mining-ports-without-payload")
     assert "alert" not in ev

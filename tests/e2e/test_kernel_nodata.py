@@ -1,4 +1,9 @@
-"""What still reaches the queue: the SYN, anything with data, FIN/RST; never a dataless ACK.
+"""What still reaches the queue: anything with data, and FIN/RST of a connection being judged.
+
+A connection nobody has judged yet (connmark state unseen) queues nothing until it carries
+data: not its SYN, not its FIN or RST. Its SYN marks it FRESH, and the first data segment
+reaches the queue with MARK_FRESH so the daemon knows it starts the stream. Once the daemon
+marked it SEEN, its FIN/RST are queued (the detectors read a close as evidence).
 
 Real kernel, egressd's real rules, the test-only consumer (conftest) answering SEEN + repeat
 as the daemon does. "Exactly zero payload" is decided by u32 rules (netfilter.nodata_u32);
@@ -184,43 +189,48 @@ def _kinds(segs: list[Seg]) -> list[tuple[bool, int, int]]:
 
 
 # -- real connections ------------------------------------------------------------------------
+def _queue_rule_hits(lb: Lab, family: int) -> int:
+    return netfilter.queue_hits(netns=lb.node, families=(family,))
+
+
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-def test_dataless_connection_queues_only_the_syn_and_the_two_fins(klab: Lab, v6: bool) -> None:
+def test_dataless_connection_queues_nothing(klab: Lab, v6: bool) -> None:
     _install(klab)
     host = svc("tls", v6)
     _closer(klab, host)
     with consumer(klab.node, Q, lambda s: SEEN) as c:
         _client(klab, host, "plain")
-        segs = _settle(c, 3)
-    # Before the skip rules (measured): SYN, SYN-ACK, the handshake's ACK, FIN, sometimes the
-    # server's ACK of it, FIN, the last ACK: 6-7 verdicts.
-    assert _kinds(segs) == [(False, SYN, 0), (False, FIN, 0), (True, FIN, 0)], segs
+        segs = _settle(c, 0, timeout=0.5)
+    # Before (measured): SYN, FIN, FIN = 3 verdicts; before the skip rules 6-7.
+    assert segs == []
+    assert _queue_rule_hits(klab, 6 if v6 else 4) == 0  # the NFQUEUE rules' own counters
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-def test_forwarded_dataless_connection_queues_only_the_syn_and_the_two_fins(
-    klab: Lab, container: Container, v6: bool
-) -> None:
+def test_forwarded_dataless_connection_queues_nothing(klab: Lab, container: Container, v6: bool) -> None:
     _install(klab)
     host = svc("tls", v6)
     _closer(klab, host)
     with consumer(klab.node, Q, lambda s: SEEN) as c:
         r = container.run([PY, "-c", CLIENT, host, str(PORT), "plain"])
         assert r.returncode == 0, r.stderr
-        segs = _settle(c, 3)
-    assert _kinds(segs) == [(False, SYN, 0), (False, FIN, 0), (True, FIN, 0)], segs
-    assert {s.hook for s in segs} == {NF_INET_FORWARD}
+        segs = _settle(c, 0, timeout=0.5)
+    assert segs == []
+    assert _queue_rule_hits(klab, 6 if v6 else 4) == 0
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-def test_a_first_data_segment_of_one_byte_is_queued(klab: Lab, v6: bool) -> None:
+def test_a_first_data_segment_of_one_byte_is_queued_fresh_and_the_close_of_a_seen_one(klab: Lab, v6: bool) -> None:
     _install(klab)
     host = svc("tls", v6)
     _closer(klab, host)
     with consumer(klab.node, Q, lambda s: SEEN) as c:
         _client(klab, host, "onebyte")
-        segs = _settle(c, 4)
-    assert _kinds(segs) == [(False, SYN, 0), (False, 0, 1), (False, FIN, 0), (True, FIN, 0)], segs
+        segs = _settle(c, 3)
+        marks = [p.mark for p in c.packets]
+    assert _kinds(segs) == [(False, 0, 1), (False, FIN, 0), (True, FIN, 0)], segs
+    # The first data segment says "the stream starts here"; after the SEEN verdict nothing does.
+    assert netfilter.is_fresh(marks[0]) and not any(netfilter.is_fresh(m) for m in marks[1:]), marks
 
 
 def _pure_acks_sent(lb: Lab, family: int) -> int:
@@ -256,11 +266,11 @@ def test_data_riding_on_the_handshakes_third_packet_is_queued(klab: Lab, v6: boo
         acks_before_close = _pure_acks_sent(klab, family)
         client.stdin.write(b"close\n")
         client.stdin.flush()
-        segs = _settle(c, 4)
-    assert _kinds(segs) == [(False, SYN, 0), (False, 0, 1), (False, FIN, 0), (True, FIN, 0)], segs
-    syn, data = segs[0], segs[1]
-    assert data.seq == (syn.seq + 1) & 0xFFFFFFFF and data.flags & ACK  # the handshake's ACK...
-    assert acks_before_close == 0  # ...never left on its own
+        segs = _settle(c, 3)
+        fresh = netfilter.is_fresh(c.packets[0].mark)
+    assert _kinds(segs) == [(False, 0, 1), (False, FIN, 0), (True, FIN, 0)], segs
+    assert fresh and segs[0].flags & ACK  # the handshake's ACK rides on the first data segment...
+    assert acks_before_close == 0  # ...and never left on its own
 
 
 @pytest.mark.parametrize("data", [b"", b"hello"], ids=["dataless", "5-bytes"])
@@ -275,8 +285,10 @@ def test_a_syn_ack_is_queued_only_when_it_carries_data(klab: Lab, v6: bool, data
     assert raw.stdout is not None and raw.stdout.readline().strip() == b"ready"
     with consumer(klab.node, Q, lambda s: SEEN) as c:
         _client(klab, host, "rst")
-        segs = _settle(c, 3 if data else 2)
-    expected = [(False, SYN, 0), *([(True, SYN, len(data))] if data else []), (False, RST, 0)]
+        segs = _settle(c, 2 if data else 0, timeout=3.0 if data else 0.5)
+    # Dataless: nobody judged the connection, so neither its SYN, SYN-ACK nor RST is queued.
+    # With data the SYN-ACK is, the consumer marks the connection SEEN, and the RST follows.
+    expected = [(True, SYN, len(data)), (False, RST, 0)] if data else []
     assert _kinds(segs) == expected, segs
     assert all(s.flags & ACK for s in segs if s.reply)
 
@@ -322,10 +334,12 @@ def test_skipped_acks_leave_an_unseen_connection_unseen(klab: Lab) -> None:
     _closer(klab, host)
     with consumer(klab.node, Q, lambda s: ACCEPT) as c:
         sport = _client(klab, host, "onebyte")
-        segs = _settle(c, 4)
+        segs = _settle(c, 1)
     entry = klab.run_node(["conntrack", "-L", "-p", "tcp", "--sport", str(sport)]).stdout
-    assert _kinds(segs) == [(False, SYN, 0), (False, 0, 1), (False, FIN, 0), (True, FIN, 0)], segs
-    assert "mark=0 " in entry, entry
+    # Still unseen: the FINs of a connection nobody marked pass like its SYN did.
+    assert _kinds(segs) == [(False, 0, 1)], segs
+    mark = int(entry.split("mark=")[1].split()[0])
+    assert mark & netfilter.MARK_MASK == 0 and mark & netfilter.MARK_FRESH, entry
 
 
 # -- the u32 reading, in the kernel -----------------------------------------------------------
@@ -360,10 +374,12 @@ def _cases(family: int) -> list[Case]:
             (f"ack doff={d} 4 bytes", ip(_tcp(d, b"abcd", ACK | PSH)), False, False),
             (f"syn-ack doff={d}", ip(_tcp(d, b"", SYN | ACK)), False, True),
             (f"fin doff={d}", ip(_tcp(d, b"", FIN | ACK)), False, False),
+            (f"syn doff={d}", ip(_tcp(d, b"", SYN)), False, False),
         ]
     out += [
         ("syn-ack 1 byte", ip(_tcp(8, b"x", SYN | ACK)), False, False),
         ("rst", ip(_tcp(5, b"", RST)), False, False),
+        ("tfo syn 1 byte", ip(_tcp(8, b"x", SYN)), False, False),  # data in a SYN is data
     ]
     if family == 4:
         out += [
@@ -396,13 +412,24 @@ def _counters(lb: Lab, family: int, chain: str) -> tuple[int, int]:
 def test_the_kernel_skips_exactly_the_dataless_segments(klab: Lab, family: int) -> None:
     # The rendered skip rules, copied into two test chains that every packet to the
     # destination walks (no conntrack, so no reassembly: fragments reach them as they are).
+    # Only the u32 rules are copied: a connmark or conntrack match would load conntrack. The
+    # rules for a connection nobody judged ("U" chains) are copied without their connmark match.
     text = netfilter.render(netfilter.RuleConfig(queue_num=Q, fail_open=True, max_packets=8), family)
-    chains = {netfilter.CHAIN_ENQ_ORIG: "EGU32-ORIG", netfilter.CHAIN_ENQ_REPLY: "EGU32-REPLY"}
+    unseen = f"-m connmark --mark 0x0/{netfilter.MARK_MASK:#x} "
+    chains = {
+        (netfilter.CHAIN_ENQ_ORIG, False): "EGU32-ORIG",
+        (netfilter.CHAIN_ENQ_REPLY, False): "EGU32-REPLY",
+        (netfilter.CHAIN_ENQ_ORIG, True): "EGU32-UORIG",
+        (netfilter.CHAIN_ENQ_REPLY, True): "EGU32-UREPLY",
+    }
     dst = svc("tls", family == 6)
     rules = ["*filter", *(f":{c} - [0:0]" for c in chains.values())]
-    for ours, test in chains.items():
-        rules += [ln.replace(f"-A {ours} ", f"-A {test} ") for ln in text.splitlines() if ln.startswith(f"-A {ours} ")]
-        rules[-1] = f"-A {test} -j RETURN"  # instead of the queue: count what fell through
+    for (ours, for_unseen), test in chains.items():
+        mine = [ln for ln in text.splitlines() if ln.startswith(f"-A {ours} ") and "u32" in ln]
+        mine = [ln.replace(unseen, "") for ln in mine if (unseen in ln) == for_unseen]
+        assert len(mine) == 11
+        rules += [ln.replace(f"-A {ours} ", f"-A {test} ") for ln in mine]
+        rules += [f"-A {test} -j RETURN"]  # instead of the queue: count what fell through
         rules += [f"-A OUTPUT -d {dst} -j {test}"]
     restore = "iptables-restore" if family == 4 else "ip6tables-restore"
     script = "\n".join([*rules, "COMMIT"]) + "\n"
@@ -417,7 +444,14 @@ def test_the_kernel_skips_exactly_the_dataless_segments(klab: Lab, family: int) 
         for name, pkt, skip_orig, skip_reply in _cases(family):
             sock.sendto(pkt, (dst, 0))
             after = {c: _counters(klab, family, c) for c in chains.values()}
-            for chain, want in (("EGU32-ORIG", skip_orig), ("EGU32-REPLY", skip_reply)):
+            # Unseen: every segment without payload (plain layout) is skipped, whatever its flags.
+            dataless = skip_reply or name.startswith(("fin", "rst", "syn doff"))
+            for chain, want in (
+                ("EGU32-ORIG", skip_orig),
+                ("EGU32-REPLY", skip_reply),
+                ("EGU32-UORIG", dataless),
+                ("EGU32-UREPLY", dataless),
+            ):
                 (h0, r0), (h1, r1) = before[chain], after[chain]
                 got = (h1 - h0, r1 - r0)
                 if got != ((1, 0) if want else (0, 1)):

@@ -109,7 +109,9 @@ print(res, f"{time.monotonic() - t:.4f}")
 
 
 def _install(lb: Lab, fail_open: bool = True) -> None:
-    netfilter.install(Q, fail_open=fail_open, max_packets=MAX_PACKETS, netns=lb.node)
+    # queue_syn: these tests judge from the SYN on (what fail: closed keeps); with fail: open
+    # a dataless SYN passes in the kernel (tests/e2e/test_kernel_nodata.py).
+    netfilter.install(Q, fail_open=fail_open, max_packets=MAX_PACKETS, netns=lb.node, queue_syn=True)
 
 
 def _tcp_flags(p: Seen) -> int:

@@ -1,0 +1,151 @@
+"""What the kernel refused on its own (the compiled policy's drops), read back through NFLOG.
+
+Why: a connection the compiled policy drops (egressd.kernelsets) is reset at its SYN by the
+kernel and never reaches the queue, yet "why was this dropped?" must still be answered from
+one event line, as for the engine's drops. Each compiled drop rule logs the SYN it refuses to
+an NFLOG group (``--nflog-prefix "egd <rule index>"``), copying only the headers; the daemon
+reads the group on its event loop and writes the same event the engine would have written
+(rule, reason ``first-packet``, the DNS-learned name). The refusal does not wait for this:
+NFLOG is asynchronous, so the reset leaves whatever the daemon is doing.
+
+A netlink socket (``NFNL_SUBSYS_ULOG``), bound to one group with ``NFULNL_CFG_CMD_BIND``;
+messages are parsed with ``struct``. Lost messages (ENOBUFS) lose events, not enforcement,
+and are counted.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Final
+
+NETLINK_NETFILTER: Final = 12
+NFNL_SUBSYS_ULOG: Final = 4
+NFULNL_MSG_PACKET: Final = 0
+NFULNL_MSG_CONFIG: Final = 1
+NFULA_CFG_CMD: Final = 1
+NFULA_CFG_MODE: Final = 2
+NFULA_CFG_TIMEOUT: Final = 3
+NFULA_CFG_QTHRESH: Final = 4
+NFULNL_CFG_CMD_BIND: Final = 1
+NFULNL_COPY_PACKET: Final = 2
+NFULA_PAYLOAD: Final = 9
+NFULA_PREFIX: Final = 10
+NLM_F_REQUEST: Final = 1
+PREFIX: Final = "egd "
+COPY_RANGE: Final = 80  # IPv6 header (40) + the TCP/UDP ports: all an event needs
+
+_NLMSGHDR: Final = struct.Struct("=IHHII")
+_NFGEN: Final = struct.Struct("=BBH")
+_NLA: Final = struct.Struct("=HH")
+_MSG_PACKET: Final = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
+
+Logged = tuple[int, int, bytes, int, bytes, int]  # rule index, proto, src, sport, dst, dport
+
+
+def _attr(atype: int, value: bytes) -> bytes:
+    length = _NLA.size + len(value)
+    return _NLA.pack(length, atype) + value + b"\0" * ((4 - length % 4) % 4)
+
+
+def config_message(group: int, attrs: bytes, seq: int = 1) -> bytes:
+    body = _NFGEN.pack(socket.AF_UNSPEC, 0, socket.htons(group)) + attrs
+    return (
+        _NLMSGHDR.pack(_NLMSGHDR.size + len(body), (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, NLM_F_REQUEST, seq, 0)
+        + body
+    )
+
+
+def _attrs(data: bytes, off: int, end: int) -> Iterator[tuple[int, int, int]]:
+    while off + _NLA.size <= end:
+        length, atype = _NLA.unpack_from(data, off)
+        if length < _NLA.size or off + length > end:
+            return
+        yield atype & 0x3FFF, off + _NLA.size, off + length
+        off += (length + 3) & ~3
+
+
+def _five_tuple(pkt: bytes) -> tuple[int, bytes, int, bytes, int] | None:
+    if not pkt:
+        return None
+    version = pkt[0] >> 4
+    if version == 4 and len(pkt) >= 20:
+        ihl = (pkt[0] & 15) * 4
+        proto, src, dst, l4 = pkt[9], pkt[12:16], pkt[16:20], ihl
+    elif version == 6 and len(pkt) >= 40:
+        proto, src, dst, l4 = pkt[6], pkt[8:24], pkt[24:40], 40
+    else:
+        return None
+    sport = dport = 0
+    if len(pkt) >= l4 + 4 and proto in (6, 17, 33, 132, 136):
+        sport, dport = struct.unpack_from("!HH", pkt, l4)
+    return proto, src, sport, dst, dport
+
+
+def parse(data: bytes) -> list[Logged]:
+    """The packets of one datagram logged with an ``egd <index>`` prefix."""
+    out: list[Logged] = []
+    off = 0
+    while off + _NLMSGHDR.size <= len(data):
+        length, mtype, _f, _s, _p = _NLMSGHDR.unpack_from(data, off)
+        if length < _NLMSGHDR.size:
+            break
+        end = min(off + length, len(data))
+        if mtype == _MSG_PACKET:
+            prefix = b""
+            payload = b""
+            for atype, a, b in _attrs(data, off + _NLMSGHDR.size + _NFGEN.size, end):
+                if atype == NFULA_PREFIX:
+                    prefix = data[a:b].rstrip(b"\0")
+                elif atype == NFULA_PAYLOAD:
+                    payload = data[a:b]
+            text = prefix.decode("ascii", "replace")
+            t = _five_tuple(payload)
+            if text.startswith(PREFIX) and text[len(PREFIX) :].isdigit() and t is not None:
+                out.append((int(text[len(PREFIX) :]), *t))
+        off += (length + 3) & ~3
+    return out
+
+
+class KernelLog:
+    """A non-blocking NFLOG socket bound to one group (CAP_NET_ADMIN; OSError otherwise)."""
+
+    def __init__(self, group: int) -> None:
+        self.group = group
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        try:
+            self.sock.bind((0, 0))
+            self.sock.sendall(config_message(group, _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))))
+            mode = struct.pack(">IBB", COPY_RANGE, NFULNL_COPY_PACKET, 0)
+            self.sock.sendall(config_message(group, _attr(NFULA_CFG_MODE, mode), seq=2))
+            # One message per logged packet, sent at once (no batching: an event is due now).
+            self.sock.sendall(config_message(group, _attr(NFULA_CFG_QTHRESH, struct.pack(">I", 1)), seq=3))
+            self.sock.sendall(config_message(group, _attr(NFULA_CFG_TIMEOUT, struct.pack(">I", 0)), seq=4))
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+        self.overflows = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self, budget: int = 256) -> list[Logged]:
+        out: list[Logged] = []
+        for _ in range(budget):
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    self.overflows += 1
+                    continue
+                raise
+            out += parse(data)
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
