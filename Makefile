@@ -18,7 +18,7 @@ APT_PACKAGES := python3 python3-venv python3-dev build-essential libnetfilter-qu
 # Real tunnel programs for pcaps/make_tunnels.py and tests/e2e/test_daemon_tunnels.py (Debian 12),
 # and localtunnel's client from npm (installed into build/lab-npm, not system-wide).
 LAB_APT_PACKAGES := iodine ptunnel-ng httptunnel dns2tcp openvpn tor tinc nebula shadowsocks-libev \
-	simple-obfs obfs4proxy pagekite websockify python3-websockets wireguard-go wireguard-tools ike-scan nodejs npm
+	simple-obfs obfs4proxy pagekite websockify python3-websockets wireguard-go wireguard-tools ike-scan
 LAB_NPM_PACKAGES := localtunnel@2.0.2
 
 .PHONY: help setup deps lab-deps venv run demo test test-fast lint typecheck bench pcaps image k8s-policy clean
@@ -45,6 +45,9 @@ lab-deps: $(STAMP)/lab-apt $(STAMP)/lab-npm
 $(STAMP)/lab-apt: $(STAMP)/apt
 	@mkdir -p $(STAMP)
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(LAB_APT_PACKAGES)
+	@# Debian's npm conflicts with a Node.js that came from elsewhere (NodeSource's nodejs ships
+	@# its own npm): install Debian's only where no npm is on the machine.
+	command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm
 	@touch $@
 $(STAMP)/lab-npm: $(STAMP)/lab-apt
 	@mkdir -p build/lab-npm
