@@ -26,6 +26,7 @@ from egressd.stream import StreamHead
 
 if TYPE_CHECKING:
     from egressd.detect.base import Detection, StreamDetector
+    from egressd.detect.ssh_usage import UsageWatch
     from egressd.policy import Decision
 
 FlowKey = tuple[int, bytes, int, bytes, int]
@@ -74,6 +75,7 @@ class Flow:
         "stale",
         "state",
         "syn_seq",
+        "usage",
         "version",
     )
 
@@ -116,12 +118,14 @@ class Flow:
         self.inner_fwd = 0
         self.inner_rev = 0
         self.reported: tuple[str, str] | None = None  # (action, rule) last written as an event
+        self.usage: UsageWatch | None = None  # what an SSH session is used for (detect/ssh_usage.py)
 
     def release(self) -> None:
         """Drop what only classification needs, once the verdict is final."""
         self.fwd = None
         self.rev = None
         self.active_detectors = []
+        self.usage = None
 
 
 class FlowTable:

@@ -1,0 +1,588 @@
+"""What an SSH session is used for, from the sizes and order of its encrypted packets.
+
+Why this is possible: after NEWKEYS everything is encrypted, but RFC 4253 §6 fixes how a
+payload becomes a packet (1 byte of padding length, the payload, at least 4 bytes of
+padding up to the cipher's block size, then the MAC or AEAD tag), and RFC 4254 fixes the
+layout of the connection-protocol messages. OpenSSH (and paramiko, asyncssh) pad
+minimally, so a packet's size gives its payload length to within one block, and the
+messages that matter have telling lengths (payload bytes):
+
+    CHANNEL_OPEN "session"                      24
+    GLOBAL_REQUEST "no-more-sessions@openssh.com" 34 (want_reply 0: no answer)
+    GLOBAL_REQUEST "keepalive@openssh.com"      27
+    GLOBAL_REQUEST "tcpip-forward"              27 + len(bind address)   (ssh -R)
+    CHANNEL_OPEN "tun@openssh.com"              40                       (ssh -w)
+    CHANNEL_OPEN "direct-tcpip"                 45 + len(host) + len(originator)  (-L, -D, -W)
+    CHANNEL_OPEN "forwarded-tcpip" (server)     48 + len(address) + len(originator)
+    REQUEST_SUCCESS / REQUEST_FAILURE           1 (5 with the allocated port)
+    CHANNEL_OPEN_CONFIRMATION                   17
+    USERAUTH_SUCCESS                            1
+
+How the wire shows a packet depends on the negotiated cipher and MAC (learned here from
+the two plaintext KEXINITs, RFC 4253 §7.1: the first of the client's algorithms the server
+also lists):
+
+* AES-GCM (RFC 5647) and every ``-etm@openssh.com`` MAC leave the 4-byte length in clear:
+  packets are walked exactly from the stream bytes, whatever the TCP segmentation.
+* chacha20-poly1305 and the non-ETM MACs encrypt the length: only TCP segment sizes are
+  seen. A segment may carry several packets (a sender's one write), so each segment is
+  decomposed into the messages that can occur at that point; a segment whose size cannot be
+  more than one packet is a *single* unit. Anything ambiguous is left undecided.
+
+The state machine (bounded; one instance per SSH flow whose role is normal):
+
+1. ``HANDSHAKE``: read each direction's plaintext head (banner, KEXINIT, kex messages) up
+   to NEWKEYS; learn the framing per direction. Compression, an unknown cipher, or a
+   NEWKEYS not found within the head: give up (no usage kind, ever).
+2. ``AUTH``: collect encrypted units; USERAUTH_SUCCESS is the first server unit after the
+   client's first encrypted unit that is one minimal packet (payload <= 5 bytes); nothing
+   else the server sends during authentication is that small (SERVICE_ACCEPT 17, FAILURE
+   >= 15, PK_OK, EXT_INFO, banners are larger).
+3. ``CONNECTION``: the first ``MAX_UNITS`` units of each direction after authentication are
+   matched against the rules below. A decision ends the watch; so does the bound.
+
+Rules (each names its evidence: which units, their sizes, the inferred messages):
+
+* ``ssh.forward.remote``: the client's first request after authentication is one packet
+  that can be a ``tcpip-forward`` and cannot be a session open, and either the server's
+  first reply-sized packet after it is a REQUEST_SUCCESS/FAILURE (not a channel
+  confirmation), or — where lengths are opaque and the server's replies ride in larger
+  segments — that packet cannot be a no-more-sessions either. Or: the server opens a
+  channel (``forwarded-tcpip``) that the client confirms, which only a remote forward
+  (or agent/X11 forwarding, sized differently) makes the server do.
+* ``ssh.forward.tun``: a ``tun@openssh.com`` open (40) answered by a channel confirmation,
+  alone or in the client's first write after authentication.
+* ``ssh.forward.local`` (``-L``, ``-D`` and ``-W`` look alike): a client channel open the
+  size of a ``direct-tcpip`` that the server confirms, before the client has opened any
+  session channel (so it cannot be a channel request of a session).
+
+Limits (docs/ssh-usage.md): a custom client can pad randomly or send decoys; a session whose
+first requests come after the bound is not named; a lone ``tun@openssh.com`` open under
+chacha20-poly1305 is the size of a ``tcpip-forward`` for "localhost" and is named remote.
+
+Bounds: per direction at most ``MAX_UNITS`` units after authentication and
+``_MAX_PRE_AUTH`` before it, each a few ints; the handshake walk reads at most
+``_MAX_PLAIN`` packet headers. Never raises (the engine also guards every call).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from egressd.detect.base import Detection
+
+SSH_FORWARD_REMOTE: Final = "ssh.forward.remote"
+SSH_FORWARD_LOCAL: Final = "ssh.forward.local"
+SSH_FORWARD_DYNAMIC: Final = "ssh.forward.dynamic"
+SSH_FORWARD_TUN: Final = "ssh.forward.tun"
+
+MAX_UNITS: Final = 24  # units per direction watched after authentication (the "first few dozen")
+_MAX_PRE_AUTH: Final = 24  # units per direction before USERAUTH_SUCCESS, or give up
+_MAX_PLAIN: Final = 16  # plaintext packets walked per direction looking for NEWKEYS
+_BURST: Final = 0.5  # s: client units this close to the first request are one burst (keepalives are >= 1 s apart)
+
+_U32 = struct.Struct("!I")
+_MSG_KEXINIT: Final = 20
+_MSG_NEWKEYS: Final = 21
+
+# Payload lengths (RFC 4254 layouts with OpenSSH's request names).
+P_SESSION: Final = 24
+P_NO_MORE_SESSIONS: Final = 34
+P_KEEPALIVE: Final = 27
+P_TUN: Final = 40
+P_CONFIRM: Final = 17
+P_REPLY_MAX: Final = 5  # REQUEST_SUCCESS with the allocated port
+P_FWD_MIN, P_FWD_MAX = 27, 27 + 46  # tcpip-forward, bind address "" .. a full IPv6 text
+P_DIRECT_MIN, P_DIRECT_MAX = 45 + 1 + 3, 45 + 255 + 46  # direct-tcpip: host, originator ("::1")
+P_FORWARDED_MIN, P_FORWARDED_MAX = 48 + 1 + 3, 48 + 46 + 46  # forwarded-tcpip, server to client
+
+_MACS: Final = {
+    b"hmac-sha2-256": 32,
+    b"hmac-sha2-512": 64,
+    b"hmac-sha1": 20,
+    b"hmac-sha1-96": 12,
+    b"hmac-md5": 16,
+    b"hmac-md5-96": 12,
+    b"umac-64@openssh.com": 8,
+    b"umac-128@openssh.com": 16,
+    b"hmac-ripemd160": 20,
+    b"hmac-ripemd160@openssh.com": 20,
+}
+_ETM: Final = b"-etm@openssh.com"
+
+
+@dataclass(frozen=True, slots=True)
+class Framing:
+    """How one direction turns a payload into wire bytes (RFC 4253 §6, minimal padding)."""
+
+    name: str
+    block: int
+    tag: int  # MAC or AEAD tag bytes after the packet
+    visible: bool  # the 4-byte length is in clear (GCM, ETM)
+    len_in_block: bool  # the length field counts towards block alignment (non-ETM MACs)
+
+    def wire(self, payload: int) -> int:
+        base = 1 + payload + (4 if self.len_in_block else 0)
+        pad = self.block - base % self.block
+        if pad < 4:
+            pad += self.block
+        return 4 + 1 + payload + pad + self.tag
+
+    @property
+    def min_wire(self) -> int:
+        return self.wire(0)
+
+    def payload_range(self, wire: int) -> tuple[int, int] | None:
+        """Payload lengths a single packet of ``wire`` bytes can carry (minimal padding)."""
+        plen = wire - 4 - self.tag
+        if plen < 5 or (plen + (4 if self.len_in_block else 0)) % self.block:
+            return None
+        return max(0, plen - 1 - (self.block + 3)), plen - 5
+
+    def fits(self, wire: int, lo: int, hi: int) -> bool:
+        r = self.payload_range(wire)
+        return r is not None and r[0] <= hi and lo <= r[1]
+
+
+def framing(cipher: bytes, mac: bytes) -> Framing | None:
+    """The framing a negotiated cipher/MAC pair gives, or None when sizes would mean nothing."""
+    if cipher.startswith((b"aes128-gcm@", b"aes256-gcm@")):
+        return Framing("aes-gcm", 16, 16, True, False)
+    if cipher == b"chacha20-poly1305@openssh.com":
+        return Framing("chacha20-poly1305", 8, 16, False, False)
+    if cipher.startswith(b"aes") and cipher.endswith((b"-ctr", b"-cbc", b"-cbc@lysator.liu.se")):
+        block = 16
+    elif cipher.startswith((b"3des", b"blowfish", b"cast128")):
+        block = 8
+    else:
+        return None
+    etm = mac.endswith(_ETM)
+    tag = _MACS.get(mac[: -len(_ETM)] + (b"@openssh.com" if mac.startswith(b"umac") else b"") if etm else mac)
+    if tag is None:
+        return None
+    kind = f"{cipher.decode()}+{mac.decode()}"
+    return Framing(kind, block, tag, etm, not etm)
+
+
+# -- the plaintext handshake ------------------------------------------------------------------
+def _after_banner(data: bytes) -> int:
+    """Offset just after the identification line, or -1 while it is not complete."""
+    pos = 0 if data.startswith(b"SSH-") else data.find(b"\nSSH-")
+    if pos < 0:
+        return -1
+    if pos:
+        pos += 1
+    eol = data.find(b"\n", pos)
+    return eol + 1 if eol >= 0 else -1
+
+
+def _kexinit_lists(data: bytes, start: int, end: int) -> list[bytes] | None:
+    lists: list[bytes] = []
+    pos = start
+    for _ in range(10):
+        if pos + 4 > end:
+            return None
+        (n,) = _U32.unpack_from(data, pos)
+        if pos + 4 + n > end:
+            return None
+        lists.append(data[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    return lists
+
+
+def plaintext_end(data: bytes) -> tuple[int, list[bytes] | None] | None:
+    """(offset after NEWKEYS, KEXINIT name-lists) of one direction; None while incomplete.
+
+    Returns (-1, lists) when this direction cannot be followed (malformed, NEWKEYS not
+    within ``_MAX_PLAIN`` packets)."""
+    pos = _after_banner(data)
+    if pos < 0:
+        return None
+    lists: list[bytes] | None = None
+    for _ in range(_MAX_PLAIN):
+        if pos + 6 > len(data):
+            return None
+        (plen,) = _U32.unpack_from(data, pos)
+        if plen < 5 or plen > 256 * 1024:
+            return -1, lists
+        end = pos + 4 + plen
+        msg = data[pos + 5]
+        if msg == _MSG_KEXINIT:
+            if end > len(data):
+                return None
+            lists = _kexinit_lists(data, pos + 6 + 16, end - data[pos + 4])
+            if lists is None:
+                return -1, None
+        elif msg == _MSG_NEWKEYS:
+            return end, lists
+        pos = end
+    return -1, lists
+
+
+def _negotiate(client: bytes, server: bytes) -> bytes | None:
+    offered = set(server.split(b","))
+    for alg in client.split(b","):
+        if alg in offered:
+            return alg
+    return None
+
+
+# -- encrypted units --------------------------------------------------------------------------
+@dataclass(slots=True)
+class Unit:
+    """One encrypted packet (lengths visible) or one TCP segment's worth of packets."""
+
+    size: int
+    ts: float
+    seq: int  # arrival order across both directions
+    single: bool  # certainly one packet
+
+
+class _Dir:
+    """One direction's encrypted stream: where it starts and what has been seen of it."""
+
+    __slots__ = ("edge", "fr", "lenbuf", "lost", "next", "start", "units")
+
+    def __init__(self) -> None:
+        self.start = -1  # stream offset of the first encrypted byte
+        self.fr: Framing | None = None
+        self.edge = -1  # stream offset up to which bytes have been consumed
+        self.next = -1  # visible framing: offset of the next packet's length field
+        self.lenbuf = b""
+        self.lost = False  # a gap or a nonsensical length: stop following this direction
+        self.units: list[Unit] = []
+
+    def consume(self, off: int, data: bytes, ts: float, seq: int) -> None:
+        """Place stream bytes [off, off+len) (in order; a gap ends the watch of this direction)."""
+        if self.lost or self.fr is None or not data:
+            return
+        end = off + len(data)
+        if end <= self.edge:
+            return  # a retransmission of what was consumed
+        if off > self.edge:
+            self.lost = True  # bytes missing: sizes after this point cannot be trusted
+            return
+        data = data[self.edge - off :]
+        off = self.edge
+        self.edge = end
+        fr = self.fr
+        if not fr.visible:
+            self.units.append(Unit(len(data), ts, seq, _single(fr, len(data))))
+            return
+        while self.next < end:
+            need = 4 - len(self.lenbuf)
+            at = self.next + len(self.lenbuf) - off
+            if at < 0:
+                self.lost = True
+                return
+            self.lenbuf += data[at : at + need]
+            if len(self.lenbuf) < 4:
+                return
+            (plen,) = _U32.unpack(self.lenbuf)
+            self.lenbuf = b""
+            if plen < 5 or plen > 256 * 1024 or plen % fr.block:
+                self.lost = True
+                return
+            size = 4 + plen + fr.tag
+            self.units.append(Unit(size, ts, seq, True))
+            self.next += size
+
+
+def _single(fr: Framing, size: int) -> bool:
+    """A segment of this size cannot hold two packets (or holds a whole number of none)."""
+    if fr.payload_range(size) is None:
+        return False
+    if size < 2 * fr.min_wire:
+        return True
+    # chacha20-poly1305: every packet is 4 mod 8 bytes, so an odd count shows in the size.
+    return fr.block == 8 and not fr.len_in_block and fr.tag == 16 and size < 3 * fr.min_wire
+
+
+# -- the watcher ------------------------------------------------------------------------------
+_HANDSHAKE: Final = 0
+_AUTH: Final = 1
+_CONNECTION: Final = 2
+_DONE: Final = 3
+
+
+class UsageWatch:
+    """Fed every TCP payload of an SSH flow (client = originator); says what it is used for."""
+
+    __slots__ = ("_anchor", "_c", "_s", "_seq", "framings", "result", "state", "why_done")
+
+    def __init__(self) -> None:
+        self._c = _Dir()
+        self._s = _Dir()
+        self._seq = 0
+        self._anchor = -1  # seq of USERAUTH_SUCCESS
+        self.state = _HANDSHAKE
+        self.result: Detection | None = None
+        self.framings = ""
+        self.why_done = ""
+
+    @property
+    def watching(self) -> bool:
+        return self.state != _DONE
+
+    def _stop(self, why: str) -> None:
+        self.state = _DONE
+        self.why_done = why
+
+    def feed(
+        self, from_client: bool, off: int, payload: bytes, ts: float, chead: bytes, shead: bytes, final: bool
+    ) -> Detection | None:
+        """One TCP payload at stream offset ``off``; ``chead``/``shead`` are the reassembled
+        heads (read only while the handshake is not yet understood); ``final``: a head has
+        ended (full or closed), so a handshake not found by now never will be."""
+        if self.state == _DONE:
+            return None
+        if self.state == _HANDSHAKE:
+            if not self._handshake(chead, shead):
+                if final and self.state == _HANDSHAKE:
+                    self._stop("NEWKEYS not within the head")
+                return None
+            # Everything up to the heads' ends is known bytes: consume from there, so segments
+            # seen before NEWKEYS was found are not lost (their boundaries within the head are).
+            for d, head in ((self._c, chead), (self._s, shead)):
+                d.edge = d.start
+                d.next = d.start
+                if len(head) > d.start:
+                    self._seq += 1
+                    d.consume(d.start, head[d.start :], ts, self._seq)
+            self.state = _AUTH
+        else:
+            d = self._c if from_client else self._s
+            if off + len(payload) > d.edge:
+                self._seq += 1
+                d.consume(off, payload, ts, self._seq)
+        return self._decide()
+
+    def _handshake(self, chead: bytes, shead: bytes) -> bool:
+        c = plaintext_end(chead)
+        s = plaintext_end(shead)
+        if c is None or s is None:
+            return False
+        if c[0] < 0 or s[0] < 0 or c[1] is None or s[1] is None:
+            self._stop("handshake not followed")
+            return False
+        cl, sl = c[1], s[1]
+        enc_cs, enc_sc = _negotiate(cl[2], sl[2]), _negotiate(cl[3], sl[3])
+        mac_cs, mac_sc = _negotiate(cl[4], sl[4]) or b"", _negotiate(cl[5], sl[5]) or b""
+        comp = (_negotiate(cl[6], sl[6]), _negotiate(cl[7], sl[7]))
+        if enc_cs is None or enc_sc is None or comp != (b"none", b"none"):
+            self._stop("compression or no common cipher")
+            return False
+        fc, fs = framing(enc_cs, mac_cs), framing(enc_sc, mac_sc)
+        if fc is None or fs is None:
+            self._stop(f"cipher {enc_cs.decode(errors='replace')} not modelled")
+            return False
+        self._c.fr, self._s.fr = fc, fs
+        self._c.start, self._s.start = c[0], s[0]
+        self.framings = fc.name if fc == fs else f"{fc.name}/{fs.name}"
+        return True
+
+    # -- inference ------------------------------------------------------------------------
+    def _decide(self) -> Detection | None:
+        c, s = self._c, self._s
+        if self.state == _AUTH:
+            self._find_anchor()
+            if self.state == _AUTH:
+                if c.lost or s.lost or len(c.units) > _MAX_PRE_AUTH or len(s.units) > _MAX_PRE_AUTH:
+                    self._stop("authentication not seen")
+                return None
+        if self.state != _CONNECTION:
+            return None
+        det = self._connection()
+        if det is not None:
+            self.result = det
+            self._stop("decided")
+            return det
+        cu = [u for u in c.units if u.seq > self._anchor]
+        su = [u for u in s.units if u.seq > self._anchor]
+        if len(cu) >= MAX_UNITS or len(su) >= MAX_UNITS or c.lost or s.lost:
+            self._stop("bound reached")
+        return None
+
+    def _find_anchor(self) -> None:
+        c, s = self._c, self._s
+        assert s.fr is not None
+        if not c.units:
+            return
+        first_c = c.units[0].seq
+        for u in s.units:
+            if u.seq > first_c and u.single and u.size == s.fr.min_wire:
+                self._anchor = u.seq
+                self.state = _CONNECTION
+                return
+
+    def _connection(self) -> Detection | None:
+        c, s = self._c, self._s
+        fc, fs = c.fr, s.fr
+        assert fc is not None and fs is not None
+        after = self._anchor
+        cu = [u for u in c.units if u.seq > after][:MAX_UNITS]
+        su = [u for u in s.units if u.seq > after][:MAX_UNITS]
+        if not cu:
+            return None
+        base = f"framing {self.framings}; USERAUTH_SUCCESS < {fs.min_wire}"
+        c1 = cu[0]
+        # -- the first request after authentication, on its own --------------------------
+        if c1.single:
+            fwd = fc.fits(c1.size, P_FWD_MIN, P_FWD_MAX)
+            session = fc.fits(c1.size, P_SESSION, P_SESSION)
+            nms = fc.fits(c1.size, P_NO_MORE_SESSIONS, P_NO_MORE_SESSIONS)
+            tun = fc.fits(c1.size, P_TUN, P_TUN)
+            if fwd and not session:
+                reply = self._first_reply(su, c1, cu)
+                ev = f"{base}; > {c1.size} (payload {_rng(fc, c1.size)}: GLOBAL_REQUEST tcpip-forward)"
+                if reply is not None and reply[1] == "reply":
+                    return _det(
+                        SSH_FORWARD_REMOTE, f"{ev}, answered < {reply[0].size} (REQUEST_SUCCESS)", self.framings
+                    )
+                if reply is None and not fs.visible and not nms and not (tun and fc.visible):
+                    # Opaque lengths: the server's reply rides in a segment with its post-auth
+                    # notices, so the request's size alone decides, when nothing else fits it.
+                    return _det(SSH_FORWARD_REMOTE, f"{ev}, alone in its segment", self.framings)
+                if reply is not None and reply[1] == "confirm" and tun:
+                    return _det(
+                        SSH_FORWARD_TUN,
+                        f"{base}; > {c1.size} (CHANNEL_OPEN tun@openssh.com), confirmed < {reply[0].size}",
+                        self.framings,
+                    )
+            if fwd and session and not fc.visible and len(cu) > 1:
+                # Opaque and coarse (non-ETM MACs): a lone packet of this size is a session open,
+                # a no-more-sessions or a tcpip-forward. OpenSSH writes a session open together
+                # with no-more-sessions, and -R's request alone followed at once by the rest.
+                c2 = cu[1]
+                answered = any(c1.seq < x.seq < c2.seq for x in su)
+                nms_next = c2.single and fc.fits(c2.size, P_NO_MORE_SESSIONS, P_NO_MORE_SESSIONS)
+                pair_next = c2.size == fc.wire(P_SESSION) + fc.wire(P_NO_MORE_SESSIONS)
+                # A lone no-more-sessions could also be an exec request after a session open was
+                # answered, so it counts only unanswered; a second session open with it cannot.
+                if c2.ts - c1.ts <= _BURST and ((nms_next and not answered) or pair_next):
+                    return _det(
+                        SSH_FORWARD_REMOTE,
+                        f"{base}; > {c1.size} (payload {_rng(fc, c1.size)}: GLOBAL_REQUEST tcpip-forward) alone, "
+                        f"then > {c2.size} ({'no-more-sessions' if nms_next else 'session open + no-more-sessions'}) "
+                        "before any answer",
+                        self.framings,
+                    )
+        else:
+            combo = _split_tun_first(fc, c1.size)
+            if combo:
+                return _det(
+                    SSH_FORWARD_TUN,
+                    f"{base}; > {c1.size} = {combo} (CHANNEL_OPEN tun@openssh.com + no-more-sessions)",
+                    self.framings,
+                )
+        # -- channels the server opens: a remote forward in use ------------------------------
+        for i, u in enumerate(su):
+            if not (u.single and fs.fits(u.size, P_FORWARDED_MIN, P_FORWARDED_MAX)):
+                continue
+            nxt = next((x for x in cu if x.seq > u.seq), None)
+            if nxt is None or not nxt.single or not fc.fits(nxt.size, P_CONFIRM, P_CONFIRM):
+                continue
+            if fc.fits(nxt.size, 9, 10) or fc.fits(nxt.size, P_SESSION, P_SESSION) or self._session_seen(cu, su, u.seq):
+                # A window adjust, a keystroke or a session open of the same size: only an
+                # unmistakable confirmation, before any session, counts.
+                continue
+            return _det(
+                SSH_FORWARD_REMOTE,
+                f"{base}; < {u.size} (CHANNEL_OPEN forwarded-tcpip, server #{i + 1}) confirmed by > {nxt.size}",
+                self.framings,
+            )
+        # -- channels the client opens to a destination: -L / -D / -W ------------------------
+        for i, u in enumerate(cu):
+            if not fc.fits(u.size, P_DIRECT_MIN, P_DIRECT_MAX):
+                continue
+            if not u.single and not (i == 1 and _odd_after_nms(fc, c1, u)):
+                continue
+            if fc.fits(u.size, 0, P_FWD_MAX) and i == 0:
+                continue  # could be the forward request above
+            if self._session_seen(cu, su, u.seq):
+                break  # from here on, channel requests of the session look alike
+            rep = next((x for x in su if x.seq > u.seq), None)
+            if rep is None or not rep.single:
+                continue
+            if fs.fits(rep.size, P_CONFIRM, P_CONFIRM) and not fs.fits(rep.size, 0, P_REPLY_MAX):
+                return _det(
+                    SSH_FORWARD_LOCAL,
+                    f"{base}; > {u.size} (payload {_rng(fc, u.size)}: CHANNEL_OPEN direct-tcpip, client #{i + 1}) "
+                    f"confirmed < {rep.size}",
+                    self.framings,
+                )
+        return None
+
+    def _first_reply(self, su: list[Unit], req: Unit, cu: list[Unit]) -> tuple[Unit, str] | None:
+        """The server's first single packet after ``req`` that is a reply: a global-request
+        reply (tiny) or a channel confirmation, and what it answers.
+
+        The server answers in order, so the first reply answers ``req`` when ``req`` wants
+        one; client units sent in between (the same burst: a keepalive's REQUEST_FAILURE,
+        >= 1 s later, must not count) only matter for a confirmation, which may answer a
+        session or direct-tcpip open sent after ``req`` unless everything in between was the
+        size of no-more-sessions (which is never answered)."""
+        fs, fc = self._s.fr, self._c.fr
+        assert fs is not None and fc is not None
+        for u in su:
+            if u.seq <= req.seq:
+                continue
+            between = [x for x in cu if req.seq < x.seq < u.seq]
+            if any(x.ts - req.ts > _BURST for x in between):
+                return None
+            if not u.single:
+                if fs.visible:
+                    continue
+                return None  # opaque and coalesced: cannot tell what is inside
+            if u.size == fs.min_wire or (fs.fits(u.size, 0, P_REPLY_MAX) and not fs.fits(u.size, P_CONFIRM, P_CONFIRM)):
+                return u, "reply"
+            if fs.fits(u.size, P_CONFIRM, P_CONFIRM):
+                only_nms = all(x.single and fc.fits(x.size, P_NO_MORE_SESSIONS, P_NO_MORE_SESSIONS) for x in between)
+                return (u, "confirm") if only_nms else None
+        return None
+
+    def _session_seen(self, cu: list[Unit], su: list[Unit], before: int) -> bool:
+        """Has the client opened a session (a unit the size of CHANNEL_OPEN session, or more
+        than one client unit other than the first request) before ``before``?"""
+        fc = self._c.fr
+        assert fc is not None
+        for u in cu:
+            if u.seq >= before:
+                return False
+            if fc.fits(u.size, P_SESSION, P_SESSION) or not u.single:
+                return True
+        return False
+
+
+def _split_tun_first(fr: Framing, size: int) -> str:
+    """``size`` = tun open + no-more-sessions (OpenSSH ``-w`` writes them together), and not
+    the session open + no-more-sessions every OpenSSH session starts with."""
+    t, n = fr.wire(P_TUN), fr.wire(P_NO_MORE_SESSIONS)
+    if size != t + n or size == fr.wire(P_SESSION) + n:
+        return ""
+    return f"{t}+{n}"
+
+
+def _odd_after_nms(fr: Framing, c1: Unit, u: Unit) -> bool:
+    """chacha20-poly1305: after a lone no-more-sessions (``ssh -N``) nothing is open, so a
+    segment that holds an odd number of packets (its size is 4 mod 8) is one channel open:
+    three packets would need three things to say, and there is nothing yet to say them about."""
+    return (
+        fr.block == 8
+        and not fr.len_in_block
+        and c1.single
+        and fr.fits(c1.size, P_NO_MORE_SESSIONS, P_NO_MORE_SESSIONS)
+        and not fr.fits(c1.size, P_SESSION, P_SESSION)
+        and fr.payload_range(u.size) is not None
+    )
+
+
+def _rng(fr: Framing, size: int) -> str:
+    r = fr.payload_range(size)
+    return f"{r[0]}..{r[1]}" if r else "?"
+
+
+def _det(kind: str, evidence: str, framings: str) -> Detection:
+    return Detection(kind, evidence, info={"ssh_framing": framings, "inferred_from": "encrypted packet sizes"})
