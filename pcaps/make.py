@@ -56,8 +56,10 @@ PROXY = SERVICES["proxy"][0]
 DNS = SERVICES["dns"][0]
 BULK = SERVICES["bulk"][0]
 BULK_BYTES = 256 * 1024
+FWD_PORT = 8080  # on SSH_ALLOWED: what ssh -L / -D captures connect to through the tunnel
 APT_PACKAGES = (
-    "tcpdump openssh-client openssh-server openssl curl bind9-dnsutils dnsmasq-base ncat microsocks iproute2"
+    "tcpdump openssh-client openssh-server openssl curl bind9-dnsutils dnsmasq-base ncat microsocks iproute2 "
+    "git rsync dropbear-bin"
 )
 
 # Names the lab's resolver answers; the pool names are real pool domains (policy lists name them).
@@ -97,14 +99,10 @@ class Ctx:
             "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR", *extra, f"root@{host}",
         ]  # fmt: skip
 
-    def node(
-        self, argv: list[str], timeout: float = 20.0, ok: bool = True
-    ) -> subprocess.CompletedProcess[str]:
+    def node(self, argv: list[str], timeout: float = 20.0, ok: bool = True) -> subprocess.CompletedProcess[str]:
         p = self.lab.run_node(argv, timeout=timeout)
         if ok and p.returncode != 0:
-            raise MakeError(
-                f"{' '.join(argv)} -> exit {p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}"
-            )
+            raise MakeError(f"{' '.join(argv)} -> exit {p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}")
         return p
 
     def stratum_client(self, target: str, variant: str, *extra: str) -> dict[str, Any]:
@@ -177,9 +175,7 @@ def make_materials(tmp: Path) -> None:
         if p.returncode != 0:
             raise MakeError(f"{' '.join(argv)} -> {p.stderr.strip()}")
 
-    run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "egressd-lab-host", "-f", str(tmp / "host_key")]
-    )
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "egressd-lab-host", "-f", str(tmp / "host_key")])
     run(
         [
             "ssh-keygen",
@@ -226,6 +222,8 @@ def sshd_config(tmp: Path, name: str, listen: list[str]) -> Path:
         "StrictModes no",
         "UseDNS no",
         "AllowTcpForwarding yes",
+        "PermitTunnel yes",
+        "Subsystem sftp internal-sftp",
         "GatewayPorts no",
         "PrintMotd no",
         "LogLevel VERBOSE",
@@ -269,7 +267,16 @@ def start_peers(c: Ctx) -> None:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=c.logfile(f"s_server-{addr}.log"),
             cwd=str(t / "www"),
         )  # fmt: skip
-    for port in (22, 443, 53, 3128, 1080):
+    # What the SSH usage captures reach through their forwards, copy and clone.
+    c.lab.spawn(
+        "inet", ["ncat", "-lk", SSH_ALLOWED, str(FWD_PORT), "--sh-exec", "echo forwarded-ok"],
+        stdout=subprocess.DEVNULL, stderr=c.logfile("ncat-fwd.log"),
+    )  # fmt: skip
+    srv = t / "srv"
+    srv.mkdir(exist_ok=True)
+    (srv / "file.bin").write_bytes(hashlib.sha256(b"egressd-scp").digest() * 128)  # 4 KiB
+    subprocess.run(["git", "init", "-q", "--bare", str(srv / "repo.git")], check=True, timeout=30)
+    for port in (22, 443, 53, 3128, 1080, FWD_PORT):
         _wait_listening(c, "inet", port)
     _wait_listening(c, "node", 22)
 
@@ -321,9 +328,7 @@ def _ssh_role_inversion(c: Ctx) -> None:
         c.node(["ncat", "--sh-exec", sshd_i, SSH_ALLOWED, "443"], timeout=20)
         listener.wait(10)
         if "reverse-ok" not in out.read_text():
-            raise MakeError(
-                f"the inverted SSH session did not run: {(c.tmp / 'inverted-ssh.err').read_text()}"
-            )
+            raise MakeError(f"the inverted SSH session did not run: {(c.tmp / 'inverted-ssh.err').read_text()}")
     finally:
         c.lab.stop(listener)
 
@@ -382,6 +387,116 @@ def _stratum(variant: str, listen: str, *extra: str, connect: str = "") -> Calla
     return run
 
 
+# -- what an SSH session is used for (docs/ssh-usage.md), per client and cipher ------------------
+SSH_CIPHERS: dict[str, tuple[str, ...]] = {
+    "chacha": ("-c", "chacha20-poly1305@openssh.com"),
+    "gcm": ("-c", "aes256-gcm@openssh.com"),
+    "ctr-etm": ("-c", "aes128-ctr", "-o", "MACs=hmac-sha2-256-etm@openssh.com"),
+    "ctr": ("-c", "aes256-ctr", "-o", "MACs=hmac-sha2-512"),
+}
+
+
+def _opts(c: Ctx, cipher: str) -> list[str]:
+    """ssh_argv's options without the destination, for scp/sftp/rsync/git's -e."""
+    return [*c.ssh_argv(SSH_ALLOWED, *SSH_CIPHERS[cipher])[1:-1]]
+
+
+def _bg(c: Ctx, argv: list[str], name: str) -> subprocess.Popen[bytes]:
+    return c.lab.spawn("node", argv, stdin=subprocess.DEVNULL, stdout=c.logfile(f"{name}.out"),
+                       stderr=c.logfile(f"{name}.err"))  # fmt: skip
+
+
+def _use_openssh(use: str, cipher: str) -> Callable[[Ctx], None]:
+    def run(c: Ctx) -> None:
+        cargs = SSH_CIPHERS[cipher]
+        srv = c.tmp / "srv"
+        if use in ("remote-N", "remote-used", "local", "dynamic", "tun"):
+            fwd = {
+                "remote-N": ["-R", "2222:127.0.0.1:22"],
+                "remote-used": ["-R", "2223:127.0.0.1:22"],
+                "local": ["-L", f"9001:{SSH_ALLOWED}:{FWD_PORT}"],
+                "dynamic": ["-D", "9002"],
+                "tun": ["-w", "5:5"],
+            }[use]
+            tun = _bg(c, c.ssh_argv(SSH_ALLOWED, *cargs, "-N", *fwd, "-o", "ExitOnForwardFailure=yes"), f"ssh-{use}")
+            try:
+                if use == "remote-N":
+                    _wait_listening(c, "inet", 2222, timeout=10)
+                    time.sleep(1.0)
+                elif use == "remote-used":
+                    _wait_listening(c, "inet", 2223, timeout=10)
+                    p = c.lab.run_inet([*c.ssh_argv("127.0.0.1", "-p", "2223"), "echo reverse-ok"], timeout=20)
+                    if "reverse-ok" not in p.stdout:
+                        raise MakeError(f"ssh back through the reverse tunnel failed: {p.stderr.strip()}")
+                elif use in ("local", "dynamic"):
+                    port = 9001 if use == "local" else 9002
+                    _wait_listening(c, "node", port, timeout=10)
+                    via = [] if use == "local" else ["--proxy-type", "socks5", "--proxy", "127.0.0.1:9002"]
+                    target = ["127.0.0.1", "9001"] if use == "local" else [SSH_ALLOWED, str(FWD_PORT)]
+                    p = c.node(["ncat", "--recv-only", *via, *target], timeout=10)
+                    if "forwarded-ok" not in p.stdout:
+                        raise MakeError(f"nothing came through ssh {fwd}: {p.stdout!r} {p.stderr!r}")
+                else:
+                    deadline = time.monotonic() + 10
+                    while "tun5" not in c.lab.run_node(["ip", "-o", "link"], timeout=5).stdout:
+                        if time.monotonic() > deadline:
+                            raise MakeError("ssh -w: no tun5 in the node namespace")
+                        time.sleep(0.1)
+                    time.sleep(0.5)
+                time.sleep(0.5)
+            finally:
+                c.lab.stop(tun)
+            return
+        o = _opts(c, cipher)
+        if use == "cmd":
+            p = c.node([*c.ssh_argv(SSH_ALLOWED, *cargs), "echo ssh-ok"])
+            if "ssh-ok" not in p.stdout:
+                raise MakeError(f"ssh cmd: {p.stderr}")
+        elif use == "remote-cmd":
+            p = c.node([*c.ssh_argv(SSH_ALLOWED, *cargs, "-R", "2224:127.0.0.1:22"), "sleep 1; echo ssh-ok"])
+            if "ssh-ok" not in p.stdout:
+                raise MakeError(f"ssh -R cmd: {p.stderr}")
+        elif use == "shell":
+            p = subprocess.run(
+                c.lab.node_cmd([*c.ssh_argv(SSH_ALLOWED, *cargs, "-tt")]), input="echo shell-ok\nexit\n",
+                capture_output=True, text=True, timeout=20,
+            )  # fmt: skip
+            if "shell-ok" not in p.stdout:
+                raise MakeError(f"ssh shell: {p.stderr}")
+        elif use == "scp":
+            c.node(["scp", *o, f"root@{SSH_ALLOWED}:{srv}/file.bin", str(c.tmp / "scp.out")])
+        elif use == "scp-legacy":
+            c.node(["scp", "-O", *o, f"root@{SSH_ALLOWED}:{srv}/file.bin", str(c.tmp / "scp-O.out")])
+        elif use == "sftp":
+            batch = c.tmp / "sftp.batch"
+            batch.write_text(f"get {srv}/file.bin {c.tmp}/sftp.out\nls {srv}\n")
+            c.node(["sftp", *o, "-b", str(batch), f"root@{SSH_ALLOWED}"])
+        elif use == "rsync":
+            c.node(["rsync", "-a", "-e", " ".join(["ssh", *o]), f"root@{SSH_ALLOWED}:{srv}/file.bin",
+                    str(c.tmp / "rsync.out")])  # fmt: skip
+        elif use in ("git-clone", "git-push"):
+            work = c.tmp / f"git-{cipher}-{use}"
+            env = f"GIT_SSH_COMMAND={' '.join(['ssh', *o])}"
+            if use == "git-push":
+                c.node(["env", env, "git", "init", "-q", str(work)])
+                c.node(["git", "-C", str(work), "-c", "user.name=lab", "-c", "user.email=lab@example.org",
+                        "commit", "-q", "--allow-empty", "-m", f"push {cipher}"])  # fmt: skip
+                c.node(["env", env, "git", "-C", str(work), "push", "-q",
+                        f"root@{SSH_ALLOWED}:{srv}/repo.git", f"HEAD:refs/heads/{cipher}"])  # fmt: skip
+            else:
+                c.node(["env", env, "git", "clone", "-q", f"root@{SSH_ALLOWED}:{srv}/repo.git", str(work)])
+        else:
+            raise MakeError(f"unknown SSH use {use}")
+
+    return run
+
+
+SSH_USES = (
+    "remote-N", "remote-cmd", "remote-used", "local", "dynamic", "tun",
+    "cmd", "shell", "scp", "scp-legacy", "sftp", "rsync", "git-clone", "git-push",
+)  # fmt: skip
+
+
 def _host(*addrs: str) -> str:
     return " or ".join(f"host {a}" for a in addrs)
 
@@ -413,9 +528,16 @@ RECIPES: list[Recipe] = [
         _host(PROXY),
         _stratum("v1", f"{POOL}:3333", "--via-connect", f"{PROXY}:3128"),
     ),
-    Recipe(
-        "stratum-via-socks5", _host(PROXY), _stratum("xmr", f"{POOL}:3333", "--via-socks5", f"{PROXY}:1080")
-    ),
+    Recipe("stratum-via-socks5", _host(PROXY), _stratum("xmr", f"{POOL}:3333", "--via-socks5", f"{PROXY}:1080")),
+]
+
+
+# git-push needs something to clone: run after git-clone's own empty repository is fine (a
+# clone of an empty repository is still a full SSH exchange), so the order below does not matter.
+RECIPES += [
+    Recipe(f"ssh-use-openssh-{use}-{cipher}", _host(SSH_ALLOWED), _use_openssh(use, cipher))
+    for use in SSH_USES
+    for cipher in SSH_CIPHERS
 ]
 
 
@@ -503,9 +625,7 @@ def check_expectations(name: str, path: Path) -> None:
             and ("dst_port" not in m or m["dst_port"] == k[4])
         ]  # fmt: skip
         if not hits or ("count" in f and len(hits) != f["count"]):
-            raise MakeError(
-                f"{name}: expectation {m} matches {len(hits)} flows in the capture: {sorted(flows)}"
-            )
+            raise MakeError(f"{name}: expectation {m} matches {len(hits)} flows in the capture: {sorted(flows)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,11 @@ Result = Detection | Outcome
 # Detection kinds used across the project (policy files name these).
 SSH: Final = "ssh"
 SSH_REVERSE: Final = "ssh.reverse"
+# What an SSH session is used for, from its encrypted packet sizes (detect/ssh_usage.py).
+SSH_FORWARD_REMOTE: Final = "ssh.forward.remote"  # ssh -R: tcpip-forward, server-opened channels
+SSH_FORWARD_LOCAL: Final = "ssh.forward.local"  # ssh -L / -W: direct-tcpip channels
+SSH_FORWARD_DYNAMIC: Final = "ssh.forward.dynamic"  # ssh -D (on the wire as -L: either name is right)
+SSH_FORWARD_TUN: Final = "ssh.forward.tun"  # ssh -w: tun@openssh.com channels
 MINING_STRATUM: Final = "mining.stratum"  # Stratum v1 client (mining.subscribe/authorize/...)
 MINING_ETH: Final = "mining.eth-stratum"  # EthereumStratum / eth_submitLogin / eth_getWork
 MINING_XMR: Final = "mining.xmr"  # CryptoNote / XMRig "login" JSON-RPC

@@ -71,12 +71,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from egressd.detect.base import Detection
-
-SSH_FORWARD_REMOTE: Final = "ssh.forward.remote"
-SSH_FORWARD_LOCAL: Final = "ssh.forward.local"
-SSH_FORWARD_DYNAMIC: Final = "ssh.forward.dynamic"
-SSH_FORWARD_TUN: Final = "ssh.forward.tun"
+from egressd.detect.base import SSH_FORWARD_LOCAL, SSH_FORWARD_REMOTE, SSH_FORWARD_TUN, Detection
 
 MAX_UNITS: Final = 24  # units per direction watched after authentication (the "first few dozen")
 _MAX_PRE_AUTH: Final = 24  # units per direction before USERAUTH_SUCCESS, or give up
