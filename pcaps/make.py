@@ -491,6 +491,67 @@ def _use_openssh(use: str, cipher: str) -> Callable[[Ctx], None]:
     return run
 
 
+DROPBEAR_CIPHERS: dict[str, tuple[str, ...]] = {
+    "chacha": ("-c", "chacha20-poly1305@openssh.com"),
+    "ctr": ("-c", "aes256-ctr", "-m", "hmac-sha2-256"),
+}
+
+
+def _dbclient(c: Ctx, cipher: str, *extra: str) -> list[str]:
+    """dropbear's client: -y -y accepts the throw-away host key, the key converted to its format."""
+    key = c.tmp / "client_key.dropbear"
+    if not key.exists():
+        p = subprocess.run(["dropbearconvert", "openssh", "dropbear", str(c.tmp / "client_key"), str(key)],
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+        if p.returncode != 0:
+            raise MakeError(f"dropbearconvert: {p.stderr.strip()}")
+    return ["dbclient", "-y", "-y", "-i", str(key), *DROPBEAR_CIPHERS[cipher], *extra]
+
+
+def _use_dropbear(use: str, cipher: str) -> Callable[[Ctx], None]:
+    def run(c: Ctx) -> None:
+        srv = c.tmp / "srv"
+        dest = f"root@{SSH_ALLOWED}"
+        if use in ("remote-N", "local"):
+            fwd = ["-R", "2225:127.0.0.1:22"] if use == "remote-N" else ["-L", f"9003:{SSH_ALLOWED}:{FWD_PORT}"]
+            tun = _bg(c, _dbclient(c, cipher, "-N", *fwd, dest), f"dbclient-{use}")
+            try:
+                if use == "remote-N":
+                    _wait_listening(c, "inet", 2225, timeout=10)
+                    time.sleep(1.0)
+                else:
+                    _wait_listening(c, "node", 9003, timeout=10)
+                    p = c.node(["ncat", "--recv-only", "127.0.0.1", "9003"], timeout=10)
+                    if "forwarded-ok" not in p.stdout:
+                        raise MakeError(f"nothing came through dbclient -L: {p.stdout!r} {p.stderr!r}")
+                    time.sleep(0.5)
+            finally:
+                c.lab.stop(tun)
+        elif use == "cmd":
+            p = c.node([*_dbclient(c, cipher, dest), "echo ssh-ok"])
+            if "ssh-ok" not in p.stdout:
+                raise MakeError(f"dbclient cmd: {p.stderr}")
+        elif use == "remote-cmd":
+            p = c.node([*_dbclient(c, cipher, "-R", "2226:127.0.0.1:22", dest), "sleep 1; echo ssh-ok"])
+            if "ssh-ok" not in p.stdout:
+                raise MakeError(f"dbclient -R cmd: {p.stderr}")
+        elif use == "rsync":
+            c.node(["rsync", "-a", "-e", " ".join(_dbclient(c, cipher)), f"{dest}:{srv}/file.bin",
+                    str(c.tmp / f"db-rsync-{cipher}.out")])  # fmt: skip
+        elif use == "git-clone":
+            wrapper = c.tmp / f"git-dbclient-{cipher}.sh"
+            wrapper.write_text("#!/bin/sh\nexec " + " ".join(_dbclient(c, cipher)) + ' "$@"\n')
+            wrapper.chmod(0o755)
+            c.node(["env", f"GIT_SSH={wrapper}", "GIT_SSH_VARIANT=simple", "git", "clone", "-q",
+                    f"{dest}:{srv}/repo.git", str(c.tmp / f"git-db-{cipher}")])  # fmt: skip
+        else:
+            raise MakeError(f"unknown dropbear use {use}")
+
+    return run
+
+
+DROPBEAR_USES = ("remote-N", "remote-cmd", "local", "cmd", "rsync", "git-clone")
+
 SSH_USES = (
     "remote-N", "remote-cmd", "remote-used", "local", "dynamic", "tun",
     "cmd", "shell", "scp", "scp-legacy", "sftp", "rsync", "git-clone", "git-push",
@@ -538,6 +599,11 @@ RECIPES += [
     Recipe(f"ssh-use-openssh-{use}-{cipher}", _host(SSH_ALLOWED), _use_openssh(use, cipher))
     for use in SSH_USES
     for cipher in SSH_CIPHERS
+]
+RECIPES += [
+    Recipe(f"ssh-use-dropbear-{use}-{cipher}", _host(SSH_ALLOWED), _use_dropbear(use, cipher))
+    for use in DROPBEAR_USES
+    for cipher in DROPBEAR_CIPHERS
 ]
 
 

@@ -79,6 +79,10 @@ _MAX_PLAIN: Final = 16  # plaintext packets walked per direction looking for NEW
 _BURST: Final = 0.5  # s: client units this close to the first request are one burst (keepalives are >= 1 s apart)
 
 _U32 = struct.Struct("!I")
+_COMPRESSIONS: Final = frozenset({b"none", b"zlib@openssh.com", b"zlib"})
+# zlib's per-packet flush marker and header can grow a small message (measured: dropbear's
+# tcpip-forward for "localhost", 36 bytes, travels as 40..55 under aes256-ctr).
+_ZLIB_SLACK: Final = 16
 _MSG_KEXINIT: Final = 20
 _MSG_NEWKEYS: Final = 21
 
@@ -89,7 +93,9 @@ P_KEEPALIVE: Final = 27
 P_TUN: Final = 40
 P_CONFIRM: Final = 17
 P_REPLY_MAX: Final = 5  # REQUEST_SUCCESS with the allocated port
-P_FWD_MIN, P_FWD_MAX = 27, 27 + 46  # tcpip-forward, bind address "" .. a full IPv6 text
+# tcpip-forward: bind address "" .. "255.255.255.255" ("localhost", "127.0.0.1", "0.0.0.0", "*").
+# A longer bind address (IPv6 text, a host name) is not modelled: docs/ssh-usage.md.
+P_FWD_MIN, P_FWD_MAX = 27, 27 + 15
 P_DIRECT_MIN, P_DIRECT_MAX = 45 + 1 + 3, 45 + 255 + 46  # direct-tcpip: host, originator ("::1")
 P_FORWARDED_MIN, P_FORWARDED_MAX = 48 + 1 + 3, 48 + 46 + 46  # forwarded-tcpip, server to client
 
@@ -305,7 +311,7 @@ _DONE: Final = 3
 class UsageWatch:
     """Fed every TCP payload of an SSH flow (client = originator); says what it is used for."""
 
-    __slots__ = ("_anchor", "_c", "_s", "_seq", "framings", "result", "state", "why_done")
+    __slots__ = ("_anchor", "_c", "_s", "_seq", "client", "compressed", "framings", "result", "state", "why_done")
 
     def __init__(self) -> None:
         self._c = _Dir()
@@ -315,6 +321,8 @@ class UsageWatch:
         self.state = _HANDSHAKE
         self.result: Detection | None = None
         self.framings = ""
+        self.compressed = False
+        self.client = ""  # the client's software, from its banner (which write patterns apply)
         self.why_done = ""
 
     @property
@@ -366,16 +374,27 @@ class UsageWatch:
         enc_cs, enc_sc = _negotiate(cl[2], sl[2]), _negotiate(cl[3], sl[3])
         mac_cs, mac_sc = _negotiate(cl[4], sl[4]) or b"", _negotiate(cl[5], sl[5]) or b""
         comp = (_negotiate(cl[6], sl[6]), _negotiate(cl[7], sl[7]))
-        if enc_cs is None or enc_sc is None or comp != (b"none", b"none"):
-            self._stop("compression or no common cipher")
+        if enc_cs is None or enc_sc is None or not set(comp) <= _COMPRESSIONS:
+            self._stop("no common cipher or compression")
             return False
         fc, fs = framing(enc_cs, mac_cs), framing(enc_sc, mac_sc)
         if fc is None or fs is None:
             self._stop(f"cipher {enc_cs.decode(errors='replace')} not modelled")
             return False
         self._c.fr, self._s.fr = fc, fs
+        banner = chead[: max(0, _after_banner(chead))]
+        at = banner.find(b"SSH-")
+        dash = banner.find(b"-", at + 4) if at >= 0 else -1
+        self.client = banner[dash + 1 : dash + 65].strip().decode("ascii", "replace") if dash >= 0 else ""
         self._c.start, self._s.start = c[0], s[0]
         self.framings = fc.name if fc == fs else f"{fc.name}/{fs.name}"
+        if comp != (b"none", b"none"):
+            self.compressed = True
+            # dropbear's client prefers zlib@openssh.com, which starts after authentication. A
+            # fresh deflate stream barely changes the first small requests (measured: dropbear's
+            # session open keeps its size class, its tcpip-forward grows by up to _ZLIB_SLACK),
+            # but later replies shrink once the dictionary knows them, so replies are not read.
+            self.framings += f" + {(comp[0] or b'').decode(errors='replace')}"
         return True
 
     # -- inference ------------------------------------------------------------------------
@@ -423,55 +442,9 @@ class UsageWatch:
             return None
         base = f"framing {self.framings}; USERAUTH_SUCCESS < {fs.min_wire}"
         c1 = cu[0]
-        # -- the first request after authentication, on its own --------------------------
-        if c1.single:
-            fwd = fc.fits(c1.size, P_FWD_MIN, P_FWD_MAX)
-            session = fc.fits(c1.size, P_SESSION, P_SESSION)
-            nms = fc.fits(c1.size, P_NO_MORE_SESSIONS, P_NO_MORE_SESSIONS)
-            tun = fc.fits(c1.size, P_TUN, P_TUN)
-            if fwd and not session:
-                reply = self._first_reply(su, c1, cu)
-                ev = f"{base}; > {c1.size} (payload {_rng(fc, c1.size)}: GLOBAL_REQUEST tcpip-forward)"
-                if reply is not None and reply[1] == "reply":
-                    return _det(
-                        SSH_FORWARD_REMOTE, f"{ev}, answered < {reply[0].size} (REQUEST_SUCCESS)", self.framings
-                    )
-                if reply is None and not fs.visible and not nms and not (tun and fc.visible):
-                    # Opaque lengths: the server's reply rides in a segment with its post-auth
-                    # notices, so the request's size alone decides, when nothing else fits it.
-                    return _det(SSH_FORWARD_REMOTE, f"{ev}, alone in its segment", self.framings)
-                if reply is not None and reply[1] == "confirm" and tun:
-                    return _det(
-                        SSH_FORWARD_TUN,
-                        f"{base}; > {c1.size} (CHANNEL_OPEN tun@openssh.com), confirmed < {reply[0].size}",
-                        self.framings,
-                    )
-            if fwd and session and not fc.visible and len(cu) > 1:
-                # Opaque and coarse (non-ETM MACs): a lone packet of this size is a session open,
-                # a no-more-sessions or a tcpip-forward. OpenSSH writes a session open together
-                # with no-more-sessions, and -R's request alone followed at once by the rest.
-                c2 = cu[1]
-                answered = any(c1.seq < x.seq < c2.seq for x in su)
-                nms_next = c2.single and fc.fits(c2.size, P_NO_MORE_SESSIONS, P_NO_MORE_SESSIONS)
-                pair_next = c2.size == fc.wire(P_SESSION) + fc.wire(P_NO_MORE_SESSIONS)
-                # A lone no-more-sessions could also be an exec request after a session open was
-                # answered, so it counts only unanswered; a second session open with it cannot.
-                if c2.ts - c1.ts <= _BURST and ((nms_next and not answered) or pair_next):
-                    return _det(
-                        SSH_FORWARD_REMOTE,
-                        f"{base}; > {c1.size} (payload {_rng(fc, c1.size)}: GLOBAL_REQUEST tcpip-forward) alone, "
-                        f"then > {c2.size} ({'no-more-sessions' if nms_next else 'session open + no-more-sessions'}) "
-                        "before any answer",
-                        self.framings,
-                    )
-        else:
-            combo = _split_tun_first(fc, c1.size)
-            if combo:
-                return _det(
-                    SSH_FORWARD_TUN,
-                    f"{base}; > {c1.size} = {combo} (CHANNEL_OPEN tun@openssh.com + no-more-sessions)",
-                    self.framings,
-                )
+        det = self._first_request(c1, cu, su, base)
+        if det is not None:
+            return det
         # -- channels the server opens: a remote forward in use ------------------------------
         for i, u in enumerate(su):
             if not (u.single and fs.fits(u.size, P_FORWARDED_MIN, P_FORWARDED_MAX)):
@@ -508,6 +481,99 @@ class UsageWatch:
                     f"confirmed < {rep.size}",
                     self.framings,
                 )
+        return None
+
+    def _first_request(self, c1: Unit, cu: list[Unit], su: list[Unit], base: str) -> Detection | None:
+        """The client's first write after authentication: what it asks for first.
+
+        Nothing is open yet, so every message in it is at least a session open's size: a
+        unit smaller than two of those is one packet whatever the framing."""
+        fc, fs = self._c.fr, self._s.fr
+        assert fc is not None and fs is not None
+        single = c1.single or (fc.payload_range(c1.size) is not None and c1.size < 2 * fc.wire(P_SESSION))
+        if not single:
+            return self._first_pair(c1, base)
+        fwd = fc.fits(c1.size, P_FWD_MIN, P_FWD_MAX)
+        session = fc.fits(c1.size, P_SESSION, P_SESSION)
+        nms = fc.fits(c1.size, P_NO_MORE_SESSIONS, P_NO_MORE_SESSIONS)
+        tun = fc.fits(c1.size, P_TUN, P_TUN)
+        direct = fc.fits(c1.size, P_DIRECT_MIN, P_DIRECT_MAX)
+        # Compression (zlib@openssh.com starts after authentication) shrinks the server's
+        # replies below their size class once its dictionary knows them: replies are not read.
+        reply = None if self.compressed else self._first_reply(su, c1, cu)
+        what = f"> {c1.size} (payload {_rng(fc, c1.size)}"
+        if fwd and not session:
+            ev = f"{base}; {what}: GLOBAL_REQUEST tcpip-forward)"
+            if reply is not None and reply[1] == "reply":
+                return _det(SSH_FORWARD_REMOTE, f"{ev}, answered < {reply[0].size} (REQUEST_SUCCESS)", self.framings)
+            if reply is None and not fs.visible and not nms and not (tun and fc.visible):
+                # Opaque lengths: the server's reply rides in a segment with its post-auth
+                # notices, so the request's size alone decides, when nothing else fits it.
+                return _det(SSH_FORWARD_REMOTE, f"{ev}, alone in its segment", self.framings)
+            if reply is not None and reply[1] == "confirm" and tun:
+                return _det(
+                    SSH_FORWARD_TUN, f"{base}; {what}: CHANNEL_OPEN tun@openssh.com), confirmed < {reply[0].size}",
+                    self.framings,
+                )  # fmt: skip
+        if direct and not fwd and not session and not tun and not nms:
+            # Nothing but a channel open to a destination is this large as a first request.
+            tail = f", confirmed < {reply[0].size}" if reply is not None and reply[1] == "confirm" else ""
+            if reply is None or tail:
+                return _det(
+                    SSH_FORWARD_LOCAL, f"{base}; {what}: CHANNEL_OPEN direct-tcpip, first request){tail}",
+                    self.framings,
+                )  # fmt: skip
+        if fwd and session and not fc.visible and len(cu) > 1:
+            # Opaque and coarse (non-ETM MACs): a lone packet of this size is a session open,
+            # a no-more-sessions or a tcpip-forward. OpenSSH writes a session open together
+            # with no-more-sessions, and -R's request alone followed at once by the rest.
+            c2 = cu[1]
+            answered = any(c1.seq < x.seq < c2.seq for x in su)
+            nms_next = c2.single and fc.fits(c2.size, P_NO_MORE_SESSIONS, P_NO_MORE_SESSIONS)
+            pair_next = c2.size == fc.wire(P_SESSION) + fc.wire(P_NO_MORE_SESSIONS)
+            # A lone no-more-sessions could also be an exec request after a session open was
+            # answered, so it counts only unanswered; a second session open with it cannot.
+            if c2.ts - c1.ts <= _BURST and ((nms_next and not answered) or pair_next):
+                return _det(
+                    SSH_FORWARD_REMOTE,
+                    f"{base}; {what}: GLOBAL_REQUEST tcpip-forward) alone, then > {c2.size} "
+                    f"({'no-more-sessions' if nms_next else 'session open + no-more-sessions'}) before any answer",
+                    self.framings,
+                )
+        return None
+
+    def _first_pair(self, c1: Unit, base: str) -> Detection | None:
+        """A first write of two packets: tun open + no-more-sessions (OpenSSH ``-w``), or a
+        session open + tcpip-forward (dropbear ``-R`` with a command).
+
+        The two can have the same total (non-ETM MACs, compression); the client's software
+        (its plaintext banner) says which write pattern applies: dbclient has no ``-w``, and
+        OpenSSH always sends its tcpip-forward requests on their own."""
+        fc = self._c.fr
+        assert fc is not None
+        dropbear = self.client.startswith("dropbear")
+        combo = _split_tun_first(fc, c1.size)
+        if combo and not dropbear:
+            return _det(
+                SSH_FORWARD_TUN, f"{base}; > {c1.size} = {combo} (CHANNEL_OPEN tun@openssh.com + no-more-sessions)",
+                self.framings,
+            )  # fmt: skip
+        if self.client.startswith("OpenSSH"):
+            return None
+        rest = c1.size - fc.wire(P_SESSION)
+        slack = _ZLIB_SLACK if self.compressed else 0
+        if (
+            fc.payload_range(rest) is not None
+            and rest < 2 * fc.wire(P_SESSION)
+            and fc.fits(rest, P_FWD_MIN, P_FWD_MAX + slack)
+            and not fc.fits(rest, P_SESSION, P_NO_MORE_SESSIONS)
+        ):
+            return _det(
+                SSH_FORWARD_REMOTE,
+                f"{base}; > {c1.size} = {fc.wire(P_SESSION)}+{rest} (CHANNEL_OPEN session + GLOBAL_REQUEST "
+                f"tcpip-forward, payload {_rng(fc, rest)}; client {self.client})",
+                self.framings,
+            )
         return None
 
     def _first_reply(self, su: list[Unit], req: Unit, cu: list[Unit]) -> tuple[Unit, str] | None:
