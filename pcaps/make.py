@@ -552,6 +552,26 @@ def _use_dropbear(use: str, cipher: str) -> Callable[[Ctx], None]:
 
 DROPBEAR_USES = ("remote-N", "remote-cmd", "local", "cmd", "rsync", "git-clone")
 
+PY_CLIENTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # client: (uses, ciphers) - pcaps/sshclients.py says what each does
+    "paramiko": (("cmd", "remote-N", "local", "sftp"), ("ctr", "ctr-etm", "gcm")),
+    "asyncssh": (("cmd", "remote-N", "local", "sftp"), ("chacha", "gcm", "ctr-etm", "ctr")),
+    "sshtunnel": (("local",), ("ctr",)),
+}
+_PY_PROOF = {"cmd": "ssh-ok", "remote-N": "remote forward on", "local": "forwarded-ok", "sftp": "sftp 4096 bytes"}
+
+
+def _use_python(client: str, use: str, cipher: str) -> Callable[[Ctx], None]:
+    def run(c: Ctx) -> None:
+        argv = [PY, str(HERE / "sshclients.py"), client, use, cipher, "--host", SSH_ALLOWED,
+                "--key", str(c.tmp / "client_key"), "--srv", str(c.tmp / "srv")]  # fmt: skip
+        p = c.node(argv, timeout=30)
+        if _PY_PROOF[use] not in p.stdout:
+            raise MakeError(f"{client} {use} {cipher}: {p.stdout!r} {p.stderr[-500:]!r}")
+
+    return run
+
+
 SSH_USES = (
     "remote-N", "remote-cmd", "remote-used", "local", "dynamic", "tun",
     "cmd", "shell", "scp", "scp-legacy", "sftp", "rsync", "git-clone", "git-push",
@@ -599,6 +619,12 @@ RECIPES += [
     Recipe(f"ssh-use-openssh-{use}-{cipher}", _host(SSH_ALLOWED), _use_openssh(use, cipher))
     for use in SSH_USES
     for cipher in SSH_CIPHERS
+]
+RECIPES += [
+    Recipe(f"ssh-use-{client}-{use}-{cipher}", _host(SSH_ALLOWED), _use_python(client, use, cipher))
+    for client, (uses, ciphers) in PY_CLIENTS.items()
+    for use in uses
+    for cipher in ciphers
 ]
 RECIPES += [
     Recipe(f"ssh-use-dropbear-{use}-{cipher}", _host(SSH_ALLOWED), _use_dropbear(use, cipher))

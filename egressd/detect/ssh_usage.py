@@ -436,7 +436,9 @@ class UsageWatch:
         fc, fs = c.fr, s.fr
         assert fc is not None and fs is not None
         after = self._anchor
-        cu = [u for u in c.units if u.seq > after][:MAX_UNITS]
+        # Client packets too small to be any request or channel open (asyncssh answers with
+        # some after authentication) say nothing about what the session is for.
+        cu = [u for u in c.units if u.seq > after and not _too_small(fc, u)][:MAX_UNITS]
         su = [u for u in s.units if u.seq > after][:MAX_UNITS]
         if not cu:
             return None
@@ -502,10 +504,13 @@ class UsageWatch:
         # replies below their size class once its dictionary knows them: replies are not read.
         reply = None if self.compressed else self._first_reply(su, c1, cu)
         what = f"> {c1.size} (payload {_rng(fc, c1.size)}"
+        if fwd and reply is not None and reply[1] == "reply":
+            # A channel open is answered by a confirmation or a failure (payload >= 17), and
+            # no-more-sessions is not answered: a tiny answer means a global request.
+            ev = f"{base}; {what}: GLOBAL_REQUEST tcpip-forward)"
+            return _det(SSH_FORWARD_REMOTE, f"{ev}, answered < {reply[0].size} (REQUEST_SUCCESS)", self.framings)
         if fwd and not session:
             ev = f"{base}; {what}: GLOBAL_REQUEST tcpip-forward)"
-            if reply is not None and reply[1] == "reply":
-                return _det(SSH_FORWARD_REMOTE, f"{ev}, answered < {reply[0].size} (REQUEST_SUCCESS)", self.framings)
             if reply is None and not fs.visible and not nms and not (tun and fc.visible):
                 # Opaque lengths: the server's reply rides in a segment with its post-auth
                 # notices, so the request's size alone decides, when nothing else fits it.
@@ -587,6 +592,7 @@ class UsageWatch:
         size of no-more-sessions (which is never answered)."""
         fs, fc = self._s.fr, self._c.fr
         assert fs is not None and fc is not None
+        skipped = False
         for u in su:
             if u.seq <= req.seq:
                 continue
@@ -594,11 +600,16 @@ class UsageWatch:
             if any(x.ts - req.ts > _BURST for x in between):
                 return None
             if not u.single:
-                if fs.visible:
-                    continue
-                return None  # opaque and coalesced: cannot tell what is inside
+                # Opaque and coalesced (the server's post-auth notices): what is inside is
+                # unknown, so only a tiny packet after it, with nothing sent meanwhile, counts.
+                skipped = True
+                continue
             if u.size == fs.min_wire or (fs.fits(u.size, 0, P_REPLY_MAX) and not fs.fits(u.size, P_CONFIRM, P_CONFIRM)):
+                if skipped and between:
+                    return None  # could answer a request sent after a confirmation we did not see
                 return u, "reply"
+            if skipped:
+                return None
             if fs.fits(u.size, P_CONFIRM, P_CONFIRM):
                 only_nms = all(x.single and fc.fits(x.size, P_NO_MORE_SESSIONS, P_NO_MORE_SESSIONS) for x in between)
                 return (u, "confirm") if only_nms else None
@@ -624,6 +635,11 @@ def _split_tun_first(fr: Framing, size: int) -> str:
     if size != t + n or size == fr.wire(P_SESSION) + n:
         return ""
     return f"{t}+{n}"
+
+
+def _too_small(fr: Framing, u: Unit) -> bool:
+    r = fr.payload_range(u.size)
+    return u.single and r is not None and r[1] < P_SESSION
 
 
 def _odd_after_nms(fr: Framing, c1: Unit, u: Unit) -> bool:
