@@ -400,7 +400,7 @@ class Engine:
             # (a harmless first lookup must not open the way for a pool's name).
             if ended or fwd.full or fwd.closed:
                 return self._pin_accept(flow, ts, "classified")
-        elif (not flow.active_detectors or ended) and not _watching(flow):
+        elif (not flow.active_detectors or ended) and not (_watching(flow) and not (fwd.closed and rev.closed)):
             return self._pin_accept(flow, ts, "classified")
         return None
 

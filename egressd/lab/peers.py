@@ -204,6 +204,7 @@ def write_sshd_config(
         "StrictModes no",
         "UseDNS no",
         "AllowTcpForwarding yes",
+        "Subsystem sftp internal-sftp",  # scp's default mode since OpenSSH 9.0, and sftp
         f"GatewayPorts {'yes' if gateway_ports else 'no'}",
         "PrintMotd no",
         "PrintLastLog no",
