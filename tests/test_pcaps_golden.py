@@ -19,8 +19,6 @@ PCAPS = sorted((Path(__file__).resolve().parents[1] / "pcaps").glob("*.pcap"))
 # (docs/ssh-usage.md, "Limits"). strict: the day one passes, this list must shrink.
 _NON_ETM = "aes-ctr with a non-ETM MAC: lengths encrypted and coarse, the first request is ambiguous"
 KNOWN_MISSES = {
-    "ssh-use-openssh-local-ctr": _NON_ETM,
-    "ssh-use-openssh-dynamic-ctr": _NON_ETM,
     "ssh-use-asyncssh-remote-N-ctr": _NON_ETM,
 }
 

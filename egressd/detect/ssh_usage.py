@@ -471,8 +471,12 @@ class UsageWatch:
                 continue
             if fc.fits(u.size, 0, P_FWD_MAX) and i == 0:
                 continue  # could be the forward request above
-            if self._session_seen(cu, su, u.seq):
-                break  # from here on, channel requests of the session look alike
+            if self._session_seen(cu, su, u.seq) and not (i == 1 and self._maybe_nms(c1)):
+                # From here on, channel requests of the session look alike. Unless the only
+                # "session" is a first packet that may as well be a no-more-sessions (non-ETM
+                # MACs): a channel request would be answered by CHANNEL_SUCCESS (tiny), only an
+                # open by a confirmation.
+                break
             rep = next((x for x in su if x.seq > u.seq), None)
             if rep is None or not rep.single:
                 continue
@@ -533,7 +537,8 @@ class UsageWatch:
             # a no-more-sessions or a tcpip-forward. OpenSSH writes a session open together
             # with no-more-sessions, and -R's request alone followed at once by the rest.
             c2 = cu[1]
-            answered = any(c1.seq < x.seq < c2.seq for x in su)
+            floor = self._answer_floor()
+            answered = any(c1.seq < x.seq < c2.seq and x.ts - c1.ts >= floor / 2 for x in su)
             nms_next = c2.single and fc.fits(c2.size, P_NO_MORE_SESSIONS, P_NO_MORE_SESSIONS)
             pair_next = c2.size == fc.wire(P_SESSION) + fc.wire(P_NO_MORE_SESSIONS)
             # A lone no-more-sessions could also be an exec request after a session open was
@@ -593,12 +598,15 @@ class UsageWatch:
         fs, fc = self._s.fr, self._c.fr
         assert fs is not None and fc is not None
         skipped = False
+        floor = self._answer_floor()
         for u in su:
             if u.seq <= req.seq:
                 continue
             between = [x for x in cu if req.seq < x.seq < u.seq]
             if any(x.ts - req.ts > _BURST for x in between):
                 return None
+            if not u.single and u.ts - req.ts < floor / 2:
+                continue  # sent before the request can have arrived: the server's own notices
             if not u.single:
                 # Opaque and coalesced (the server's post-auth notices): what is inside is
                 # unknown, so only a tiny packet after it, with nothing sent meanwhile, counts.
@@ -614,6 +622,31 @@ class UsageWatch:
                 only_nms = all(x.single and fc.fits(x.size, P_NO_MORE_SESSIONS, P_NO_MORE_SESSIONS) for x in between)
                 return (u, "confirm") if only_nms else None
         return None
+
+    def _answer_floor(self) -> float:
+        """The quickest the server answered the client during authentication (request to
+        next server packet): a server segment arriving sooner than half of that after a
+        request was on its way before the request arrived, so it answers nothing of it.
+        0 (no segment is excused) when no exchange was seen."""
+        c, s = self._c.units, self._s.units
+        best = -1.0
+        for su in s:
+            if su.seq >= self._anchor:
+                break
+            prev_c = [x for x in c if x.seq < su.seq]
+            prev_s = [x for x in s if x.seq < su.seq]
+            if prev_c and (not prev_s or prev_c[-1].seq > prev_s[-1].seq):
+                d = su.ts - prev_c[-1].ts
+                if d >= 0 and (best < 0 or d < best):
+                    best = d
+        return max(best, 0.0)
+
+    def _maybe_nms(self, c1: Unit) -> bool:
+        """The first request is one packet that may be a no-more-sessions (``ssh -N``)."""
+        fc = self._c.fr
+        assert fc is not None
+        single = c1.single or (fc.payload_range(c1.size) is not None and c1.size < 2 * fc.wire(P_SESSION))
+        return single and fc.fits(c1.size, P_NO_MORE_SESSIONS, P_NO_MORE_SESSIONS)
 
     def _session_seen(self, cu: list[Unit], su: list[Unit], before: int) -> bool:
         """Has the client opened a session (a unit the size of CHANNEL_OPEN session, or more
