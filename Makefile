@@ -33,20 +33,20 @@ $(STAMP)/apt:
 	@touch $@
 
 venv: $(STAMP)/venv
-$(STAMP)/venv: pyproject.toml $(STAMP)/apt
+$(STAMP)/venv: pyproject.toml lab/pyproject.toml $(STAMP)/apt
 	@mkdir -p $(STAMP)
 	/usr/bin/python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -e ./lab
 	@touch $@
 
 run demo: setup
-	$(VENV)/bin/egressd demo
+	$(PY) -m egressd_lab.demo
 
 lint: venv
-	$(VENV)/bin/ruff check egressd tests bench pcaps
+	$(VENV)/bin/ruff check egressd tests bench pcaps lab
 	$(VENV)/bin/ruff format --check egressd
-	$(VENV)/bin/mypy --strict egressd
+	$(VENV)/bin/mypy --strict egressd lab/egressd_lab
 
 test: setup lint
 	$(VENV)/bin/pytest -q -rs

@@ -33,11 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-
-from test_adversarial_harness import (  # noqa: E402
+from egressd_lab import peers
+from egressd_lab.harness import (
     BULK_V4,
     FLOOD,
     HOLD_SERVER,
@@ -48,13 +45,10 @@ from test_adversarial_harness import (  # noqa: E402
     rss_kb,
     spawn_inet_py,
     spawn_node_py,
-    start_daemon,
     stratum,
     write_policy,
 )
-from test_adversarial_load import MAX_FLOWS, run_queue_overflow, run_reload_storm  # noqa: E402
-
-from egressd.lab import peers  # noqa: E402
+from egressd_lab.load import MAX_FLOWS, run_queue_overflow, run_reload_storm
 
 PREFIX = f"egadvb{os.getpid() % 100000}"  # never a test run's lab: the bench may run beside them
 
@@ -76,7 +70,7 @@ def bench_flood(seconds: float, on_overload: str) -> None:
         spawn_inet_py(lb, HOLD_SERVER, BULK_V4, "8080", str(seconds + 30))
         peers.wait_listening(lb, "inet", [(BULK_V4, 8080)])
         pol = write_policy(tmp, top={"on_overload": on_overload}, settings={"max_flows": MAX_FLOWS})
-        d = start_daemon(lb, tmp, pol)
+        d = peers.start_egressd(lb, tmp, pol)
         time.sleep(1.2)
         rows: list[list[Any]] = []
         t0 = time.monotonic()

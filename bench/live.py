@@ -9,7 +9,7 @@ spread. Each "with" round gets a freshly started daemon (``egressd run`` on
 rules/default.yaml, stopped with SIGTERM, which removes its rules), so rounds do not inherit
 each other's flow table or conntrack marks.
 
-What is measured (the lab: egressd.lab.netns, a "node" and an "inet" namespace on
+What is measured (the lab: egressd_lab.netns, a "node" and an "inet" namespace on
 documentation addresses; every load is generated in the node towards 203.0.113.60):
 
 1. bulk TCP: one iperf3 stream node -> inet. Also how many packets Python judged against
@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from egressd.lab.netns import Lab
+    from egressd_lab.netns import Lab
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -904,8 +904,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown --only item(s): {', '.join(sorted(unknown))}")
 
-    sys.path.insert(0, str(ROOT))
-    from egressd.lab.netns import have_netns, lab
+    from egressd_lab.netns import have_netns, lab
 
     if not have_netns():
         print("bench/live.py needs root and the ip tool (network namespaces)", file=sys.stderr)

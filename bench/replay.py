@@ -26,13 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from egressd.paths import default_policy
 from egressd.pcapio import Reader
 from egressd.policy import load_policy
 from egressd.replay import replay
-from tests.corpus_eval import corpus_dir
+from egressd_lab.corpus import corpus_dir
 
 
 def time_egressd(files: list[Path]) -> float:

@@ -1,4 +1,4 @@
-"""The live-traffic subcommands: ``run``, ``rules``, ``status``, ``demo``.
+"""The live-traffic subcommands: ``run``, ``rules``, ``status`` (and ``demo``, which only says where the demo went).
 
 Kept apart from cli.py so that ``egressd test`` and ``egressd validate`` (which security teams
 run in CI, often without root or netfilterqueue) never import the daemon's dependencies.
@@ -66,16 +66,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     d = sub.add_parser(
         "demo",
-        help="the daemon on the shipped default policy in throw-away namespaces, with real traffic",
+        help="not in the installed product: run `make run` from a source checkout",
         description=(
-            "Creates a 'node' and an 'internet' network namespace on documentation addresses, starts "
-            "`egressd run` in the node, drives real traffic through it (ssh -R to a real sshd, a Stratum "
-            "handshake, HTTPS, DNS, a bulk transfer) and shows what egressd did and why. The host's own "
-            "traffic is never touched. Needs root."
+            "The demo needs the development lab (namespaces, real peers, a Stratum miner client), "
+            "which a production node does not install; run `make run` from a source checkout."
         ),
     )
-    d.add_argument("--policy", metavar="FILE", help="policy for the demo (default: the shipped default)")
-    d.add_argument("--keep", action="store_true", help="leave the namespaces up after the demo (for poking around)")
     d.set_defaults(handler=cmd_demo)
 
 
@@ -156,6 +152,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from egressd.demo import run_demo
-
-    return int(run_demo(args.policy, keep=args.keep))
+    """The demo left the wheel with the lab (a node must not carry a miner client); say where it went."""
+    print(
+        "egressd demo: the demo is not part of the installed egressd (its lab includes a Stratum miner "
+        "client that production nodes must not carry); run `make run` from a source checkout",
+        file=sys.stderr,
+    )
+    return 2

@@ -3,9 +3,10 @@
 Why a script and not hand-made packets: ``egressd test`` is only worth something if the
 captures it is checked against are what OpenSSH, curl, dig and a miner's wire protocol
 really put on a link. Every capture here is made the same way: one lab (two network
-namespaces on documentation addresses, see ``egressd/lab/netns.py``), the peers started in
-the "inet" namespace, tcpdump on the node's veth limited to the peers of that capture, the
-client run in the node namespace, tcpdump stopped, the file checked and moved into place.
+namespaces on documentation addresses, see ``lab/egressd_lab/netns.py``), the peers of
+``egressd_lab.peers`` started in the "inet" namespace, tcpdump on the node's veth limited to
+the peers of that capture, the client run in the node namespace, tcpdump stopped, the file
+checked and moved into place.
 
 Run it as root through ``pcaps/make.sh`` (all captures) or ``make.sh NAME...``. It is
 idempotent (a capture is replaced only when it was made and checked successfully),
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import os
 import select
 import shutil
@@ -38,15 +38,12 @@ from typing import Any
 
 import yaml
 
+from egressd.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN, Packet, decode
+from egressd.pcapio import Reader
+from egressd_lab import peers
+from egressd_lab.netns import NODE_V4, SERVICES, Lab, lab
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-
-from egressd.lab.netns import NODE_V4, SERVICES, Lab, lab  # noqa: E402
-from egressd.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN, Packet, decode  # noqa: E402
-from egressd.pcapio import Reader  # noqa: E402
-
-PY = sys.executable
 SSH_ALLOWED = SERVICES["ssh_allowed"][0]
 SSH_EVIL = SERVICES["ssh_evil"][0]
 POOL, POOL6 = SERVICES["pool"]
@@ -57,19 +54,11 @@ DNS = SERVICES["dns"][0]
 BULK = SERVICES["bulk"][0]
 BULK_BYTES = 256 * 1024
 FWD_PORT = 8080  # on SSH_ALLOWED: what ssh -L / -D captures connect to through the tunnel
+PY = sys.executable
 APT_PACKAGES = (
     "tcpdump openssh-client openssh-server openssl curl bind9-dnsutils dnsmasq-base ncat microsocks iproute2 "
     "git rsync dropbear-bin"
 )
-
-# Names the lab's resolver answers; the pool names are real pool domains (policy lists name them).
-DNS_NAMES = {
-    "tls.example.net": [TLS],
-    "pool.example.net": [POOL],
-    "xmr.nanopool.org": [POOL, POOL6],
-    "xmr-eu1.nanopool.org": [TLS_POOL],
-}
-
 
 class MakeError(RuntimeError):
     """A step of a capture failed; the message says which program and what it printed."""
@@ -81,38 +70,35 @@ def log(msg: str) -> None:
 
 @dataclass
 class Ctx:
-    """What a capture recipe may use: the lab and the generated keys/certificates."""
+    """What a capture recipe may use: the lab, the SSH keys and the node's own sshd."""
 
     lab: Lab
     tmp: Path
     files: contextlib.ExitStack
+    keys: peers.SshKeys
+    node_sshd: peers.Sshd
 
     def logfile(self, name: str) -> Any:
-        """A file in the temp dir for a peer's output (read it when a step fails)."""
+        """A file in the temp dir for a client's output (read it when a step fails)."""
         return self.files.enter_context(open(self.tmp / name, "wb"))
 
     # -- clients ------------------------------------------------------------------------------
-    def ssh_argv(self, host: str, *extra: str) -> list[str]:
-        return [
-            "ssh", "-F", "/dev/null", "-i", str(self.tmp / "client_key"), "-o", "IdentitiesOnly=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-            "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR", *extra, f"root@{host}",
-        ]  # fmt: skip
+    def ssh_argv(self, host: str, *options: str, port: int = 22) -> list[str]:
+        return peers.ssh_argv(self.keys, host, options=options, port=port)
 
-    def node(self, argv: list[str], timeout: float = 20.0, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    def node(
+        self, argv: list[str], timeout: float = 20.0, ok: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         p = self.lab.run_node(argv, timeout=timeout)
         if ok and p.returncode != 0:
-            raise MakeError(f"{' '.join(argv)} -> exit {p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}")
+            raise MakeError(
+                f"{' '.join(argv)} -> exit {p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}"
+            )
         return p
 
     def stratum_client(self, target: str, variant: str, *extra: str) -> dict[str, Any]:
-        argv = [PY, "-m", "egressd.lab.stratum", "client", "--connect", target, "--variant", variant]
-        p = self.node([*argv, "--timeout", "8", *extra], timeout=20, ok=False)
-        try:
-            rep: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError) as e:
-            raise MakeError(f"stratum client printed no report: {p.stdout!r} {p.stderr!r}") from e
-        if p.returncode != 0 or not rep.get("handshake_complete"):
+        rc, rep = peers.stratum_client(self.lab, target, variant, *extra, timeout=8)
+        if rc != 0 or not rep.get("handshake_complete"):
             raise MakeError(f"stratum client {variant} -> {target} did not complete: {rep}")
         return rep
 
@@ -125,20 +111,17 @@ class Ctx:
 
     # -- servers ------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def pool(self, variant: str, listen: str) -> Iterator[Path]:
-        plog = self.tmp / f"pool-{variant}-{time.monotonic_ns()}.log"
-        argv = [PY, "-m", "egressd.lab.stratum", "pool", "--listen", listen, "--variant", variant]
-        p = self.lab.spawn("inet", [*argv, "--log", str(plog), "--lifetime", "120"], stdout=subprocess.PIPE)
+    def pool(self, variant: str, addr: str, port: int) -> Iterator[peers.Pool]:
+        p = peers.start_pool(self.lab, self.tmp, variant, addr, port, lifetime=120)
         try:
-            _wait_line(p, "listening", 10.0, stream="stdout")
-            yield plog
+            yield p
         finally:
-            self.lab.stop(p)
+            self.lab.stop(p.proc)
 
 
-def _wait_line(p: subprocess.Popen[bytes], needle: str, timeout: float, stream: str = "stderr") -> str:
-    """Read ``p``'s stdout/stderr until a line contains ``needle``; bounded by ``timeout``."""
-    f = p.stdout if stream == "stdout" else p.stderr
+def _wait_line(p: subprocess.Popen[bytes], needle: str, timeout: float) -> str:
+    """Read ``p``'s stderr until a line contains ``needle`` (tcpdump's "listening on"); bounded."""
+    f = p.stderr
     assert f is not None
     deadline = time.monotonic() + timeout
     seen = b""
@@ -155,133 +138,45 @@ def _wait_line(p: subprocess.Popen[bytes], needle: str, timeout: float, stream: 
     raise MakeError(f"{p.args!r}: no {needle!r} within {timeout} s; it printed {seen[-500:]!r}")
 
 
-def _wait_listening(c: Ctx, ns: str, port: int, timeout: float = 5.0, addr: str = "") -> None:
-    run = c.lab.run_node if ns == "node" else c.lab.run_inet
-    deadline = time.monotonic() + timeout
-    filt = f"sport = :{port}" + (f" and src {addr}" if addr else "")
-    while time.monotonic() < deadline:
-        if run(["ss", "-Hltn", filt], timeout=5).stdout.strip():
-            return
-        time.sleep(0.05)
-    raise MakeError(f"nothing listens on TCP port {port} in the {ns} namespace after {timeout} s")
+def _wait_listening(c: Ctx, ns: str, port: int, timeout: float = 5.0, addr: str | None = None) -> None:
+    try:
+        peers.wait_listening(c.lab, ns, [(addr, port)], timeout=timeout)
+    except peers.PeerError as e:
+        raise MakeError(str(e)) from e
 
 
 # =================================================================================================
-# Materials and long-running peers
+# The peers: egressd_lab.peers, as the demo and the end-to-end tests start them
 # =================================================================================================
-def make_materials(tmp: Path) -> None:
-    def run(argv: list[str]) -> None:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-        if p.returncode != 0:
-            raise MakeError(f"{' '.join(argv)} -> {p.stderr.strip()}")
-
-    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "egressd-lab-host", "-f", str(tmp / "host_key")])
-    run(
-        [
-            "ssh-keygen",
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            "egressd-lab-client",
-            "-f",
-            str(tmp / "client_key"),
-        ]
-    )
-    shutil.copy(tmp / "client_key.pub", tmp / "authorized_keys")
-    sans = ",".join(f"DNS:{n}" for n in ("tls.example.net", "xmr-eu1.nanopool.org", "bulk.example.net"))
-    run([
-        "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-days", "3650", "-subj", "/CN=tls.example.net", "-addext", f"subjectAltName={sans}",
-        "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem"),
-    ])  # fmt: skip
-    www = tmp / "www"
-    www.mkdir()
-    # Deterministic, incompressible payload for the bulk download.
-    blob = bytearray()
-    seed = b"egressd-bulk"
-    while len(blob) < BULK_BYTES:
-        seed = hashlib.sha256(seed).digest()
-        blob += seed
-    (www / "blob.bin").write_bytes(bytes(blob[:BULK_BYTES]))
-
-
-def sshd_config(tmp: Path, name: str, listen: list[str]) -> Path:
-    cfg = tmp / f"sshd_{name}.conf"
-    lines = [f"ListenAddress {a}" for a in listen] + [
-        f"HostKey {tmp / 'host_key'}",
-        f"AuthorizedKeysFile {tmp / 'authorized_keys'}",
-        "PidFile none",
-        "PermitRootLogin prohibit-password",
-        "PubkeyAuthentication yes",
-        "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no",
-        "UsePAM no",
-        "StrictModes no",
-        "UseDNS no",
-        "AllowTcpForwarding yes",
-        "PermitTunnel yes",
-        "Subsystem sftp internal-sftp",
-        "GatewayPorts no",
-        "PrintMotd no",
-        "LogLevel VERBOSE",
-    ]
-    cfg.write_text("\n".join(lines) + "\n")
-    return cfg
-
-
-def start_peers(c: Ctx) -> None:
+def start_peers(lb: Lab, tmp: Path, files: contextlib.ExitStack) -> Ctx:
     """The peers every capture may use; the lab stops them all when it closes."""
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
-    t = c.tmp
-    inet_sshd = sshd_config(t, "inet", [f"{SSH_EVIL}:22", f"{SSH_EVIL}:443", f"{SSH_ALLOWED}:22"])
-    node_sshd = sshd_config(t, "node", ["127.0.0.1:22"])  # what a reverse tunnel leads back to
-    for ns, cfg in (("inet", inet_sshd), ("node", node_sshd)):
-        c.lab.spawn(ns, ["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)], stderr=c.logfile(f"sshd-{ns}.log"))
-    dns_args = [f"--address=/{n}/{a}" for n, addrs in DNS_NAMES.items() for a in addrs]
-    c.lab.spawn(
-        "inet",
-        ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces",
-         f"--listen-address={DNS}", "--port=53", "--user=root", "--pid-file=", "--log-queries",
-         "--log-facility=-", *dns_args],
-        stdout=c.logfile("dnsmasq.log"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    c.lab.spawn(
-        "inet",
-        ["ncat", "-l", PROXY, "3128", "--proxy-type", "http", "--keep-open"],
-        stdout=subprocess.DEVNULL, stderr=c.logfile("ncat.log"),
-    )  # fmt: skip
-    c.lab.spawn(
-        "inet",
-        ["microsocks", "-i", PROXY, "-p", "1080"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for addr in (TLS, TLS_POOL, BULK):
-        c.lab.spawn(
-            "inet",
-            ["openssl", "s_server", "-accept", f"{addr}:443", "-cert", str(t / "cert.pem"), "-key",
-             str(t / "key.pem"), "-WWW" if addr == BULK else "-www", "-quiet"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=c.logfile(f"s_server-{addr}.log"),
-            cwd=str(t / "www"),
-        )  # fmt: skip
+    keys = peers.make_ssh_keys(tmp)
+    cert = peers.make_cert(tmp, ["tls.example.net", "xmr-eu1.nanopool.org", "bulk.example.net"])
+    www = peers.make_bulk_file(tmp / "www", BULK_BYTES, seed=b"egressd-bulk").path.parent
+    peers.start_sshd(lb, tmp, keys, [(SSH_EVIL, 22), (SSH_EVIL, 443), (SSH_ALLOWED, 22)], name="sshd-inet")
+    # What a reverse tunnel leads back to, and what the role-inversion capture serves with ``sshd -i``.
+    node_sshd = peers.start_sshd(lb, tmp, keys, [("127.0.0.1", 22)], ns="node", name="sshd-node")
+    peers.start_dnsmasq(lb, tmp, peers.lab_dns_names(), [DNS])
+    peers.start_http_proxy(lb, tmp, PROXY, 3128)
+    peers.start_socks_proxy(lb, tmp, PROXY, 1080)
+    for addr in (TLS, TLS_POOL):
+        peers.start_tls_server(lb, tmp, cert, addr)
+    peers.start_tls_server(lb, tmp, cert, BULK, www=www)
     # What the SSH usage captures reach through their forwards, copy and clone.
-    c.lab.spawn(
+    lb.spawn(
         "inet", ["ncat", "-lk", SSH_ALLOWED, str(FWD_PORT), "--sh-exec", "echo forwarded-ok"],
-        stdout=subprocess.DEVNULL, stderr=c.logfile("ncat-fwd.log"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    srv = t / "srv"
+    srv = tmp / "srv"
     srv.mkdir(exist_ok=True)
     (srv / "file.bin").write_bytes(hashlib.sha256(b"egressd-scp").digest() * 128)  # 4 KiB
     subprocess.run(["git", "init", "-q", "--bare", str(srv / "repo.git")], check=True, timeout=30)
-    for port in (22, 443, 53, 3128, 1080, FWD_PORT):
-        _wait_listening(c, "inet", port)
-    _wait_listening(c, "node", 22)
+    peers.wait_listening(lb, "inet", [(SSH_ALLOWED, FWD_PORT)])
+    return Ctx(lb, tmp, files, keys, node_sshd)
 
 
 # =================================================================================================
+# Capture recipes# =================================================================================================
 # Capture recipes: each drives real programs once; the filter keeps only the peers involved.
 # =================================================================================================
 @dataclass(frozen=True)
@@ -302,7 +197,7 @@ def _ssh_reverse(host: str) -> Callable[[Ctx], None]:
         try:
             _wait_listening(c, "inet", 2222, timeout=10)
             # Someone on the far side uses the tunnel: an SSH session back into the node.
-            argv = [*c.ssh_argv("127.0.0.1", "-p", "2222"), "echo reverse-ok"]
+            argv = [*c.ssh_argv("127.0.0.1", port=2222), "echo reverse-ok"]
             p = c.lab.run_inet(argv, timeout=20)
             if "reverse-ok" not in p.stdout:
                 raise MakeError(f"ssh back through the reverse tunnel failed: {p.stderr.strip()}")
@@ -324,18 +219,20 @@ def _ssh_role_inversion(c: Ctx) -> None:
     )  # fmt: skip
     try:
         _wait_listening(c, "inet", 443, timeout=10, addr=SSH_ALLOWED)
-        sshd_i = f"/usr/sbin/sshd -i -f {c.tmp / 'sshd_node.conf'}"
+        sshd_i = " ".join(c.node_sshd.inetd_argv())
         c.node(["ncat", "--sh-exec", sshd_i, SSH_ALLOWED, "443"], timeout=20)
         listener.wait(10)
         if "reverse-ok" not in out.read_text():
-            raise MakeError(f"the inverted SSH session did not run: {(c.tmp / 'inverted-ssh.err').read_text()}")
+            raise MakeError(
+                f"the inverted SSH session did not run: {(c.tmp / 'inverted-ssh.err').read_text()}"
+            )
     finally:
         c.lab.stop(listener)
 
 
-def _ssh_cmd(host: str, *extra: str) -> Callable[[Ctx], None]:
+def _ssh_cmd(host: str, *options: str, port: int = 22) -> Callable[[Ctx], None]:
     def run(c: Ctx) -> None:
-        p = c.node([*c.ssh_argv(host, *extra), "echo ssh-ok"])
+        p = c.node([*c.ssh_argv(host, *options, port=port), "echo ssh-ok"])
         if "ssh-ok" not in p.stdout:
             raise MakeError(f"ssh {host}: {p.stderr}")
 
@@ -350,7 +247,7 @@ def _ssh_via_connect(c: Ctx) -> None:
 def _curl(name: str, addr: str, path: str = "/", expect_bytes: int = 0) -> Callable[[Ctx], None]:
     def run(c: Ctx) -> None:
         argv = [
-            "curl", "-sS", "--noproxy", "*", "--max-time", "15", "--cacert", str(c.tmp / "cert.pem"),
+            "curl", "-sS", "--noproxy", "*", "--max-time", "15", "--cacert", str(c.tmp / "tls.crt"),
             "--resolve", f"{name}:443:{addr}", f"https://{name}{path}", "-o", "/dev/null",
             "-w", "%{http_code} %{size_download}",
         ]  # fmt: skip
@@ -372,16 +269,16 @@ def _dns_then_stratum(c: Ctx) -> None:
     out = c.dig("xmr.nanopool.org", "A", 40010)
     if POOL not in out:
         raise MakeError(f"xmr.nanopool.org did not resolve to {POOL}: {out}")
-    with c.pool("xmr", f"{POOL}:14444"):
+    with c.pool("xmr", POOL, 14444):
         c.stratum_client(f"{POOL}:14444", "xmr")
 
 
-def _stratum(variant: str, listen: str, *extra: str, connect: str = "") -> Callable[[Ctx], None]:
+def _stratum(variant: str, addr: str, port: int, *extra: str) -> Callable[[Ctx], None]:
     def run(c: Ctx) -> None:
-        with c.pool(variant if variant != "gbt" else "getwork", listen) as plog:
-            c.stratum_client(connect or listen, variant, *extra)
-            got = [json.loads(x) for x in plog.read_text().splitlines()]
-            if not any(e["event"] == "request" for e in got):
+        with c.pool(variant if variant != "gbt" else "getwork", addr, port) as pool:
+            c.stratum_client(peers.hostport(addr, port), variant, *extra)
+            got = pool.events()
+            if not pool.requests():
                 raise MakeError(f"the {variant} pool logged no request: {got}")
 
     return run
@@ -396,9 +293,10 @@ SSH_CIPHERS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _opts(c: Ctx, cipher: str) -> list[str]:
-    """ssh_argv's options without the destination, for scp/sftp/rsync/git's -e."""
-    return [*c.ssh_argv(SSH_ALLOWED, *SSH_CIPHERS[cipher])[1:-1]]
+def _opts(c: Ctx, cipher: str, port_flag: str = "-p") -> list[str]:
+    """ssh_argv's options without the program and the destination: for rsync's and git's
+    ssh (``-p``), or scp/sftp (``port_flag="-P"``: their -p means something else)."""
+    return [port_flag if o == "-p" else o for o in c.ssh_argv(SSH_ALLOWED, *SSH_CIPHERS[cipher])[1:-1]]
 
 
 def _bg(c: Ctx, argv: list[str], name: str) -> subprocess.Popen[bytes]:
@@ -425,7 +323,7 @@ def _use_openssh(use: str, cipher: str) -> Callable[[Ctx], None]:
                     time.sleep(1.0)
                 elif use == "remote-used":
                     _wait_listening(c, "inet", 2223, timeout=10)
-                    p = c.lab.run_inet([*c.ssh_argv("127.0.0.1", "-p", "2223"), "echo reverse-ok"], timeout=20)
+                    p = c.lab.run_inet([*c.ssh_argv("127.0.0.1", port=2223), "echo reverse-ok"], timeout=20)
                     if "reverse-ok" not in p.stdout:
                         raise MakeError(f"ssh back through the reverse tunnel failed: {p.stderr.strip()}")
                 elif use in ("local", "dynamic"):
@@ -448,6 +346,7 @@ def _use_openssh(use: str, cipher: str) -> Callable[[Ctx], None]:
                 c.lab.stop(tun)
             return
         o = _opts(c, cipher)
+        op = _opts(c, cipher, "-P")
         if use == "cmd":
             p = c.node([*c.ssh_argv(SSH_ALLOWED, *cargs), "echo ssh-ok"])
             if "ssh-ok" not in p.stdout:
@@ -464,13 +363,13 @@ def _use_openssh(use: str, cipher: str) -> Callable[[Ctx], None]:
             if "shell-ok" not in p.stdout:
                 raise MakeError(f"ssh shell: {p.stderr}")
         elif use == "scp":
-            c.node(["scp", *o, f"root@{SSH_ALLOWED}:{srv}/file.bin", str(c.tmp / "scp.out")])
+            c.node(["scp", *op, f"root@{SSH_ALLOWED}:{srv}/file.bin", str(c.tmp / "scp.out")])
         elif use == "scp-legacy":
-            c.node(["scp", "-O", *o, f"root@{SSH_ALLOWED}:{srv}/file.bin", str(c.tmp / "scp-O.out")])
+            c.node(["scp", "-O", *op, f"root@{SSH_ALLOWED}:{srv}/file.bin", str(c.tmp / "scp-O.out")])
         elif use == "sftp":
             batch = c.tmp / "sftp.batch"
             batch.write_text(f"get {srv}/file.bin {c.tmp}/sftp.out\nls {srv}\n")
-            c.node(["sftp", *o, "-b", str(batch), f"root@{SSH_ALLOWED}"])
+            c.node(["sftp", *op, "-b", str(batch), f"root@{SSH_ALLOWED}"])
         elif use == "rsync":
             c.node(["rsync", "-a", "-e", " ".join(["ssh", *o]), f"root@{SSH_ALLOWED}:{srv}/file.bin",
                     str(c.tmp / "rsync.out")])  # fmt: skip
@@ -501,7 +400,7 @@ def _dbclient(c: Ctx, cipher: str, *extra: str) -> list[str]:
     """dropbear's client: -y -y accepts the throw-away host key, the key converted to its format."""
     key = c.tmp / "client_key.dropbear"
     if not key.exists():
-        p = subprocess.run(["dropbearconvert", "openssh", "dropbear", str(c.tmp / "client_key"), str(key)],
+        p = subprocess.run(["dropbearconvert", "openssh", "dropbear", str(c.keys.client_key), str(key)],
                            capture_output=True, text=True, timeout=30)  # fmt: skip
         if p.returncode != 0:
             raise MakeError(f"dropbearconvert: {p.stderr.strip()}")
@@ -564,7 +463,7 @@ _PY_PROOF = {"cmd": "ssh-ok", "remote-N": "remote forward on", "local": "forward
 def _use_python(client: str, use: str, cipher: str) -> Callable[[Ctx], None]:
     def run(c: Ctx) -> None:
         argv = [PY, str(HERE / "sshclients.py"), client, use, cipher, "--host", SSH_ALLOWED,
-                "--key", str(c.tmp / "client_key"), "--srv", str(c.tmp / "srv")]  # fmt: skip
+                "--key", str(c.keys.client_key), "--srv", str(c.tmp / "srv")]  # fmt: skip
         p = c.node(argv, timeout=30)
         if _PY_PROOF[use] not in p.stdout:
             raise MakeError(f"{client} {use} {cipher}: {p.stdout!r} {p.stderr[-500:]!r}")
@@ -586,7 +485,7 @@ RECIPES: list[Recipe] = [
     Recipe("ssh-reverse-tunnel", _host(SSH_EVIL), _ssh_reverse(SSH_EVIL)),
     Recipe("ssh-allowed-remote-forward", _host(SSH_ALLOWED), _ssh_reverse(SSH_ALLOWED)),
     Recipe("ssh-role-inversion", _host(SSH_ALLOWED), _ssh_role_inversion),
-    Recipe("ssh-on-443", _host(SSH_EVIL), _ssh_cmd(SSH_EVIL, "-p", "443")),
+    Recipe("ssh-on-443", _host(SSH_EVIL), _ssh_cmd(SSH_EVIL, port=443)),
     Recipe("ssh-allowed", _host(SSH_ALLOWED), _ssh_cmd(SSH_ALLOWED)),
     Recipe("ssh-via-connect-proxy", _host(PROXY), _ssh_via_connect),
     Recipe("tls-sni", _host(TLS), _curl("tls.example.net", TLS)),
@@ -594,22 +493,24 @@ RECIPES: list[Recipe] = [
     Recipe("benign-https", _host(BULK), _curl("bulk.example.net", BULK, "/blob.bin", BULK_BYTES)),
     Recipe("dns", _host(DNS), _dns),
     Recipe("dns-then-stratum", _host(DNS, POOL), _dns_then_stratum),
-    Recipe("stratum-v1", _host(POOL), _stratum("v1", f"{POOL}:3333")),
-    Recipe("stratum-v1-443", _host(POOL), _stratum("v1", f"{POOL}:443")),
-    Recipe("stratum-v1-configure", _host(POOL), _stratum("v1", f"{POOL}:3333", "--configure")),
-    Recipe("stratum-split", _host(POOL), _stratum("v1", f"{POOL}:3333", "--split", "1")),
-    Recipe("stratum-v6", _host(POOL6), _stratum("v1", f"[{POOL6}]:3333")),
-    Recipe("stratum-eth", _host(POOL), _stratum("eth", f"{POOL}:4444")),
-    Recipe("stratum-ethproxy", _host(POOL), _stratum("ethproxy", f"{POOL}:8008")),
-    Recipe("xmr-login", _host(POOL), _stratum("xmr", f"{POOL}:5555")),
-    Recipe("getwork-http", _host(POOL), _stratum("getwork", f"{POOL}:8332")),
-    Recipe("getblocktemplate-http", _host(POOL), _stratum("gbt", f"{POOL}:80")),
+    Recipe("stratum-v1", _host(POOL), _stratum("v1", POOL, 3333)),
+    Recipe("stratum-v1-443", _host(POOL), _stratum("v1", POOL, 443)),
+    Recipe("stratum-v1-configure", _host(POOL), _stratum("v1", POOL, 3333, "--configure")),
+    Recipe("stratum-split", _host(POOL), _stratum("v1", POOL, 3333, "--split", "1")),
+    Recipe("stratum-v6", _host(POOL6), _stratum("v1", POOL6, 3333)),
+    Recipe("stratum-eth", _host(POOL), _stratum("eth", POOL, 4444)),
+    Recipe("stratum-ethproxy", _host(POOL), _stratum("ethproxy", POOL, 8008)),
+    Recipe("xmr-login", _host(POOL), _stratum("xmr", POOL, 5555)),
+    Recipe("getwork-http", _host(POOL), _stratum("getwork", POOL, 8332)),
+    Recipe("getblocktemplate-http", _host(POOL), _stratum("gbt", POOL, 80)),
     Recipe(
         "stratum-via-connect-proxy",
         _host(PROXY),
-        _stratum("v1", f"{POOL}:3333", "--via-connect", f"{PROXY}:3128"),
+        _stratum("v1", POOL, 3333, "--via-connect", f"{PROXY}:3128"),
     ),
-    Recipe("stratum-via-socks5", _host(PROXY), _stratum("xmr", f"{POOL}:3333", "--via-socks5", f"{PROXY}:1080")),
+    Recipe(
+        "stratum-via-socks5", _host(PROXY), _stratum("xmr", POOL, 3333, "--via-socks5", f"{PROXY}:1080")
+    ),
 ]
 
 
@@ -717,7 +618,9 @@ def check_expectations(name: str, path: Path) -> None:
             and ("dst_port" not in m or m["dst_port"] == k[4])
         ]  # fmt: skip
         if not hits or ("count" in f and len(hits) != f["count"]):
-            raise MakeError(f"{name}: expectation {m} matches {len(hits)} flows in the capture: {sorted(flows)}")
+            raise MakeError(
+                f"{name}: expectation {m} matches {len(hits)} flows in the capture: {sorted(flows)}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -759,7 +662,6 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if shutil.which(tool) is None:
             raise MakeError(f"{tool} is not installed; apt: {APT_PACKAGES}")
-    os.environ["PYTHONPATH"] = str(REPO)
     # SIGTERM (a CI timeout, kill) must unwind like Ctrl-C so the lab and its peers go away.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with (
@@ -767,10 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         contextlib.ExitStack() as files,
         lab(f"egdcap{os.getpid() % 10000}") as lb,
     ):
-        tmp = Path(td)
-        make_materials(tmp)
-        c = Ctx(lb, tmp, files)
-        start_peers(c)
+        c = start_peers(lb, Path(td), files)
         dev = node_veth(c)
         for r in chosen:
             t0 = time.monotonic()

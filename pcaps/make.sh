@@ -10,4 +10,4 @@ fi
 py="$repo/.venv/bin/python"
 [ -x "$py" ] || { echo "make.sh: no venv at $repo/.venv (create it first)" >&2; exit 1; }
 cd "$repo"
-PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" exec "$py" "$here/make.py" "$@"
+exec "$py" "$here/make.py" "$@"

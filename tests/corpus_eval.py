@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,17 +17,6 @@ from egressd.events import Event
 from egressd.paths import default_policy
 from egressd.policy import load_policy
 from egressd.replay import replay
-
-
-def corpus_dir() -> Path | None:
-    env = os.environ.get("EGRESSD_CORPUS")
-    candidates = [Path(env)] if env else []
-    here = Path(__file__).resolve()
-    candidates += [here.parents[2] / "shared" / "corpus", here.parents[1] / "shared" / "corpus"]
-    for c in candidates:
-        if (c / "LABELS.json").is_file():
-            return c
-    return None
 
 
 def _norm(proto: str, a: str, ap: int, b: str, bp: int) -> tuple[str, frozenset[tuple[str, int]]]:

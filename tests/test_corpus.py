@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.corpus_eval import Score, corpus_dir, evaluate
+from egressd_lab.corpus import corpus_dir
+from tests.corpus_eval import Score, evaluate
 
 ROOT = corpus_dir()
 pytestmark = pytest.mark.skipif(ROOT is None, reason="../shared/corpus not found (set EGRESSD_CORPUS)")

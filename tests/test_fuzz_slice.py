@@ -1,6 +1,7 @@
-"""A short, fixed-seed slice of bench/fuzz.py over every parser: the regression net CI runs.
+"""A short, fixed-seed slice of the fuzz harness over every parser: the regression net CI runs.
 
-The full run (``bench/fuzz.py``, a million inputs) is the search for new bugs; this slice
+The harness is ``egressd_lab.fuzz``; the full run (``python -m egressd_lab.fuzz``, a million inputs) is the
+search for new bugs; this slice
 re-runs the same generators on a fixed seed in seconds, so a change that makes a parser
 raise, or lets a bound slip, fails here with the input printed. The tests at the end pin
 the bugs the fuzzer found, each as the smallest input that showed it; one still open is
@@ -10,13 +11,10 @@ the bugs the fuzzer found, each as the smallest input that showed it; one still 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -27,24 +25,7 @@ from egressd.detect.stratum import detect_stratum
 from egressd.policy import PolicyError, load_policy
 from egressd.policy.source import MAX_DIAGNOSTICS
 from egressd.stream import StreamHead
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_fuzz() -> ModuleType:
-    """bench/ is not a package: import the harness by path, once."""
-    name = "egressd_bench_fuzz"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / "fuzz.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzz()
+from egressd_lab import fuzz
 
 SEED = 20240611
 SLICE = 20_000  # inputs over all targets, split by the harness's weights
@@ -118,7 +99,7 @@ def test_policy_slice_loads_some_mutated_policies_and_judges_them() -> None:
 
 
 # -- YAML bombs: refused without expanding them, with a bounded report. Speed is measured by
-# bench/fuzz.py; here only a generous hang guard (pytest-timeout) stands between a regression
+# egressd_lab.fuzz; here only a generous hang guard (pytest-timeout) stands between a regression
 # and a stuck CI run.
 
 
@@ -228,9 +209,8 @@ def test_expect_load_refuses_a_billion_laughs_without_expanding_it(tmp_path: Pat
         sys.exit(3)
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     try:
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=30, check=False)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, check=False)
     except subprocess.TimeoutExpired:
         pytest.fail("expect.load still running after 30 s")
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-500:]

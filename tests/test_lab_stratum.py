@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from egressd.lab.stratum import (
+from egressd_lab.stratum import (
     ETH_PROTOCOL,
     EthSession,
     GetworkRpc,
@@ -31,9 +31,7 @@ from egressd.lab.stratum import (
     parse_hostport,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-CMD = [sys.executable, "-m", "egressd.lab.stratum"]
+CMD = [sys.executable, "-m", "egressd_lab.stratum"]
 
 
 @dataclass
@@ -73,9 +71,7 @@ def pool(tmp_path: Path, variant: str, host: str = "127.0.0.1", *extra: str) -> 
         str(log),
         *extra,
     ]
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, text=True, env=ENV, cwd=REPO, start_new_session=True
-    )
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # the pool prints where it listens, then nothing more
@@ -96,7 +92,7 @@ def pool(tmp_path: Path, variant: str, host: str = "127.0.0.1", *extra: str) -> 
 
 def client(target: str, variant: str, *extra: str, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
     argv = [*CMD, "client", "--connect", target, "--variant", variant, "--timeout", str(timeout), *extra]
-    p = subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout + 20)
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 20)
     lines = p.stdout.strip().splitlines()
     assert len(lines) == 1, (p.stdout, p.stderr)
     return p.returncode, json.loads(lines[0])

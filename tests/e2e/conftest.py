@@ -12,10 +12,8 @@ import contextlib
 import ctypes
 import os
 import select
-import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +23,10 @@ from typing import Any
 import pytest
 
 from egressd import netfilter, nfq
-from egressd.lab.netns import SERVICES, Lab, have_netns, lab
+from egressd_lab import peers
+from egressd_lab.harness import why_no_kernel
+from egressd_lab.netns import SERVICES, Lab, lab
+from egressd_lab.peers import PY
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -42,47 +43,7 @@ def enter_netns(name: str) -> None:
         os.close(fd)
 
 
-def _why_no_kernel() -> str | None:
-    if not have_netns():
-        return "needs root and iproute2 (network namespaces)"
-    for tool in ("iptables-restore", "ip6tables-restore", "iptables-save"):
-        if shutil.which(tool) is None:
-            return f"{tool} missing (apt install iptables)"
-    try:
-        import netfilterqueue  # noqa: F401
-    except ImportError:
-        return "python netfilterqueue is not installed"
-    # NFQUEUE support: a throwaway namespace that accepts an NFQUEUE rule.
-    name = f"egdprobe{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], capture_output=True, check=False)
-    try:
-        p = subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                name,
-                "iptables",
-                "-w",
-                "-A",
-                "OUTPUT",
-                "-j",
-                "NFQUEUE",
-                "--queue-num",
-                "9",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if p.returncode != 0:
-            return f"no NFQUEUE support in this kernel: {p.stderr.strip()}"
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-    return None
-
-
-_WHY = _why_no_kernel()
+_WHY = why_no_kernel()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -222,8 +183,6 @@ def consumer(netns: str, queue_num: int, verdict: Verdict, **kw: Any) -> Iterato
 
 
 # -- peers ------------------------------------------------------------------------------------
-PY = sys.executable
-
 # A TCP server: accepts connections; each one gets ``send`` bytes, and whatever the client
 # sends is read and its length written back as the last line. Bounded: exits after ``count``
 # connections or ``life`` seconds.
@@ -450,14 +409,8 @@ def start_udp_echo(lb: Lab, ns: str, host: str, port: int, life: float = 20.0) -
 
 
 def wait_listening(lb: Lab, ns: str, port: int, udp: bool = False, timeout: float = 5.0) -> None:
-    run = lb.run_node if ns == "node" else lb.run_inet
-    deadline = time.monotonic() + timeout
-    flag = "-uln" if udp else "-tln"
-    while time.monotonic() < deadline:
-        if f":{port} " in run(["ss", flag]).stdout:
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port} in {ns}")
+    """Until something in ``ns`` listens on ``port`` (any address); bounded."""
+    peers.wait_listening(lb, ns, [(None, port)], udp=udp, timeout=timeout)
 
 
 def node_python(lb: Lab, code: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:

@@ -23,8 +23,8 @@ import pytest
 from daemon_fixtures import DaemonLab
 
 from egressd import netfilter
-from egressd.lab import peers
-from egressd.lab.netns import Lab
+from egressd_lab import peers
+from egressd_lab.netns import Lab
 
 _counter = 0
 

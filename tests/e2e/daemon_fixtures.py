@@ -6,29 +6,22 @@ plugin before pytest does (pytest rewrites the asserts of a plugin only if it im
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import _WHY
 
-from egressd.lab import peers
-from egressd.lab.netns import SERVICES, Lab
-from egressd.paths import default_policy
-
-PY = sys.executable
+from egressd_lab import peers
+from egressd_lab.harness import WHY
+from egressd_lab.netns import SERVICES, Lab
 
 # Every test module of the daemon suite sets ``pytestmark = NEEDS_KERNEL``.
 NEEDS_KERNEL = [
     pytest.mark.netns,
-    pytest.mark.skipif(_WHY is not None, reason=_WHY or ""),
+    pytest.mark.skipif(WHY is not None, reason=WHY or ""),
     pytest.mark.timeout(60),
 ]
 
@@ -50,13 +43,10 @@ class DaemonLab:
         return p, time.monotonic() - t
 
     def stratum(self, target: str, variant: str, *extra: str, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
-        """One miner handshake (``egressd.lab.stratum client``) from the node: (exit code, report)."""
-        argv = [PY, "-m", "egressd.lab.stratum", "client", "--connect", target, "--variant", variant]
-        p, _ = self.run([*argv, "--timeout", str(timeout), *extra], timeout=timeout + 10)
-        lines = p.stdout.strip().splitlines()
-        assert lines, f"the stratum client printed nothing: {p.stderr}"
-        rep: dict[str, Any] = json.loads(lines[-1])
-        return p.returncode, rep
+        """One miner handshake (``egressd_lab.stratum client``) from the node: (exit code, report)."""
+        rc, rep = peers.stratum_client(self.lab, target, variant, *extra, timeout=timeout)
+        assert not rep.get("no_report"), rep["error"]
+        return rc, rep
 
     def curl_tls(self, name: str, addr: str, max_time: float = 5.0) -> tuple[subprocess.CompletedProcess[str], float]:
         """HTTPS GET of ``https://name/`` at ``addr`` (certificate not checked: it is the lab's)."""
@@ -75,27 +65,6 @@ class DaemonLab:
     def saves(self) -> str:
         """iptables-save and ip6tables-save of the node namespace, one after the other."""
         return "".join(self.lab.run_node([t], timeout=10).stdout for t in ("iptables-save", "ip6tables-save"))
-
-
-def policy_copy(tmp: Path, edit: Callable[[str], str] = lambda s: s) -> Path:
-    """A copy of the shipped rules directory (the default policy includes lists/) with
-    ``edit`` applied to default.yaml; returns the copy's default.yaml."""
-    src = default_policy().parent
-    dst = tmp / f"rules-{time.monotonic_ns()}"
-    shutil.copytree(src, dst)
-    pol = dst / "default.yaml"
-    pol.write_text(edit(pol.read_text()))
-    return pol
-
-
-def set_key(text: str, key: str, value: str) -> str:
-    """Replace a top-level ``key: ...`` line of a policy (the rest of the file unchanged)."""
-    lines = text.splitlines(keepends=True)
-    for i, line in enumerate(lines):
-        if line.startswith(f"{key}:"):
-            lines[i] = f"{key}: {value}\n"
-            return "".join(lines)
-    raise AssertionError(f"no top-level {key!r} in the policy")
 
 
 def events_to(d: peers.Egressd, addr: str, port: int, timeout: float = 3.0, count: int = 1) -> list[Event]:

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_adversarial_harness import (
+
+from egressd_lab import peers
+from egressd_lab.harness import (
     BULK_V4,
     DNS_V4,
     NODE_V4,
@@ -26,13 +28,10 @@ from test_adversarial_harness import (
     inet_counter,
     kill9,
     live,
-    start_daemon,
     stratum,
     write_policy,
 )
-
-from egressd.lab import peers
-from egressd.lab.netns import Lab
+from egressd_lab.netns import Lab
 
 pytestmark = live
 
@@ -100,7 +99,7 @@ def run_crash(lb: Lab, tmp: Path, fail: str) -> CrashRun:
     peers.start_http_server(lb, tmp, blob.path.parent, BULK_V4, 80)
     inet_counter(lb, ["-p", "udp", "-s", NODE_V4, "-d", DNS_V4, "--dport", "53"])
     pol = write_policy(tmp, top={"fail": fail})
-    d = start_daemon(lb, tmp, pol)
+    d = peers.start_egressd(lb, tmp, pol)
 
     # Pinned ALLOW before the kill: a rate-limited download that spans the outage (~5 s).
     curl = lb.spawn(
@@ -130,7 +129,7 @@ def run_crash(lb: Lab, tmp: Path, fail: str) -> CrashRun:
     res.dns_down = inet_count(lb, "dpt:53")
     res.pool_requests_down = len(pool.requests(mark))
 
-    d2 = start_daemon(lb, tmp, pol, name="egressd2")
+    d2 = peers.start_egressd(lb, tmp, pol, name="egressd2")
     res.restarted_alive = d2.alive()
     mark = pool.mark()
     res.held_answer = held.ask("go")
@@ -224,7 +223,7 @@ except ConnectionResetError:
 
 def test_alert_is_on_disk_after_kill_9(alab: Lab, tmp_path: Path) -> None:
     peers.start_pool(alab, tmp_path, "v1", POOL_V4, 3333)
-    d = start_daemon(alab, tmp_path, write_policy(tmp_path))
+    d = peers.start_egressd(alab, tmp_path, write_policy(tmp_path))
     assert stratum(alab, POOL_V4, 3333)["handshake_complete"] is False
     deadline = time.monotonic() + 2
     while not d.events() and time.monotonic() < deadline:
@@ -239,7 +238,7 @@ def test_alert_survives_kill_9_the_instant_the_miner_sees_the_reset(alab: Lab, t
     pol = write_policy(tmp_path)
     lost = 0
     for i in range(8):
-        d = start_daemon(alab, tmp_path, pol, name=f"egressd{i}")
+        d = peers.start_egressd(alab, tmp_path, pol, name=f"egressd{i}")
         r = alab.run_node([PY, "-c", KILL_ON_RESET, POOL_V4, "3333", str(d.proc.pid)])
         assert r.stdout.strip() == "killed", r.stdout + r.stderr
         d.proc.wait(5)
@@ -262,7 +261,7 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 def test_event_log_follows_a_rename_within_two_seconds(alab: Lab, tmp_path: Path) -> None:
     peers.start_pool(alab, tmp_path, "v1", POOL_V4, 3333)
-    d = start_daemon(alab, tmp_path, write_policy(tmp_path))
+    d = peers.start_egressd(alab, tmp_path, write_policy(tmp_path))
     _decide(alab)
     time.sleep(0.2)
     rotated = d.events_path.with_suffix(".1")
@@ -277,7 +276,7 @@ def test_event_log_follows_a_rename_within_two_seconds(alab: Lab, tmp_path: Path
 
 def test_event_log_follows_truncation_without_a_hole(alab: Lab, tmp_path: Path) -> None:
     peers.start_pool(alab, tmp_path, "v1", POOL_V4, 3333)
-    d = start_daemon(alab, tmp_path, write_policy(tmp_path))
+    d = peers.start_egressd(alab, tmp_path, write_policy(tmp_path))
     for _ in range(3):
         _decide(alab)
     time.sleep(0.2)
@@ -311,7 +310,7 @@ def _fill(directory: Path) -> Path:
 def test_full_disk_does_not_stop_enforcement_and_is_reported(alab: Lab, tmp_path: Path) -> None:
     pool = peers.start_pool(alab, tmp_path, "v1", POOL_V4, 3333)
     with small_tmpfs(tmp_path / "full") as full:
-        d = start_daemon(alab, tmp_path, write_policy(tmp_path), events=full / "events.jsonl")
+        d = peers.start_egressd(alab, tmp_path, write_policy(tmp_path), events=full / "events.jsonl")
         _decide(alab)
         filler = _fill(full)
         st = d.status()

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_adversarial_harness import (
+
+from egressd_lab import peers
+from egressd_lab.harness import (
     BULK_V4,
     DNS_V4,
     EVIL_V4,
@@ -29,13 +31,10 @@ from test_adversarial_harness import (
     adv_lab,
     live,
     need,
-    start_daemon,
     stratum,
     write_policy,
 )
-
-from egressd.lab import peers
-from egressd.lab.netns import SERVICES, Lab
+from egressd_lab.netns import SERVICES, Lab
 
 pytestmark = live
 
@@ -74,7 +73,7 @@ def _evasion_lab(lb: Lab, tmp: Path, proxy: str) -> EvasionLab:
             argv = ["microsocks", "-i", SOCKS_V4, "-p", str(port)]
             lb.spawn("inet", argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         peers.wait_listening(lb, "inet", [(SOCKS_V4, p) for p in PROXY_PORTS])
-    d = start_daemon(lb, tmp, write_policy(tmp))
+    d = peers.start_egressd(lb, tmp, write_policy(tmp))
     return EvasionLab(lb, tmp, d, pool, keys, bulk, proxy)
 
 
@@ -330,7 +329,7 @@ def dlab() -> Iterator[Lab]:
 
 def _dns_lab(lb: Lab, tmp: Path, **policy: Any) -> tuple[peers.Egressd, peers.Peer]:
     dns = peers.start_dnsmasq(lb, tmp, peers.lab_dns_names(), [DNS_V4])
-    return start_daemon(lb, tmp, write_policy(tmp, **policy)), dns
+    return peers.start_egressd(lb, tmp, write_policy(tmp, **policy)), dns
 
 
 def _dig(lb: Lab, *args: str) -> subprocess.CompletedProcess[str]:

@@ -8,40 +8,35 @@ behaviour per test costs one flood, not one flood per assertion. Floods are shor
 from __future__ import annotations
 
 import signal
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
-from test_adversarial_harness import (
+
+from egressd_lab import peers
+from egressd_lab.harness import (
     BULK_V4,
-    FLOOD,
     HOLD_SERVER,
-    NODE_V4,
-    POOL_V4,
     PY,
     SINK_V4,
     UDP_PORTS_BURST,
     adv_lab,
-    finish,
-    inet_count,
-    inet_counter,
     live,
-    queue_rule_hits,
-    rss_kb,
     spawn_inet_py,
-    spawn_node_py,
-    start_daemon,
-    stratum,
     wait_status,
     write_policy,
 )
-
-from egressd.lab import peers
-from egressd.lab.netns import Lab
+from egressd_lab.load import (
+    FLOOD_S,
+    MAX_FLOWS,
+    FloodRun,
+    QueueRun,
+    StormRun,
+    run_flood,
+    run_queue_overflow,
+    run_reload_storm,
+)
+from egressd_lab.netns import Lab
 
 pytestmark = live
 
@@ -50,52 +45,6 @@ pytestmark = live
 def alab() -> Iterator[Lab]:
     with adv_lab() as lb:
         yield lb
-
-
-FLOOD_S = 3.0  # CI slice; bench/flood.py runs the long one
-MAX_FLOWS = 256
-
-
-# -- 1. unique-tuple flood against a small flow table ----------------------------------------
-@dataclass
-class FloodRun:
-    on_overload: str
-    rss_before: int = 0
-    rss_after: int = 0
-    generator: str = ""
-    status: dict[str, Any] = field(default_factory=dict)
-    status_mid: dict[str, Any] = field(default_factory=dict)
-    attempts: list[dict[str, Any]] = field(default_factory=list)
-    flood_running_after_attempts: bool = False
-    pool_requests: int = 0
-    events: list[dict[str, Any]] = field(default_factory=list)
-    log_bytes: int = 0
-
-
-def run_flood(lb: Lab, tmp: Path, on_overload: str, seconds: float = FLOOD_S) -> FloodRun:
-    """Hold-open TCP connections + unanswered DNS datagrams, all from fresh source ports, at a
-    daemon whose table holds 256 flows; three Stratum handshakes start one second in."""
-    res = FloodRun(on_overload)
-    pool = peers.start_pool(lb, tmp, "v1", POOL_V4, 3333)
-    spawn_inet_py(lb, HOLD_SERVER, BULK_V4, "8080", str(seconds + 20))
-    peers.wait_listening(lb, "inet", [(BULK_V4, 8080)])
-    pol = write_policy(tmp, top={"on_overload": on_overload}, settings={"max_flows": MAX_FLOWS})
-    d = start_daemon(lb, tmp, pol)
-    time.sleep(1.2)  # one housekeeping tick: the daemon is fully warmed up
-    res.rss_before = rss_kb(d.proc.pid)
-    gen = spawn_node_py(lb, FLOOD, BULK_V4, "8080", "53", str(seconds), "200000", "200000")
-    time.sleep(1.0)
-    res.status_mid = d.status()
-    res.attempts = [stratum(lb, POOL_V4, 3333, timeout=2) for _ in range(3)]
-    res.flood_running_after_attempts = gen.poll() is None
-    res.generator = finish(lb, gen, timeout=seconds + 30)
-    res.status = wait_status(d, lambda s: s["kernel_queue"] is not None)
-    res.rss_after = rss_kb(d.proc.pid)
-    res.pool_requests = len(pool.requests())
-    res.events = d.events()
-    res.log_bytes = d.events_path.stat().st_size
-    d.stop()
-    return res
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +131,7 @@ def test_refused_connections_do_not_exhaust_the_flow_table(alab: Lab, tmp_path: 
     until tcp_idle (300 s): max_flows refused connects put the node in on_overload for minutes."""
     spawn_inet_py(alab, HOLD_SERVER, BULK_V4, "8080", "30")
     peers.wait_listening(alab, "inet", [(BULK_V4, 8080)])
-    d = start_daemon(alab, tmp_path, write_policy(tmp_path, settings={"max_flows": MAX_FLOWS}))
+    d = peers.start_egressd(alab, tmp_path, write_policy(tmp_path, settings={"max_flows": MAX_FLOWS}))
     r = alab.run_node([PY, "-c", REFUSED, SINK_V4, "9", str(MAX_FLOWS + 100)], timeout=60)
     assert int(r.stdout) == MAX_FLOWS + 100, r.stderr  # a closed port: every SYN answered by RST
     ok = alab.run_node([PY, "-c", f"import socket; socket.create_connection(('{BULK_V4}', 8080), 3)"])
@@ -193,7 +142,7 @@ def test_refused_connections_do_not_exhaust_the_flow_table(alab: Lab, tmp_path: 
 
 def test_reload_to_a_smaller_max_flows_shrinks_the_table(alab: Lab, tmp_path: Path) -> None:
     pol = write_policy(tmp_path, settings={"max_flows": 1024})
-    d = start_daemon(alab, tmp_path, pol)
+    d = peers.start_egressd(alab, tmp_path, pol)
     burst = [PY, "-c", UDP_PORTS_BURST, SINK_V4]
     assert alab.run_node([*burst, "30000", "400"]).stdout.strip() == "400"
     assert wait_status(d, lambda s: s["flows_tracked"] >= 400)["flows_tracked"] >= 400
@@ -207,50 +156,6 @@ def test_reload_to_a_smaller_max_flows_shrinks_the_table(alab: Lab, tmp_path: Pa
 
 
 # -- 2. queue overflow with a tiny queue ------------------------------------------------------
-BURST_PORT = 20000  # the burst goes to ports 20000..59999 of SINK_V4, one flow per datagram
-BURST_MAX = 400_000
-
-
-@dataclass
-class QueueRun:
-    fail: str
-    sent: int = 0
-    delivered: int = 0
-    judged: int = 0
-    rule_hits: int = 0
-    status: dict[str, Any] = field(default_factory=dict)
-    attempts: list[dict[str, Any]] = field(default_factory=list)
-    pool_requests: int = 0
-
-
-def run_queue_overflow(
-    lb: Lab, tmp: Path, fail: str, seconds: float = FLOOD_S, queue_len: int = 8
-) -> QueueRun:
-    """UDP datagrams to distinct ports (each a new flow) as fast as one process sends them at a
-    daemon with ``queue_len`` 8, for ``seconds``; meanwhile miners try Stratum with the request
-    cut into 1-byte segments (every segment is one more chance to meet a full queue)."""
-    res = QueueRun(fail)
-    pool = peers.start_pool(lb, tmp, "v1", POOL_V4, 3333)
-    inet_counter(lb, ["-p", "udp", "-s", NODE_V4, "--dport", f"{BURST_PORT}:{BURST_PORT + 39999}"])
-    pol = write_policy(tmp, top={"fail": fail, "on_overload": "drop"}, settings={"queue_len": queue_len})
-    d = start_daemon(lb, tmp, pol)
-    st0 = wait_status(d, lambda s: s["kernel_queue"] is not None)
-    hits0 = queue_rule_hits(lb)
-    gen = spawn_node_py(lb, UDP_PORTS_BURST, SINK_V4, str(BURST_PORT), str(BURST_MAX), str(seconds))
-    time.sleep(0.2)
-    while gen.poll() is None:
-        res.attempts.append(stratum(lb, POOL_V4, 3333, "--split", "1", "--split-delay", "0.001", timeout=2))
-    res.sent = int(finish(lb, gen, timeout=seconds + 30))
-    time.sleep(1.1)  # let the kernel counters in the status refresh once more
-    res.status = d.status()
-    res.delivered = inet_count(lb)
-    res.rule_hits = queue_rule_hits(lb) - hits0
-    res.judged = res.status["engine"]["packets"] - st0["engine"]["packets"]
-    res.pool_requests = len(pool.requests())
-    d.stop()
-    return res
-
-
 @pytest.fixture(scope="module")
 def queue_closed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QueueRun]:
     with adv_lab() as lb:
@@ -299,93 +204,6 @@ def test_fail_open_overflow_is_reported_in_status(queue_open: QueueRun) -> None:
 
 
 # -- 3. reload storm --------------------------------------------------------------------------
-STORM_SIGHUPS = 300
-STORM_RATE = 100.0  # SIGHUPs per second (bounded)
-
-
-@dataclass
-class StormRun:
-    sent: int = 0
-    seconds: float = 0.0
-    handled_ok: int = 0
-    handled_rejected: int = 0
-    status: dict[str, Any] = field(default_factory=dict)
-    alive: bool = False
-    http_ok: int = 0
-    http_bad: list[str] = field(default_factory=list)
-    stratum_done: int = 0
-    stratum_blocked: int = 0
-    pool_requests: int = 0
-
-
-def run_reload_storm(lb: Lab, tmp: Path, sighups: int = STORM_SIGHUPS, rate: float = STORM_RATE) -> StormRun:
-    """SIGHUPs at ``rate`` while HTTP downloads (checked by sha256) and Stratum handshakes loop.
-    Every 30th SIGHUP finds a broken policy file (must be rejected, the old one kept); every
-    other 10th a different valid policy (an extra alert rule); files are replaced atomically."""
-    res = StormRun()
-    pool = peers.start_pool(lb, tmp, "v1", POOL_V4, 3333)
-    blob = peers.make_bulk_file(tmp / "www", 2 * 1024 * 1024)
-    peers.start_http_server(lb, tmp, blob.path.parent, BULK_V4, 80)
-    pol = write_policy(tmp)
-    good, alt = pol.read_text(), write_policy(tmp, name="alt.yaml", prepend_rules=[ALT_RULE]).read_text()
-    d = start_daemon(lb, tmp, pol)
-    stop = threading.Event()
-
-    def http() -> None:
-        while not stop.is_set():
-            r = lb.run_node(
-                ["sh", "-c", f"curl -sS --max-time 20 http://{BULK_V4}/blob.bin | sha256sum"], timeout=30
-            )
-            if r.stdout.split()[:1] == [blob.sha256]:
-                res.http_ok += 1
-            else:
-                res.http_bad.append(r.stdout + r.stderr)
-
-    def miners() -> None:
-        while not stop.is_set():
-            if stratum(lb, POOL_V4, 3333, timeout=3)["handshake_complete"]:
-                res.stratum_done += 1
-            else:
-                res.stratum_blocked += 1
-
-    threads = [threading.Thread(target=http), threading.Thread(target=miners)]
-    for t in threads:
-        t.start()
-    t0 = time.monotonic()
-    try:
-        for i in range(1, sighups + 1):
-            text = "rules: [ {name: broken\n" if i % 30 == 0 else alt if i % 10 == 0 else good
-            swap = pol.with_suffix(".swap")
-            swap.write_text(text)
-            swap.replace(pol)
-            d.send_signal(signal.SIGHUP)
-            res.sent += 1
-            time.sleep(max(0.0, t0 + i / rate - time.monotonic()))
-        res.seconds = time.monotonic() - t0
-        pol.write_text(good)
-        time.sleep(0.5)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
-    res.alive = d.alive()
-    res.status = d.status()
-    err = d.stderr_text()
-    res.handled_ok = err.count("policy reloaded from")
-    res.handled_rejected = err.count("reload rejected")
-    res.pool_requests = len(pool.requests())
-    d.stop()
-    return res
-
-
-ALT_RULE = {
-    "name": "alert-storm-marker",
-    "description": "a second valid policy for the reload storm",
-    "match": {"proto": "udp", "dst_port": 9},
-    "action": "alert",
-}
-
-
 @pytest.fixture(scope="module")
 def storm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StormRun]:
     with adv_lab() as lb:

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_adversarial_harness import (
+
+from egressd import netfilter
+from egressd_lab import peers
+from egressd_lab.harness import (
     NODE_V4,
     POOL_V4,
     PREFIX,
@@ -26,14 +29,10 @@ from test_adversarial_harness import (
     live,
     need,
     proc_status,
-    start_daemon,
     stratum,
     write_policy,
 )
-
-from egressd import netfilter
-from egressd.lab import peers
-from egressd.lab.netns import Lab
+from egressd_lab.netns import Lab
 
 pytestmark = live
 
@@ -68,7 +67,7 @@ def priv() -> Iterator[PrivLab]:
             for p in (base / "etc", *(base / "etc").rglob("*")):
                 p.chmod(0o755 if p.is_dir() else 0o644)
             extra = ["--metrics", f"127.0.0.1:{METRICS_PORT}"]
-            d = start_daemon(lb, base, pol, wrapper=SETPRIV, extra=extra)
+            d = peers.start_egressd(lb, base, pol, wrapper=SETPRIV, extra=extra)
             yield PrivLab(lb, base, d, pool)
             if d.alive():
                 d.stop()
@@ -131,7 +130,7 @@ def test_metrics_refuse_a_non_loopback_address(addr: str, tmp_path: Path) -> Non
     with adv_lab(PREFIX + "m") as lb:  # the module's own lab may still be up
         pol = write_policy(tmp_path)
         try:
-            d = start_daemon(lb, tmp_path, pol, extra=["--metrics", f"{addr}:{METRICS_PORT}"], timeout=5)
+            d = peers.start_egressd(lb, tmp_path, pol, extra=["--metrics", f"{addr}:{METRICS_PORT}"], timeout=5)
         except RuntimeError:
             return  # refused to start: what the test asks for
         listeners = lb.run_node(["ss", "-Hltn", f"sport = :{METRICS_PORT}"]).stdout

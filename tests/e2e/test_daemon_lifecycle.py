@@ -13,11 +13,12 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from daemon_fixtures import NEEDS_KERNEL, DaemonLab, events_to, one_event, policy_copy, set_key
+from daemon_fixtures import NEEDS_KERNEL, DaemonLab, events_to, one_event
 
 from egressd import netfilter
-from egressd.lab import peers
-from egressd.lab.netns import SERVICES
+from egressd_lab import peers
+from egressd_lab.harness import policy_copy, set_key
+from egressd_lab.netns import SERVICES
 
 pytestmark = NEEDS_KERNEL
 pytest_plugins = ["conftest_daemon"]

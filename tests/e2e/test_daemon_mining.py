@@ -1,6 +1,6 @@
 """The live daemon against a miner: the pool never receives a complete request line.
 
-A real pool (``egressd.lab.stratum pool``) logs every connection it accepts and every
+A real pool (``egressd_lab.stratum pool``) logs every connection it accepts and every
 complete request it reads; "blocked" here means the miner's handshake failed, the pool's log
 shows the connection opened and *no* request, and the daemon's event names drop-mining (or
 the pool-domain rules) with the detection that triggered it.
@@ -13,10 +13,11 @@ import subprocess
 from typing import Any
 
 import pytest
-from daemon_fixtures import NEEDS_KERNEL, PY, DaemonLab, one_event, wait_pool_close, wait_pool_open
+from daemon_fixtures import NEEDS_KERNEL, DaemonLab, one_event, wait_pool_close, wait_pool_open
 
-from egressd.lab import peers
-from egressd.lab.netns import SERVICES
+from egressd_lab import peers
+from egressd_lab.netns import SERVICES
+from egressd_lab.peers import PY
 
 pytestmark = NEEDS_KERNEL
 pytest_plugins = ["conftest_daemon"]

@@ -12,8 +12,8 @@ import subprocess
 import pytest
 from daemon_fixtures import NEEDS_KERNEL, DaemonLab, one_event
 
-from egressd.lab import peers
-from egressd.lab.netns import SERVICES
+from egressd_lab import peers
+from egressd_lab.netns import SERVICES
 
 pytestmark = NEEDS_KERNEL
 pytest_plugins = ["conftest_daemon"]

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 
-from daemon_fixtures import NEEDS_KERNEL, PY, DaemonLab, one_event, wait_pool_open
+from daemon_fixtures import NEEDS_KERNEL, DaemonLab, one_event, wait_pool_open
 
-from egressd.lab import peers
-from egressd.lab.netns import SERVICES
+from egressd_lab import peers
+from egressd_lab.netns import SERVICES
+from egressd_lab.peers import PY
 
 pytestmark = NEEDS_KERNEL
 pytest_plugins = ["conftest_daemon"]

@@ -1,4 +1,4 @@
-"""``egressd demo`` as a user runs it: a subprocess, its output and its exit code."""
+"""The demo as ``make run`` runs it (``python -m egressd_lab.demo``): a subprocess, its output, its exit code."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from daemon_fixtures import NEEDS_KERNEL, policy_copy, set_key
+from daemon_fixtures import NEEDS_KERNEL
 
-from egressd import demo
-from egressd.lab import peers
+from egressd_lab import demo, peers
+from egressd_lab.harness import policy_copy, set_key
 
 DEMO_TIMEOUT = 120  # the demo itself takes about 5 s on two cores
 
@@ -19,7 +19,7 @@ DEMO_TIMEOUT = 120  # the demo itself takes about 5 s on two cores
 def _demo(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "240"}  # no wrapped lines to match against
     return subprocess.run(
-        [*peers.egressd_argv(), "demo", *args],
+        [peers.PY, "-m", "egressd_lab.demo", *args],
         capture_output=True,
         text=True,
         timeout=DEMO_TIMEOUT,
@@ -78,3 +78,9 @@ def test_demo_without_root_exits_2_and_says_why(
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert demo.run_demo(None, keep=False) == 2
     assert "needs root" in capsys.readouterr().err
+
+
+def test_the_installed_egressd_has_no_demo_and_says_to_run_make_run() -> None:
+    p = subprocess.run([*peers.egressd_argv(), "demo"], capture_output=True, text=True, timeout=30, check=False)
+    assert p.returncode == 2
+    assert "make run" in p.stderr and "checkout" in p.stderr

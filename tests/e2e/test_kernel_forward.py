@@ -22,7 +22,7 @@ from conftest import (
 from test_kernel_verdicts import CONNECT, TRANSFER
 
 from egressd import netfilter
-from egressd.lab.netns import NODE_V4, NODE_V6, Lab
+from egressd_lab.netns import NODE_V4, NODE_V6, Lab
 
 Q = 13
 NF_INET_FORWARD = 2

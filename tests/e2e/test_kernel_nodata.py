@@ -18,7 +18,7 @@ import pytest
 from conftest import ACCEPT, PY, SEEN, Consumer, Container, Seen, consumer, in_netns, svc, wait_listening
 
 from egressd import netfilter
-from egressd.lab.netns import NODE_V4, NODE_V6, Lab
+from egressd_lab.netns import NODE_V4, NODE_V6, Lab
 
 Q = 17
 MAX_PACKETS = 8

@@ -23,7 +23,7 @@ from conftest import (
 from test_kernel_verdicts import CONNECT, TRANSFER
 
 from egressd import netfilter, nfq, procstats
-from egressd.lab.netns import Lab
+from egressd_lab.netns import Lab
 
 Q = 11
 

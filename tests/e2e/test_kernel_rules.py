@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from egressd import netfilter
-from egressd.lab.netns import Lab
+from egressd_lab.netns import Lab
 
 
 def _saves(lb: Lab) -> tuple[str, str]:

@@ -25,7 +25,7 @@ from conftest import (
 )
 
 from egressd import netfilter
-from egressd.lab.netns import NODE_V4, NODE_V6, Lab
+from egressd_lab.netns import NODE_V4, NODE_V6, Lab
 
 Q = 7
 MAX_PACKETS = 8

@@ -1055,7 +1055,7 @@ def _hostport_arg(text: str) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m egressd.lab.stratum", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m egressd_lab.stratum", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pool", help="serve one protocol variant as a pool")
     p.add_argument("--listen", type=_hostport_arg, required=True, help="ADDR:PORT ([v6]:port; port 0 = any)")

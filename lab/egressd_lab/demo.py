@@ -1,9 +1,9 @@
-"""``egressd demo``: the daemon on real traffic in throw-away namespaces, explained step by step.
+"""The demo (``make run``, ``python -m egressd_lab.demo``): the daemon on real traffic, step by step.
 
 Why a demo that runs real programs: the first thing anyone evaluating egressd wants to see
 is ``ssh -R`` and a miner dying while curl and a 20 MB download carry on, and *why* — the
 rule and the evidence from the event log. Everything happens in a lab (two network
-namespaces on documentation addresses, ``egressd/lab/netns.py``): the host's own traffic
+namespaces on documentation addresses, ``lab/egressd_lab/netns.py``): the host's own traffic
 and firewall are never touched, and the lab is removed on every exit, Ctrl-C included.
 
 Each step prints what is tried, what the program saw (and how fast a block was), and the
@@ -13,6 +13,7 @@ step behaved as the shipped default policy intends (0) or not (1, naming the ste
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -20,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,8 +33,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from egressd.lab import peers
-from egressd.lab.netns import SERVICES, Lab, LabError
+from egressd_lab import peers
+from egressd_lab.netns import SERVICES, Lab, LabError
 
 TOOLS = ("ip", "iptables", "ip6tables", "ss", "ssh", "ssh-keygen", "/usr/sbin/sshd", "openssl", "curl", "dig")
 TOOLS_EXTRA = ("dnsmasq", "ncat")
@@ -121,7 +123,7 @@ class Demo:
         """One miner handshake; the time is the client's own (connect to failure), not Python's start-up."""
         pool = self.lp.pool("v1", port)
         mark = pool.mark()
-        argv = [peers.PY, "-m", "egressd.lab.stratum", "client", "--connect", f"{SERVICES['pool'][0]}:{port}"]
+        argv = [peers.PY, "-m", "egressd_lab.stratum", "client", "--connect", f"{SERVICES['pool'][0]}:{port}"]
         p, dt = self.node([*argv, "--variant", "v1", "--timeout", "5"])
         try:
             rep = json.loads(p.stdout.strip().splitlines()[-1])
@@ -277,13 +279,13 @@ def run_demo(policy: str | None, keep: bool) -> int:
     err = Console(stderr=True, highlight=False)
     if os.geteuid() != 0:
         err.print(
-            "egressd demo: needs root: it creates network namespaces and installs iptables rules in them "
+            "demo: needs root: it creates network namespaces and installs iptables rules in them "
             "(run it with sudo; the host's own network is not touched)"
         )
         return 2
     missing = _missing_tools()
     if missing:
-        err.print(f"egressd demo: missing programs: {', '.join(missing)} ({APT_HINT})")
+        err.print(f"demo: missing programs: {', '.join(missing)} ({APT_HINT})")
         return 2
     from egressd.paths import default_policy
     from egressd.policy import PolicyError, load_policy
@@ -292,7 +294,7 @@ def run_demo(policy: str | None, keep: bool) -> int:
         pol = Path(policy) if policy else default_policy()
         load_policy(pol)
     except (PolicyError, OSError) as e:
-        err.print(f"egressd demo: the policy does not load:\n{escape(str(e))}")
+        err.print(f"demo: the policy does not load:\n{escape(str(e))}")
         return 2
 
     t0 = time.monotonic()
@@ -328,11 +330,11 @@ def run_demo(policy: str | None, keep: bool) -> int:
                 kept = True
                 _print_keep(con, lab, d, tmp)
     except KeyboardInterrupt:
-        err.print("\negressd demo: interrupted; removing the lab")
+        err.print("\ndemo: interrupted; removing the lab")
         kept = False
         return 130
     except (peers.PeerError, LabError, subprocess.TimeoutExpired, OSError) as e:
-        err.print(f"egressd demo: {escape(str(e))}")
+        err.print(f"demo: {escape(str(e))}")
         return 2
     finally:
         if not kept:
@@ -361,3 +363,23 @@ def _print_keep(con: Console, lab: Lab, d: peers.Egressd, tmp: Path) -> None:
         f"events in {d.events_path}. To remove it: [cyan]kill {pids}; sleep 1; ip netns del {lab.node}; "
         f"ip netns del {lab.inet}; rm -r {tmp}[/cyan]"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m egressd_lab.demo",
+        description=(
+            "Creates a 'node' and an 'internet' network namespace on documentation addresses, starts "
+            "`egressd run` in the node, drives real traffic through it (ssh -R to a real sshd, a Stratum "
+            "handshake, HTTPS, DNS, a bulk transfer) and shows what egressd did and why. The host's own "
+            "traffic is never touched. Needs root."
+        ),
+    )
+    ap.add_argument("--policy", metavar="FILE", help="policy for the demo (default: the shipped default)")
+    ap.add_argument("--keep", action="store_true", help="leave the namespaces up after the demo (for poking around)")
+    args = ap.parse_args(argv)
+    return run_demo(args.policy, keep=args.keep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

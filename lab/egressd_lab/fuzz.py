@@ -25,7 +25,7 @@ What counts as a failure, per target (the contract of the code under test):
   fast;
 * one input using more than ``--guard`` seconds of CPU (a hang is a denial of service).
 
-Usage: bench/fuzz.py [--count N] [--seconds S] [--seed N] [--target NAME]... [--jobs J]
+Usage: python -m egressd_lab.fuzz [--count N] [--seconds S] [--seed N] [--target NAME]... [--jobs J]
 """
 
 from __future__ import annotations
@@ -51,16 +51,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final, Generic, TypeVar
 
-REPO: Final = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-import yaml  # noqa: E402
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode  # noqa: E402
-
-from egressd import defrag, expect  # noqa: E402
-from egressd.detect.base import NEED_MORE, NOT_THIS, Detection, StreamContext  # noqa: E402
-from egressd.detect.dns import (  # noqa: E402
+from egressd import defrag, expect
+from egressd.detect.base import NEED_MORE, NOT_THIS, Detection, StreamContext
+from egressd.detect.dns import (
     MAX_TCP_MESSAGES,
     answers_by_ip,
     detect_dns_datagram,
@@ -69,11 +65,11 @@ from egressd.detect.dns import (  # noqa: E402
     parse_message,
     tunnel_score,
 )
-from egressd.detect.proxy import detect_proxy  # noqa: E402
-from egressd.detect.ssh import detect_ssh  # noqa: E402
-from egressd.detect.stratum import detect_stratum  # noqa: E402
-from egressd.detect.tls import ClientHello, detect_tls, parse_client_hello  # noqa: E402
-from egressd.engine import (  # noqa: E402
+from egressd.detect.proxy import detect_proxy
+from egressd.detect.ssh import detect_ssh
+from egressd.detect.stratum import detect_stratum
+from egressd.detect.tls import ClientHello, detect_tls, parse_client_hello
+from egressd.engine import (
     ACCEPT,
     ACCEPT_PIN,
     ACCEPT_PLAIN,
@@ -83,12 +79,14 @@ from egressd.engine import (  # noqa: E402
     DROP,
     Engine,
 )
-from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, SETTLED, make_key  # noqa: E402
-from egressd.packet import Malformed, Packet, decode  # noqa: E402
-from egressd.pcapio import MAX_CAPLEN, CaptureError, Reader  # noqa: E402
-from egressd.policy import ACTIONS, FlowFacts, Policy, PolicyError, load_policy, load_policy_text  # noqa: E402
-from egressd.policy import validate as validate_policy  # noqa: E402
-from egressd.stream import GREW, HELD, NOTHING, StreamHead  # noqa: E402
+from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, SETTLED, make_key
+from egressd.packet import Malformed, Packet, decode
+from egressd.pcapio import MAX_CAPLEN, CaptureError, Reader
+from egressd.policy import ACTIONS, FlowFacts, Policy, PolicyError, load_policy, load_policy_text
+from egressd.policy import validate as validate_policy
+from egressd.stream import GREW, HELD, NOTHING, StreamHead
+
+REPO: Final = Path(__file__).resolve().parents[2]  # the checkout: <checkout>/lab/egressd_lab/fuzz.py
 
 T = TypeVar("T")
 

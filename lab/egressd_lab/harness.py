@@ -1,9 +1,11 @@
-"""What the adversarial daemon tests share: a lab, per-test policies, the daemon, load generators.
+"""What the end-to-end tests and the live benchmarks share: when they can run, per-test
+policies, the daemon's status and resources, load generators, counting at the far side.
 
-Why a harness of its own (and no tests in this file): the adversarial suite drives the real
-``egressd run`` — not the test-only consumer of conftest.py — under exhaustion, faults and
-evasion, and ``bench/flood.py`` runs the same generators for longer. Everything here is
-bounded in time and count, sends only between the lab's namespaces on documentation
+Why one harness (and no tests in this file): the adversarial suite drives the real
+``egressd run`` under exhaustion, faults and evasion, the daemon suite drives it with real
+peers, the kernel-mechanism suite drives NFQUEUE directly, and ``bench/flood.py`` runs the
+same generators for longer; each used to carry its own copy of these helpers. Everything here
+is bounded in time and count, sends only between the lab's namespaces on documentation
 addresses, and stops what it starts by pid.
 
 Every lab here is named ``egadv<pid>*`` (a suffix ``s``/``d``/``m`` where a second lab must coexist
@@ -13,13 +15,12 @@ with a module's; ``egadvb<pid>`` for the bench), so two runs on one machine neve
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import os
 import select
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,12 +30,12 @@ import pytest
 import yaml
 
 from egressd import netfilter
-from egressd.lab import peers
-from egressd.lab.netns import NODE_V4, SERVICES, Lab, have_netns
 from egressd.paths import default_policy
+from egressd_lab import peers
+from egressd_lab.netns import NODE_V4, SERVICES, Lab, have_netns
+from egressd_lab.peers import PY
 
 PREFIX = f"egadv{os.getpid() % 100000}"  # unique per run: two suites on one machine never share a lab
-PY = sys.executable
 POOL_V4 = SERVICES["pool"][0]
 BULK_V4 = SERVICES["bulk"][0]
 PROXY_V4 = SERVICES["proxy"][0]
@@ -43,8 +44,12 @@ EVIL_V4 = SERVICES["ssh_evil"][0]
 SINK_V4 = SERVICES["tls"][0]  # a plain address for sinks that must match no rule
 
 
-def why_skip() -> str | None:
-    """Why the live suite cannot run here (None: it can)."""
+@functools.cache
+def why_no_kernel() -> str | None:
+    """Why the live suites cannot run here (None: they can): root, the tools, NFQUEUE support.
+
+    NFQUEUE support is probed in a throwaway namespace (a kernel without it refuses the rule).
+    """
     if not have_netns():
         return "needs root and iproute2 (network namespaces)"
     for tool in ("iptables-restore", "ip6tables-restore", "iptables-save", "conntrack"):
@@ -56,10 +61,19 @@ def why_skip() -> str | None:
         return "python netfilterqueue is not installed"
     if not (Path(PY).parent / "egressd").is_file():
         return "the egressd console script is not installed beside this interpreter (pip install -e .)"
+    name = f"egdprobe{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], capture_output=True, check=False)
+    try:
+        argv = ["ip", "netns", "exec", name, "iptables", "-w", "-A", "OUTPUT", "-j", "NFQUEUE", "--queue-num", "9"]
+        p = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if p.returncode != 0:
+            return f"no NFQUEUE support in this kernel: {p.stderr.strip()}"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
     return None
 
 
-WHY = why_skip()
+WHY = why_no_kernel()
 live = [pytest.mark.netns, pytest.mark.skipif(WHY is not None, reason=WHY or "")]
 
 
@@ -108,47 +122,28 @@ def write_policy(
     return path
 
 
+def policy_copy(tmp: Path, edit: Callable[[str], str] = lambda s: s) -> Path:
+    """A copy of the shipped rules directory (the default policy includes lists/) with
+    ``edit`` applied to default.yaml as text (comments kept); returns the copy's default.yaml."""
+    src = default_policy().parent
+    dst = tmp / f"rules-{time.monotonic_ns()}"
+    shutil.copytree(src, dst)
+    pol = dst / "default.yaml"
+    pol.write_text(edit(pol.read_text()))
+    return pol
+
+
+def set_key(text: str, key: str, value: str) -> str:
+    """Replace a top-level ``key: ...`` line of a policy (the rest of the file unchanged)."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith(f"{key}:"):
+            lines[i] = f"{key}: {value}\n"
+            return "".join(lines)
+    raise AssertionError(f"no top-level {key!r} in the policy")
+
+
 # -- the daemon ------------------------------------------------------------------------------
-def start_daemon(
-    lb: Lab,
-    tmp: Path,
-    policy: Path,
-    *,
-    wrapper: Sequence[str] = (),
-    extra: Sequence[str] = (),
-    name: str = "egressd",
-    events: Path | None = None,
-    timeout: float = 20.0,
-) -> peers.Egressd:
-    """``egressd run`` in the node namespace (optionally under ``wrapper``, e.g. setpriv)."""
-    ev = events or tmp / f"{name}.events.jsonl"
-    sock, err = tmp / f"{name}.sock", tmp / f"{name}.stderr"
-    with contextlib.suppress(FileNotFoundError):
-        sock.unlink()  # a SIGKILLed predecessor leaves its socket behind
-    argv = [
-        *wrapper, *peers.egressd_argv(), "run", "--policy", str(policy), "--events", str(ev),
-        "--status-socket", str(sock), *extra,
-    ]  # fmt: skip
-    with open(err, "ab") as fh:
-        proc = lb.spawn("node", argv, stdout=subprocess.DEVNULL, stderr=fh, stdin=subprocess.DEVNULL)
-    d = peers.Egressd(lb, proc, policy, ev, sock, err)
-    deadline = time.monotonic() + timeout
-    while True:
-        if not d.alive():
-            lb.procs.remove(proc)
-            raise RuntimeError(f"egressd run exited ({proc.returncode}): {d.stderr_text()[-1500:]}")
-        if sock.exists():
-            with contextlib.suppress(OSError, ValueError):
-                d.status(timeout=1.0)
-                return d
-        if time.monotonic() > deadline:
-            d.stop(signal.SIGKILL)
-            raise RuntimeError(
-                f"egressd did not answer on {sock} in {timeout:g} s: {d.stderr_text()[-1500:]}"
-            )
-        time.sleep(0.05)
-
-
 def kill9(d: peers.Egressd) -> None:
     """SIGKILL by pid and reap: no clean-up runs, the kernel rules stay as they were."""
     d.stop(signal.SIGKILL, timeout=5.0)
@@ -182,17 +177,8 @@ def rss_kb(pid: int) -> int:
 def stratum(
     lb: Lab, host: str, port: int, *args: str, variant: str = "v1", timeout: float = 3.0
 ) -> dict[str, Any]:
-    """One miner handshake from the node; its JSON report (``handshake_complete`` says it all)."""
-    r = lb.run_node(
-        [PY, "-m", "egressd.lab.stratum", "client", "--connect", peers.hostport(host, port),
-         "--variant", variant, "--timeout", str(timeout), *args],
-        timeout=timeout + 10,
-    )  # fmt: skip
-    try:
-        rep: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return {"handshake_complete": False, "error": f"no report: {r.stdout!r} {r.stderr[-300:]!r}"}
-    return rep
+    """One miner handshake from the node to ``host:port``; its report (``handshake_complete`` says it all)."""
+    return peers.stratum_client(lb, peers.hostport(host, port), variant, *args, timeout=timeout)[1]
 
 
 # -- counting what reaches the inet side ------------------------------------------------------
@@ -388,13 +374,15 @@ __all__ = [
     "kill9",
     "live",
     "need",
+    "policy_copy",
     "proc_status",
     "queue_rule_hits",
     "rss_kb",
+    "set_key",
     "spawn_inet_py",
     "spawn_node_py",
-    "start_daemon",
     "stratum",
     "wait_status",
+    "why_no_kernel",
     "write_policy",
 ]

@@ -1,6 +1,7 @@
 """Real peers for the namespace lab: sshd, a TLS server, a resolver, a bulk HTTP server, a pool.
 
-Why real programs and not stand-ins: ``egressd demo`` and the daemon's end-to-end tests
+Why real programs and not stand-ins: the demo (``make run``), the capture script
+(``pcaps/make.py``) and the daemon's end-to-end tests
 must show egressd stopping what OpenSSH, curl, dig and a miner really put on the wire, with
 their real timeouts and error paths (a reset must make ``ssh`` give up in milliseconds, a
 dropped DNS answer must make ``dig`` time out). Each starter here
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from egressd.lab.netns import SERVICES, Lab
+from egressd_lab.netns import SERVICES, Lab
 
 PY: Final = sys.executable
 SSHD: Final = "/usr/sbin/sshd"
@@ -44,6 +45,7 @@ START_TIMEOUT: Final = 10.0  # seconds a peer gets to start listening
 LAB_NAMES: Final[dict[str, str]] = {
     "tls.example.net": "tls",
     "bulk.example.net": "bulk",
+    "pool.example.net": "pool",
     "git.example.org": "ssh_named",
     "bastion.example.org": "ssh_allowed",
     "xmr.nanopool.org": "pool",
@@ -73,7 +75,7 @@ class Peer:
     ns: str  # "inet" or "node"
     proc: subprocess.Popen[bytes]
     log: Path
-    listen: tuple[tuple[str, int], ...] = ()
+    listen: tuple[tuple[str | None, int], ...] = ()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -122,7 +124,7 @@ def _strip_scope(local: str) -> str:
 def wait_listening(
     lab: Lab,
     ns: str,
-    endpoints: Iterable[tuple[str, int]],
+    endpoints: Iterable[tuple[str | None, int]],
     udp: bool = False,
     timeout: float = START_TIMEOUT,
     peer: Peer | None = None,
@@ -137,7 +139,7 @@ def wait_listening(
         if peer is not None and not peer.alive():
             raise PeerError(f"{peer.name} exited ({peer.proc.returncode}): {peer.log_text()[-800:]}")
         if time.monotonic() > deadline:
-            what = ", ".join(hostport(a, p) for a, p in pending)
+            what = ", ".join(hostport(a, p) if a else f"*:{p}" for a, p in pending)
             tail = peer.log_text()[-800:] if peer is not None else ""
             raise PeerError(f"nothing listens on {what} in {ns} after {timeout:g} s {tail}".rstrip())
         time.sleep(0.05)
@@ -205,6 +207,7 @@ def write_sshd_config(
         "UseDNS no",
         "AllowTcpForwarding yes",
         "Subsystem sftp internal-sftp",  # scp's default mode since OpenSSH 9.0, and sftp
+        "PermitTunnel yes",  # ssh -w (the SSH usage captures)
         f"GatewayPorts {'yes' if gateway_ports else 'no'}",
         "PrintMotd no",
         "PrintLastLog no",
@@ -268,17 +271,22 @@ def make_cert(tmp: Path, names: Sequence[str], stem: str = "tls") -> Cert:
     return c
 
 
-def start_tls_server(lab: Lab, tmp: Path, cert: Cert, addr: str, port: int = 443, name: str | None = None) -> Peer:
-    """``openssl s_server -www``: answers any TLS client with a status page (HTTP 200)."""
+def start_tls_server(
+    lab: Lab, tmp: Path, cert: Cert, addr: str, port: int = 443, name: str | None = None, www: Path | None = None
+) -> Peer:
+    """``openssl s_server -www``: answers any TLS client with a status page (HTTP 200).
+
+    With ``www``, ``-WWW`` instead: serves the files of that directory (an HTTPS download).
+    """
     name = name or f"s_server-{addr}-{port}"
     log = tmp / f"{name}.log"
     argv = [
         "openssl", "s_server", "-accept", hostport(addr, port), "-naccept", "100000",
-        "-cert", str(cert.cert), "-key", str(cert.key), "-www", "-quiet",
+        "-cert", str(cert.cert), "-key", str(cert.key), "-WWW" if www else "-www", "-quiet",
     ]  # fmt: skip
     if ":" in addr:
         argv.append("-6")
-    proc = _spawn(lab, "inet", argv, log)
+    proc = _spawn(lab, "inet", argv, log, cwd=str(www) if www else None)
     return _started(lab, Peer(name, "inet", proc, log, ((addr, port),)))
 
 
@@ -310,15 +318,27 @@ class BulkFile:
     sha256: str
 
 
-def make_bulk_file(directory: Path, size: int, name: str = "blob.bin") -> BulkFile:
-    """``size`` random (incompressible) bytes, written in 1 MiB pieces; returns its sha256."""
+def make_bulk_file(directory: Path, size: int, name: str = "blob.bin", seed: bytes | None = None) -> BulkFile:
+    """``size`` incompressible bytes, written in 1 MiB pieces; returns its sha256.
+
+    Random by default; with ``seed``, a sha256 chain from it, so a capture of the download is
+    the same file on every run (``pcaps/make.py``).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     h = hashlib.sha256()
     with open(path, "wb") as f:
         left = size
         while left:
-            chunk = os.urandom(min(left, 1 << 20))
+            n = min(left, 1 << 20)
+            if seed is None:
+                chunk = os.urandom(n)
+            else:
+                parts = []
+                for _ in range((n + 31) // 32):
+                    seed = hashlib.sha256(seed).digest()
+                    parts.append(seed)
+                chunk = b"".join(parts)[:n]
             h.update(chunk)
             f.write(chunk)
             left -= len(chunk)
@@ -344,10 +364,18 @@ def start_http_proxy(lab: Lab, tmp: Path, addr: str, port: int = 3128) -> Peer:
     return _started(lab, Peer(name, "inet", proc, log, ((addr, port),)))
 
 
+def start_socks_proxy(lab: Lab, tmp: Path, addr: str, port: int = 1080) -> Peer:
+    """microsocks: a SOCKS5 proxy (no authentication) until the lab closes."""
+    name = f"microsocks-{addr}-{port}"
+    log = tmp / f"{name}.log"
+    proc = _spawn(lab, "inet", ["microsocks", "-i", addr, "-p", str(port)], log, stdout=subprocess.DEVNULL)
+    return _started(lab, Peer(name, "inet", proc, log, ((addr, port),)))
+
+
 # -- the mining pool ----------------------------------------------------------------------------
 @dataclass
 class Pool(Peer):
-    """``egressd.lab.stratum pool``; ``log`` is its JSON-lines event log (open, request, close)."""
+    """``egressd_lab.stratum pool``; ``log`` is its JSON-lines event log (open, request, close)."""
 
     variant: str = "v1"
 
@@ -379,12 +407,30 @@ def start_pool(
     name = f"pool-{variant}-{addr}-{port}"
     log = tmp / f"{name}.jsonl"
     argv = [
-        PY, "-m", "egressd.lab.stratum", "pool", "--listen", hostport(addr, port), "--variant", variant,
+        PY, "-m", "egressd_lab.stratum", "pool", "--listen", hostport(addr, port), "--variant", variant,
         "--log", str(log), "--lifetime", str(lifetime), "--idle-timeout", str(idle_timeout),
     ]  # fmt: skip
     log.touch()
     proc = _spawn(lab, "inet", argv, tmp / f"{name}.out")
     return _started(lab, Pool(name, "inet", proc, log, ((addr, port),), variant=variant))
+
+
+def stratum_client(
+    lab: Lab, target: str, variant: str = "v1", *extra: str, timeout: float = 5.0
+) -> tuple[int, dict[str, Any]]:
+    """One miner handshake (``egressd_lab.stratum client``) from the node: (exit code, its JSON report).
+
+    A client that printed no report (killed, crashed) gives ``handshake_complete: False``,
+    ``no_report: True`` and an ``error`` with what it printed, so silence is never a handshake.
+    """
+    argv = [PY, "-m", "egressd_lab.stratum", "client", "--connect", target, "--variant", variant]
+    p = lab.run_node([*argv, "--timeout", str(timeout), *extra], timeout=timeout + 10)
+    try:
+        rep: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        error = f"the stratum client printed no report: {p.stdout!r} {p.stderr[-300:]!r}"
+        return p.returncode, {"handshake_complete": False, "no_report": True, "error": error}
+    return p.returncode, rep
 
 
 # -- the standard set ---------------------------------------------------------------------------
@@ -544,13 +590,24 @@ def start_egressd(
     extra: Sequence[str] = (),
     name: str = "egressd",
     timeout: float = 20.0,
+    *,
+    wrapper: Sequence[str] = (),
+    events: Path | None = None,
 ) -> Egressd:
-    """Start ``egressd run`` in the node namespace and wait until its status socket answers."""
+    """Start ``egressd run`` in the node namespace and wait until its status socket answers.
+
+    ``wrapper`` goes before the command (``setpriv ...`` to drop privileges); ``events`` is
+    the event log (default ``<tmp>/<name>.events.jsonl``).
+    """
     from egressd.paths import default_policy
 
     pol = policy or default_policy()
-    events, sock, err = tmp / f"{name}.events.jsonl", tmp / f"{name}.sock", tmp / f"{name}.stderr"
-    argv = [*egressd_argv(), "run", "--policy", str(pol), "--events", str(events), "--status-socket", str(sock)]
+    events = events or tmp / f"{name}.events.jsonl"
+    sock, err = tmp / f"{name}.sock", tmp / f"{name}.stderr"
+    argv = [
+        *wrapper, *egressd_argv(), "run", "--policy", str(pol), "--events", str(events),
+        "--status-socket", str(sock),
+    ]  # fmt: skip
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()  # a SIGKILLed predecessor leaves its socket file behind
     proc = _spawn(lab, "node", [*argv, *extra], err, stdout=subprocess.DEVNULL)

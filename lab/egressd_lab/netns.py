@@ -1,6 +1,6 @@
 """A two-namespace lab: a training "node" and the "internet", joined by one veth pair.
 
-Why it exists: the demo (``egressd demo``), the capture script (``pcaps/make.py``) and the
+Why it exists: the demo (``make run``), the capture script (``pcaps/make.py``) and the
 end-to-end tests all need the same thing — real programs talking over a real kernel path
 that egressd can sit on, *without touching the host's own traffic*. Everything lives in
 namespaces this module creates and removes, on documentation addresses only
