@@ -67,6 +67,7 @@ Bounds: per direction at most ``MAX_UNITS`` units after authentication and
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -137,14 +138,20 @@ class Framing:
 
     def payload_range(self, wire: int) -> tuple[int, int] | None:
         """Payload lengths a single packet of ``wire`` bytes can carry (minimal padding)."""
-        plen = wire - 4 - self.tag
-        if plen < 5 or (plen + (4 if self.len_in_block else 0)) % self.block:
-            return None
-        return max(0, plen - 1 - (self.block + 3)), plen - 5
+        return _payload_range(self.block, self.tag, self.len_in_block, wire)
 
     def fits(self, wire: int, lo: int, hi: int) -> bool:
         r = self.payload_range(wire)
         return r is not None and r[0] <= hi and lo <= r[1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _payload_range(block: int, tag: int, len_in_block: bool, wire: int) -> tuple[int, int] | None:
+    """Cached: the rules ask the same few sizes many times per flow (bounded cache)."""
+    plen = wire - 4 - tag
+    if plen < 5 or (plen + (4 if len_in_block else 0)) % block:
+        return None
+    return max(0, plen - 1 - (block + 3)), plen - 5
 
 
 def framing(cipher: bytes, mac: bytes) -> Framing | None:
@@ -311,13 +318,16 @@ _DONE: Final = 3
 class UsageWatch:
     """Fed every TCP payload of an SSH flow (client = originator); says what it is used for."""
 
-    __slots__ = ("_anchor", "_c", "_s", "_seq", "client", "compressed", "framings", "result", "state", "why_done")
+    __slots__ = (
+        "_anchor", "_c", "_floor", "_s", "_seq", "client", "compressed", "framings", "result", "state", "why_done",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self._c = _Dir()
         self._s = _Dir()
         self._seq = 0
         self._anchor = -1  # seq of USERAUTH_SUCCESS
+        self._floor = -1.0  # the quickest answer during authentication, once known (_answer_floor)
         self.state = _HANDSHAKE
         self.result: Detection | None = None
         self.framings = ""
@@ -357,9 +367,13 @@ class UsageWatch:
             self.state = _AUTH
         else:
             d = self._c if from_client else self._s
-            if off + len(payload) > d.edge:
-                self._seq += 1
-                d.consume(off, payload, ts, self._seq)
+            if off + len(payload) <= d.edge:
+                return None  # a retransmission: nothing new to judge
+            units, lost = len(d.units), d.lost
+            self._seq += 1
+            d.consume(off, payload, ts, self._seq)
+            if len(d.units) == units and d.lost == lost:
+                return None  # inside a packet already counted (lengths in clear)
         return self._decide()
 
     def _handshake(self, chead: bytes, shead: bytes) -> bool:
@@ -413,9 +427,8 @@ class UsageWatch:
             self.result = det
             self._stop("decided")
             return det
-        cu = [u for u in c.units if u.seq > self._anchor]
-        su = [u for u in s.units if u.seq > self._anchor]
-        if len(cu) >= MAX_UNITS or len(su) >= MAX_UNITS or c.lost or s.lost:
+        after = sum(1 for u in c.units if u.seq > self._anchor), sum(1 for u in s.units if u.seq > self._anchor)
+        if max(after) >= MAX_UNITS or c.lost or s.lost:
             self._stop("bound reached")
         return None
 
@@ -624,6 +637,11 @@ class UsageWatch:
         return None
 
     def _answer_floor(self) -> float:
+        if self._floor < 0:
+            self._floor = self._compute_floor()
+        return self._floor
+
+    def _compute_floor(self) -> float:
         """The quickest the server answered the client during authentication (request to
         next server packet): a server segment arriving sooner than half of that after a
         request was on its way before the request arrived, so it answers nothing of it.
