@@ -82,3 +82,24 @@ def test_scp_from_the_allowed_bastion_copies_and_is_not_a_forward(
     assert dst.read_bytes() == src.read_bytes()
     ev = one_event(daemon, ALLOWED, 22)
     assert (ev["rule"], ev["action"], ev["detections"]) == ("default", "allowed", ["ssh"])
+
+
+def test_ssh_local_forward_to_the_allowed_bastion_works_and_is_recorded(dlab: DaemonLab, daemon: peers.Egressd) -> None:
+    # -L to the bastion's own sshd: what comes back through the tunnel is its banner.
+    opts = ["-N", "-L", f"9050:{ALLOWED}:22", "-o", "ExitOnForwardFailure=yes"]
+    tun = dlab.lab.spawn("node", dlab.peers.ssh(ALLOWED, options=opts), stdin=subprocess.DEVNULL)
+    try:
+        peers.wait_listening(dlab.lab, "node", [("127.0.0.1", 9050)])
+        p, _ = dlab.run(["ncat", "--recv-only", "-w", "3", "-i", "2", "127.0.0.1", "9050"])
+        assert p.stdout.startswith("SSH-2.0-OpenSSH"), (p.stdout, p.stderr)
+        ev = one_event(daemon, ALLOWED, 22, timeout=5.0)
+        assert (ev["rule"], ev["verdict"], ev["action"], ev["detection"]["kind"]) == (
+            "alert-ssh-forwards",
+            "alert",
+            "allowed",
+            "ssh.forward.local",
+        )
+        assert "direct-tcpip" in ev["detection"]["evidence"]
+        assert tun.poll() is None, "an alerted forward keeps working"
+    finally:
+        dlab.lab.stop(tun)
