@@ -351,6 +351,13 @@ def _use_openssh(use: str, cipher: str) -> Callable[[Ctx], None]:
             p = c.node([*c.ssh_argv(SSH_ALLOWED, *cargs), "echo ssh-ok"])
             if "ssh-ok" not in p.stdout:
                 raise MakeError(f"ssh cmd: {p.stderr}")
+        elif use == "cmd-controlmaster":
+            # A multiplexing master (as Ansible and many ssh_configs use): no no-more-sessions,
+            # the session open goes out alone.
+            mux = ["-o", "ControlMaster=yes", "-o", f"ControlPath={c.tmp}/mux-{cipher}", "-o", "ControlPersist=no"]
+            p = c.node([*c.ssh_argv(SSH_ALLOWED, *cargs, *mux), "echo ssh-ok"])
+            if "ssh-ok" not in p.stdout:
+                raise MakeError(f"ssh cmd (ControlMaster): {p.stderr}")
         elif use == "remote-cmd":
             p = c.node([*c.ssh_argv(SSH_ALLOWED, *cargs, "-R", "2224:127.0.0.1:22"), "sleep 1; echo ssh-ok"])
             if "ssh-ok" not in p.stdout:
@@ -473,7 +480,7 @@ def _use_python(client: str, use: str, cipher: str) -> Callable[[Ctx], None]:
 
 SSH_USES = (
     "remote-N", "remote-cmd", "remote-used", "local", "dynamic", "tun",
-    "cmd", "shell", "scp", "scp-legacy", "sftp", "rsync", "git-clone", "git-push",
+    "cmd", "cmd-controlmaster", "shell", "scp", "scp-legacy", "sftp", "rsync", "git-clone", "git-push",
 )  # fmt: skip
 
 
