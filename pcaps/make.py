@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import os
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -57,8 +58,9 @@ FWD_PORT = 8080  # on SSH_ALLOWED: what ssh -L / -D captures connect to through 
 PY = sys.executable
 APT_PACKAGES = (
     "tcpdump openssh-client openssh-server openssl curl bind9-dnsutils dnsmasq-base ncat microsocks iproute2 "
-    "git rsync dropbear-bin"
+    "git rsync dropbear-bin sshuttle"
 )
+
 
 class MakeError(RuntimeError):
     """A step of a capture failed; the message says which program and what it printed."""
@@ -86,14 +88,10 @@ class Ctx:
     def ssh_argv(self, host: str, *options: str, port: int = 22) -> list[str]:
         return peers.ssh_argv(self.keys, host, options=options, port=port)
 
-    def node(
-        self, argv: list[str], timeout: float = 20.0, ok: bool = True
-    ) -> subprocess.CompletedProcess[str]:
+    def node(self, argv: list[str], timeout: float = 20.0, ok: bool = True) -> subprocess.CompletedProcess[str]:
         p = self.lab.run_node(argv, timeout=timeout)
         if ok and p.returncode != 0:
-            raise MakeError(
-                f"{' '.join(argv)} -> exit {p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}"
-            )
+            raise MakeError(f"{' '.join(argv)} -> exit {p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}")
         return p
 
     def stratum_client(self, target: str, variant: str, *extra: str) -> dict[str, Any]:
@@ -171,7 +169,12 @@ def start_peers(lb: Lab, tmp: Path, files: contextlib.ExitStack) -> Ctx:
     srv.mkdir(exist_ok=True)
     (srv / "file.bin").write_bytes(hashlib.sha256(b"egressd-scp").digest() * 128)  # 4 KiB
     subprocess.run(["git", "init", "-q", "--bare", str(srv / "repo.git")], check=True, timeout=30)
-    peers.wait_listening(lb, "inet", [(SSH_ALLOWED, FWD_PORT)])
+    # What sshuttle routes through its session: only the far side's ncat answers here.
+    lb.spawn(
+        "inet", ["ncat", "-lk", TLS, str(FWD_PORT), "--sh-exec", "echo sshuttle-ok"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    peers.wait_listening(lb, "inet", [(SSH_ALLOWED, FWD_PORT), (TLS, FWD_PORT)])
     return Ctx(lb, tmp, files, keys, node_sshd)
 
 
@@ -223,9 +226,7 @@ def _ssh_role_inversion(c: Ctx) -> None:
         c.node(["ncat", "--sh-exec", sshd_i, SSH_ALLOWED, "443"], timeout=20)
         listener.wait(10)
         if "reverse-ok" not in out.read_text():
-            raise MakeError(
-                f"the inverted SSH session did not run: {(c.tmp / 'inverted-ssh.err').read_text()}"
-            )
+            raise MakeError(f"the inverted SSH session did not run: {(c.tmp / 'inverted-ssh.err').read_text()}")
     finally:
         c.lab.stop(listener)
 
@@ -358,6 +359,37 @@ def _use_openssh(use: str, cipher: str) -> Callable[[Ctx], None]:
             p = c.node([*c.ssh_argv(SSH_ALLOWED, *cargs, *mux), "echo ssh-ok"])
             if "ssh-ok" not in p.stdout:
                 raise MakeError(f"ssh cmd (ControlMaster): {p.stderr}")
+        elif use in ("cmd-stdin", "cmd-bash-s"):
+            # Look-alikes of sshuttle's bootstrap: a long command fed a large stdin. `cat` answers
+            # after the end of its input, `bash -s` answers while it reads.
+            pad = "#" + "x" * 120  # a command as long as sshuttle's
+            if use == "cmd-stdin":
+                data = hashlib.sha256(b"stdin").digest() * 600  # 19 KB
+                cmd, proof = f"cat > {c.tmp}/stdin.out; echo ok {pad}", "ok"
+            else:
+                data = "".join(f"echo line {i}\n" for i in range(1500)).encode()
+                cmd, proof = f"bash -s -- {pad}", "line 1499"
+            p = subprocess.run(c.lab.node_cmd([*c.ssh_argv(SSH_ALLOWED, *cargs), cmd]), input=data,
+                               capture_output=True, timeout=20)  # fmt: skip
+            if proof.encode() not in p.stdout:
+                raise MakeError(f"ssh {use}: {p.stderr[-300:]!r}")
+        elif use == "sshuttle":
+            # sshuttle 1.1 (Debian 12) with this ssh, routing one service address through the session.
+            ssh_cmd = " ".join(shlex.quote(x) for x in ["ssh", *c.ssh_argv(SSH_ALLOWED, *cargs)[1:-1]])
+            argv = ["sshuttle", "-r", f"root@{SSH_ALLOWED}", f"{TLS}/32", "-e", ssh_cmd]
+            vpn = _bg(c, argv, f"sshuttle-{cipher}")
+            try:
+                deadline, got = time.monotonic() + 15, ""
+                while "sshuttle-ok" not in got and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    probe = ["ncat", "--recv-only", "-w", "2", "-i", "2", TLS, str(FWD_PORT)]
+                    got = c.lab.run_node(probe, timeout=10).stdout
+                if "sshuttle-ok" not in got:
+                    err = (c.tmp / f"sshuttle-{cipher}.err").read_text()[-500:]
+                    raise MakeError(f"nothing came through sshuttle: {err}")
+                time.sleep(0.5)
+            finally:
+                c.lab.stop(vpn)
         elif use == "remote-cmd":
             p = c.node([*c.ssh_argv(SSH_ALLOWED, *cargs, "-R", "2224:127.0.0.1:22"), "sleep 1; echo ssh-ok"])
             if "ssh-ok" not in p.stdout:
@@ -480,7 +512,8 @@ def _use_python(client: str, use: str, cipher: str) -> Callable[[Ctx], None]:
 
 SSH_USES = (
     "remote-N", "remote-cmd", "remote-used", "local", "dynamic", "tun",
-    "cmd", "cmd-controlmaster", "shell", "scp", "scp-legacy", "sftp", "rsync", "git-clone", "git-push",
+    "cmd", "cmd-controlmaster", "cmd-stdin", "cmd-bash-s", "shell", "scp", "scp-legacy", "sftp", "rsync",
+    "git-clone", "git-push", "sshuttle",
 )  # fmt: skip
 
 
@@ -515,9 +548,7 @@ RECIPES: list[Recipe] = [
         _host(PROXY),
         _stratum("v1", POOL, 3333, "--via-connect", f"{PROXY}:3128"),
     ),
-    Recipe(
-        "stratum-via-socks5", _host(PROXY), _stratum("xmr", POOL, 3333, "--via-socks5", f"{PROXY}:1080")
-    ),
+    Recipe("stratum-via-socks5", _host(PROXY), _stratum("xmr", POOL, 3333, "--via-socks5", f"{PROXY}:1080")),
 ]
 
 
@@ -625,9 +656,7 @@ def check_expectations(name: str, path: Path) -> None:
             and ("dst_port" not in m or m["dst_port"] == k[4])
         ]  # fmt: skip
         if not hits or ("count" in f and len(hits) != f["count"]):
-            raise MakeError(
-                f"{name}: expectation {m} matches {len(hits)} flows in the capture: {sorted(flows)}"
-            )
+            raise MakeError(f"{name}: expectation {m} matches {len(hits)} flows in the capture: {sorted(flows)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,7 +76,12 @@ from egressd.detect.base import SSH_FORWARD_LOCAL, SSH_FORWARD_REMOTE, SSH_FORWA
 
 MAX_UNITS: Final = 24  # units per direction watched after authentication (the "first few dozen")
 _MAX_PRE_AUTH: Final = 24  # units per direction before USERAUTH_SUCCESS, or give up
-_MAX_PLAIN: Final = 16  # plaintext packets walked per direction looking for NEWKEYS
+_MAX_PLAIN: Final = 16
+# sshuttle's bootstrap (see UsageWatch._bootstrapped): its command is a long one-liner (sshuttle
+# 1.1: 150-170 bytes of payload), its upload ~17 KB.
+_P_LONG_EXEC: Final = 100
+_P_EXEC_MAX: Final = 1500
+_UPLOAD_MIN: Final = 8192  # plaintext packets walked per direction looking for NEWKEYS
 _BURST: Final = 0.5  # s: client units this close to the first request are one burst (keepalives are >= 1 s apart)
 
 _U32 = struct.Struct("!I")
@@ -460,6 +465,9 @@ class UsageWatch:
         det = self._first_request(c1, cu, su, base)
         if det is not None:
             return det
+        det = self._bootstrapped([u for u in c.units if u.seq > after][:MAX_UNITS], su, base)  # EOFs count here
+        if det is not None:
+            return det
         # -- channels the server opens: a remote forward in use ------------------------------
         for i, u in enumerate(su):
             if not (u.single and fs.fits(u.size, P_FORWARDED_MIN, P_FORWARDED_MAX)):
@@ -563,6 +571,47 @@ class UsageWatch:
                     f"({'no-more-sessions' if nms_next else 'session open + no-more-sessions'}) before any answer",
                     self.framings,
                 )
+        return None
+
+    def _bootstrapped(self, cu: list[Unit], su: list[Unit], base: str) -> Detection | None:
+        """A program shipped over the session and run as a tunnel (sshuttle): a long command,
+        then at once a large upload on its stdin that is not ended (no EOF), answered by a
+        short message from the program, after which the client keeps talking.
+
+        sshuttle 1.1 runs ``P=python3; ... exec "$P" -c '<loader>'`` and writes its server
+        (~17 KB) to the command's stdin, which stays open: the server's sync string comes
+        back, then its own multiplexed protocol. ``ssh host cmd < file`` ends its stdin (an
+        EOF packet follows the upload); rsync, scp and git exchange small messages, or the
+        server speaks, before any large transfer."""
+        fc, fs = self._c.fr, self._s.fr
+        assert fc is not None and fs is not None
+        seq = sorted([(u.seq, 0, u) for u in cu] + [(u.seq, 1, u) for u in su], key=lambda x: (x[0], x[1]))
+        n = len(seq)
+        reply_max, sync_max, eof_max = 2 * fs.wire(9), 2 * fs.wire(9 + 64), fc.wire(11)
+        for i, (_, side, x) in enumerate(seq):
+            if side or not fc.wire(_P_LONG_EXEC) <= x.size <= fc.wire(_P_EXEC_MAX):
+                continue
+            j = i + 1
+            while j < n and seq[j][1] and seq[j][2].size <= reply_max:
+                j += 1  # CHANNEL_SUCCESS, window adjusts
+            k, upload, ended = j, 0, False
+            while k < n and not seq[k][1]:
+                upload += seq[k][2].size
+                ended |= seq[k][2].size <= eof_max  # an EOF (or close) in the burst: stdin ended
+                k += 1
+            if upload < _UPLOAD_MIN or ended or k >= n:
+                continue
+            sync = seq[k][2]
+            nxt = next((e[2] for e in seq[k + 1 :] if not e[1]), None)
+            if sync.size > sync_max or nxt is None or nxt.size <= eof_max:
+                continue
+            return _det(
+                SSH_FORWARD_TUN,
+                f"{base}; > {x.size} (a command of {_rng(fc, x.size)} bytes of payload), then > {upload} bytes "
+                f"on its stdin with no EOF, answered < {sync.size}, and > {nxt.size} goes on: a program "
+                "bootstrapped over the session (sshuttle)",
+                self.framings,
+            )
         return None
 
     def _first_pair(self, c1: Unit, base: str) -> Detection | None:
