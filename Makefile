@@ -11,7 +11,7 @@ APT_PACKAGES := python3 python3-venv python3-dev build-essential libnetfilter-qu
 	iptables nftables conntrack iproute2 iputils-ping kmod procps \
 	openssh-server openssh-client openssl curl ncat socat microsocks dnsmasq-base dnsutils \
 	tcpdump iperf3 libndpi-bin systemd \
-	dropbear-bin rsync git
+	dropbear-bin rsync git sshuttle
 
 .PHONY: help setup deps venv run demo test test-fast lint typecheck bench pcaps clean
 

@@ -323,3 +323,32 @@ def test_engine_pins_an_ordinary_session_once_the_watch_is_over() -> None:
     assert pinned_at < len(pkts) - 1, "pinned before the end of the session: the watch is bounded"
     (ev,) = [e for e in eng.events if e.flow_id == 1]
     assert (ev.rule, ev.verdict, ev.detections) == ("default", "accept", ["ssh"])
+
+
+def _bootstrap(s: Session, eof: bool) -> None:
+    s.authenticate()
+    s.msgs(True, 24, 34)  # session open + no-more-sessions
+    s.msgs(False, 84, 120)
+    s.msgs(False, 17)  # confirmation
+    s.msgs(True, 165)  # exec of a long one-liner (sshuttle 1.1: 156..171)
+    s.msgs(False, 5)  # CHANNEL_SUCCESS
+    s.msgs(True, 17000)  # the program, on its stdin
+    if eof:
+        s.msgs(True, 5)  # CHANNEL_EOF: stdin ended
+    s.msgs(False, 23)  # a short answer ("\0\0SSHUTTLE0001")
+    s.msgs(True, 30)  # and the client goes on
+
+
+def test_a_program_bootstrapped_over_stdin_that_stays_open_is_a_tun() -> None:
+    for enc in (b"aes256-gcm@openssh.com", b"chacha20-poly1305@openssh.com"):
+        s = Session(enc, b"hmac-sha2-256")
+        _bootstrap(s, eof=False)
+        assert [d.kind for d in s.found] == [SSH_FORWARD_TUN], enc
+        assert "no EOF" in s.found[0].evidence
+
+
+def test_the_same_upload_ended_by_eof_is_an_ordinary_command() -> None:
+    for enc in (b"aes256-gcm@openssh.com", b"chacha20-poly1305@openssh.com"):
+        s = Session(enc, b"hmac-sha2-256")
+        _bootstrap(s, eof=True)
+        assert not s.found, enc
