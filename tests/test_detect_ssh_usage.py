@@ -352,3 +352,22 @@ def test_the_same_upload_ended_by_eof_is_an_ordinary_command() -> None:
         s = Session(enc, b"hmac-sha2-256")
         _bootstrap(s, eof=True)
         assert not s.found, enc
+
+
+def test_a_forward_with_a_long_bind_address_is_named_from_its_tiny_answer() -> None:
+    s = Session()  # lengths in clear: every packet is seen whole
+    s.authenticate()
+    s.msgs(True, 27 + len("2001:db8:ffff:ffff:ffff:ffff:ffff:1"))  # tcpip-forward on an IPv6 address
+    s.msgs(True, 34)
+    s.msgs(False, 84, 120)
+    s.msgs(False, 1)
+    assert [d.kind for d in s.found] == [SSH_FORWARD_REMOTE]
+
+
+def test_a_direct_tcpip_first_request_answered_by_a_confirmation_is_local_not_remote() -> None:
+    s = Session()
+    s.authenticate()
+    s.msgs(True, 45 + len("203.0.113.10") + len("127.0.0.1"))  # ssh -W / ProxyJump
+    s.msgs(False, 84, 120)
+    s.msgs(False, 17)
+    assert [d.kind for d in s.found] == [SSH_FORWARD_LOCAL]

@@ -102,6 +102,9 @@ P_REPLY_MAX: Final = 5  # REQUEST_SUCCESS with the allocated port
 # tcpip-forward: bind address "" .. "255.255.255.255" ("localhost", "127.0.0.1", "0.0.0.0", "*").
 # A longer bind address (IPv6 text, a host name) is not modelled: docs/ssh-usage.md.
 P_FWD_MIN, P_FWD_MAX = 27, 27 + 15
+# Any forward request when its answer is seen: an IPv6 bind address (tcpip-forward, 27 + 45)
+# or a socket path (streamlocal-forward@openssh.com, 39 + up to 108).
+P_GR_MAX: Final = 39 + 108
 P_DIRECT_MIN, P_DIRECT_MAX = 45 + 1 + 3, 45 + 255 + 46  # direct-tcpip: host, originator ("::1")
 P_FORWARDED_MIN, P_FORWARDED_MAX = 48 + 1 + 3, 48 + 46 + 46  # forwarded-tcpip, server to client
 
@@ -529,10 +532,11 @@ class UsageWatch:
         # replies below their size class once its dictionary knows them: replies are not read.
         reply = None if self.compressed else self._first_reply(su, c1, cu)
         what = f"> {c1.size} (payload {_rng(fc, c1.size)}"
-        if fwd and reply is not None and reply[1] == "reply":
+        if fc.fits(c1.size, P_FWD_MIN, P_GR_MAX) and reply is not None and reply[1] == "reply":
             # A channel open is answered by a confirmation or a failure (payload >= 17), and
-            # no-more-sessions is not answered: a tiny answer means a global request.
-            ev = f"{base}; {what}: GLOBAL_REQUEST tcpip-forward)"
+            # no-more-sessions is not answered: a tiny answer means a global request, and the
+            # only ones a client sends first are forwards (any bind address, or a socket path).
+            ev = f"{base}; {what}: GLOBAL_REQUEST tcpip-forward or streamlocal-forward)"
             return _det(SSH_FORWARD_REMOTE, f"{ev}, answered < {reply[0].size} (REQUEST_SUCCESS)", self.framings)
         if fwd and not session:
             ev = f"{base}; {what}: GLOBAL_REQUEST tcpip-forward)"
@@ -548,7 +552,12 @@ class UsageWatch:
         if direct and not fwd and not session and not tun and not nms:
             # Nothing but a channel open to a destination is this large as a first request.
             tail = f", confirmed < {reply[0].size}" if reply is not None and reply[1] == "confirm" else ""
-            if reply is None or tail:
+            # This size is also a forward request with a long bind address (IPv6), answered by
+            # a tiny REQUEST_SUCCESS: with lengths in clear the answer decides (wait for it);
+            # where answers cannot be read (compression, or coalesced into segments that already
+            # came after the request) the far more common channel open is named.
+            unreadable = self.compressed or (not fs.visible and any(x.seq > c1.seq and not x.single for x in su))
+            if tail or (reply is None and unreadable):
                 return _det(
                     SSH_FORWARD_LOCAL, f"{base}; {what}: CHANNEL_OPEN direct-tcpip, first request){tail}",
                     self.framings,
@@ -675,8 +684,10 @@ class UsageWatch:
                 skipped = True
                 continue
             if u.size == fs.min_wire or (fs.fits(u.size, 0, P_REPLY_MAX) and not fs.fits(u.size, P_CONFIRM, P_CONFIRM)):
-                if skipped and between:
-                    return None  # could answer a request sent after a confirmation we did not see
+                if skipped and any(req.seq < x.seq < u.seq for x in self._c.units):
+                    # The client said something (even a tiny EOF or close) after a server segment
+                    # we could not read: this may answer that, after a confirmation we did not see.
+                    return None
                 return u, "reply"
             if skipped:
                 return None
