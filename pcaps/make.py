@@ -379,14 +379,18 @@ def _use_openssh(use: str, cipher: str) -> Callable[[Ctx], None]:
             argv = ["sshuttle", "-r", f"root@{SSH_ALLOWED}", f"{TLS}/32", "-e", ssh_cmd]
             vpn = _bg(c, argv, f"sshuttle-{cipher}")
             try:
+                # sshuttle says so once its server answered and its routes are in place; a probe
+                # before that would reach the service directly, not through the session.
+                err, deadline = c.tmp / f"sshuttle-{cipher}.err", time.monotonic() + 20
+                while "Connected to server" not in err.read_text() and time.monotonic() < deadline:
+                    time.sleep(0.2)
                 deadline, got = time.monotonic() + 15, ""
                 while "sshuttle-ok" not in got and time.monotonic() < deadline:
                     time.sleep(0.5)
                     probe = ["ncat", "--recv-only", "-w", "2", "-i", "2", TLS, str(FWD_PORT)]
                     got = c.lab.run_node(probe, timeout=10).stdout
-                if "sshuttle-ok" not in got:
-                    err = (c.tmp / f"sshuttle-{cipher}.err").read_text()[-500:]
-                    raise MakeError(f"nothing came through sshuttle: {err}")
+                if "sshuttle-ok" not in got or "Connected to server" not in err.read_text():
+                    raise MakeError(f"nothing came through sshuttle: {err.read_text()[-500:]}")
                 time.sleep(0.5)
             finally:
                 c.lab.stop(vpn)

@@ -25,15 +25,17 @@ also lists):
 * AES-GCM (RFC 5647) and every ``-etm@openssh.com`` MAC leave the 4-byte length in clear:
   packets are walked exactly from the stream bytes, whatever the TCP segmentation.
 * chacha20-poly1305 and the non-ETM MACs encrypt the length: only TCP segment sizes are
-  seen. A segment may carry several packets (a sender's one write), so each segment is
-  decomposed into the messages that can occur at that point; a segment whose size cannot be
-  more than one packet is a *single* unit. Anything ambiguous is left undecided.
+  seen. A segment may carry several packets (a sender's one write): a segment whose size
+  cannot be more than one packet is a *single* unit, a few write patterns are recognised by
+  their total, and anything else ambiguous is left undecided.
 
 The state machine (bounded; one instance per SSH flow whose role is normal):
 
 1. ``HANDSHAKE``: read each direction's plaintext head (banner, KEXINIT, kex messages) up
-   to NEWKEYS; learn the framing per direction. Compression, an unknown cipher, or a
-   NEWKEYS not found within the head: give up (no usage kind, ever).
+   to NEWKEYS; learn the framing per direction and the client's software (which write
+   patterns apply). An unknown cipher or MAC, or no NEWKEYS within the head: give up (no
+   usage kind, ever). Compression (dropbear's default) is followed, but then only the
+   client's first requests are read, not the server's answers.
 2. ``AUTH``: collect encrypted units; USERAUTH_SUCCESS is the first server unit after the
    client's first encrypted unit that is one minimal packet (payload <= 5 bytes); nothing
    else the server sends during authentication is that small (SERVICE_ACCEPT 17, FAILURE
@@ -41,20 +43,20 @@ The state machine (bounded; one instance per SSH flow whose role is normal):
 3. ``CONNECTION``: the first ``MAX_UNITS`` units of each direction after authentication are
    matched against the rules below. A decision ends the watch; so does the bound.
 
-Rules (each names its evidence: which units, their sizes, the inferred messages):
+Rules, in short (docs/ssh-usage.md has each with its measurements; every detection's
+evidence names the units, their sizes and the inferred messages):
 
-* ``ssh.forward.remote``: the client's first request after authentication is one packet
-  that can be a ``tcpip-forward`` and cannot be a session open, and either the server's
-  first reply-sized packet after it is a REQUEST_SUCCESS/FAILURE (not a channel
-  confirmation), or — where lengths are opaque and the server's replies ride in larger
-  segments — that packet cannot be a no-more-sessions either. Or: the server opens a
-  channel (``forwarded-tcpip``) that the client confirms, which only a remote forward
-  (or agent/X11 forwarding, sized differently) makes the server do.
-* ``ssh.forward.tun``: a ``tun@openssh.com`` open (40) answered by a channel confirmation,
-  alone or in the client's first write after authentication.
+* ``ssh.forward.remote``: the client's first request is a forward request by size, answered
+  by a tiny REQUEST_SUCCESS (a channel open is answered by a confirmation, no-more-sessions
+  not at all); or, where answers are unreadable, one whose size nothing else first sent has,
+  or OpenSSH's and dropbear's write patterns around it; or the server opens a
+  ``forwarded-tcpip`` channel the client confirms.
+* ``ssh.forward.tun``: a ``tun@openssh.com`` open confirmed, or written with
+  no-more-sessions (OpenSSH ``-w``); a program bootstrapped over the session (sshuttle: a long
+  command, a large upload on its stdin that is not ended, a short answer, more talk).
 * ``ssh.forward.local`` (``-L``, ``-D`` and ``-W`` look alike): a client channel open the
-  size of a ``direct-tcpip`` that the server confirms, before the client has opened any
-  session channel (so it cannot be a channel request of a session).
+  size of a ``direct-tcpip`` that the server confirms, before any session channel (so it
+  cannot be a channel request of a session).
 
 Limits (docs/ssh-usage.md): a custom client can pad randomly or send decoys; a session whose
 first requests come after the bound is not named; a lone ``tun@openssh.com`` open under
@@ -76,7 +78,7 @@ from egressd.detect.base import SSH_FORWARD_LOCAL, SSH_FORWARD_REMOTE, SSH_FORWA
 
 MAX_UNITS: Final = 24  # units per direction watched after authentication (the "first few dozen")
 _MAX_PRE_AUTH: Final = 24  # units per direction before USERAUTH_SUCCESS, or give up
-_MAX_PLAIN: Final = 16
+_MAX_PLAIN: Final = 16  # plaintext packets walked per direction looking for NEWKEYS
 # sshuttle's bootstrap (see UsageWatch._bootstrapped): its command is a long one-liner (sshuttle
 # 1.1: 150-170 bytes of payload), its upload ~17 KB.
 _P_LONG_EXEC: Final = 100
@@ -562,18 +564,18 @@ class UsageWatch:
                     SSH_FORWARD_LOCAL, f"{base}; {what}: CHANNEL_OPEN direct-tcpip, first request){tail}",
                     self.framings,
                 )  # fmt: skip
-        if fwd and session and not fc.visible and len(cu) > 1:
+        if fwd and session and fc.len_in_block and len(cu) > 1:
             # Opaque and coarse (non-ETM MACs): a lone packet of this size is a session open,
             # a no-more-sessions or a tcpip-forward. OpenSSH writes a session open together
             # with no-more-sessions, and -R's request alone followed at once by the rest.
             c2 = cu[1]
             floor = self._answer_floor()
-            answered = any(c1.seq < x.seq < c2.seq and x.ts - c1.ts >= floor / 2 for x in su)
+            answered = any(c1.seq < x.seq < c2.seq and (x.single or x.ts - c1.ts >= floor / 4) for x in su)
             nms_next = c2.single and fc.fits(c2.size, P_NO_MORE_SESSIONS, P_NO_MORE_SESSIONS)
             pair_next = c2.size == fc.wire(P_SESSION) + fc.wire(P_NO_MORE_SESSIONS)
-            # A lone no-more-sessions could also be an exec request after a session open was
-            # answered, so it counts only unanswered; a second session open with it cannot.
-            if c2.ts - c1.ts <= _BURST and ((nms_next and not answered) or pair_next):
+            # Either could also be a channel request (an exec of the right length) after a
+            # session open was answered, so they count only when nothing could have answered.
+            if c2.ts - c1.ts <= _BURST and (nms_next or pair_next) and not answered:
                 return _det(
                     SSH_FORWARD_REMOTE,
                     f"{base}; {what}: GLOBAL_REQUEST tcpip-forward) alone, then > {c2.size} "
@@ -676,7 +678,7 @@ class UsageWatch:
             between = [x for x in cu if req.seq < x.seq < u.seq]
             if any(x.ts - req.ts > _BURST for x in between):
                 return None
-            if not u.single and u.ts - req.ts < floor / 2:
+            if not u.single and u.ts - req.ts < floor / 4:
                 continue  # sent before the request can have arrived: the server's own notices
             if not u.single:
                 # Opaque and coalesced (the server's post-auth notices): what is inside is
@@ -703,9 +705,12 @@ class UsageWatch:
 
     def _compute_floor(self) -> float:
         """The quickest the server answered the client during authentication (request to
-        next server packet): a server segment arriving sooner than half of that after a
-        request was on its way before the request arrived, so it answers nothing of it.
-        0 (no segment is excused) when no exchange was seen."""
+        next server packet). A coalesced server segment arriving sooner than a quarter of
+        that after a request is taken as sent before the request arrived (the server's
+        post-authentication notices), so it answers nothing of it. A quarter: channel opens
+        are answered faster than authentication steps, which go through sshd's monitor
+        (measured: asyncssh's session confirmed in under half the quickest auth answer).
+        0 (nothing is excused) when no exchange was seen."""
         c, s = self._c.units, self._s.units
         best = -1.0
         for su in s:
