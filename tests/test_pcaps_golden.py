@@ -51,7 +51,7 @@ def test_every_ssh_use_is_captured_for_every_client() -> None:
         assert any(s.startswith(f"ssh-use-{client}-cmd-") for s in stems), client
     for use in ("remote-N", "remote-cmd", "remote-used", "local", "dynamic", "tun", "cmd", "shell", "scp",
                 "scp-legacy", "sftp", "rsync", "git-clone", "git-push", "cmd-controlmaster", "cmd-stdin",
-                "cmd-bash-s", "sshuttle"):  # fmt: skip
+                "cmd-bash-s", "sshuttle", "scp-push", "rsync-push"):  # fmt: skip
         for cipher in ("chacha", "gcm", "ctr-etm", "ctr"):
             assert f"ssh-use-openssh-{use}-{cipher}" in stems
 
