@@ -416,7 +416,8 @@ class Engine:
         head = fwd if from_orig else rev
         final = fwd.full or rev.full or fwd.closed or rev.closed
         off = (p.seq - head.isn) % (1 << 32) if head.isn >= 0 else -1
-        det = usage.feed(from_orig, off, p.payload, ts, fwd.data, rev.data, final) if off >= 0 else None
+        length = p.payload_len if p.truncated else -1  # a GSO super-packet's copy stops early
+        det = usage.feed(from_orig, off, p.payload, ts, fwd.data, rev.data, final, length) if off >= 0 else None
         if det is not None and self._record(flow, "ssh-usage", det):
             v = self._rejudge(flow, ts)
             if v is not None:

@@ -371,3 +371,24 @@ def test_a_direct_tcpip_first_request_answered_by_a_confirmation_is_local_not_re
     s.msgs(False, 84, 120)
     s.msgs(False, 17)
     assert [d.kind for d in s.found] == [SSH_FORWARD_LOCAL]
+
+
+def test_a_segment_captured_only_in_part_still_counts_its_whole_size() -> None:
+    """NFQUEUE copies at most 4016 bytes of a GSO super-packet: the watcher is told the real
+    length, and sizes (lengths encrypted) count it whole."""
+    s = Session(b"chacha20-poly1305@openssh.com", b"hmac-sha2-256")
+    s.authenticate()
+    before = len(s.w._c.units)
+    big = os.urandom(17000)
+    d = s.w.feed(True, len(s.c), big[:4000], 9.0, s.c, s.s, False, length=len(big))
+    assert d is None
+    assert s.w._c.units[before].size == 17000 and s.w._c.edge == len(s.c) + 17000
+
+
+def test_a_length_field_in_bytes_not_captured_ends_the_watch() -> None:
+    s = Session()  # lengths in clear: the next packet's length is where the copy stopped
+    s.authenticate()
+    assert s.fr is not None
+    data = _enc(s.fr, 6000) + _enc(s.fr, 36)
+    s.w.feed(True, len(s.c), data[:4000], 9.0, s.c, s.s, False, length=len(data))
+    assert s.w._c.lost

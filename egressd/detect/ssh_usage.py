@@ -272,22 +272,28 @@ class _Dir:
         self.lost = False  # a gap or a nonsensical length: stop following this direction
         self.units: list[Unit] = []
 
-    def consume(self, off: int, data: bytes, ts: float, seq: int) -> None:
-        """Place stream bytes [off, off+len) (in order; a gap ends the watch of this direction)."""
-        if self.lost or self.fr is None or not data:
+    def consume(self, off: int, data: bytes, ts: float, seq: int, length: int = -1) -> None:
+        """Place stream bytes [off, off+length) (in order; a gap ends the watch of this
+        direction). ``length`` > len(data) when only the segment's first bytes were captured
+        (a GSO super-packet in NFQUEUE's copy range): its size still counts; a packet length
+        field in the missing part cannot be read, and ends the watch (lengths in clear)."""
+        if length < len(data):
+            length = len(data)
+        if self.lost or self.fr is None or not length:
             return
-        end = off + len(data)
+        end = off + length
         if end <= self.edge:
             return  # a retransmission of what was consumed
         if off > self.edge:
             self.lost = True  # bytes missing: sizes after this point cannot be trusted
             return
         data = data[self.edge - off :]
+        length -= self.edge - off
         off = self.edge
         self.edge = end
         fr = self.fr
         if not fr.visible:
-            self.units.append(Unit(len(data), ts, seq, _single(fr, len(data))))
+            self.units.append(Unit(length, ts, seq, _single(fr, length)))
             return
         while self.next < end:
             need = 4 - len(self.lenbuf)
@@ -297,6 +303,8 @@ class _Dir:
                 return
             self.lenbuf += data[at : at + need]
             if len(self.lenbuf) < 4:
+                if at + need > len(data) and len(data) < length:
+                    self.lost = True  # the length field lies in bytes that were not captured
                 return
             (plen,) = _U32.unpack(self.lenbuf)
             self.lenbuf = b""
@@ -354,11 +362,20 @@ class UsageWatch:
         self.why_done = why
 
     def feed(
-        self, from_client: bool, off: int, payload: bytes, ts: float, chead: bytes, shead: bytes, final: bool
+        self,
+        from_client: bool,
+        off: int,
+        payload: bytes,
+        ts: float,
+        chead: bytes,
+        shead: bytes,
+        final: bool,
+        length: int = -1,
     ) -> Detection | None:
         """One TCP payload at stream offset ``off``; ``chead``/``shead`` are the reassembled
         heads (read only while the handshake is not yet understood); ``final``: a head has
-        ended (full or closed), so a handshake not found by now never will be."""
+        ended (full or closed), so a handshake not found by now never will be; ``length``:
+        the segment's real payload length when only its first bytes were captured."""
         if self.state == _DONE:
             return None
         if self.state == _HANDSHAKE:
@@ -377,11 +394,11 @@ class UsageWatch:
             self.state = _AUTH
         else:
             d = self._c if from_client else self._s
-            if off + len(payload) <= d.edge:
+            if off + max(length, len(payload)) <= d.edge:
                 return None  # a retransmission: nothing new to judge
             units, lost = len(d.units), d.lost
             self._seq += 1
-            d.consume(off, payload, ts, self._seq)
+            d.consume(off, payload, ts, self._seq, length)
             if len(d.units) == units and d.lost == lost:
                 return None  # inside a packet already counted (lengths in clear)
         return self._decide()

@@ -8,7 +8,9 @@ reverse tunnel and is dropped; a command and a copy are ordinary and pass.
 
 from __future__ import annotations
 
+import shlex
 import subprocess
+import time
 
 import pytest
 from daemon_fixtures import NEEDS_KERNEL, DaemonLab, one_event
@@ -103,3 +105,34 @@ def test_ssh_local_forward_to_the_allowed_bastion_works_and_is_recorded(dlab: Da
         assert tun.poll() is None, "an alerted forward keeps working"
     finally:
         dlab.lab.stop(tun)
+
+
+def test_sshuttle_through_the_allowed_bastion_works_and_is_recorded_as_a_tun(
+    dlab: DaemonLab, daemon: peers.Egressd
+) -> None:
+    """sshuttle (a VPN over an ordinary `ssh host cmd` session) routes the TLS server's address
+    through the bastion: the HTTPS request works (it never leaves the node directly: no flow
+    to the TLS server is seen) and the SSH flow is recorded as ssh.forward.tun (alert)."""
+    tls = SERVICES["tls"][0]
+    ssh = dlab.peers.ssh(ALLOWED)
+    ssh_cmd = " ".join(shlex.quote(x) for x in ssh[: ssh.index(f"root@{ALLOWED}")])
+    err = dlab.tmp / "sshuttle.err"
+    with open(err, "wb") as fh:
+        vpn = dlab.lab.spawn(
+            "node", ["sshuttle", "-r", f"root@{ALLOWED}", f"{tls}/32", "-e", ssh_cmd],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fh,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20.0
+        while "Connected to server" not in err.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "Connected to server" in err.read_text(), err.read_text()[-800:]
+        p, _ = dlab.curl_tls("tls.example.net", tls)
+        assert p.stdout.strip() == "200", p.stderr
+        ev = one_event(daemon, ALLOWED, 22, timeout=5.0)
+        got = (ev["rule"], ev["verdict"], ev["detection"]["kind"])
+        assert got == ("alert-ssh-forwards", "alert", "ssh.forward.tun"), ev
+        assert "sshuttle" in ev["detection"]["evidence"]
+        assert not [e for e in daemon.events() if e["dest_ip"] == tls], "the request went around the tunnel"
+    finally:
+        dlab.lab.stop(vpn)
