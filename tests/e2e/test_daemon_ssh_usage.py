@@ -25,6 +25,8 @@ ALLOWED = SERVICES["ssh_allowed"][0]
 CIPHERS = {
     "chacha20-poly1305": ["-c", "chacha20-poly1305@openssh.com"],  # OpenSSH's default: lengths encrypted
     "aes256-gcm": ["-c", "aes256-gcm@openssh.com"],  # lengths in clear
+    "aes128-ctr+etm": ["-c", "aes128-ctr", "-o", "MACs=hmac-sha2-256-etm@openssh.com"],  # lengths in clear
+    "aes256-ctr+hmac": ["-c", "aes256-ctr", "-o", "MACs=hmac-sha2-512"],  # lengths encrypted, coarse
 }
 
 
