@@ -392,3 +392,16 @@ def test_a_length_field_in_bytes_not_captured_ends_the_watch() -> None:
     data = _enc(s.fr, 6000) + _enc(s.fr, 36)
     s.w.feed(True, len(s.c), data[:4000], 9.0, s.c, s.s, False, length=len(data))
     assert s.w._c.lost
+
+
+def test_a_packet_dribbled_in_one_byte_segments_ends_the_watch() -> None:
+    s = Session()  # lengths in clear: a 2000-byte packet in 1-byte segments adds no unit
+    s.authenticate()
+    assert s.fr is not None
+    data = _enc(s.fr, 2000)
+    for i in range(len(data)):
+        s.send(True, data[i : i + 1])
+        if not s.w.watching:
+            break
+    assert not s.w.watching and s.w.why_done == "segment bound reached"
+    assert i <= u._MAX_SEGMENTS + 1

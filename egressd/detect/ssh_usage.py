@@ -63,8 +63,10 @@ first requests come after the bound is not named; a lone ``tun@openssh.com`` ope
 chacha20-poly1305 is the size of a ``tcpip-forward`` for "localhost" and is named remote.
 
 Bounds: per direction at most ``MAX_UNITS`` units after authentication and
-``_MAX_PRE_AUTH`` before it, each a few ints; the handshake walk reads at most
-``_MAX_PLAIN`` packet headers. Never raises (the engine also guards every call).
+``_MAX_PRE_AUTH`` before it, each a few ints, and ``_MAX_SEGMENTS`` segments in all (a packet
+dribbled in tiny segments ends the watch); the handshake walk reads at most ``_MAX_PLAIN``
+packet headers, and a handshake not done when a head fills ends it too. Never raises (the
+engine also guards every call).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ from egressd.detect.base import SSH_FORWARD_LOCAL, SSH_FORWARD_REMOTE, SSH_FORWA
 MAX_UNITS: Final = 24  # units per direction watched after authentication (the "first few dozen")
 _MAX_PRE_AUTH: Final = 24  # units per direction before USERAUTH_SUCCESS, or give up
 _MAX_PLAIN: Final = 16  # plaintext packets walked per direction looking for NEWKEYS
+_MAX_SEGMENTS: Final = 256  # segments per direction after the handshake, whatever they carry
 # sshuttle's bootstrap (see UsageWatch._bootstrapped): its command is a long one-liner (sshuttle
 # 1.1: 150-170 bytes of payload), its upload ~17 KB.
 _P_LONG_EXEC: Final = 100
@@ -261,7 +264,7 @@ class Unit:
 class _Dir:
     """One direction's encrypted stream: where it starts and what has been seen of it."""
 
-    __slots__ = ("edge", "fr", "lenbuf", "lost", "next", "start", "units")
+    __slots__ = ("edge", "fr", "lenbuf", "lost", "next", "segments", "start", "units")
 
     def __init__(self) -> None:
         self.start = -1  # stream offset of the first encrypted byte
@@ -270,6 +273,7 @@ class _Dir:
         self.next = -1  # visible framing: offset of the next packet's length field
         self.lenbuf = b""
         self.lost = False  # a gap or a nonsensical length: stop following this direction
+        self.segments = 0  # TCP segments consumed after the handshake (bounded: _MAX_SEGMENTS)
         self.units: list[Unit] = []
 
     def consume(self, off: int, data: bytes, ts: float, seq: int, length: int = -1) -> None:
@@ -396,6 +400,12 @@ class UsageWatch:
             d = self._c if from_client else self._s
             if off + max(length, len(payload)) <= d.edge:
                 return None  # a retransmission: nothing new to judge
+            d.segments += 1
+            if d.segments > _MAX_SEGMENTS:
+                # A packet dribbled in tiny segments (lengths in clear: no new unit per segment)
+                # must not keep the flow in Python: the watch ends, the flow is pinned.
+                self._stop("segment bound reached")
+                return None
             units, lost = len(d.units), d.lost
             self._seq += 1
             d.consume(off, payload, ts, self._seq, length)
