@@ -57,6 +57,7 @@ test-fast: venv
 bench: setup
 	$(PY) bench/replay.py
 	$(PY) bench/live.py
+	$(PY) bench/guard.py
 
 pcaps: setup
 	$(PY) pcaps/make.py

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Live benchmark of ``egressd run``: what the daemon costs real traffic, as ratios from one run.
 
-Why ratios, side by side: these machines are shared and noisy (NFQUEUE.md: +-15 %, and veth
+Why ratios, side by side: these machines are shared and noisy (docs/architecture.md: +-15 %, and veth
 itself drops under bulk load), so a figure remembered from another run means nothing. Every
 metric is measured "without" and "with" egressd interleaved (A B A B ...) in the same lab,
 and the table reports the median of each side, the median of the per-round ratios and their
@@ -826,8 +826,8 @@ How to read it: "without" and "with" are medians over the rounds; "ratio" is the
 the per-round ratios with/without (for connect() times: the median per-round difference,
 "added"), "spread" its min..max over the rounds. Only ratios from one run mean anything.
 Targets are informational (the bench never fails on a miss): connections/s >= 0.6 and
-p99 added <= 150 us from the brief; bulk >= 0.90 because NFQUEUE.md measured 0.96-1.14 for
-pinned heads. For the verdicts/s rows "without" is the bare netfilterqueue accept loop on the
+p99 added <= 150 us from the brief; bulk >= 0.90 because 0.96-1.14 was measured for
+pinned heads (docs/architecture.md). For the verdicts/s rows "without" is the bare netfilterqueue accept loop on the
 same traffic: the ratio is the share of the bare ceiling the daemon keeps when every packet
 is its work (classifying: decode + flow lookup + DNS parse + mark/repeat per datagram; new
 flows: + flow creation, policy, pin and one event per datagram)."""

@@ -16,7 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-from egressd.engine import ACCEPT_PIN, DROP, Engine
+from egressd.engine import PIN_ALLOW, PIN_DENY, Engine
 from egressd.paths import default_policy
 from egressd.pcapio import Reader
 from egressd.policy import load_policy
@@ -42,7 +42,7 @@ def _run(caps: list[list[tuple[float, bytes]]], watch: bool) -> tuple[float, int
             pinned: set[int] = set()
             for ts, raw in cap:
                 v = e.feed(raw, ts)
-                if v in (ACCEPT_PIN, DROP):
+                if v in (PIN_ALLOW, PIN_DENY):
                     pinned.add(id(e))
                 if id(e) not in pinned:
                     judged += 1

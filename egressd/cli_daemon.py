@@ -47,6 +47,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="IFACE",
         help="judge forwarded traffic only from these container-side interfaces (iptables wildcards, e.g. veth+)",
     )
+    netfilter.add_guard_arguments(p)
     p.set_defaults(handler=cmd_run)
 
     r = sub.add_parser(
@@ -98,6 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         install_rules=not args.no_rules,
         forward_ifaces=tuple(args.forward_iface),
+        guard=not args.no_guard,
+        guard_ifaces=tuple(args.guard_iface),
     )
     return run(opts)
 
@@ -126,6 +129,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"packets {eng['packets']}  flows {eng['flows']} (tracked {st['flows_tracked']})  dropped {eng['dropped']}  "
         f"malformed {eng['malformed']}  errors {eng['errors'] + st['callback_errors']}  overload {eng['overload']}"
     )
+    g = st.get("link_guard") or {}
+    if g.get("ifaces"):
+        con.print(f"link guard on {', '.join(g['ifaces'])}: {g['dropped']} frames from below the IP layer dropped")
+    else:
+        con.print(f"link guard: off{' (' + g['error'] + ')' if g.get('error') else ''}")
     k = st.get("kernel_queue")
     if k:
         con.print(

@@ -1,13 +1,13 @@
 """``egressd run``: the engine on live traffic. asyncio on uvloop, NFQUEUE via netfilterqueue.
 
-The shell is thin on purpose (DESIGN.md): every decision is the engine's, made on exactly the
+The shell is thin on purpose (docs/architecture.md): every decision is the engine's, made on exactly the
 bytes the kernel copied to us, so a capture of the same traffic replays to the same verdicts.
 What lives here is only what a live system needs:
 
 * the queue's fd on the event loop (``loop.add_reader``), drained in bounded batches
   (``nfq.Queue.process(budget)``) so signals, reloads and the status socket stay responsive
   under load — ``nfq.run(block=False)`` drains everything and stalls the loop for up to a
-  second (NFQUEUE.md);
+  second (docs/architecture.md);
 * the verdict back to the kernel as a mark + ``repeat()``, so the kernel rules pin it
   (netfilter.py explains the mark bits);
 * SIGHUP: load the new policy *beside* the old one; only a policy that loads completely
@@ -35,14 +35,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from egressd import netfilter, nfq, procstats, sdnotify
-from egressd.engine import ACCEPT, ACCEPT_PIN, ACCEPT_PLAIN, DIR_ORIGINAL, DIR_REPLY, Engine
+from egressd import netfilter, nfq, procstats, sdnotify, verdict
+from egressd.engine import DIR_ORIGINAL, DIR_REPLY, Engine
 from egressd.eventlog import EventLog
 from egressd.policy import Policy, PolicyError, load_policy
+from egressd.verdict import DROP_PACKET, PASS, PIN_DENY
+
+# The mark bits each connection-state verdict writes (egressd.verdict.MARK_OF, in bits).
+_MARK_BITS: dict[int, int] = {
+    v: {verdict.SEEN: netfilter.MARK_SEEN, verdict.ALLOW: netfilter.MARK_ALLOW, verdict.DENY: netfilter.MARK_DENY}[m]
+    for v, m in verdict.MARK_OF.items()
+    if m is not None
+}
 
 BATCH = 64  # packets per wake-up before the loop gets a chance to run other work
 TICK = 1.0  # seconds between housekeeping rounds (sweep, rotation, kernel counters, watchdog)
 UNINSPECTED_EVERY = 2  # ticks between reads of the rule counters (an iptables-save per family)
+GUARD_EVERY = 5  # ticks between looks for a new way out (a default route) to guard
 
 
 @dataclass
@@ -55,6 +64,8 @@ class Options:
     metrics: str | None = None  # "127.0.0.1:9713"
     install_rules: bool = True
     forward_ifaces: tuple[str, ...] = ()
+    guard: bool = True  # the link guard (netfilter.render_guard) on guard_ifaces
+    guard_ifaces: tuple[str, ...] = ()  # empty: the default routes' interfaces, followed while running
 
 
 class Daemon:
@@ -80,25 +91,33 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._queue: nfq.Queue | None = None
         self._rules_installed = False
+        self.guard_ifaces: list[str] = []  # what the link guard watches now
+        self.guard_error = ""
+        self.guard_dropped = 0  # frames the guard dropped (read every GUARD_EVERY ticks)
+        self._guard_unavailable = False  # no nft, or the kernel refused the egress hook
         self._servers: list[asyncio.AbstractServer] = []
 
     # -- the packet path -----------------------------------------------------------------
     def _on_packet(self, pkt: Any) -> None:
-        """netfilterqueue calls this per packet; it must end in exactly one verdict."""
+        """netfilterqueue calls this per packet; it must end in exactly one verdict.
+
+        ``egressd.verdict`` says what each verdict does: a plain ``accept()``/``drop()`` for
+        the per-packet ones (the connection's kernel state is left as it is), a mark and
+        ``repeat()`` for those that write the connection's state (the rules save it).
+        """
         mark = pkt.get_mark()
         v = self.engine.feed(pkt.get_payload(), self._now, DIR_REPLY if mark & netfilter.MARK_REPLY else DIR_ORIGINAL)
-        if v == ACCEPT:
-            pkt.set_mark(netfilter.with_verdict(mark, netfilter.MARK_SEEN))
-        elif v == ACCEPT_PLAIN:
+        if v == PASS:
             pkt.accept()
             return
-        elif v == ACCEPT_PIN:
-            pkt.set_mark(netfilter.with_verdict(mark, netfilter.MARK_ALLOW))
-        else:
+        if v == DROP_PACKET:
+            pkt.drop()
+            return
+        if v == PIN_DENY:
             # Write the alert before the verdict reaches the kernel: the peer learns of the
             # drop from the reset, and whatever happens to us next, the reason is on disk.
             self._drain_events()
-            pkt.set_mark(netfilter.with_verdict(mark, netfilter.MARK_DENY))
+        pkt.set_mark(netfilter.with_verdict(mark, _MARK_BITS[v]))
         pkt.repeat()
 
     def _readable(self) -> None:
@@ -148,7 +167,7 @@ class Daemon:
                 file=sys.stderr,
                 flush=True,
             )
-        if self._rules_installed and self.kernel_head(new) != self.kernel_head(self.policy):
+        if self._rules_installed and netfilter.kernel_head(new_s) != netfilter.kernel_head(old_s):
             # head_bytes/max_packets changed: the kernel's bound must follow, or a larger head
             # could be outlasted by a slow sender. install() replaces the rules in one
             # transaction per table; pinned connections keep their connmarks.
@@ -186,12 +205,17 @@ class Daemon:
             self._ticks += 1
             if self._rules_installed and self.fail_open and self._ticks % UNINSPECTED_EVERY == 0:
                 self._count_uninspected()
+            if self._rules_installed and self._ticks % GUARD_EVERY == 0:
+                self._follow_uplinks()
+                if self.guard_ifaces:
+                    with contextlib.suppress(netfilter.NetfilterError, OSError, ValueError):
+                        self.guard_dropped = netfilter.guard_drops()
             sdnotify.watchdog()
             sdnotify.status(self._status_line())
 
     def _count_uninspected(self) -> None:
         """With fail: open the kernel passes queue overflow uninspected and counts it nowhere
-        (NFQUEUE.md): the NFQUEUE rules' packet counters minus what the queue accepted
+        (docs/architecture.md): the NFQUEUE rules' packet counters minus what the queue accepted
         (id_sequence) and dropped is that number. Reported, never silently lost."""
         k = self.kernel
         if k is None:
@@ -216,6 +240,7 @@ class Daemon:
             "mode": self.policy.mode,
             "fail": self.policy.fail,
             "queue_num": self.queue_num,
+            "link_guard": {"ifaces": self.guard_ifaces, "error": self.guard_error, "dropped": self.guard_dropped},
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
             "last_reload_error": self.last_reload_error,
@@ -341,25 +366,65 @@ class Daemon:
                     os.unlink(self.opts.status_socket)
         return 0
 
-    @staticmethod
-    def kernel_head(policy: Policy) -> int:
-        """The kernel's per-direction head bound for a policy.
-
-        It must exceed what the engine can need, or a 1-byte-segment sender could outlast
-        it: the engine pins a flow within 2 * head_bytes + max_packets packets
-        (Engine._inspect), whatever the peers do.
-        """
-        s = policy.settings
-        return 2 * s.head_bytes + s.max_packets + 16
-
     def _install_rules(self, policy: Policy) -> None:
         netfilter.install(
             self.queue_num,
             fail_open=self.fail_open,
-            max_packets=self.kernel_head(policy),
+            max_packets=netfilter.kernel_head(policy.settings),
             forward_ifaces=self.opts.forward_ifaces,
         )
         self._rules_installed = True
+        if not self.guard_ifaces:  # a reload re-installs the iptables rules only; the guard stays
+            self._install_guard()
+
+    def _install_guard(self) -> None:
+        """The link guard on the named interfaces, or on the way out (the default routes).
+
+        Named interfaces that cannot be guarded are an error (the rules are taken down again
+        and the daemon stops); when following the default routes, a system without nft or a
+        kernel without the netdev egress hook gets a warning and egressd runs without a guard.
+        """
+        if not self.opts.guard:
+            return
+        ifaces = list(self.opts.guard_ifaces) or netfilter.uplinks()
+        if not ifaces:
+            self.guard_error = "no default route yet: nothing to guard"
+            return
+        try:
+            netfilter.install_guard(ifaces)
+        except netfilter.GuardUnavailable as e:
+            if self.opts.guard_ifaces:
+                self._remove_rules()
+                raise
+            self.guard_error, self._guard_unavailable = str(e), True
+            print(
+                f"egressd: warning: no link guard ({e}): frames a CAP_NET_RAW process writes through "
+                "a packet socket are not judged",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        self.guard_ifaces, self.guard_error = ifaces, ""
+
+    def _follow_uplinks(self) -> None:
+        """A new way out (a default route through an interface not guarded yet): guard it too.
+
+        Only when following the default routes. The set only grows while the daemon runs (the
+        kernel re-hooks a guarded name when its interface comes back); /proc/net is read, no
+        subprocess, and nft runs only when something changed.
+        """
+        if not self.opts.guard or self.opts.guard_ifaces or self._guard_unavailable:
+            return
+        want = sorted(set(self.guard_ifaces) | set(netfilter.uplinks()))
+        if not want or want == self.guard_ifaces:
+            return
+        try:
+            netfilter.install_guard(want)
+        except netfilter.NetfilterError as e:
+            self.guard_error = str(e)
+            return
+        print(f"egressd: link guard now on {', '.join(want)}", file=sys.stderr, flush=True)
+        self.guard_ifaces, self.guard_error = want, ""
 
     def _remove_rules(self) -> None:
         if self._rules_installed:
@@ -368,6 +433,7 @@ class Daemon:
             except netfilter.NetfilterError as e:
                 print(f"egressd: removing the kernel rules failed: {e}", file=sys.stderr, flush=True)
             self._rules_installed = False
+            self.guard_ifaces = []
 
 
 def parse_metrics_address(text: str) -> tuple[str, int]:
@@ -419,6 +485,11 @@ def prometheus_text(st: dict[str, Any]) -> str:
         metric("queue_dropped_total", k["queue_dropped"], "Packets the kernel dropped: queue full.")
         metric("uninspected_total", k["uninspected"], "Packets passed without a verdict: queue full, fail: open.")
         metric("user_dropped_total", k["user_dropped"], "Packets the kernel dropped: netlink buffer full.")
+    metric(
+        "link_guard_dropped_total",
+        st["link_guard"]["dropped"],
+        "IP frames that did not come through the IP layer (packet sockets), dropped by the link guard.",
+    )
     metric("netlink_enobufs_total", st["netlink_enobufs"], "Netlink receive-buffer overflows reported to us.")
     metric("event_write_errors_total", st["events"]["errors"], "Events that could not be written.")
     return "\n".join(out) + "\n"
@@ -439,6 +510,12 @@ def run(opts: Options) -> int:
             "egressd run: needs CAP_NET_ADMIN (run as root or with AmbientCapabilities=CAP_NET_ADMIN)",
             file=sys.stderr,
         )
+        return 2
+    try:
+        for name in opts.guard_ifaces:
+            netfilter.check_iface(name)
+    except ValueError as e:
+        print(f"egressd run: --guard-iface: {e}", file=sys.stderr)
         return 2
     if opts.metrics:
         try:

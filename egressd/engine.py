@@ -11,7 +11,7 @@ the kernel to stop sending it) as soon as every detector has decided, or after
 ``max_packets`` packets, so Python sees the first handful of packets of each connection,
 never the bulk.
 
-Judgement (DESIGN.md "How a flow is judged"): the policy decides provisionally on the
+Judgement (docs/architecture.md, "The engine, per packet"): the policy decides provisionally on the
 first packet from addresses, ports and the DNS-learned domain; it is asked again whenever a
 detection or a new domain (TLS SNI, CONNECT target) arrives. Decisions only ever get
 stricter: accept -> alert -> drop, never back, so a later, spoofable fact (an SNI naming an
@@ -23,21 +23,23 @@ counted and gets the policy's ``on_error`` verdict.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Final
 
 from egressd.defrag import Reassembler
 from egressd.detect import base as d
 from egressd.detect.base import NEED_MORE, NOT_THIS, Detection, StreamContext, StreamDetector
-from egressd.detect.dns import DnsMessage, answers_by_ip, detect_dns_stream, iter_tcp_messages, parse_message
+from egressd.detect.dns import detect_dns_stream
+from egressd.detect.kinds import family_of
 from egressd.detect.proxy import detect_proxy
 from egressd.detect.ssh import detect_ssh
 from egressd.detect.ssh_usage import UsageWatch
-from egressd.detect.stratum import detect_stratum
+from egressd.detect.stratum import detect_jsonrpc, detect_stratum
 from egressd.detect.tls import detect_tls
 from egressd.detect.tunnels import detect_datagram, detect_stream
-from egressd.events import PROTO_NAMES, Event, ip_text
-from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, SETTLED, Flow, FlowTable, make_key
+from egressd.dnsnames import DnsNames, is_dns_port
+from egressd.events import Event, ip_text
+from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, Flow, FlowTable, make_key
 from egressd.packet import (
     PROTO_TCP,
     PROTO_UDP,
@@ -50,26 +52,46 @@ from egressd.packet import (
     decode,
 )
 from egressd.policy import Decision, FlowFacts, Policy
+from egressd.policy.model import CONTENT_CLASSIFIED, CONTENT_NONE, CONTENT_PENDING, CONTENT_UNCLASSIFIED
+from egressd.protocols import eve_name
 from egressd.stream import GREW, NOTHING, StreamHead
+from egressd.verdict import (
+    ALLOWED,
+    ANSWERED,
+    DENIED,
+    DROP_PACKET,
+    FIRST_PACKET,
+    LATE,
+    ON_ERROR,
+    ON_OVERLOAD,
+    PASS,
+    PASS_MARK_SEEN,
+    PIN_ALLOW,
+    PIN_DENY,
+    TRANSITIONS,
+    UNDECIDED,
+)
 
-# Verdicts returned by feed(); small ints so the hot path allocates nothing for them.
-ACCEPT: Final = 0  # let this packet pass, keep sending this flow (the flow's first packet: marks it SEEN)
-ACCEPT_PIN: Final = 1  # let it pass and pin: the kernel handles the rest of the flow
-DROP: Final = 2  # drop it and pin: the rest of the flow is dropped/reset by the kernel
-# Accept, keep watching, and leave the connection's kernel state as it is. Every packet but
-# the first of a fresh flow: the first one's verdict already told the kernel the flow is SEEN
-# (netfilter.py), so later ones need no mark and no re-traversal of the rules. And every
-# packet of a flow picked up mid-stream: it has already passed the kernel's per-connection
-# head bound, so it must stay "never seen" (queued on every packet) until it is pinned.
-ACCEPT_PLAIN: Final = 3
+# Verdicts returned by feed() (egressd.verdict: what each does to the packet and to the
+# connection's kernel state, and the one table of flow-state transitions).
+__all__ = [
+    "DIR_ORIGINAL",
+    "DIR_REPLY",
+    "DIR_UNKNOWN",
+    "DROP_PACKET",
+    "PASS",
+    "PASS_MARK_SEEN",
+    "PIN_ALLOW",
+    "PIN_DENY",
+    "Counters",
+    "Engine",
+]
 
 # Direction hints from the shell. The daemon knows the conntrack direction of each packet;
 # a capture does not, and the engine infers it from the flow's first packet.
 DIR_UNKNOWN: Final = 0
 DIR_ORIGINAL: Final = 1
 DIR_REPLY: Final = 2
-
-_DNS_PORTS: Final = frozenset({53, 5353})
 
 _RANK: Final = {"accept": 0, "alert": 1, "drop": 2}
 
@@ -79,31 +101,17 @@ _TCP_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
     ("proxy", detect_proxy),
     ("ssh", detect_ssh),
     ("stratum", detect_stratum),
+    ("rpc", detect_jsonrpc),
     ("tls", detect_tls),
     ("tunnel", detect_stream),
 )
 _INNER_DETECTORS: Final = tuple(x for x in _TCP_DETECTORS if x[0] != "proxy")
 _DNS_STREAM: Final[tuple[str, StreamDetector]] = ("dns", detect_dns_stream)
 
-# How much a finding matters when several were made on one flow (the event names the top one).
-_PRIORITY: Final = (
-    "mining",
-    "ssh.reverse",
-    "ssh.forward",
-    "evasion",
-    "ssh",
-    "tunnel",
-    "proxy",
-    "tls",
-    "dns",
-)
-
 
 def _priority(kind: str) -> int:
-    for i, p in enumerate(_PRIORITY):
-        if d.kind_matches(p, kind):
-            return i
-    return len(_PRIORITY)
+    """How much a finding matters when one flow has several (the event names the top one)."""
+    return family_of(kind).rank
 
 
 class Counters:
@@ -149,7 +157,7 @@ class Engine:
         self.counters = Counters()
         self.events: deque[Event] = deque()
         self._fid = 0
-        self._dns: OrderedDict[bytes, tuple[tuple[str, ...], float]] = OrderedDict()
+        self.dns = DnsNames(policy.settings.dns_cache)
         self._defrag = Reassembler()
         self._overload_last = -1e18
         self._overload_pending = 0
@@ -163,9 +171,10 @@ class Engine:
         self._head = s.head_bytes
         self._max_packets = s.max_packets
         self._idle = {PROTO_TCP: s.tcp_idle, PROTO_UDP: s.udp_idle}
-        self._dns_cap = s.dns_cache
-        self._error_verdict = DROP if policy.on_error == "drop" else ACCEPT
+        self.dns.cap = s.dns_cache
+        self._error_verdict = ON_ERROR[policy.on_error]  # per packet: never pins the connection
         self._monitor = policy.mode == "monitor"
+        self._needs_content = policy.needs_content()
         self.table.max_flows = s.max_flows
 
     def reload(self, policy: Policy) -> None:
@@ -206,10 +215,8 @@ class Engine:
             return self._new_flow(p, key, ts, direction)
         flow.last_ts = ts
         flow.bytes += p.ip_len
-        if flow.state == PINNED_DROP:
-            return DROP
-        if flow.state == PINNED_ACCEPT:
-            return ACCEPT_PIN
+        if flow.state == PINNED_DROP or flow.state == PINNED_ACCEPT:
+            return TRANSITIONS[flow.state][LATE][1]
         from_orig = p.src == flow.src and p.sport == flow.sport
         if from_orig and p.src == p.dst and p.sport == p.dport:
             from_orig = direction != DIR_REPLY
@@ -221,6 +228,7 @@ class Engine:
             return self._overload(p, ts)
         if isinstance(room, Flow):
             self.counters.evicted += 1
+            self._conclude(room)
             self._report(room, ts, "end")
         src, sport, dst, dport = p.src, p.sport, p.dst, p.dport
         midstream = False
@@ -250,7 +258,7 @@ class Engine:
         self.counters.flows += 1
         if midstream:
             self.counters.midstream += 1
-        names = self._dns_names(dst, ts)
+        names = self.dns.names_for(dst, ts)
         if names:
             flow.domains = names
         self.table.add(flow)
@@ -262,11 +270,11 @@ class Engine:
             flow.fwd = StreamHead(self._head)
             flow.rev = StreamHead(self._head)
             flow.active_detectors = list(_TCP_DETECTORS)
-            if p.dport == 53 or p.sport == 53:
+            if is_dns_port(sport, dport):
                 flow.active_detectors.append(_DNS_STREAM)
             return self._inspect(flow, p, ts, from_orig)
         if p.proto == PROTO_UDP:
-            if dport in _DNS_PORTS or sport in _DNS_PORTS:
+            if is_dns_port(sport, dport):
                 return self._inspect(flow, p, ts, from_orig)
             # Other UDP is judged on its first datagram: a VPN handshake shows there, and
             # pinning at once keeps QUIC and the like out of Python.
@@ -277,7 +285,7 @@ class Engine:
                 if v is not None:
                     return v
         # Other protocols and UDP: the first packet decides.
-        return self._pin_accept(flow, ts, "first-packet")
+        return self._pin_accept(flow, ts, "first-packet", bool(p.payload))
 
     def _inspect(self, flow: Flow, p: Packet, ts: float, from_orig: bool) -> int:
         if from_orig:
@@ -348,7 +356,7 @@ class Engine:
     def _detect(self, flow: Flow, ts: float) -> int | None:
         fwd, rev = flow.fwd, flow.rev
         assert fwd is not None and rev is not None
-        ctx = StreamContext(flow.sport, flow.dport, fwd.closed, rev.closed, fwd.full, rev.full)
+        ctx = StreamContext(flow.sport, flow.dport, fwd.closed, rev.closed, fwd.full, rev.full, self._head)
         changed = False
         fdata = fwd.data if not flow.inner_fwd else fwd.data[flow.inner_fwd :]
         rdata = rev.data if not flow.inner_rev else rev.data[flow.inner_rev :]
@@ -378,7 +386,7 @@ class Engine:
                     for n, _ in _INNER_DETECTORS:
                         self._forget(flow, n)
                     return self._detect(flow, ts)
-        if flow.dport in _DNS_PORTS or flow.sport in _DNS_PORTS:
+        if is_dns_port(flow.sport, flow.dport):
             changed |= self._tcp_dns(flow, fdata, rdata, ts)
         if (fwd.inconsistent or rev.inconsistent) and "stream" not in flow.detections:
             side = "originator" if fwd.inconsistent else "responder"
@@ -395,7 +403,7 @@ class Engine:
             if v is not None:
                 return v
         ended = (fwd.full or fwd.closed) and (rev.full or rev.closed)
-        if flow.dport in _DNS_PORTS or flow.sport in _DNS_PORTS:
+        if is_dns_port(flow.sport, flow.dport):
             # DNS over TCP: every query pipelined on the connection is judged, up to the head
             # (a harmless first lookup must not open the way for a pool's name).
             if ended or fwd.full or fwd.closed:
@@ -433,15 +441,9 @@ class Engine:
     def _tcp_dns(self, flow: Flow, fdata: bytes, rdata: bytes, ts: float) -> bool:
         """DNS over TCP (RFC 7766): query names are the flow's domains, answers teach names."""
         before = flow.domains
-        for m in iter_tcp_messages(fdata):
-            msg = parse_message(m)
-            if msg is not None and not msg.is_response:
-                for q in msg.questions:
-                    self._add_domain(flow, q.name)
-        for m in iter_tcp_messages(rdata):
-            msg = parse_message(m)
-            if msg is not None and msg.is_response:
-                self._learn(msg, ts)
+        for name in self.dns.observe(fdata, True, ts, tcp=True).queries:
+            self._add_domain(flow, name)
+        self.dns.observe(rdata, False, ts, tcp=True)
         return flow.domains is not before
 
     def _record(self, flow: Flow, name: str, det: Detection) -> bool:
@@ -452,6 +454,8 @@ class Engine:
         flow.detections[name] = det
         if old is None or old.kind != det.kind:
             self.counters.detections[det.kind] = self.counters.detections.get(det.kind, 0) + 1
+        for anomaly in det.anomalies:  # each its own finding (keyed by detector and kind)
+            self._record(flow, f"{name}:{anomaly.kind}", anomaly)
         host = det.info.get("sni") or _host_of(det.info.get("target"))
         if host:
             self._add_domain(flow, host)
@@ -474,23 +478,13 @@ class Engine:
             )
 
     def _udp_dns(self, flow: Flow, p: Packet, ts: float, from_orig: bool) -> int:
-        msg = parse_message(p.payload)
-        changed = False
-        if msg is not None:
-            if msg.is_response:
-                # Learn from every answer, whichever side we think sent it (a capture may
-                # start after the query): answers are what name the addresses.
-                self._learn(msg, ts)
-            elif from_orig:
-                for q in msg.questions:
-                    before = flow.domains
-                    self._add_domain(flow, q.name)
-                    changed |= flow.domains is not before
-                if "dns" not in flow.detections and msg.questions:
-                    q0 = msg.questions[0]
-                    flow.detections["dns"] = Detection(
-                        d.DNS, f"query {q0.name} type {q0.qtype}", info={"qname": q0.name}
-                    )
+        seen = self.dns.observe(p.payload, from_orig, ts, tcp=False)
+        before = flow.domains
+        for name in seen.queries:
+            self._add_domain(flow, name)
+        changed = flow.domains is not before
+        if seen.detection is not None and "dns" not in flow.detections:
+            flow.detections["dns"] = seen.detection
         if changed:
             v = self._rejudge(flow, ts)
             if v is not None:
@@ -499,37 +493,20 @@ class Engine:
             # Answered: report it and move it where it may be evicted, but do not pin it.
             # Every later query on this socket is judged too (a harmless lookup first must not
             # open the way for a pool's name); the kernel's head bound caps how many.
-            flow.state = SETTLED
+            flow.state, v = TRANSITIONS[flow.state][ANSWERED]
             self.table.finish(flow)
             self._report(flow, ts, "classified")
+            return v
         return self._accept(flow)
 
     def _accept(self, flow: Flow) -> int:
-        """ACCEPT (mark SEEN) for the first packet of a fresh flow, ACCEPT_PLAIN otherwise."""
-        if flow.midstream or flow.fwd_pkts + flow.rev_pkts > 1:
-            return ACCEPT_PLAIN
-        return ACCEPT
-
-    def _learn(self, msg: DnsMessage, ts: float) -> None:
-        """Remember which name each answered address came from (bounded LRU)."""
-        for ip, name, ttl in answers_by_ip(msg):
-            names: tuple[str, ...] = (name,)
-            old = self._dns.get(ip)
-            if old is not None and old[1] >= ts and name not in old[0]:
-                names = (name, *old[0])[:4]
-            self._dns[ip] = (names, ts + max(ttl, 0) + 60.0)
-            self._dns.move_to_end(ip)
-            while len(self._dns) > self._dns_cap:
-                self._dns.popitem(last=False)
-
-    def _dns_names(self, ip: bytes, ts: float) -> tuple[str, ...]:
-        e = self._dns.get(ip)
-        if e is None or e[1] < ts:
-            return ()
-        return e[0]
+        """Undecided: PASS_MARK_SEEN for the first packet of a fresh flow, PASS otherwise."""
+        event = UNDECIDED if flow.midstream or flow.fwd_pkts + flow.rev_pkts > 1 else FIRST_PACKET
+        flow.state, v = TRANSITIONS[flow.state][event]
+        return v
 
     # -- judgement ----------------------------------------------------------------------
-    def _facts(self, flow: Flow) -> FlowFacts:
+    def _facts(self, flow: Flow, content: str = CONTENT_PENDING) -> FlowFacts:
         return FlowFacts(
             flow.proto,
             flow.version,
@@ -539,7 +516,28 @@ class Engine:
             flow.dport,
             flow.domains,
             tuple(x.kind for x in flow.detections.values()),
+            content,
         )
+
+    def _conclude(self, flow: Flow, payload: bool = False) -> None:
+        """Inspection of ``flow`` has ended: judge it once more, now that its content is known.
+
+        Only when the policy has ``content`` conditions (the shipped one does: a port-only
+        alert must not fire on a flow without payload, or on one a detector recognised as
+        something else). Like every judgement, it can only make the decision stricter.
+        """
+        if not self._needs_content:
+            return
+        if flow.detections:
+            content = CONTENT_CLASSIFIED
+        elif payload or (flow.fwd is not None and flow.fwd.data) or (flow.rev is not None and flow.rev.data):
+            content = CONTENT_UNCLASSIFIED
+        else:
+            content = CONTENT_NONE
+        new = self.policy.judge(self._facts(flow, content))
+        old = flow.decision
+        if old is None or _RANK[new.action] >= _RANK[old.action]:
+            flow.decision = new
 
     def _rejudge(self, flow: Flow, ts: float) -> int | None:
         new = self.policy.judge(self._facts(flow))
@@ -562,18 +560,22 @@ class Engine:
         return decision.action == "drop" and not self._monitor
 
     def _pin_drop(self, flow: Flow, ts: float, reason: str) -> int:
-        flow.state = PINNED_DROP
+        flow.state, v = TRANSITIONS[flow.state][DENIED]
         self.table.finish(flow)
         self.counters.dropped += 1
         self._report(flow, ts, reason)
-        return DROP
+        return v
 
-    def _pin_accept(self, flow: Flow, ts: float, reason: str) -> int:
-        flow.state = PINNED_ACCEPT
+    def _pin_accept(self, flow: Flow, ts: float, reason: str, payload: bool = False) -> int:
+        self._conclude(flow, payload)
+        dec = flow.decision
+        if dec is not None and dec.action == "drop" and not self._monitor:
+            return self._pin_drop(flow, ts, reason)  # a rule on the content now known drops it
+        flow.state, v = TRANSITIONS[flow.state][ALLOWED]
         self.table.finish(flow)
         self.counters.accept_pinned += 1
         self._report(flow, ts, reason)
-        return ACCEPT_PIN
+        return v
 
     def _overload(self, p: Packet, ts: float) -> int:
         """The table is full of flows still being classified: apply ``on_overload`` to the
@@ -590,14 +592,14 @@ class Engine:
             self._fid += 1
             ev = Event(
                 ts, self._fid, ip_text(p.src), p.sport, ip_text(p.dst), p.dport,
-                PROTO_NAMES.get(p.proto, str(p.proto)), act, "blocked" if act == "drop" else "allowed",
+                eve_name(p.proto), act, "blocked" if act == "drop" else "allowed",
                 "on_overload", "flow table full of flows still being classified", "overload", self.policy.mode,
             )  # fmt: skip
             ev.extra = {"overload_count": self._overload_pending}
             self.events.append(ev)
             self._overload_last = ts
             self._overload_pending = 0
-        return DROP if self.policy.on_overload == "drop" else ACCEPT_PLAIN
+        return ON_OVERLOAD[self.policy.on_overload]
 
     # -- fragments ----------------------------------------------------------------------
     def _fragment(self, data: bytes, p: Packet, ts: float, direction: int) -> int:
@@ -607,7 +609,7 @@ class Engine:
         self.counters.fragments += 1
         done = self._defrag.add(data, p, ts)
         if done is None:
-            return ACCEPT_PLAIN
+            return PASS
         whole, overlap = done
         q = decode(whole)
         if type(q) is not Packet:
@@ -630,12 +632,15 @@ class Engine:
     def sweep(self, now: float) -> None:
         """Expire idle flows (the shell calls this about once a second, or at capture end)."""
         for f in self.table.expire(now, self._idle):
+            self._conclude(f)
             self._report(f, now, "end")
 
     def finish(self, now: float) -> None:
         """End of input (a capture replay): report every flow still being classified."""
         for f in list(self.table.active.values()):
-            f.state = PINNED_ACCEPT if f.decision is None or not self._effective_drop(f.decision) else PINNED_DROP
+            self._conclude(f)
+            drop = f.decision is not None and self._effective_drop(f.decision)
+            f.state = TRANSITIONS[f.state][DENIED if drop else ALLOWED][0]
             self._report(f, now, "end")
         self.table.active.clear()
 
@@ -668,7 +673,7 @@ class Engine:
             src_port=flow.sport,
             dest_ip=ip_text(flow.dst),
             dest_port=flow.dport,
-            proto=PROTO_NAMES.get(flow.proto, str(flow.proto)),
+            proto=eve_name(flow.proto),
             verdict=dec.action,
             action="blocked" if blocked else "allowed",
             rule=dec.rule,

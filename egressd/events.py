@@ -15,32 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from egressd.detect.base import kind_matches
-
-PROTO_NAMES = {
-    1: "ICMP",
-    6: "TCP",
-    17: "UDP",
-    47: "GRE",
-    50: "ESP",
-    51: "AH",
-    58: "IPv6-ICMP",
-    4: "IPIP",
-    41: "IPv6",
-}
-
-# Severity per detection family (EVE: 1 = high). Unlisted kinds get 3.
-_SEVERITY = {"mining": 1, "ssh.reverse": 1, "evasion": 1, "ssh": 2, "tunnel": 2, "proxy": 2}
-_CATEGORY = {
-    "mining": "Crypto Currency Mining Activity Detected",
-    "ssh": "Potential Corporate Privacy Violation",
-    "proxy": "Potential Corporate Privacy Violation",
-    "evasion": "Attempted Evasion",
-    "tunnel": "Potential Corporate Privacy Violation",
-    "tls": "Policy Violation",
-    "dns": "Policy Violation",
-}
-
+from egressd.detect.kinds import family_of
 
 _iso_cache: list[object] = [-1, ""]
 
@@ -63,15 +38,12 @@ def ip_text(packed: bytes) -> str:
 
 
 def severity_of(kind: str) -> int:
-    best = 3
-    for prefix, sev in _SEVERITY.items():
-        if kind_matches(prefix, kind) and sev < best:
-            best = sev
-    return best
+    """EVE severity of a detection kind (1 = high); "policy" (no detection) is 3."""
+    return family_of(kind).severity if kind != "policy" else 3
 
 
 def category_of(kind: str) -> str:
-    return _CATEGORY.get(kind.split(".", 1)[0], "Policy Violation")
+    return family_of(kind).category if kind != "policy" else "Policy Violation"
 
 
 @dataclass(slots=True)
@@ -102,7 +74,7 @@ class Event:
 
     @property
     def event_type(self) -> str:
-        if self.verdict != "accept" or (self.detection is not None and self.detection["kind"] not in ("tls", "dns")):
+        if self.verdict != "accept" or (self.detection is not None and family_of(self.detection["kind"]).alert):
             return "alert"
         return "flow"
 

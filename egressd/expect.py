@@ -27,6 +27,7 @@ import yaml
 
 from egressd.detect.base import kind_matches
 from egressd.events import Event
+from egressd.protocols import POLICY_NAMES, eve_name
 
 
 class ExpectError(Exception):
@@ -141,7 +142,10 @@ def _item(where: str, line: int, raw: object) -> Expectation:
             except ValueError as e:
                 raise ExpectError(f"{where}: match.{k}: {match[k]!r} is not an IP address") from e
     if "proto" in match:
-        match["proto"] = str(match["proto"]).upper().replace("ICMPV6", "IPV6-ICMP")
+        # A policy's name (tcp, icmpv6, 47) -> the event's name (TCP, IPv6-ICMP, GRE), upper-cased.
+        text = str(match["proto"]).strip().lower()
+        number = POLICY_NAMES.get(text, int(text) if text.isdigit() else -1)
+        match["proto"] = (eve_name(number) if number >= 0 else text).upper()
     verdict = raw.get("verdict")
     if verdict is not None and (not isinstance(verdict, str) or verdict not in _VERDICTS):
         raise ExpectError(f"{where}: verdict must be one of {sorted(_VERDICTS)}, not {verdict!r}")

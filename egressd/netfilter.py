@@ -1,7 +1,7 @@
 """The kernel rules that feed egressd's queue: install them, remove exactly them, show them.
 
-Why these rules look the way they do (every point measured on this kernel, see NFQUEUE.md
-and tests/e2e/test_kernel_*.py):
+Why these rules look the way they do (every point measured on this kernel, see
+docs/architecture.md and tests/e2e/test_kernel_*.py):
 
 * Only the *head* of a connection goes to Python, and of the head only what the engine can
   use: the originator's SYN (its sequence number, and the first judgement), every packet
@@ -50,6 +50,7 @@ How the daemon answers (``with_verdict`` keeps the other bits)::
     pin allow      set_mark(with_verdict(m, MARK_ALLOW)); repeat()  nothing more is queued
     deny           set_mark(with_verdict(m, MARK_DENY)); repeat()   reset/rejected now and from now on
     keep watching  accept()   nothing saved: an unseen flow (one met mid-stream) keeps coming until pinned
+    drop one       drop()     nothing saved: on_error drops the unreadable packet, not its connection
 
 A packet without conntrack (INVALID) keeps its verdict only for itself; the next one is
 queued again. A SEEN flow first met mid-stream sends no more packets (it is past its
@@ -118,7 +119,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, TextIO
+from typing import TYPE_CHECKING, Final, TextIO
+
+if TYPE_CHECKING:
+    from egressd.policy import Settings
 
 # -- mark bits (the daemon's half of the contract) -----------------------------------------
 MARK_MASK: Final = 0x30000000  # the verdict state bits (see the table above)
@@ -126,8 +130,25 @@ MARK_SEEN: Final = 0x10000000
 MARK_ALLOW: Final = 0x20000000
 MARK_DENY: Final = 0x30000000
 MARK_REPLY: Final = 0x40000000  # set by the rules on queued reply-direction packets
-MARK_BITS: Final = MARK_MASK | MARK_REPLY  # every bit egressd owns
+MARK_BITS: Final = MARK_MASK | MARK_REPLY  # the bits egressd's iptables rules own (scrubbed on local packets)
+# Set on every packet that leaves the IP layer (the guard's postrouting chain, last of all);
+# the link guard drops IP frames without it. Never scrubbed, never saved to the connmark.
+MARK_PASSED: Final = 0x80000000
 _U32: Final = 0xFFFFFFFF
+
+
+def kernel_head(settings: Settings) -> int:
+    """The kernel's per-direction head bound (``RuleConfig.max_packets``) for a policy's settings.
+
+    The one place it is derived: ``egressd run`` (install and every reload) and
+    ``egressd rules install`` both call it, so rules installed apart from the daemon
+    (``run --no-rules``) bound the head exactly as the daemon's own would. It must exceed
+    what the engine can need, or a sender cutting its first bytes into 1-byte segments
+    outlasts it and the rest of its flow passes unseen: the engine pins a flow within
+    2 * head_bytes + max_packets packets of a direction (Engine._inspect: each direction's
+    head holds head_bytes, a segment carries at least one byte), whatever the peers do.
+    """
+    return 2 * settings.head_bytes + settings.max_packets + 16
 
 
 def with_verdict(mark: int, verdict: int) -> int:
@@ -177,16 +198,11 @@ BUILTIN: Final[dict[str, frozenset[str]]] = {
     "mangle": frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}),
 }
 
-NFT_QUEUE_UNAVAILABLE: Final = "nft queue expression unavailable: CONFIG_NFT_QUEUE"
 _ACCT: Final = "net/netfilter/nf_conntrack_acct"
 
 
 class NetfilterError(RuntimeError):
     """A rule operation failed; the message names the command and the kernel's complaint."""
-
-
-class NftQueueUnavailable(NetfilterError):
-    """The nft backend was asked for on a kernel without the nft ``queue`` expression."""
 
 
 @dataclass(frozen=True)
@@ -574,16 +590,175 @@ def ensure_conntrack_accounting(netns: str | None = None) -> None:
         )
 
 
-def probe_nft_queue(netns: str | None = None) -> bool:
-    """True when nftables can express ``queue`` (checked by the kernel, nothing committed)."""
+# -- the link guard: frames that never met the IP hooks ----------------------------------
+GUARD_TABLE: Final = "egressd"  # "table netdev egressd" (the guard) and "table inet egressd" (the mark)
+GUARD_POSTROUTING_PRIORITY: Final = 500  # after mangle (-150) and nat (100): nothing clears the bit later
+# Ethertypes that carry IP (directly, or inside a VLAN/QinQ tag, PPPoE session or MPLS label): a
+# frame of one of these types without MARK_PASSED did not come through the IP layer.
+IP_CARRIERS: Final = (0x0800, 0x86DD, 0x8100, 0x88A8, 0x9100, 0x8864, 0x8847, 0x8848)
+_IP_PROTOCOLS: Final = (0x0800, 0x86DD)
+
+
+class GuardUnavailable(NetfilterError):
+    """The link guard could not be installed (no nft, or a kernel without the netdev egress hook)."""
+
+
+def check_iface(name: str) -> str:
+    """``name`` if it can be an interface name in the guard's nft rules, else ValueError."""
+    if not name or len(name) > 15 or any(c.isspace() or c in "'\"*+/{},;" for c in name):
+        raise ValueError(f"bad interface name {name!r}")
+    return name
+
+
+def render_guard(ifaces: Sequence[str]) -> str:
+    """The ``nft -f`` input that installs (or replaces, in one transaction) the link guard.
+
+    Why: a process with CAP_NET_RAW can write whole frames through a packet socket
+    (AF_PACKET, with or without PACKET_QDISC_BYPASS); they start below the IP layer and never
+    meet egressd's iptables chains. The netfilter egress hook (netdev family) sees every frame
+    a device transmits, those included. So every packet the IP layer sends is marked last of
+    all in postrouting (``MARK_PASSED``), and at the egress hook of the guarded interfaces a
+    frame that carries IP without that mark is dropped. Frames that do not carry IP pass (ARP,
+    LLDP, LACP, PTP, 802.1X); so do DHCP client broadcasts (dhclient and systemd-networkd send
+    DISCOVER/REQUEST through packet sockets; a broadcast stays on the link). ``meta protocol``
+    is what the sender told the kernel and ``ether type`` what is on the wire: both must be
+    non-IP. A device without an Ethernet header (tun, WireGuard) carries nothing but IP, so
+    there only ARP passes unmarked.
+    """
+    if not ifaces:
+        raise ValueError("the link guard needs at least one interface")
+    devs = ", ".join(f'"{check_iface(i)}"' for i in ifaces)
+    carriers = ", ".join(f"0x{t:04x}" for t in IP_CARRIERS)
+    ip_protocols = ", ".join(f"0x{t:04x}" for t in _IP_PROTOCOLS)
+    m = _hex(MARK_PASSED)
+    return "\n".join(
+        [
+            # "table X" then "delete table X": replace whatever is there, or nothing, atomically.
+            f"table inet {GUARD_TABLE}",
+            f"delete table inet {GUARD_TABLE}",
+            f"table netdev {GUARD_TABLE}",
+            f"delete table netdev {GUARD_TABLE}",
+            f"table inet {GUARD_TABLE} {{",
+            "\tchain passed {",
+            f"\t\ttype filter hook postrouting priority {GUARD_POSTROUTING_PRIORITY}; policy accept;",
+            f"\t\tmeta mark set meta mark | {m}",
+            "\t}",
+            "}",
+            f"table netdev {GUARD_TABLE} {{",
+            "\tchain guard {",
+            f"\t\ttype filter hook egress devices = {{ {devs} }} priority 0; policy accept;",
+            f"\t\tmeta mark & {m} == {m} accept",
+            f"\t\tmeta oiftype ether ether type != {{ {carriers} }} meta protocol != {{ {ip_protocols} }} accept",
+            "\t\tmeta oiftype != ether meta protocol arp accept",
+            "\t\tmeta oiftype ether ether type ip meta protocol ip ip protocol udp udp sport 68 udp dport 67 "
+            "ip daddr 255.255.255.255 accept",
+            "\t\tcounter drop",
+            "\t}",
+            "}",
+            "",
+        ]
+    )
+
+
+def render_guard_remove() -> str:
+    """The ``nft -f`` input that removes the guard's two tables (present or not)."""
+    return "".join(f"table {f} {GUARD_TABLE}\ndelete table {f} {GUARD_TABLE}\n" for f in ("inet", "netdev"))
+
+
+def _nft(script: str, netns: str | None, what: str) -> None:
     if shutil.which("nft") is None:
-        return False
-    base = "add table inet egressd_probe\nadd chain inet egressd_probe c { type filter hook output priority 0; }\n"
-    control = _run(["nft", "-c", "-f", "-"], netns, stdin=base)
-    if control.returncode != 0:
-        return False
-    probe = _run(["nft", "-c", "-f", "-"], netns, stdin=base + "add rule inet egressd_probe c queue num 0\n")
-    return probe.returncode == 0
+        raise GuardUnavailable("nft not found (apt install nftables): the link guard needs it")
+    p = _run(["nft", "-f", "-"], netns, stdin=script)
+    if p.returncode != 0:
+        raise GuardUnavailable(f"{what}: nft -f failed (exit {p.returncode}): {(p.stderr or p.stdout).strip()}")
+
+
+def install_guard(ifaces: Sequence[str], *, netns: str | None = None) -> None:
+    """Install (or replace) the link guard on ``ifaces`` (names; see ``render_guard``).
+
+    A name that does not exist yet is accepted by this kernel (6.18, measured), which hooks
+    the device when it appears and again when it is re-created; a kernel that refuses such a
+    name makes this raise. docs/link-guard.md says what the guard does and does not stop.
+    """
+    _nft(render_guard(ifaces), netns, f"installing the link guard on {', '.join(ifaces)}")
+
+
+def remove_guard(*, netns: str | None = None) -> None:
+    """Delete the guard's tables; nothing else. Idempotent (no nft: nothing to remove)."""
+    if shutil.which("nft") is None:
+        return
+    p = _run(["nft", "-f", "-"], netns, stdin=render_guard_remove())
+    if p.returncode != 0:
+        raise NetfilterError(f"removing the link guard: nft -f failed: {(p.stderr or p.stdout).strip()}")
+
+
+def guard_installed(*, netns: str | None = None) -> list[str]:
+    """The interfaces the installed guard watches ([] when there is none)."""
+    if shutil.which("nft") is None:
+        return []
+    p = _run(["nft", "list", "chain", "netdev", GUARD_TABLE, "guard"], netns)
+    if p.returncode != 0:
+        return []
+    for line in p.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("type filter hook egress"):
+            if " devices = {" in line:
+                inner = line.split("{", 1)[1].split("}", 1)[0]
+                return [d.strip().strip('"') for d in inner.split(",") if d.strip()]
+            if ' device "' in line or " device " in line:
+                return [line.split(" device ", 1)[1].split()[0].strip('"')]
+    return []
+
+
+def guard_drops(*, netns: str | None = None) -> int:
+    """Frames the link guard has dropped since it was installed (its counter; 0 when absent)."""
+    if shutil.which("nft") is None:
+        return 0
+    p = _run(["nft", "list", "chain", "netdev", GUARD_TABLE, "guard"], netns)
+    for line in p.stdout.splitlines() if p.returncode == 0 else ():
+        words = line.split()
+        if words[-1:] == ["drop"] and "counter" in words:
+            i = words.index("counter")
+            if words[i + 1 : i + 2] == ["packets"]:
+                return int(words[i + 2])
+    return 0
+
+
+def _read_proc(path: str, netns: str | None) -> str:
+    if netns:
+        p = _run(["cat", path], netns)
+        return p.stdout if p.returncode == 0 else ""
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+_RTF_UP: Final = 0x0001
+_RTF_REJECT: Final = 0x0200
+
+
+def uplinks(*, netns: str | None = None) -> list[str]:
+    """The interfaces of the main table's default routes, IPv4 and IPv6, sorted.
+
+    What the guard protects unless told otherwise: the way out. Read from /proc/net (the
+    caller's namespace), no subprocess, so the daemon can re-check it every few seconds.
+    Unreachable/blackhole defaults (RTF_REJECT, or on lo) lead nowhere and are skipped.
+    """
+    out: set[str] = set()
+    for line in _read_proc("/proc/net/route", netns).splitlines()[1:]:
+        f = line.split()
+        if len(f) >= 8 and f[1] == "00000000" and f[7] == "00000000":
+            flags = int(f[3], 16)
+            if flags & _RTF_UP and not flags & _RTF_REJECT and f[0] != "lo":
+                out.add(f[0])
+    for line in _read_proc("/proc/net/ipv6_route", netns).splitlines():
+        f = line.split()
+        if len(f) >= 10 and f[0] == "0" * 32 and f[1] == "00":
+            flags = int(f[8], 16)
+            if flags & _RTF_UP and not flags & _RTF_REJECT and f[9] != "lo":
+                out.add(f[9])
+    return sorted(out)
 
 
 # -- the API the daemon and the CLI use ---------------------------------------------------
@@ -595,7 +770,6 @@ def install(
     ipv6: bool = True,
     forward_ifaces: Sequence[str] = (),
     judge_invalid: bool = True,
-    backend_name: str = "iptables",
     netns: str | None = None,
 ) -> None:
     """Install (or replace) egressd's rules for IPv4 and, unless ``ipv6=False``, IPv6.
@@ -612,12 +786,6 @@ def install(
         forward_ifaces=tuple(forward_ifaces),
         judge_invalid=judge_invalid,
     )
-    if backend_name == "nft":
-        if not probe_nft_queue(netns):
-            raise NftQueueUnavailable(NFT_QUEUE_UNAVAILABLE)
-        raise NetfilterError("the nft backend is not implemented; use backend 'iptables' (iptables-nft)")
-    if backend_name != "iptables":
-        raise NetfilterError(f"unknown backend {backend_name!r} (iptables or nft)")
     with contextlib.suppress(NetfilterError):
         ensure_conntrack_accounting(netns)  # nf_conntrack may not be loaded yet; checked again below
     families = (4, 6) if ipv6 else (4,)
@@ -643,13 +811,17 @@ def _remove_family(family: int, netns: str | None) -> None:
 
 
 def remove(*, netns: str | None = None) -> None:
-    """Delete egressd's jumps and chains (both families) and nothing else. Idempotent."""
+    """Delete egressd's jumps and chains (both families), the link guard, and nothing else. Idempotent."""
     errors: list[str] = []
     for fam in (4, 6):
         try:
             _remove_family(fam, netns)
         except NetfilterError as e:
             errors.append(str(e))
+    try:
+        remove_guard(netns=netns)
+    except NetfilterError as e:
+        errors.append(str(e))
     if errors:
         raise NetfilterError("; ".join(errors))
 
@@ -669,6 +841,11 @@ def show(*, netns: str | None = None) -> str:
             continue
         body = ours_only(_save(fam, netns, counters=True))
         parts.append(f"# IPv{fam} ({_tool(fam)})\n" + (body or "# not installed"))
+    guard = ""
+    if shutil.which("nft") is not None:
+        listing = [_run(["nft", "list", "table", f, GUARD_TABLE], netns) for f in ("inet", "netdev")]
+        guard = "".join(p.stdout for p in listing if p.returncode == 0)
+    parts.append("# link guard (nft)\n" + (guard.rstrip() or "# not installed"))
     parts.append(f"# net.netfilter.nf_conntrack_acct = {_read_sysctl(_ACCT, netns) or 'unavailable'}")
     return "\n".join(parts) + "\n"
 
@@ -677,7 +854,7 @@ def queue_hits(*, netns: str | None = None, families: tuple[int, ...] = (4, 6)) 
     """Packets egressd's NFQUEUE rules were hit by (their counters, summed over the families).
 
     Hits minus what the queue accepted (id_sequence) and dropped is what a fail-open queue
-    let through uninspected: the kernel counts that nowhere else (NFQUEUE.md)."""
+    let through uninspected: the kernel counts that nowhere else (docs/architecture.md)."""
     total = 0
     for fam in families:
         if shutil.which(_tool(fam, "-save")) is None:
@@ -712,44 +889,100 @@ def has_net_admin(status: str | None = None) -> bool:
     return os.geteuid() == 0
 
 
-DEFAULT_QUEUE: Final = 0
-DEFAULT_MAX_PACKETS: Final = 32
-
-
 def add_rules_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``egressd rules``: an action and the install knobs."""
+    """Arguments of ``egressd rules``: an action and the install knobs.
+
+    ``install`` reads the policy the daemon runs (``--policy``): the head bound comes from
+    its settings through ``kernel_head``, and so do the queue number and the fail mode
+    unless given here, so the rules never disagree with the daemon that serves them.
+    """
     p.add_argument("action", choices=("install", "remove", "show", "status"))
-    p.add_argument("--queue", type=int, default=DEFAULT_QUEUE, help="NFQUEUE number (default %(default)s)")
     p.add_argument(
-        "--max-packets",
-        type=int,
-        default=DEFAULT_MAX_PACKETS,
-        help="packets per direction queued before an undecided flow passes (default %(default)s)",
+        "--policy",
+        metavar="FILE",
+        help="the policy the daemon runs: head bound, queue and fail mode come from it (default: the shipped one)",
     )
-    p.add_argument("--fail-closed", action="store_true", help="drop when no daemon listens (default: pass)")
+    p.add_argument("--queue", type=int, default=None, help="NFQUEUE number (default: the policy's settings.queue_num)")
+    p.add_argument(
+        "--fail-closed", action="store_true", help="drop when no daemon listens (default: the policy's 'fail')"
+    )
     p.add_argument("--no-ipv6", action="store_true", help="IPv4 only")
     p.add_argument("--forward-iface", action="append", default=[], metavar="IFACE", help="container-side interface")
-    p.add_argument("--backend", choices=("iptables", "nft"), default="iptables")
+    p.add_argument(
+        "--backend",
+        choices=("iptables", "nft"),
+        default="iptables",
+        help="iptables, the only backend (nft is refused with the reason)",
+    )
     p.add_argument("--netns", default=None, help="run inside this named network namespace")
+    add_guard_arguments(p)
+
+
+def add_guard_arguments(p: argparse.ArgumentParser) -> None:
+    """The link guard's options, shared by ``egressd run`` and ``egressd rules install``."""
+    p.add_argument(
+        "--guard-iface",
+        action="append",
+        default=[],
+        metavar="IFACE",
+        help="drop IP frames that did not come through the IP layer (packet sockets) on this interface "
+        "(repeatable; default: the interfaces of the default routes)",
+    )
+    p.add_argument("--no-guard", action="store_true", help="no link guard (packet-socket frames pass unjudged)")
+
+
+NFT_REFUSED: Final = (
+    "there is no nft backend: egressd writes its rules with iptables-restore, which on an "
+    "nf_tables system already installs them as nftables rules (iptables-nft)"
+)
 
 
 def run_rules(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Do what ``add_rules_arguments`` parsed. Exit 0 done, 1 not installed (status), 2 error."""
+    if args.backend == "nft":
+        print(f"egressd rules: --backend nft: {NFT_REFUSED}", file=err)
+        return 2
     if not has_net_admin():
         print("egressd rules: needs CAP_NET_ADMIN (root, or the service's ambient capability)", file=err)
         return 2
     try:
         if args.action == "install":
+            from egressd.paths import default_policy
+            from egressd.policy import PolicyError, load_policy
+
+            try:
+                policy = load_policy(Path(args.policy) if args.policy else default_policy())
+            except (PolicyError, OSError) as e:
+                print(f"egressd rules install: the policy does not load:\n{e}", file=err)
+                return 2
+            for name in args.guard_iface:
+                check_iface(name)  # before anything is installed
+            queue = args.queue if args.queue is not None else policy.settings.queue_num
+            head = kernel_head(policy.settings)
             install(
-                args.queue,
-                fail_open=not args.fail_closed,
-                max_packets=args.max_packets,
+                queue,
+                fail_open=policy.fail == "open" and not args.fail_closed,
+                max_packets=head,
                 ipv6=not args.no_ipv6,
                 forward_ifaces=args.forward_iface,
-                backend_name=args.backend,
                 netns=args.netns,
             )
-            print(f"egressd rules installed (queue {args.queue})", file=out)
+            print(f"egressd rules installed (queue {queue}, head bound {head} packets per direction)", file=out)
+            if args.no_guard:
+                print("egressd link guard: off (--no-guard)", file=out)
+            elif not (ifaces := list(args.guard_iface) or uplinks(netns=args.netns)):
+                print("egressd link guard: no default route, nothing to guard (name one: --guard-iface)", file=err)
+            else:
+                try:
+                    install_guard(ifaces, netns=args.netns)
+                except GuardUnavailable as e:
+                    if args.guard_iface:
+                        with contextlib.suppress(NetfilterError):
+                            remove(netns=args.netns)
+                        raise
+                    print(f"egressd link guard: not installed: {e}", file=err)
+                else:
+                    print(f"egressd link guard on {', '.join(ifaces)}", file=out)
         elif args.action == "remove":
             remove(netns=args.netns)
             print("egressd rules removed", file=out)

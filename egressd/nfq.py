@@ -9,7 +9,7 @@
    the normal path (nothing is lost, nothing passes unjudged).
 2. A bounded batch. ``NetfilterQueue.run(block=False)`` and ``run_socket`` on a
    non-blocking socket both drain *everything* pending: under a burst that is thousands
-   of callbacks (NFQUEUE.md measured up to a second) with signals and reloads waiting.
+   of callbacks (up to a second, docs/architecture.md) with signals and reloads waiting.
    ``run_socket`` reads through ``s.recv``, so ``Queue.process(budget)`` hands it a
    socket stand-in that raises EAGAIN after ``budget`` reads: at most ``budget`` packets
    per call, and the event loop (level-triggered) calls again while data is pending.
@@ -340,7 +340,7 @@ class Queue:
         return self._reader.enobufs
 
     def close(self) -> None:
-        """Unbind: packets still pending in the kernel are dropped (NFQUEUE.md)."""
+        """Unbind: packets still pending in the kernel are dropped (docs/architecture.md)."""
         self._nfq.unbind()
         self.sock.close()
 

@@ -20,15 +20,34 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-PROTO_ICMP: Final = 1
-PROTO_TCP: Final = 6
-PROTO_UDP: Final = 17
-PROTO_GRE: Final = 47
-PROTO_ESP: Final = 50
-PROTO_AH: Final = 51
-PROTO_ICMPV6: Final = 58
-PROTO_IPIP: Final = 4
-PROTO_IPV6_ENCAP: Final = 41
+# Re-exported: the decoder's callers name protocols from here (the table is egressd.protocols).
+from egressd.protocols import (
+    PROTO_AH as PROTO_AH,
+)
+from egressd.protocols import (
+    PROTO_ESP as PROTO_ESP,
+)
+from egressd.protocols import (
+    PROTO_GRE as PROTO_GRE,
+)
+from egressd.protocols import (
+    PROTO_ICMP as PROTO_ICMP,
+)
+from egressd.protocols import (
+    PROTO_ICMPV6 as PROTO_ICMPV6,
+)
+from egressd.protocols import (
+    PROTO_IPIP as PROTO_IPIP,
+)
+from egressd.protocols import (
+    PROTO_IPV6_ENCAP as PROTO_IPV6_ENCAP,
+)
+from egressd.protocols import (
+    PROTO_TCP as PROTO_TCP,
+)
+from egressd.protocols import (
+    PROTO_UDP as PROTO_UDP,
+)
 
 # IPv6 extension headers we walk (RFC 8200 §4): hop-by-hop, routing, fragment,
 # destination options, mobility, HIP, shim6 share the (next, len) layout; AH uses 4-byte units.

@@ -1,10 +1,10 @@
 """``egressd test``'s shell: a capture file -> the engine -> decision events.
 
-Thin on purpose (DESIGN.md): everything that decides lives in the engine, so this module
-only reads packets, hands them over with their capture timestamps, and collects events.
-Each capture gets its own engine: flows and time do not continue from one file into the
-next. Idle flows are swept as capture time advances, so a long capture replays in bounded
-memory exactly as the daemon would run for that long.
+Thin on purpose (docs/architecture.md, "One engine, two shells"): everything that decides
+lives in the engine, so this module only reads packets, hands them over with their capture
+timestamps, and collects events. Each capture gets its own engine: flows and time do not
+continue from one file into the next. Idle flows are swept as capture time advances, so a
+long capture replays in bounded memory exactly as the daemon would run for that long.
 """
 
 from __future__ import annotations

@@ -52,6 +52,10 @@ class Outcome:
     ok: bool
     ndpi: str
     flow: str
+    # What a user sees for this flow: every event that alerted or dropped it, "rule:verdict".
+    # On a clean flow any of them is a false positive, policy alerts included (a port-only
+    # rule is as much a claim to the person reading the alert as a detection is).
+    alerts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -68,7 +72,12 @@ class Score:
         return [o for o in self.outcomes if o.want == "clean" and any(k.startswith("tunnel") for k in o.got)]
 
     def false_positives(self) -> list[Outcome]:
+        """Clean flows a detector flagged as mining or SSH."""
         return [o for o in self.outcomes if o.want == "clean" and not o.ok]
+
+    def user_false_positives(self) -> list[Outcome]:
+        """Clean flows with any alert or drop, as a user sees them (policy alerts included)."""
+        return [o for o in self.outcomes if o.want == "clean" and o.alerts]
 
     def table(self) -> str:
         per: dict[str, Counter[str]] = defaultdict(Counter)
@@ -80,8 +89,9 @@ class Score:
                 c["hit" if o.ok else "miss"] += 1
                 c["ndpi_hit" if o.ndpi == "hit" else "ndpi_miss"] += 1
             else:
-                c["ok" if o.ok else "fp"] += 1
+                c["ok" if o.ok and not o.alerts else "fp"] += 1
                 c["ndpi_fp" if o.ndpi in ("false-positive", "flagged-crypto-p2p") else "ndpi_ok"] += 1
+        # FP: clean flows with any alert or drop (egressd: detections and policy alerts alike).
         lines = ["group        flows  egressd recall / FP     ndpiReader 4.2 recall / FP"]
         for g, c in sorted(per.items()):
             if c["hit"] + c["miss"]:
@@ -124,5 +134,7 @@ def evaluate(root: Path) -> Score:
                 ok = not (_detected("mining", kinds) or _detected("ssh", kinds))
             else:
                 ok = _detected(want, kinds)
-            score.outcomes.append(Outcome(cap["file"], f["label"], want, kinds, ok, f.get("ndpi42_outcome", ""), desc))
+            alerts = sorted({f"{e.rule}:{e.verdict}" for e in evs if e.verdict != "accept" or e.event_type == "alert"})
+            out = Outcome(cap["file"], f["label"], want, kinds, ok, f.get("ndpi42_outcome", ""), desc, alerts)
+            score.outcomes.append(out)
     return score

@@ -38,6 +38,13 @@ def test_no_benign_p2p_rpc_or_scan_flow_is_flagged_as_mining_or_ssh(score: Score
     assert not fps, "\n".join(f"{o.capture}: {o.flow} [{o.label}] got {o.got}" for o in fps)
 
 
+def test_no_benign_p2p_rpc_or_scan_flow_gets_any_alert_or_drop(score: Score) -> None:
+    """False positives as a user sees them: any alert or drop, policy alerts included."""
+    fps = score.user_false_positives()
+    assert not fps, "\n".join(f"{o.capture}: {o.flow} [{o.label}] {o.alerts} {o.got}" for o in fps)
+    assert any(o.want == "clean" for o in score.outcomes), "the corpus scored no clean flow"
+
+
 def test_every_scored_flow_was_seen(score: Score) -> None:
     assert not score.unmatched, "\n".join(score.unmatched)
     assert score.outcomes, "the corpus produced no scored flows"

@@ -23,7 +23,6 @@ from egressd.detect.dns import (
     TYPE_A,
     TYPE_AAAA,
     TYPE_CNAME,
-    TYPE_NULL,
     TYPE_TXT,
     DnsMessage,
     answers_by_ip,
@@ -32,7 +31,6 @@ from egressd.detect.dns import (
     iter_tcp_messages,
     parse_message,
     read_name,
-    tunnel_score,
 )
 
 CTX = StreamContext(sport=40000, dport=53)
@@ -486,45 +484,6 @@ def test_tcp_server_speaking_first_is_not_this() -> None:
     assert detect_dns_stream(b"", b"220 mail.example ESMTP\r\n", CTX) is NOT_THIS
 
 
-# --- tunnel features --------------------------------------------------------------------------
-
-IODINE_LIKE = "0rbvhmkqf3xujy5dt2cvn7aiqzg8pwlre4ko1sbx6mhn9tdyu2vjcqa5fiw3.lpx7r2k.t.example.org"
-DNSCAT_LIKE = (
-    "dnscat.9f2c01f500b5e6a4c7d00219ab3e44f01c6d7a8e9b2f3041"
-    ".5c6d7e8f90a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5.example.com"
-)
-
-
-def test_iodine_like_null_query_scores_high() -> None:
-    assert tunnel_score(IODINE_LIKE, TYPE_NULL) > 0.8
-
-
-def test_ordinary_names_score_low() -> None:
-    for ordinary in (
-        "www.example.com",
-        "a1234.dscb.akamaiedge.net",
-        "login.microsoftonline.com",
-        "example.com",
-    ):
-        assert tunnel_score(ordinary, TYPE_A) < 0.2, ordinary
-
-
-def test_long_random_labels_score_higher_than_short_ones() -> None:
-    assert tunnel_score(DNSCAT_LIKE, TYPE_A) > tunnel_score("api.github.com", TYPE_A) + 0.4
-
-
-def test_txt_query_scores_higher_than_a_for_the_same_name() -> None:
-    assert tunnel_score(DNSCAT_LIKE, TYPE_TXT) > tunnel_score(DNSCAT_LIKE, TYPE_A)
-
-
-def test_escaped_binary_label_scores_higher() -> None:
-    assert tunnel_score("ab\\200cd.example.com", TYPE_A) > tunnel_score("abxcd.example.com", TYPE_A)
-
-
-def test_score_is_bounded_to_one() -> None:
-    assert tunnel_score(IODINE_LIKE + "\\200", TYPE_NULL) == 1.0
-
-
 # --- hostile input ----------------------------------------------------------------------------
 
 
@@ -585,12 +544,6 @@ def test_the_name_cache_never_changes_a_name(parts: list[bytes], rnd: random.Ran
     cache: dict[int, tuple[str, int]] = {}
     for pos in positions:
         assert read_name(msg, pos, cache) == read_name(msg, pos), pos
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.text(max_size=300), st.integers(0, 0xFFFF))
-def test_tunnel_score_is_a_fraction_for_any_text(qname: str, qtype: int) -> None:
-    assert 0.0 <= tunnel_score(qname, qtype) <= 1.0
 
 
 # --- the corpus: every DNS datagram parses ------------------------------------------------------

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from egressd.detect import ssh_usage as u
-from egressd.detect.base import SSH_FORWARD_LOCAL, SSH_FORWARD_REMOTE, SSH_FORWARD_TUN, Detection
+from egressd.detect.base import Detection
+from egressd.detect.kinds import SSH_FORWARD_LOCAL, SSH_FORWARD_REMOTE, SSH_FORWARD_TUN
 
 CHACHA = u.framing(b"chacha20-poly1305@openssh.com", b"")
 GCM = u.framing(b"aes256-gcm@openssh.com", b"")
@@ -271,7 +272,7 @@ def test_hostile_bytes_never_raise(chead: bytes, shead: bytes, segs: list[bytes]
 
 # -- through the engine, on the shipped policy -----------------------------------------------
 def test_engine_drops_a_remote_forward_to_the_allowed_bastion_on_the_answer() -> None:
-    from egressd.engine import ACCEPT_PIN, DROP, Engine
+    from egressd.engine import PIN_ALLOW, PIN_DENY, Engine
     from egressd.paths import default_policy
     from egressd.policy import load_policy
     from tests.test_engine import ALLOWED, Conn
@@ -289,15 +290,15 @@ def test_engine_drops_a_remote_forward_to_the_allowed_bastion_on_the_answer() ->
         pkts.append(c.c(data, co) if client else c.s(data, so))
         co, so = (co + len(data), so) if client else (co, so + len(data))
     verdicts = [eng.feed(x, 1000.0 + i * 0.001) for i, x in enumerate(pkts)]
-    assert DROP not in verdicts and ACCEPT_PIN not in verdicts, "an allowed SSH flow is watched, not pinned"
-    assert eng.feed(c.s(_enc(fr, 1), so), 1001.0) == DROP  # REQUEST_SUCCESS: the forward is confirmed
+    assert PIN_DENY not in verdicts and PIN_ALLOW not in verdicts, "an allowed SSH flow is watched, not pinned"
+    assert eng.feed(c.s(_enc(fr, 1), so), 1001.0) == PIN_DENY  # REQUEST_SUCCESS: the forward is confirmed
     ev = eng.events[-1]
     assert (ev.rule, ev.verdict) == ("drop-ssh-remote-forward", "drop")
     assert ev.detection is not None and ev.detection["kind"] == SSH_FORWARD_REMOTE
 
 
 def test_engine_pins_an_ordinary_session_once_the_watch_is_over() -> None:
-    from egressd.engine import ACCEPT_PIN, DROP, Engine
+    from egressd.engine import PIN_ALLOW, PIN_DENY, Engine
     from egressd.paths import default_policy
     from egressd.policy import load_policy
     from tests.test_engine import ALLOWED, Conn
@@ -317,9 +318,9 @@ def test_engine_pins_an_ordinary_session_once_the_watch_is_over() -> None:
         pkts.append(c.c(data, co) if client else c.s(data, so))
         co, so = (co + len(data), so) if client else (co, so + len(data))
     verdicts = [eng.feed(x, 1000.0 + i * 0.001) for i, x in enumerate(pkts)]
-    assert DROP not in verdicts
-    assert ACCEPT_PIN in verdicts
-    pinned_at = verdicts.index(ACCEPT_PIN)
+    assert PIN_DENY not in verdicts
+    assert PIN_ALLOW in verdicts
+    pinned_at = verdicts.index(PIN_ALLOW)
     assert pinned_at < len(pkts) - 1, "pinned before the end of the session: the watch is bounded"
     (ev,) = [e for e in eng.events if e.flow_id == 1]
     assert (ev.rule, ev.verdict, ev.detections) == ("default", "accept", ["ssh"])

@@ -13,7 +13,7 @@ import pytest
 from scapy.layers.inet import IP, TCP, fragment
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment
 
-from egressd.engine import DROP, Engine
+from egressd.engine import PIN_DENY, Engine
 from egressd.paths import default_policy
 from egressd.policy import Policy, load_policy
 from tests.test_engine import CLIENT_BANNER, NODE, POOL, SUBSCRIBE, Conn, feed_all, write_policy
@@ -40,7 +40,7 @@ def test_stratum_in_one_byte_segments_out_of_order_with_retransmissions(default:
     order = order[1::2] + order[0::2]  # odds first, then evens
     pkts = [c.syn(), c.synack()] + [segs[i] for i in order] + [segs[3], segs[3]]
     v = feed_all(eng, pkts)
-    assert DROP in v
+    assert PIN_DENY in v
     assert any(k.startswith("mining") for k in _last_kinds(eng))
 
 
@@ -51,14 +51,14 @@ def test_overlapping_retransmission_cannot_replace_the_method(tmp_path: Path, de
     # The real line first, then a "retransmission" of the same bytes saying something else:
     # a receiver that keeps the second copy would see no Stratum; we keep the first.
     v = feed_all(eng, [c.syn(), c.synack(), c.c(SUBSCRIBE[:30]), c.c(harmless[:30]), c.c(SUBSCRIBE[30:], 30)])
-    assert v[-1] == DROP or DROP in v
+    assert v[-1] == PIN_DENY or PIN_DENY in v
     assert any(k.startswith("mining") for k in eng.events[-1].detections)
 
 
 def test_tcp_fast_open_data_in_the_syn_is_inspected(default: Policy) -> None:
     eng = Engine(default)
     syn = bytes(IP(src=NODE, dst=POOL) / TCP(sport=41000, dport=3333, flags="S", seq=999) / SUBSCRIBE)
-    assert eng.feed(syn, 1.0) == DROP
+    assert eng.feed(syn, 1.0) == PIN_DENY
     assert "mining.stratum" in eng.events[-1].detections
 
 
@@ -70,7 +70,7 @@ def test_stratum_split_across_ipv4_fragments(default: Policy) -> None:
     frags = [bytes(f) for f in fragment(pkt, fragsize=24)]
     assert len(frags) >= 3
     verdicts = [eng.feed(f, 2.0) for f in reversed(frags)]  # last fragment first
-    assert verdicts[-1] == DROP
+    assert verdicts[-1] == PIN_DENY
     assert "mining.stratum" in eng.events[-1].detections
 
 
@@ -80,7 +80,7 @@ def test_tiny_first_fragment_does_not_hide_the_ports(default: Policy) -> None:
     pkt = IP(src=NODE, dst=POOL, id=4242) / TCP(sport=41001, dport=3333, flags="S", seq=5) / SUBSCRIBE
     frags = [bytes(f) for f in fragment(pkt, fragsize=8)]
     v = [eng.feed(f, 1.0) for f in frags]
-    assert v[-1] == DROP
+    assert v[-1] == PIN_DENY
 
 
 def test_stratum_in_ipv6_fragments_behind_extension_headers(default: Policy) -> None:
@@ -93,8 +93,8 @@ def test_stratum_in_ipv6_fragments_behind_extension_headers(default: Policy) -> 
     base = IPv6(src="2001:db8:1::2", dst="2001:db8:2::30") / IPv6ExtHdrDestOpt()
     f1 = base / IPv6ExtHdrFragment(nh=6, offset=0, m=1, id=99) / raw[:half]
     f2 = base / IPv6ExtHdrFragment(nh=6, offset=half // 8, m=0, id=99) / raw[half:]
-    assert eng.feed(bytes(f2), 2.0) != DROP
-    assert eng.feed(bytes(f1), 2.0) == DROP
+    assert eng.feed(bytes(f2), 2.0) != PIN_DENY
+    assert eng.feed(bytes(f1), 2.0) == PIN_DENY
     assert "mining.stratum" in eng.events[-1].detections
 
 
@@ -109,7 +109,7 @@ def test_overlapping_fragments_with_different_bytes_are_reported(tmp_path: Path)
     f1 = IP(src=NODE, dst="203.0.113.77", id=5, flags="MF", frag=0, proto=6) / raw[:40]
     f2 = IP(src=NODE, dst="203.0.113.77", id=5, flags=0, frag=3, proto=6) / (b"B" * (len(raw) - 24))
     eng.feed(bytes(f1), 1.0)
-    assert eng.feed(bytes(f2), 1.0) == DROP
+    assert eng.feed(bytes(f2), 1.0) == PIN_DENY
     assert "evasion.fragment-overlap" in eng.events[-1].detections
 
 
@@ -139,7 +139,7 @@ def test_fragment_buffer_is_bounded() -> None:
 def test_encoding_tricks_are_still_mining(default: Policy, line: bytes) -> None:
     eng = Engine(default)
     c = Conn(POOL, 443)
-    assert feed_all(eng, [c.syn(), c.synack(), c.c(line)])[-1] == DROP
+    assert feed_all(eng, [c.syn(), c.synack(), c.c(line)])[-1] == PIN_DENY
 
 
 def test_ssh_banner_after_other_lines_is_still_ssh(default: Policy) -> None:
@@ -147,7 +147,7 @@ def test_ssh_banner_after_other_lines_is_still_ssh(default: Policy) -> None:
     c = Conn("203.0.113.20", 80)
     server = b"Welcome\r\nto the box\r\n" + b"SSH-2.0-OpenSSH_9.2p1\r\n"
     v = feed_all(eng, [c.syn(), c.synack(), c.s(server), c.c(CLIENT_BANNER)])
-    assert DROP in v
+    assert PIN_DENY in v
     assert "ssh" in eng.events[-1].detections
 
 
@@ -155,7 +155,7 @@ def test_ssh_1_99_banner_is_ssh(default: Policy) -> None:
     eng = Engine(default)
     c = Conn("203.0.113.20", 53)
     v = feed_all(eng, [c.syn(), c.synack(), c.c(b"SSH-1.99-OpenSSH_3.9p1\r\n")])
-    assert v[-1] == DROP
+    assert v[-1] == PIN_DENY
 
 
 def test_lowercase_ssh_is_not_a_banner_because_openssh_rejects_it(default: Policy) -> None:
@@ -164,7 +164,7 @@ def test_lowercase_ssh_is_not_a_banner_because_openssh_rejects_it(default: Polic
     eng = Engine(default)
     c = Conn("203.0.113.20", 8022)
     v = feed_all(eng, [c.syn(), c.synack(), c.c(b"ssh-2.0-OpenSSH_9.2\r\n")])
-    assert DROP not in v
+    assert PIN_DENY not in v
 
 
 @pytest.mark.parametrize("port", [80, 443, 53, 123])
@@ -178,7 +178,7 @@ def test_ssh_through_socks5_on_common_ports(default: Policy, port: int) -> None:
         c.syn(), c.synack(), c.c(greet), c.s(choice), c.c(req, len(greet)), c.s(rep, len(choice)),
         c.c(CLIENT_BANNER, len(greet) + len(req)),
     ]  # fmt: skip
-    assert DROP in feed_all(eng, pkts)
+    assert PIN_DENY in feed_all(eng, pkts)
     kinds = eng.events[-1].detections
     assert "ssh" in kinds and "proxy.socks" in kinds
 
@@ -189,6 +189,6 @@ def test_stratum_through_http_connect_absolute_form(default: Policy) -> None:
     req = b"CONNECT http://pool.example.net:3333/ HTTP/1.1\r\nHost: pool.example.net:3333\r\n\r\n"
     rep = b"HTTP/1.0 200 Connection established\r\nProxy-agent: x\r\n\r\n"
     v = feed_all(eng, [c.syn(), c.synack(), c.c(req), c.s(rep), c.c(SUBSCRIBE, len(req))])
-    assert v[-1] == DROP
+    assert v[-1] == PIN_DENY
     assert "mining.stratum" in eng.events[-1].detections
     assert eng.events[-1].domain == "pool.example.net"

@@ -6,6 +6,7 @@ import argparse
 import io
 import re
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -428,10 +429,18 @@ def test_has_net_admin_reads_the_effective_capability_set() -> None:
     assert not nf.has_net_admin("CapEff:\tzz\n")
 
 
-def test_nft_backend_error_message_names_the_missing_kernel_option(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nf, "probe_nft_queue", lambda netns=None: False)
-    with pytest.raises(nf.NftQueueUnavailable, match=r"nft queue expression unavailable: CONFIG_NFT_QUEUE"):
-        nf.install(1, fail_open=True, max_packets=8, backend_name="nft")
+def test_cli_refuses_the_nft_backend_with_exit_2_and_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_run(*_a: object, **_kw: object) -> None:
+        raise AssertionError("install ran for --backend nft")
+
+    monkeypatch.setattr(nf, "has_net_admin", lambda status=None: True)
+    monkeypatch.setattr(nf, "install", must_not_run)
+    p = argparse.ArgumentParser()
+    nf.add_rules_arguments(p)
+    out, err = io.StringIO(), io.StringIO()
+    assert nf.run_rules(p.parse_args(["install", "--backend", "nft"]), out, err) == 2
+    assert err.getvalue() == f"egressd rules: --backend nft: {nf.NFT_REFUSED}\n"
+    assert out.getvalue() == ""
 
 
 def test_cli_reports_errors_with_exit_code_2(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -454,3 +463,189 @@ def test_cli_refuses_without_net_admin(monkeypatch: pytest.MonkeyPatch) -> None:
     err = io.StringIO()
     assert nf.run_rules(p.parse_args(["show"]), io.StringIO(), err) == 2
     assert "CAP_NET_ADMIN" in err.getvalue()
+
+
+# -- the head bound: one derivation for every path that installs rules ------------------------
+def _install_args(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> tuple[int, dict[str, object], str, str]:
+    got: dict[str, object] = {}
+
+    def fake_install(queue_num: int, **kw: object) -> None:
+        got.update(kw, queue_num=queue_num)
+
+    def fake_guard(ifaces: list[str], netns: str | None = None) -> None:
+        got["guard"] = list(ifaces)
+
+    monkeypatch.setattr(nf, "has_net_admin", lambda status=None: True)
+    monkeypatch.setattr(nf, "install", fake_install)
+    monkeypatch.setattr(nf, "install_guard", fake_guard)  # never the host's own interfaces
+    monkeypatch.setattr(nf, "uplinks", lambda netns=None: ["up0"])
+    p = argparse.ArgumentParser()
+    nf.add_rules_arguments(p)
+    out, err = io.StringIO(), io.StringIO()
+    rc = nf.run_rules(p.parse_args(["install", *argv]), out, err)
+    return rc, got, out.getvalue(), err.getvalue()
+
+
+def test_kernel_head_outlasts_a_head_of_one_byte_segments_in_both_directions() -> None:
+    from egressd.policy import Settings
+
+    s = Settings(head_bytes=8192, max_packets=32)
+    assert nf.kernel_head(s) == 2 * 8192 + 32 + 16
+    assert nf.kernel_head(Settings(head_bytes=64, max_packets=1)) > 2 * 64 + 1
+
+
+def test_rules_install_derives_the_head_bound_queue_and_fail_mode_from_the_policy(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from egressd.policy import load_policy
+
+    pol = tmp_path / "p.yaml"
+    pol.write_text("default: accept\nfail: closed\nsettings: {head_bytes: 1000, max_packets: 7, queue_num: 9}\n")
+    rc, got, out, err = _install_args(monkeypatch, ["--policy", str(pol)])
+    assert (rc, err) == (0, "")
+    assert got["max_packets"] == nf.kernel_head(load_policy(pol).settings) == 2023
+    assert (got["queue_num"], got["fail_open"]) == (9, False)
+    assert out == (
+        "egressd rules installed (queue 9, head bound 2023 packets per direction)\negressd link guard on up0\n"
+    )
+    assert got["guard"] == ["up0"]
+
+
+def test_rules_install_default_policy_gives_the_daemons_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    from egressd.paths import default_policy
+    from egressd.policy import load_policy
+
+    rc, got, _out, _err = _install_args(monkeypatch, [])
+    shipped = load_policy(default_policy())
+    assert rc == 0 and got["max_packets"] == nf.kernel_head(shipped.settings)
+    assert (got["queue_num"], got["fail_open"]) == (shipped.settings.queue_num, shipped.fail == "open")
+
+
+def test_rules_install_fail_closed_and_queue_flags_override_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    rc, got, _out, _err = _install_args(monkeypatch, ["--queue", "4", "--fail-closed"])
+    assert rc == 0 and (got["queue_num"], got["fail_open"]) == (4, False)
+
+
+def test_rules_install_with_a_broken_policy_exits_2_with_file_and_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pol = tmp_path / "bad.yaml"
+    pol.write_text("default: accept\nsettings: {head_bytes: 1}\n")
+    rc, got, _out, err = _install_args(monkeypatch, ["--policy", str(pol)])
+    assert rc == 2 and got == {}
+    assert err.startswith("egressd rules install: the policy does not load:") and f"{pol}:2" in err
+
+
+def test_rules_max_packets_option_is_gone() -> None:
+    p = argparse.ArgumentParser()
+    nf.add_rules_arguments(p)
+    with pytest.raises(SystemExit):
+        p.parse_args(["install", "--max-packets", "32"])
+
+
+# -- the link guard (packet-socket frames) ------------------------------------------------------
+def test_guard_marks_last_in_postrouting_and_drops_unmarked_ip_at_egress() -> None:
+    text = nf.render_guard(["eth0", "bond0"])
+    assert "type filter hook postrouting priority 500; policy accept;\n\t\tmeta mark set meta mark | 0x80000000" in text
+    assert 'type filter hook egress devices = { "eth0", "bond0" } priority 0; policy accept;' in text
+    lines = [ln.strip() for ln in text.splitlines()]
+    guard = lines[lines.index("chain guard {") + 2 :]
+    assert guard[0] == "meta mark & 0x80000000 == 0x80000000 accept"
+    assert guard[-3:] == ["counter drop", "}", "}"]
+    # the non-IP accept needs the wire's ethertype and the kernel's protocol both non-IP
+    nonip = next(ln for ln in guard if ln.startswith("meta oiftype ether ether type !="))
+    assert "0x0800" in nonip and "0x86dd" in nonip and "0x8100" in nonip
+    assert "meta protocol != { 0x0800, 0x86dd }" in nonip
+    # replacing is one transaction: both tables declared, deleted and defined again
+    assert lines[:4] == [
+        "table inet egressd",
+        "delete table inet egressd",
+        "table netdev egressd",
+        "delete table netdev egressd",
+    ]
+    assert nf.MARK_PASSED & nf.MARK_BITS == 0  # never scrubbed nor saved with the verdict bits
+
+
+@pytest.mark.parametrize("bad", ["", "a b", 'x"y', "eth*", "veth+", "x" * 16, "a}b"])
+def test_guard_refuses_bad_interface_names(bad: str) -> None:
+    with pytest.raises(ValueError):
+        nf.render_guard([bad])
+
+
+def test_guard_needs_an_interface() -> None:
+    with pytest.raises(ValueError):
+        nf.render_guard([])
+
+
+ROUTE = (
+    "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+    "eth0\t00000000\t0164A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n"
+    "eth0\t0064A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n"
+    "lo\t00000000\t00000000\t0201\t0\t0\t0\t00000000\t0\t0\t0\n"
+    "wg0\t00000000\t00000000\t0001\t0\t0\t50\t00000000\t0\t0\t0\n"
+)
+IPV6_ROUTE = (
+    "00000000000000000000000000000000 00 00000000000000000000000000000000 00 "
+    "fe800000000000000000000000000001 00000400 00000001 00000000 00000003     eth1\n"
+    "00000000000000000000000000000000 00 00000000000000000000000000000000 00 "
+    "00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo\n"
+    "20010db8000000000000000000000000 40 00000000000000000000000000000000 00 "
+    "00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth2\n"
+)
+
+
+def test_uplinks_are_the_default_routes_interfaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {"/proc/net/route": ROUTE, "/proc/net/ipv6_route": IPV6_ROUTE}
+    monkeypatch.setattr(nf, "_read_proc", lambda path, netns: files[path])
+    assert nf.uplinks() == ["eth0", "eth1", "wg0"]  # not lo's unreachable default, not eth2's prefix
+
+
+def test_rules_install_guards_named_interfaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    rc, got, out, _err = _install_args(monkeypatch, ["--guard-iface", "eth9", "--guard-iface", "bond0"])
+    assert rc == 0 and got["guard"] == ["eth9", "bond0"]
+    assert out.endswith("egressd link guard on eth9, bond0\n")
+
+
+def test_rules_install_no_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    rc, got, out, _err = _install_args(monkeypatch, ["--no-guard"])
+    assert rc == 0 and "guard" not in got and out.endswith("egressd link guard: off (--no-guard)\n")
+
+
+def _unavailable(ifaces: list[str], netns: str | None = None) -> None:
+    raise nf.GuardUnavailable("nft not found")
+
+
+def test_rules_install_without_nft_warns_and_keeps_the_rules_when_following_the_routes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    removed: list[bool] = []
+    monkeypatch.setattr(nf, "remove", lambda netns=None: removed.append(True))
+    monkeypatch.setattr(nf, "install_guard", _unavailable)
+    rc, _got, _out, err = _install_args_keep_guard(monkeypatch, [])
+    assert rc == 0 and err == "egressd link guard: not installed: nft not found\n" and removed == []
+
+
+def test_rules_install_named_guard_that_fails_removes_the_rules_and_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    removed: list[bool] = []
+    monkeypatch.setattr(nf, "remove", lambda netns=None: removed.append(True))
+    monkeypatch.setattr(nf, "install_guard", _unavailable)
+    rc, _got, _out, err = _install_args_keep_guard(monkeypatch, ["--guard-iface", "eth0"])
+    assert rc == 2 and removed == [True] and "nft not found" in err
+
+
+def _install_args_keep_guard(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> tuple[int, dict[str, object], str, str]:
+    """_install_args, but with the install_guard the test put in place."""
+    guard = nf.install_guard
+    with monkeypatch.context() as m:
+        m.setattr(nf, "uplinks", lambda netns=None: ["up0"])
+        got: dict[str, object] = {}
+        m.setattr(nf, "has_net_admin", lambda status=None: True)
+        m.setattr(nf, "install", lambda queue_num, **kw: got.update(kw))
+        m.setattr(nf, "install_guard", guard)
+        p = argparse.ArgumentParser()
+        nf.add_rules_arguments(p)
+        out, err = io.StringIO(), io.StringIO()
+        rc = nf.run_rules(p.parse_args(["install", *argv]), out, err)
+    return rc, got, out.getvalue(), err.getvalue()

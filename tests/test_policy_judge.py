@@ -276,49 +276,13 @@ def test_not_alone_is_not_a_catch_all() -> None:
     assert rule_for(p, flow(dport=443)) == "s"
 
 
-# ----------------------------------------------------------------------------- helpers for the engine
-
-
-def test_detection_may_change_is_false_once_a_plain_rule_decides() -> None:
-    p = policy(
-        "  - {name: ok, match: {dst: 203.0.113.0/24}, action: accept}\n"
-        "  - {name: mining, match: {detection: mining}, action: drop}\n"
-    )
-    assert p.detection_may_change(flow("203.0.113.5")) is False
-    assert p.detection_may_change(flow("198.51.100.5")) is True
-
-
-def test_detection_may_change_sees_detection_rule_before_the_decider() -> None:
-    p = policy(
-        "  - {name: mining, match: {detection: mining, dst_port: 3333}, action: drop}\n"
-        "  - {name: ok, match: {dst: 203.0.113.0/24}, action: accept}\n"
-    )
-    assert p.detection_may_change(flow("203.0.113.5", 3333)) is True
-    assert p.detection_may_change(flow("203.0.113.5", 443)) is False
-
-
-def test_detection_may_change_for_not_with_detection_in_deciding_rule() -> None:
-    p = policy("  - {name: r, match: {dst_port: 443, not: {detection: tls}}, action: drop}\n")
-    assert p.detection_may_change(flow(dport=443)) is True
-
-
-def test_needs_domain_and_needs_detection() -> None:
-    plain = policy("  - {name: r, match: {dst_port: 1}, action: drop}\n")
-    assert not plain.needs_domain() and not plain.needs_detection()
-    named = policy("  - {name: r, match: {not: {dst_domain: a.example}}, action: drop}\n")
-    assert named.needs_domain()
-    detect = policy("  - {name: r, match: {detection: ssh}, action: drop}\n")
-    assert detect.needs_detection()
-
-
-def test_pool_domains_alone_make_the_engine_need_names() -> None:
+def test_pool_domains_list_is_loaded() -> None:
     p = load_policy_text(
         "default: accept\n"
         "settings: {pool_domains: pools}\n"
         "lists:\n"
         "  pools: {type: domain, items: [a.example]}\n"
     )
-    assert p.needs_domain()
     assert p.pool_domains.match("a.example") == "a.example"
 
 

@@ -20,10 +20,11 @@ def flow(
     proto: int = TCP,
     domains: tuple[str, ...] = (),
     detections: tuple[str, ...] = (),
+    content: str = "pending",
 ) -> FlowFacts:
     d = ipaddress.ip_address(dst)
     s = ipaddress.ip_address("198.51.100.2" if d.version == 4 else "2001:db8::2")
-    return FlowFacts(proto, d.version, s.packed, d.packed, 40000, dport, domains, detections)
+    return FlowFacts(proto, d.version, s.packed, d.packed, 40000, dport, domains, detections, content)
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +154,33 @@ def test_default_drops_pool_domain_detection_without_a_name(default: Policy) -> 
     assert (decision.action, decision.rule) == ("drop", "drop-mining")
 
 
-def test_default_only_alerts_on_pool_ports(default: Policy) -> None:
-    decision = default.judge(flow("198.51.100.40", 3333))
+def test_default_alerts_on_unrecognised_payload_to_a_pool_port(default: Policy) -> None:
+    decision = default.judge(flow("198.51.100.40", 3333, content="unclassified"))
     assert (decision.action, decision.rule) == ("alert", "alert-mining-ports")
+
+
+def test_default_claims_nothing_on_a_pool_port_before_the_content_is_known(default: Policy) -> None:
+    decision = default.judge(flow("198.51.100.40", 3333))
+    assert (decision.action, decision.rule) == ("accept", "default")
+
+
+def test_default_records_a_dataless_flow_to_a_pool_port_without_an_alert(default: Policy) -> None:
+    decision = default.judge(flow("198.51.100.40", 3333, content="none"))
+    assert (decision.action, decision.rule) == ("accept", "note-mining-ports-without-payload")
+
+
+@pytest.mark.parametrize("kinds", [("rpc.jsonrpc",), ("tls",), ("dns",)])
+def test_default_does_not_alert_on_a_pool_port_whose_content_is_something_else(
+    default: Policy, kinds: tuple[str, ...]
+) -> None:
+    decision = default.judge(flow("198.51.100.40", 4444, detections=kinds, content="classified"))
+    assert (decision.action, decision.rule) == ("accept", "default")
+
+
+@pytest.mark.parametrize("port", [8333, 9332])
+def test_cryptocurrency_node_ports_are_not_pool_ports(default: Policy, port: int) -> None:
+    decision = default.judge(flow("198.51.100.40", port, content="unclassified"))
+    assert (decision.action, decision.rule) == ("accept", "default")
 
 
 # ----------------------------------------------------------------------------- allowlist.yaml

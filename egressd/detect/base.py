@@ -19,6 +19,36 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+# Detection kinds live in one registry (egressd.detect.kinds); re-exported for the detectors.
+from egressd.detect.kinds import (
+    DNS,
+    EVASION_SSH_CLIENT_PREAMBLE,
+    EVASION_SSH_LONG_BANNER,
+    EVASION_SSH_MALFORMED,
+    FRAGMENT_OVERLAP,
+    MINING_ETH,
+    MINING_GETWORK,
+    MINING_POOL,
+    MINING_POOL_DOMAIN,
+    MINING_STRATUM,
+    MINING_XMR,
+    PROXY_CONNECT,
+    PROXY_SOCKS,
+    RPC_JSONRPC,
+    SSH,
+    SSH_FORWARD_DYNAMIC,
+    SSH_FORWARD_LOCAL,
+    SSH_FORWARD_REMOTE,
+    SSH_FORWARD_TUN,
+    SSH_REVERSE,
+    STREAM_INCONSISTENT,
+    TLS,
+    TUNNEL_IKE,
+    TUNNEL_OPENVPN,
+    TUNNEL_WIREGUARD,
+    kind_matches,
+)
+
 
 class Outcome(enum.Enum):
     """The two non-detection outcomes. Identity-compared, never allocated per call."""
@@ -42,7 +72,9 @@ class Detection:
     inversion from the KEX messages later), so the engine keeps feeding it.
     ``inner_fwd``/``inner_rev`` are set by wrapper protocols (HTTP CONNECT, SOCKS): the
     offsets in each direction's head where the tunnelled stream begins, so the other
-    detectors can be run again on what is inside.
+    detectors can be run again on what is inside. ``anomalies`` are further findings of
+    other kinds made on the way (``evasion.*``: a padded banner, a malformed packet); the
+    engine records each as a finding of its own, so a policy can match it.
     """
 
     kind: str
@@ -52,38 +84,10 @@ class Detection:
     refine: bool = False
     inner_fwd: int = -1
     inner_rev: int = -1
+    anomalies: tuple[Detection, ...] = ()
 
 
 Result = Detection | Outcome
-
-# Detection kinds used across the project (policy files name these).
-SSH: Final = "ssh"
-SSH_REVERSE: Final = "ssh.reverse"
-# What an SSH session is used for, from its encrypted packet sizes (detect/ssh_usage.py).
-SSH_FORWARD_REMOTE: Final = "ssh.forward.remote"  # ssh -R: tcpip-forward, server-opened channels
-SSH_FORWARD_LOCAL: Final = "ssh.forward.local"  # ssh -L / -W: direct-tcpip channels
-SSH_FORWARD_DYNAMIC: Final = "ssh.forward.dynamic"  # ssh -D (on the wire as -L: either name is right)
-SSH_FORWARD_TUN: Final = "ssh.forward.tun"  # ssh -w: tun@openssh.com channels
-MINING_STRATUM: Final = "mining.stratum"  # Stratum v1 client (mining.subscribe/authorize/...)
-MINING_ETH: Final = "mining.eth-stratum"  # EthereumStratum / eth_submitLogin / eth_getWork
-MINING_XMR: Final = "mining.xmr"  # CryptoNote / XMRig "login" JSON-RPC
-MINING_GETWORK: Final = "mining.getwork"  # getwork / getblocktemplate in an HTTP POST
-MINING_POOL: Final = "mining.pool"  # the pool's side: mining.notify, set_difficulty, job blobs
-MINING_POOL_DOMAIN: Final = "mining.pool-domain"  # TLS SNI or DNS query for a pool domain
-TLS: Final = "tls"
-DNS: Final = "dns"
-PROXY_CONNECT: Final = "proxy.http-connect"
-PROXY_SOCKS: Final = "proxy.socks"
-STREAM_INCONSISTENT: Final = "evasion.inconsistent-retransmission"
-FRAGMENT_OVERLAP: Final = "evasion.fragment-overlap"
-TUNNEL_WIREGUARD: Final = "tunnel.wireguard"  # handshake initiation/response
-TUNNEL_IKE: Final = "tunnel.ike"  # IPsec key exchange (IKEv1/IKEv2)
-TUNNEL_OPENVPN: Final = "tunnel.openvpn"  # OpenVPN over TCP, hard-reset handshake
-
-
-def kind_matches(pattern: str, kind: str) -> bool:
-    """``mining`` matches ``mining`` and ``mining.xmr``, but not ``miningfoo``."""
-    return kind == pattern or (kind.startswith(pattern) and kind[len(pattern)] == ".")
 
 
 _PRINTABLE = bytes(range(0x20, 0x7F))
@@ -113,6 +117,9 @@ class StreamContext:
     ``fwd`` is always originator -> responder. ``fwd_closed``/``rev_closed`` say that
     direction has ended (FIN/RST seen), so NEED_MORE can no longer be satisfied there.
     ``fwd_full``/``rev_full`` say the head buffer reached its cap: nothing more will come.
+    ``head`` is that cap, the policy's ``head_bytes``: the one byte limit every detector uses
+    (a detector with a limit of its own would wait for bytes that can never come, or give
+    up on bytes the head holds).
     """
 
     sport: int
@@ -121,7 +128,45 @@ class StreamContext:
     rev_closed: bool = False
     fwd_full: bool = False
     rev_full: bool = False
+    head: int = 8192  # the default head_bytes (egressd.policy.model.Settings)
 
 
 StreamDetector = Callable[[bytes, bytes, StreamContext], Result]
 """``detect_x(fwd, rev, ctx)``: fwd = originator's head bytes, rev = responder's."""
+
+__all__ = [
+    "DNS",
+    "EVASION_SSH_CLIENT_PREAMBLE",
+    "EVASION_SSH_LONG_BANNER",
+    "EVASION_SSH_MALFORMED",
+    "FRAGMENT_OVERLAP",
+    "MINING_ETH",
+    "MINING_GETWORK",
+    "MINING_POOL",
+    "MINING_POOL_DOMAIN",
+    "MINING_STRATUM",
+    "MINING_XMR",
+    "NEED_MORE",
+    "NOT_THIS",
+    "PROXY_CONNECT",
+    "PROXY_SOCKS",
+    "RPC_JSONRPC",
+    "SSH",
+    "SSH_FORWARD_DYNAMIC",
+    "SSH_FORWARD_LOCAL",
+    "SSH_FORWARD_REMOTE",
+    "SSH_FORWARD_TUN",
+    "SSH_REVERSE",
+    "STREAM_INCONSISTENT",
+    "TLS",
+    "TUNNEL_IKE",
+    "TUNNEL_OPENVPN",
+    "TUNNEL_WIREGUARD",
+    "Detection",
+    "Outcome",
+    "Result",
+    "StreamContext",
+    "StreamDetector",
+    "kind_matches",
+    "printable",
+]

@@ -21,7 +21,6 @@ a dot and a name compares equal to a policy domain only when its labels really a
 from __future__ import annotations
 
 import ipaddress
-import math
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -383,65 +382,3 @@ def detect_dns_stream(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
     if m is None or not _plausible(m):
         return NOT_THIS
     return _detection(m, from_originator=True)
-
-
-# --- tunnel features (not wired into detection yet) --------------------------------------
-
-_TUNNEL_TYPES: Final = {TYPE_NULL: 0.35, TYPE_TXT: 0.2, TYPE_ANY: 0.15, TYPE_CNAME: 0.05, TYPE_MX: 0.05}
-
-
-def _entropy(s: str) -> float:
-    """Shannon entropy in bits per character."""
-    counts: dict[str, int] = {}
-    for ch in s:
-        counts[ch] = counts.get(ch, 0) + 1
-    n = len(s)
-    return -sum(c / n * math.log2(c / n) for c in counts.values())
-
-
-def tunnel_score(qname: str, qtype: int) -> float:
-    """How much a single query looks like data smuggled in DNS, 0..1 (not a verdict).
-
-    DNS tunnels (iodine, dnscat2, dns2tcp, DNSExfiltrator) pack encoded bytes into the
-    leftmost labels, so those labels are long, many, and close to random; downstream data
-    comes back in record types that carry arbitrary bytes (NULL, TXT; ANY and CNAME/MX
-    for some tools). The features and why each threshold:
-
-    * longest label: hostnames a person or CDN picks rarely exceed ~20 characters; tunnel
-      tools fill labels to the 63-byte limit. Scored linearly from 24 to 52 (weight 0.3).
-    * length of the part left of the last two labels (the subdomain the tool controls):
-      ordinary names stay under ~40; tunnels use 100-230. Linear from 40 to 120 (0.2).
-    * entropy of that part (or of the longest label, when the part is short: some tools
-      use no domain at all): English-like names give ~2.5-3.5 bits/char, hex ~4, base32
-      ~5, base64/base128 more. Scored from 3.3 to 4.3 bits (0.25), and only over at least
-      16 characters, because the entropy of a short string is biased low and says nothing.
-    * a label byte that had to be escaped (binary, space, an embedded dot; iodine's raw and
-      base128 upstream encodings): no hostname anyone resolves has one (0.3).
-    * qtype: NULL 0.35 (no legitimate use in queries), TXT 0.2, ANY 0.15, CNAME/MX 0.05.
-
-    The sum is clamped to 1. An iodine NULL query with 50+ random characters scores ~1;
-    ``www.example.com A`` scores 0; a long CDN name (``a1234.dscb.akamaiedge.net``) stays
-    low because its labels are short.
-    """
-    labels = qname.split(".") if qname else []
-    sub = ".".join(labels[:-2])
-    longest = max((len(label) for label in labels), default=0)
-    score = 0.3 * _ramp(longest, 24, 52)
-    score += 0.2 * _ramp(len(sub), 40, 120)
-    compact = sub.replace(".", "")
-    if len(compact) < 16:  # no subdomain to speak of (e.g. dnscat2 without a domain): the longest label
-        compact = max(labels, key=len, default="")
-    if len(compact) >= 16:
-        score += 0.25 * _ramp(_entropy(compact), 3.3, 4.3)
-    if "\\" in qname:  # a label byte escaped as \\DDD: binary, a space, an embedded dot
-        score += 0.3
-    score += _TUNNEL_TYPES.get(qtype, 0.0)
-    return min(score, 1.0)
-
-
-def _ramp(x: float, lo: float, hi: float) -> float:
-    if x <= lo:
-        return 0.0
-    if x >= hi:
-        return 1.0
-    return (x - lo) / (hi - lo)

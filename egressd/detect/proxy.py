@@ -22,7 +22,7 @@ valid selection reply or a valid request behind it. SOCKS4/4a: ``04 cmd port ip 
 (``0.0.0.x`` + ``domain\\0`` for 4a), reply ``00 5a..5d port ip``; it waits for the reply's
 first two bytes (or a closed/full direction) because the request alone is little structure.
 
-Bounds: only the head is read; lines and names are capped (``MAX_HEAD``, 255-byte names);
+Bounds: only the head is read; lines and names are capped (the head's ``StreamContext.head``, 255-byte names);
 struct/indices are checked against the length first. First byte not ``C``, 4 or 5 is NOT
 this at once. Never raises. Passwords are never copied into info.
 """
@@ -45,7 +45,6 @@ from egressd.detect.base import (
     printable,
 )
 
-MAX_HEAD: Final = 8192  # an HTTP head longer than this is not waited for
 _CONNECT: Final = b"CONNECT "
 _MAX_INTERIM: Final = 4  # 1xx heads skipped before the final CONNECT reply
 _U16 = struct.Struct("!H")
@@ -94,10 +93,10 @@ def detect_proxy(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
 # --- HTTP CONNECT ------------------------------------------------------------------------
 
 
-def _head_end(data: bytes, start: int) -> int:
+def _head_end(data: bytes, start: int, limit: int) -> int:
     """Offset just after the blank line ending an HTTP head, or -1."""
-    crlf = data.find(b"\r\n\r\n", start, MAX_HEAD)
-    lf = data.find(b"\n\n", start, MAX_HEAD)
+    crlf = data.find(b"\r\n\r\n", start, limit)
+    lf = data.find(b"\n\n", start, limit)
     if lf >= 0 and (crlf < 0 or lf < crlf):
         return lf + 2
     return crlf + 4 if crlf >= 0 else -1
@@ -145,9 +144,9 @@ def _http_connect(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
         if len(fwd) < len(_CONNECT) and _CONNECT.startswith(fwd) and not fwd_final:
             return NEED_MORE
         return NOT_THIS
-    eol = fwd.find(b"\n", 0, MAX_HEAD)
+    eol = fwd.find(b"\n", 0, ctx.head)
     if eol < 0:
-        return NOT_THIS if fwd_final or len(fwd) >= MAX_HEAD else NEED_MORE
+        return NOT_THIS if fwd_final or len(fwd) >= ctx.head else NEED_MORE
     line = fwd[:eol].rstrip(b"\r")
     tokens = line.split()
     if len(tokens) < 3 or not tokens[-1].startswith(b"HTTP/1."):
@@ -156,15 +155,15 @@ def _http_connect(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
     if target is None:
         return NOT_THIS
     info = {"target": target, "version": printable(tokens[-1], 16)}
-    inner_fwd = _head_end(fwd, eol - 1 if eol > 0 else 0)
+    inner_fwd = _head_end(fwd, eol - 1 if eol > 0 else 0, ctx.head)
     if inner_fwd >= 0:
         head = fwd[:inner_fwd].lower()
         auth = head.find(b"\nproxy-authorization:")
         if auth >= 0:
             scheme = head[auth + 21 : head.find(b"\n", auth + 1)].split()
             info["proxy_auth"] = printable(scheme[0], 16) if scheme else "present"
-    inner_rev, reply_open = _connect_reply(rev, ctx.rev_closed or ctx.rev_full, info)
-    fwd_open = inner_fwd < 0 and not fwd_final and len(fwd) < MAX_HEAD
+    inner_rev, reply_open = _connect_reply(rev, ctx.rev_closed or ctx.rev_full, info, ctx.head)
+    fwd_open = inner_fwd < 0 and not fwd_final and len(fwd) < ctx.head
     return Detection(
         kind=PROXY_CONNECT,
         evidence=printable(line, 96),
@@ -175,7 +174,7 @@ def _http_connect(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
     )
 
 
-def _connect_reply(rev: bytes, final: bool, info: dict[str, str]) -> tuple[int, bool]:
+def _connect_reply(rev: bytes, final: bool, info: dict[str, str], limit: int) -> tuple[int, bool]:
     """(inner_rev, still waiting) from the proxy's reply head(s); fills ``status``."""
     pos = 0
     for _ in range(_MAX_INTERIM + 1):
@@ -189,9 +188,9 @@ def _connect_reply(rev: bytes, final: bool, info: dict[str, str]) -> tuple[int, 
             return -1, False
         status = int(rev[pos + 9 : pos + 12])
         info["status"] = str(status)
-        end = _head_end(rev, pos)
+        end = _head_end(rev, pos, limit)
         if end < 0:
-            waiting = not final and len(rev) < MAX_HEAD
+            waiting = not final and len(rev) < limit
             return -1, waiting and 100 <= status < 300
         if 100 <= status < 200:
             pos = end

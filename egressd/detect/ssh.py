@@ -20,6 +20,16 @@ OpenSSH accepts 8192, so a longer banner is still SSH (padding it is an evasion,
 another protocol); once ``RFC_BANNER_LEN`` bytes of a well-formed ``SSH-x.y-`` line are
 seen it counts without waiting for the LF.
 
+A banner found that way is not yet an SSH endpoint's: a line starting ``SSH-2.0-`` inside
+a downloaded log, a mail or a chat looks the same. It *stands* (``_stands``) only when the
+protocol around it is SSH's: at byte 0 of its direction and not followed by text; or after
+lines (a server's preamble) when the peer answers with its own opening version line, or
+when an SSH binary packet follows it and the peer is consistent with SSH (a version line,
+or nothing at all yet); or, with nothing after it yet, when it is the responder's and the
+originator is silent. Text after a banner makes it a quoted line (an SSH packet's first
+byte is always 0x00), except the refusal a real sshd writes. docs/ssh-detection.md has the
+table; anomalies of banners that stand become ``evasion.*`` findings (``_anomalies``).
+
 Role, from protocol facts only (each is a vote for "this direction is the client/server"):
 
 * the key-exchange message that follows KEXINIT. Numbers 30-49 are method-specific, so
@@ -62,6 +72,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from egressd.detect.base import (
+    EVASION_SSH_CLIENT_PREAMBLE,
+    EVASION_SSH_LONG_BANNER,
+    EVASION_SSH_MALFORMED,
     NEED_MORE,
     NOT_THIS,
     SSH,
@@ -140,6 +153,24 @@ _PENDING: Final = 0  # compatible with SSH so far (empty, partial line, pre-bann
 _NOT: Final = 1  # this direction cannot be an SSH peer
 _BANNER: Final = 2  # identification line found
 
+# What follows the identification line in its own direction (RFC 4253 §4.2: the binary
+# packet protocol starts right after it). A packet's length field is below 256 KiB, so its
+# first byte is always 0x00: any other first byte rules a packet out at once.
+_AFTER_NONE: Final = 0  # nothing yet (or not enough to tell)
+_AFTER_PACKET: Final = 1  # a well-formed binary packet header (SSH-2 or SSH-1)
+_AFTER_TEXT: Final = 2  # another line of text: the "banner" was a line quoted in a text protocol
+_AFTER_SSHD_ERROR: Final = 3  # the text a real sshd sends a peer that is not an SSH client
+_AFTER_BAD_PACKET: Final = 4  # binary, but not a valid packet: malformed (an evasion hint)
+
+# What sshd writes after its banner to a peer whose identification it refuses (OpenSSH
+# kex.c send_error; sshd.c "Protocol mismatch." before 7.x): a server's answer, not text.
+_SSHD_ERRORS: Final = (
+    b"Invalid SSH identification string.",
+    b"Protocol major versions differ.",
+    b"Protocol mismatch.",
+)
+_TEXT_BYTES: Final = frozenset(b"\t\n\r" + bytes(range(0x20, 0x7F)))
+
 
 @dataclass(frozen=True, slots=True)
 class _Vote:
@@ -159,6 +190,7 @@ class _Side:
     line: bytes = b""  # banner without CR/LF
     raw: bytes = b""  # banner as sent, for evidence
     pre_lines: int = 0
+    text_lines: int = 0  # complete lines before the banner (or so far, while there is none)
     major: int = -1
     minor: int = -1
     after: int = 0  # offset of the first byte after the banner line
@@ -167,6 +199,8 @@ class _Side:
     kex_msg: int = -1  # first method-specific kex message after KEXINIT
     ssh1_type: int = -1
     malformed: bool = False
+    after_kind: int = _AFTER_NONE
+    standing: bool = False  # this side is an SSH endpoint, consistent with its peer
     done: bool = False  # nothing more to learn from this direction's packets
     votes: list[_Vote] = field(default_factory=list)
 
@@ -240,6 +274,7 @@ def _scan_ident(data: bytes, final: bool, side: _Side) -> None:
     if lines >= MAX_PRE_BANNER_LINES:
         _mark_not(side)
         return
+    side.text_lines = lines
     if pos < 0:
         # No banner yet: complete lines and maybe a partial one (perhaps "SS" of "SSH-").
         if final or n - (pre.rfind(b"\n") + 1) > MAX_LINE:
@@ -268,6 +303,72 @@ def _scan_ident(data: bytes, final: bool, side: _Side) -> None:
 
 def _mark_not(side: _Side) -> None:
     side.state = _NOT
+
+
+def _malformed(side: _Side) -> None:
+    """Binary bytes after the banner that are no valid packet (the first ones decide the kind)."""
+    side.malformed = True
+    side.done = True
+    if side.after_kind == _AFTER_NONE:
+        side.after_kind = _AFTER_BAD_PACKET
+
+
+def _classify_after(data: bytes, side: _Side) -> None:
+    """Text, sshd's refusal, or (first byte 0x00) perhaps a packet: see ``_AFTER_*``.
+
+    Text after an identification line is what a quoted line looks like (the next line of a
+    log, a mail, a chat) and never what an SSH peer sends. UTF-8 text counts as text: a log
+    line may start with a non-ASCII letter.
+    """
+    pos = side.after
+    if pos >= len(data) or data[pos] == 0:
+        return  # nothing yet, or a packet's length field: _scan_packets decides
+    rest = data[pos : pos + 40]
+    for refusal in _SSHD_ERRORS:
+        if rest.startswith(refusal) or refusal.startswith(rest):
+            side.after_kind = _AFTER_SSHD_ERROR
+            side.malformed = True
+            side.done = True
+            return
+    b = data[pos]
+    if 0xC2 <= b <= 0xF4:
+        if pos + 1 >= len(data):
+            return  # the rest of the character decides
+        text = 0x80 <= data[pos + 1] <= 0xBF
+    else:
+        text = b in _TEXT_BYTES
+    if text:
+        side.after_kind = _AFTER_TEXT
+        side.done = True
+    else:
+        _malformed(side)
+
+
+def _stands(side: _Side, peer: _Side, responder: bool) -> bool:
+    """Is this banner an SSH endpoint's, consistent with what its peer sends? (RFC 4253 §4.2)
+
+    A version line at the very start of a direction is how an SSH peer opens: it stands
+    whatever the other side sent (a browser pointed at port 22 is still talking to sshd).
+    Lines before the version line may only come from a server, so such a banner stands
+    only when the client answers with its own opening version line, or when an SSH binary
+    packet follows the banner *and* the peer is consistent with SSH (a version line of its
+    own, or nothing but the start of one yet). Quoted text never meets these: the next line
+    of the file follows the quote, and the peer speaks the text protocol.
+    """
+    if side.state != _BANNER:
+        return False
+    if side.pre_lines == 0:
+        return True
+    if peer.state == _BANNER and peer.pre_lines == 0:
+        return True
+    if side.after_kind == _AFTER_PACKET:
+        return peer.state == _BANNER or not peer.head
+    # Nothing after the banner yet. A responder's preamble and banner stand while the
+    # originator (the SSH client) is silent; an originator's wait for the responder's own
+    # version line, which an SSH client sends without waiting (OpenSSH, PuTTY, paramiko, Go,
+    # libssh, dropbear): an upload whose body ends on a quoted line must not count. A peer
+    # that has sent part of a line is not silent: its line decides, once complete.
+    return responder and side.after_kind == _AFTER_NONE and not peer.head
 
 
 def _name_list(buf: bytes, pos: int, end: int) -> tuple[bytes, int] | None:
@@ -318,12 +419,15 @@ def _scan_packets(data: bytes, final: bool, side: _Side, ssh1: bool) -> None:
         (plen,) = _U32.unpack_from(data, pos)
         pad = data[pos + 4]
         if plen < _MIN_PACKET or plen > MAX_PACKET or pad >= plen - 1:
-            side.malformed = True
-            side.done = True
+            _malformed(side)
             return
         msg = data[pos + 5]
         end = pos + 4 + plen
         if side.kexinit is None:
+            if msg not in _SKIPPABLE and msg != _MSG_KEXINIT and msg != _MSG_DISCONNECT:
+                _malformed(side)
+                return
+            side.after_kind = _AFTER_PACKET
             if msg in _SKIPPABLE:
                 if end > n:
                     side.done = final
@@ -331,16 +435,14 @@ def _scan_packets(data: bytes, final: bool, side: _Side, ssh1: bool) -> None:
                 pos = end
                 continue
             if msg != _MSG_KEXINIT:
-                side.malformed = msg != _MSG_DISCONNECT
-                side.done = True
+                side.done = True  # a DISCONNECT: the session ends here
                 return
             if end > n:
                 side.done = final
                 return
             lists = _parse_kexinit(data, pos + 6 + 16, end - pad)
             if lists is None:
-                side.malformed = True
-                side.done = True
+                _malformed(side)
                 return
             side.kexinit = lists
             names = set(lists[0].split(b","))
@@ -371,9 +473,9 @@ def _scan_ssh1(data: bytes, final: bool, side: _Side) -> None:
         return
     (plen,) = _U32.unpack_from(data, pos)
     if plen < _MIN_PACKET or plen > MAX_PACKET:
-        side.malformed = True
-        side.done = True
+        _malformed(side)
         return
+    side.after_kind = _AFTER_PACKET
     type_at = pos + 4 + 8 - (plen % 8)
     if type_at >= len(data):
         side.done = final
@@ -514,10 +616,21 @@ def detect_ssh(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
         # Text from both sides is not enough to give up: Go's x/crypto/ssh and paramiko
         # accept lines before the banner from a client too, so each side is judged alone.
         return NOT_THIS if f.state == _NOT and r.state == _NOT else NEED_MORE
-    if f.state == _BANNER:
+    for side, data in ((f, fwd), (r, rev)):
+        if side.state == _BANNER:
+            _classify_after(data, side)
+            if side.after_kind == _AFTER_TEXT:
+                side.state = _NOT  # a line of text that happens to start with "SSH-"
+    if f.state == _BANNER and f.after_kind == _AFTER_NONE:
         _scan_packets(fwd, fwd_final, f, _is_ssh1(f, r))
-    if r.state == _BANNER:
+    if r.state == _BANNER and r.after_kind == _AFTER_NONE:
         _scan_packets(rev, rev_final, r, _is_ssh1(r, f))
+    f.standing = _stands(f, r, responder=False)
+    r.standing = _stands(r, f, responder=True)
+    if not (f.standing or r.standing):
+        # Not SSH so far; given up once neither direction can still change that.
+        done = (f.state == _NOT or fwd_final) and (r.state == _NOT or rev_final)
+        return NOT_THIS if done else NEED_MORE
     _direct_votes(f, r)
     decided = _role(f, r)
     role = decided.role
@@ -559,7 +672,48 @@ def detect_ssh(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
         evidence=evidence,
         info=info,
         refine=learnable and not complete,
+        anomalies=_anomalies(f, r, fwd, rev, client if decided.strong else None),
     )
+
+
+def _anomalies(f: _Side, r: _Side, fwd: bytes, rev: bytes, client: _Side | None) -> tuple[Detection, ...]:
+    """What a standard peer never does, as ``evasion.*`` findings a policy can match.
+
+    A banner padded past RFC 4253's 255 bytes (OpenSSH reads 8 KiB, a filter may not), binary
+    bytes after a banner that are no SSH packet (Suricata's "invalid record"), and lines
+    before the *client's* banner once the key exchange has shown which side is the client
+    (RFC 4253 §4.2 reserves them for servers; Go and paramiko servers accept them, so they
+    are a cheap disguise). Only sides that stand as SSH count: a quoted line is not a banner.
+    """
+    out: list[Detection] = []
+    for arrow, side, data in ((">", f, fwd), ("<", r, rev)):
+        if not side.standing:
+            continue
+        if len(side.raw.rstrip(b"\r\n")) + 2 > RFC_BANNER_LEN:
+            out.append(
+                Detection(
+                    EVASION_SSH_LONG_BANNER,
+                    f"{arrow}identification line of {len(side.raw)} bytes (RFC 4253 allows {RFC_BANNER_LEN})",
+                    info={"length": str(len(side.raw))},
+                )
+            )
+        if side.after_kind == _AFTER_BAD_PACKET or (side.malformed and side.after_kind == _AFTER_PACKET):
+            out.append(
+                Detection(
+                    EVASION_SSH_MALFORMED,
+                    f"{arrow}after the banner: {printable(data[side.after : side.after + 32], 32)}",
+                    info={"direction": "fwd" if arrow == ">" else "rev"},
+                )
+            )
+    if client is not None and client.standing and client.pre_lines:
+        out.append(
+            Detection(
+                EVASION_SSH_CLIENT_PREAMBLE,
+                f"the SSH client sent {client.pre_lines} line(s) before its banner",
+                info={"lines": str(client.pre_lines)},
+            )
+        )
+    return tuple(out)
 
 
 def _kex_known(side: _Side) -> bool:

@@ -76,7 +76,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from egressd.detect.base import SSH_FORWARD_LOCAL, SSH_FORWARD_REMOTE, SSH_FORWARD_TUN, Detection
+from egressd.detect.base import Detection
+from egressd.detect.kinds import SSH_FORWARD_LOCAL, SSH_FORWARD_REMOTE, SSH_FORWARD_TUN
 
 MAX_UNITS: Final = 24  # units per direction watched after authentication (the "first few dozen")
 _MAX_PRE_AUTH: Final = 24  # units per direction before USERAUTH_SUCCESS, or give up

@@ -21,12 +21,13 @@ work package, and the pool-only HTTP headers (``X-Stratum``, ``X-Long-Polling``,
 ``X-Roll-NTime``, ``X-Is-P2pool``). Generic JSON-RPC (language servers, Ethereum node RPC,
 Bitcoin Core RPC other than getwork/GBT) matches none of these.
 
-Bounds: per direction at most ``MAX_HEAD`` bytes are considered and at most ``_MAX_MESSAGES``
-messages decoded, only ones already complete; the first message decides (later complete
-ones may only add a detection or info such as the worker name). Stratum lines end in LF,
-so the first line is tried alone first; a pretty-printed message (LFs inside) falls back to
-decoding the bounded head. While the first message is a valid JSON prefix the answer is
-NEED_MORE, until the head is full or the direction closed. Never raises.
+Bounds: per direction at most the policy's ``head_bytes`` (``StreamContext.head``) are
+considered and at most ``_MAX_MESSAGES`` messages decoded, only ones already complete; the
+first message decides (later complete ones may only add a detection or info such as the
+worker name). Stratum lines end in LF, so the first line is tried alone first; a
+pretty-printed message (LFs inside) falls back to decoding the bounded head. While the first
+message is a valid JSON prefix the answer is NEED_MORE, until the head is full or the
+direction closed. Never raises.
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ from egressd.detect.base import (
     MINING_XMR,
     NEED_MORE,
     NOT_THIS,
+    RPC_JSONRPC,
     Detection,
     Result,
     StreamContext,
     printable,
 )
 
-MAX_HEAD: Final = 8192  # bytes of a direction's head considered (the engine's head cap)
 _MAX_MESSAGES: Final = 4  # complete messages decoded per direction
 _MAX_BATCH: Final = 8  # elements of a JSON-RPC batch looked at
 _MAX_WALK: Final = 16  # elements of a subscribe result looked at
@@ -101,6 +102,10 @@ _POOL_HEADERS: Final = (b"x-stratum", b"x-long-polling", b"x-roll-ntime", b"x-is
 # Per-direction outcomes.
 _NEED: Final = 0
 _NOT: Final = 1
+# Not mining, but read: a complete JSON-RPC message (an object with "method", "result" or
+# "error") whose method is none of the above. Reported as ``rpc.jsonrpc`` so that a port-only
+# policy rule knows the content was inspected and found to be something else.
+_RPC: Final = 2
 
 
 @dataclass(slots=True)
@@ -278,10 +283,10 @@ def _decode_first(text: str, final: bool) -> tuple[object, int] | int:
         return _NOT
 
 
-def _json_stream(data: bytes, start: int, final: bool) -> _Hit | int:
+def _json_stream(data: bytes, start: int, final: bool, limit: int) -> _Hit | int:
     """Newline-delimited (or concatenated) JSON-RPC messages from ``start``."""
-    text = data[start:MAX_HEAD].decode("utf-8", "replace")
-    final = final or len(data) >= MAX_HEAD
+    text = data[start:limit].decode("utf-8", "replace")
+    final = final or len(data) >= limit
     first = _decode_first(text, final)
     if isinstance(first, int):
         return first
@@ -307,7 +312,16 @@ def _json_stream(data: bytes, start: int, final: bool) -> _Hit | int:
             value, end = _DECODER.raw_decode(text, msg_start)
         except (ValueError, RecursionError):
             break
-    return hit if hit is not None else _NOT
+    if hit is not None:
+        return hit
+    return _RPC if _is_rpc(first[0]) else _NOT
+
+
+def _is_rpc(value: object) -> bool:
+    """A JSON-RPC request, response or batch of them (1.0 and 2.0 alike)."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return isinstance(value, dict) and ("method" in value or "result" in value or "error" in value)
 
 
 def _headers(head: bytes) -> dict[bytes, bytes]:
@@ -320,12 +334,12 @@ def _headers(head: bytes) -> dict[bytes, bytes]:
     return fields
 
 
-def _http(data: bytes, start: int, final: bool, request: bool) -> _Hit | int:
+def _http(data: bytes, start: int, final: bool, request: bool, limit: int) -> _Hit | int:
     """An HTTP request (miner: body method, getwork headers) or response (pool headers/body)."""
-    final = final or len(data) >= MAX_HEAD
-    end = data.find(b"\r\n\r\n", start, MAX_HEAD)
+    final = final or len(data) >= limit
+    end = data.find(b"\r\n\r\n", start, limit)
     sep = 4
-    lf = data.find(b"\n\n", start, MAX_HEAD)
+    lf = data.find(b"\n\n", start, limit)
     if lf >= 0 and (end < 0 or lf < end):
         end, sep = lf, 2
     if end < 0:
@@ -338,14 +352,16 @@ def _http(data: bytes, start: int, final: bool, request: bool) -> _Hit | int:
     names = _CLIENT_HEADERS if request else _POOL_HEADERS
     header = next((n for n in names if n in fields), None)
     body_at = end + sep
-    body = _body(data, body_at, fields, final)
+    body = _body(data, body_at, fields, final, limit)
     if body == _NEED:
         return _NEED
     hit: _Hit | int = _NOT
     if isinstance(body, bytes):
         stripped = body.lstrip(_BLANK)
         if stripped[:1] in (b"{", b"["):
-            hit = _json_stream(stripped, 0, True)
+            hit = _json_stream(stripped, 0, True, limit)
+            if hit == _RPC and header is None:
+                return _RPC
     if isinstance(hit, _Hit):
         if request and hit.kind == MINING_POOL:
             hit = _NOT  # a request carrying a pool message is not a pool
@@ -362,7 +378,7 @@ def _http(data: bytes, start: int, final: bool, request: bool) -> _Hit | int:
     return _Hit(kind, "(http header)", evidence, {"transport": "http", "header": header.decode("ascii")})
 
 
-def _body(data: bytes, at: int, fields: dict[bytes, bytes], final: bool) -> bytes | int | None:
+def _body(data: bytes, at: int, fields: dict[bytes, bytes], final: bool, limit: int) -> bytes | int | None:
     """The first bytes of the message body (complete, or what the head holds), or _NEED/None."""
     length = fields.get(b"content-length")
     if length is not None:
@@ -385,23 +401,23 @@ def _body(data: bytes, at: int, fields: dict[bytes, bytes], final: bool) -> byte
         if len(data) - eol - 1 < want and not final:
             return _NEED
         return data[eol + 1 : eol + 1 + want]
-    return data[at:MAX_HEAD] if len(data) > at else None
+    return data[at:limit] if len(data) > at else None
 
 
-def _scan(data: bytes, final: bool) -> _Hit | int:
+def _scan(data: bytes, final: bool, limit: int) -> _Hit | int:
     """One direction: _Hit, _NEED or _NOT."""
     start = 3 if data.startswith(_BOM) else 0
-    rest = data[start:MAX_HEAD].lstrip(_BLANK)
+    rest = data[start:limit].lstrip(_BLANK)
     if not rest:
-        return _NOT if final or len(data) >= MAX_HEAD else _NEED
-    start = min(len(data), MAX_HEAD) - len(rest)
+        return _NOT if final or len(data) >= limit else _NEED
+    start = min(len(data), limit) - len(rest)
     first = rest[0]
     if first in b"{[":
-        return _json_stream(data, start, final)
+        return _json_stream(data, start, final, limit)
     if rest.startswith(_HTTP_REQUESTS):
-        return _http(data, start, final, request=True)
+        return _http(data, start, final, request=True, limit=limit)
     if rest.startswith(_HTTP_RESPONSE):
-        return _http(data, start, final, request=False)
+        return _http(data, start, final, request=False, limit=limit)
     if not final and any(p.startswith(rest) for p in (*_HTTP_REQUESTS, _HTTP_RESPONSE, _BOM)):
         return _NEED
     return _NOT
@@ -419,12 +435,50 @@ def _pick(fwd: _Hit | int, rev: _Hit | int) -> _Hit | None:
     return best
 
 
+# The last heads scanned and what _scan said of them. The engine calls detect_stratum and
+# detect_jsonrpc one after the other on the very same head objects; this lets the second
+# reuse the first's parse instead of decoding the JSON twice. Identity, not equality: the
+# references held here keep those objects alive, so an identical id means the same bytes.
+_last_heads: list[object] = [None, None, None]
+_last_scans: list[_Hit | int] = [_NOT, _NOT]
+
+
+def _scan_both(fwd: bytes, rev: bytes, ctx: StreamContext) -> tuple[_Hit | int, _Hit | int]:
+    heads = _last_heads
+    if heads[0] is fwd and heads[1] is rev and heads[2] is ctx:
+        return _last_scans[0], _last_scans[1]
+    f = _scan(fwd, ctx.fwd_closed or ctx.fwd_full, ctx.head)
+    r = _scan(rev, ctx.rev_closed or ctx.rev_full, ctx.head)
+    heads[0], heads[1], heads[2] = fwd, rev, ctx
+    _last_scans[0], _last_scans[1] = f, r
+    return f, r
+
+
 def detect_stratum(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
     """Mining-pool JSON-RPC from either side of the flow."""
-    f = _scan(fwd, ctx.fwd_closed or ctx.fwd_full)
-    r = _scan(rev, ctx.rev_closed or ctx.rev_full)
+    f, r = _scan_both(fwd, rev, ctx)
     hit = _pick(f, r)
     if hit is None:
-        return NOT_THIS if f == _NOT and r == _NOT else NEED_MORE
+        return NEED_MORE if f == _NEED or r == _NEED else NOT_THIS
     info = {"method": _clean(hit.method), **hit.info}
     return Detection(kind=hit.kind, evidence=hit.evidence, info=info)
+
+
+def detect_jsonrpc(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
+    """JSON-RPC that is *not* mining, read in full from both sides: ``rpc.jsonrpc``.
+
+    The other half of :func:`detect_stratum`, on the same parse: once neither side can still
+    show a miner's or a pool's message and at least one side sent a complete JSON-RPC
+    message, the flow is known to be something else, and a port-only rule must not call it
+    mining (an Ethereum or Bitcoin node's RPC on a port pools also use).
+    """
+    f, r = _scan_both(fwd, rev, ctx)
+    if isinstance(f, _Hit) or isinstance(r, _Hit):
+        return NOT_THIS  # mining: detect_stratum reports it
+    if f == _NEED or r == _NEED:
+        return NEED_MORE
+    if f != _RPC and r != _RPC:
+        return NOT_THIS
+    data = fwd if f == _RPC else rev
+    start = len(data) - len(data.lstrip(_BLANK))
+    return Detection(kind=RPC_JSONRPC, evidence=printable(data[start : start + _EVIDENCE_LEN]))

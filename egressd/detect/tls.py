@@ -4,14 +4,15 @@ Why the ClientHello: it is the last cleartext a TLS client sends, and it names t
 (SNI) and the application protocol (ALPN) before any key is agreed. The engine matches the
 SNI against the policy's domain lists (mining pools, allowlists); this module only parses.
 
-Goal and bounds: one pass over the head with ``struct.unpack_from`` at offsets, at most
-``MAX_HEAD`` (16 KiB) of the stream considered. Every length is checked against the bytes
-actually present before it is used, so hostile input yields NOT_THIS, never an exception.
-The handshake message may be split over several TLS records (RFC 8446 §5.1 allows any
-fragmentation) and the records over any TCP segments: while the bytes seen so far are a
-valid prefix of a ClientHello the answer is NEED_MORE, and NOT_THIS as soon as one byte
-rules it out (so the engine stops asking early). When the whole message sits in one record
-(the usual case) it is parsed in place; only a fragmented message is joined into one copy.
+Goal and bounds: one pass over the head with ``struct.unpack_from`` at offsets, at most the
+engine's head (the policy's ``head_bytes``, ``StreamContext.head``) considered. Every length
+is checked against the bytes actually present before it is used, so hostile input yields
+NOT_THIS, never an exception. The handshake message may be split over several TLS records
+(RFC 8446 §5.1 allows any fragmentation) and the records over any TCP segments: while the
+bytes seen so far are a valid prefix of a ClientHello the answer is NEED_MORE, and NOT_THIS
+as soon as one byte rules it out (so the engine stops asking early). When the whole message
+sits in one record (the usual case) it is parsed in place; only a fragmented message is
+joined into one copy.
 
 Outer framing (records, the handshake header, the fixed ClientHello fields, the extension
 block) must be exact; a malformed *inside* of one extension only voids that extension, the
@@ -28,7 +29,7 @@ from typing import Final
 
 from egressd.detect.base import NEED_MORE, NOT_THIS, TLS, Detection, Outcome, Result, StreamContext, printable
 
-MAX_HEAD: Final = 16384  # bytes of the stream head considered; a ClientHello beyond it is not parsed
+MAX_HEAD: Final = 16384  # the bound for callers without a stream head (the engine passes head_bytes)
 _MAX_RECORD: Final = 16384  # RFC 8446 §5.1: TLSPlaintext.length MUST NOT exceed 2^14
 
 _CT_HANDSHAKE: Final = 22
@@ -129,16 +130,16 @@ def normalise_hostname(raw: bytes) -> str | None:
     return name.decode("ascii")
 
 
-def parse_client_hello(data: bytes) -> ClientHello | Outcome:
+def parse_client_hello(data: bytes, limit: int = MAX_HEAD) -> ClientHello | Outcome:
     """Parse the first ClientHello at the start of ``data`` (the originator's stream head).
 
     NEED_MORE while ``data`` is a valid, incomplete prefix of one; NOT_THIS when it cannot
     be one (wrong record type or version, a handshake other than ClientHello, a length
-    that does not fit, or a message that would not fit in ``MAX_HEAD``).
+    that does not fit, or a message that would not fit in ``limit`` bytes).
     """
-    end = min(len(data), MAX_HEAD)
+    end = min(len(data), limit)
     if end and data[0] & 0x80:
-        return _parse_sslv2_hello(data, end)
+        return _parse_sslv2_hello(data, end, limit)
     pos = 0
     # (start, stop) of each record fragment of the handshake message, in stream order.
     frags: list[tuple[int, int]] = []
@@ -146,7 +147,7 @@ def parse_client_hello(data: bytes) -> ClientHello | Outcome:
     msg_total = -1  # handshake header (4) + body, once the header is known
     while True:
         if end - pos < 5:
-            if len(data) >= MAX_HEAD:
+            if len(data) >= limit:
                 return NOT_THIS
             return _check_partial_record_header(data, pos, end)
         ctype, major, minor, rlen = _REC.unpack_from(data, pos)
@@ -157,7 +158,7 @@ def parse_client_hello(data: bytes) -> ClientHello | Outcome:
         frags.append((start, stop))
         have += stop - start
         if msg_total < 0:
-            early = _check_handshake_head(data, frags)
+            early = _check_handshake_head(data, frags, limit)
             if early is not None:
                 if isinstance(early, Outcome):
                     return early
@@ -165,7 +166,7 @@ def parse_client_hello(data: bytes) -> ClientHello | Outcome:
         if msg_total >= 0 and have >= msg_total:
             break
         if stop < start + rlen:  # this record is still arriving
-            return NOT_THIS if len(data) >= MAX_HEAD else NEED_MORE
+            return NOT_THIS if len(data) >= limit else NEED_MORE
         pos = stop
     first_start, first_stop = frags[0]
     if first_stop - first_start >= msg_total:
@@ -174,7 +175,7 @@ def parse_client_hello(data: bytes) -> ClientHello | Outcome:
     return _parse_body(joined, 4, msg_total)
 
 
-def _parse_sslv2_hello(data: bytes, end: int) -> ClientHello | Outcome:
+def _parse_sslv2_hello(data: bytes, end: int, limit: int) -> ClientHello | Outcome:
     """The SSL 2.0-compatible ClientHello old clients still send to offer TLS (RFC 5246
     Appendix E.2): a 2-byte length with the top bit set, msg_type 1, the TLS version,
     then three lengths and 3-byte cipher specs. It has no extensions (no SNI, no ALPN) and
@@ -199,7 +200,7 @@ def _parse_sslv2_hello(data: bytes, end: int) -> ClientHello | Outcome:
     ):
         return NOT_THIS
     if end < 2 + msg_len:
-        return NOT_THIS if len(data) >= MAX_HEAD else NEED_MORE
+        return NOT_THIS if len(data) >= limit else NEED_MORE
     version = _U16.unpack_from(data, 3)[0]
     return ClientHello(sni=None, alpn=(), version=version, ciphers=cs_len // 3, ja3="", ech=False)
 
@@ -218,7 +219,7 @@ def _check_partial_record_header(data: bytes, pos: int, end: int) -> Outcome:
     return NEED_MORE
 
 
-def _check_handshake_head(data: bytes, frags: list[tuple[int, int]]) -> int | Outcome | None:
+def _check_handshake_head(data: bytes, frags: list[tuple[int, int]], limit: int) -> int | Outcome | None:
     """Look at the first 6 handshake bytes (type, length, legacy_version major/minor)
     across fragments. Returns the total message length once known and plausible,
     NOT_THIS when the bytes rule a ClientHello out, None when there are too few yet."""
@@ -238,7 +239,7 @@ def _check_handshake_head(data: bytes, frags: list[tuple[int, int]]) -> int | Ou
     if len(head) < 4:
         return None
     body_len = (head[1] << 16) | (head[2] << 8) | head[3]
-    if body_len < _MIN_HELLO_BODY or body_len + 4 + 5 > MAX_HEAD:
+    if body_len < _MIN_HELLO_BODY or body_len + 4 + 5 > limit:
         return NOT_THIS
     return body_len + 4
 
@@ -398,7 +399,7 @@ def detect_tls(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
     """
     if not fwd:
         return NOT_THIS if rev or ctx.fwd_closed else NEED_MORE
-    hello = parse_client_hello(fwd)
+    hello = parse_client_hello(fwd, ctx.head)
     if isinstance(hello, Outcome):
         if hello is NEED_MORE and (ctx.fwd_closed or ctx.fwd_full):
             return NOT_THIS

@@ -14,7 +14,7 @@ Policy file format
     default: accept          # required: accept | drop | alert, for flows no rule matches
     fail: open               # open | closed: what the kernel does when no daemon listens
     on_overload: drop        # accept | drop: flow table full and nothing idle to evict
-    on_error: accept         # accept | drop: a packet the engine cannot decode
+    on_error: accept         # accept | drop: a packet the engine cannot decode (that packet only)
     include: [lists/mining-pools.yaml]   # relative to this file; a name or a list of names
     settings:                # all optional
       pool_domains: mining_pool_domains  # the domain list behind the mining.pool-domain detection

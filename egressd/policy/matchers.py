@@ -31,15 +31,25 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
 from egressd.detect.base import kind_matches
+from egressd.protocols import PORT_PROTOS
 
 if TYPE_CHECKING:
     from egressd.policy.model import FlowFacts
+
+# What a flow's payload turned out to be (``FlowFacts.content``, the match key ``content``).
+# Known only once inspection of the flow has ended (its verdict pinned, or the flow ended):
+# while it is PENDING no ``content`` condition holds, so a rule that needs the content can
+# never fire on the first packet, before any payload could be read.
+CONTENT_PENDING: Final = "pending"  # still being inspected
+CONTENT_NONE: Final = "none"  # no payload in either direction (a scan, a refused connection)
+CONTENT_UNCLASSIFIED: Final = "unclassified"  # payload that no detector recognised
+CONTENT_CLASSIFIED: Final = "classified"  # a detector recognised the payload (any kind)
+CONTENT_VALUES: Final = (CONTENT_NONE, CONTENT_UNCLASSIFIED, CONTENT_CLASSIFIED)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Protocols that carry port numbers. A port condition never matches another protocol, so
 # ``dst_port: 53`` cannot match an ICMP flow whose (absent) ports the engine reports as 0.
-PORT_PROTOS: Final = frozenset({6, 17, 33, 132, 136})  # tcp, udp, dccp, sctp, udplite
 
 # Above this many ports a PortSet keeps intervals instead of a frozenset (memory bound).
 _PORTSET_MAX_SET: Final = 4096
@@ -179,7 +189,18 @@ class Match:
     and port are integer look-ups that reject most flows for most rules.
     """
 
-    __slots__ = ("domains", "dst", "dst_ports", "kinds", "nots", "protos", "src", "src_ports")
+    __slots__ = (
+        "content",
+        "domains",
+        "dst",
+        "dst_ports",
+        "kinds",
+        "needs_content",
+        "nots",
+        "protos",
+        "src",
+        "src_ports",
+    )
 
     def __init__(
         self,
@@ -191,6 +212,7 @@ class Match:
         dst_ports: PortSet | None = None,
         domains: DomainSet | None = None,
         kinds: tuple[str, ...] | None = None,
+        content: frozenset[str] | None = None,
         nots: tuple[Match, ...] = (),
     ) -> None:
         self.protos = protos
@@ -200,7 +222,11 @@ class Match:
         self.dst_ports = dst_ports
         self.domains = domains
         self.kinds = kinds
+        self.content = content
         self.nots = nots
+        # A block that looks at the content, even under ``not``, holds for no flow whose
+        # content is still pending: "not none" is not yet known either.
+        self.needs_content = content is not None or any(n.uses_content for n in nots)
 
     @property
     def is_catch_all(self) -> bool:
@@ -213,16 +239,13 @@ class Match:
             and self.dst_ports is None
             and self.domains is None
             and self.kinds is None
+            and self.content is None
             and not self.nots
         )
 
     @property
-    def uses_domain(self) -> bool:
-        return self.domains is not None or any(n.uses_domain for n in self.nots)
-
-    @property
-    def uses_detection(self) -> bool:
-        return self.kinds is not None or any(n.uses_detection for n in self.nots)
+    def uses_content(self) -> bool:
+        return self.content is not None or any(n.uses_content for n in self.nots)
 
     @property
     def uses_address(self) -> bool:
@@ -247,6 +270,8 @@ class Match:
                 break
             else:
                 return False
+        if self.needs_content and (f.content == CONTENT_PENDING or (self.content and f.content not in self.content)):
+            return False
         if self.dst is not None and not self.dst.contains(f.version, dst):
             return False
         if self.src is not None and not self.src.contains(f.version, src):
@@ -257,23 +282,3 @@ class Match:
             if sub.test(f, src, dst):
                 return False
         return True
-
-    def may_match_with_detections(self, f: FlowFacts, src: int, dst: int) -> bool:
-        """Could this block hold for ``f`` once more detections are added to it?
-
-        Conservative: the detection condition is assumed to become true, and a ``not`` block
-        that mentions detections is assumed not to hold (a detection might change it).
-        """
-        if self.protos is not None and f.proto not in self.protos:
-            return False
-        if self.dst_ports is not None and (f.proto not in PORT_PROTOS or not self.dst_ports.contains(f.dport)):
-            return False
-        if self.src_ports is not None and (f.proto not in PORT_PROTOS or not self.src_ports.contains(f.sport)):
-            return False
-        if self.dst is not None and not self.dst.contains(f.version, dst):
-            return False
-        if self.src is not None and not self.src.contains(f.version, src):
-            return False
-        if self.domains is not None and self.domains.match_any(f.domains) is None:
-            return False
-        return all(sub.uses_detection or not sub.test(f, src, dst) for sub in self.nots)

@@ -13,7 +13,36 @@ import os
 from dataclasses import dataclass
 from typing import Final
 
-from egressd.policy.matchers import DomainSet, Match
+from egressd.policy.matchers import (
+    CONTENT_CLASSIFIED,
+    CONTENT_NONE,
+    CONTENT_PENDING,
+    CONTENT_UNCLASSIFIED,
+    CONTENT_VALUES,
+    DomainSet,
+    Match,
+)
+
+__all__ = [
+    "ACTIONS",
+    "CONTENT_CLASSIFIED",
+    "CONTENT_NONE",
+    "CONTENT_PENDING",
+    "CONTENT_UNCLASSIFIED",
+    "CONTENT_VALUES",
+    "ERROR_ACTIONS",
+    "FAIL_MODES",
+    "MODES",
+    "OVERLOAD_ACTIONS",
+    "SETTINGS_LIMITS",
+    "Decision",
+    "Diagnostic",
+    "FlowFacts",
+    "Policy",
+    "PolicyError",
+    "Rule",
+    "Settings",
+]
 
 ACTIONS: Final = ("accept", "drop", "alert")
 MODES: Final = ("enforce", "monitor")
@@ -29,6 +58,7 @@ class FlowFacts:
     ``domains`` are the names the engine tied to the destination (DNS answer for ``dst``,
     TLS SNI, HTTP CONNECT host), lowercased without the trailing dot. ``detections`` are
     dotted detection kinds (see :mod:`egressd.detect.base`). Both only grow during a flow.
+    ``content`` is one of the ``CONTENT_*`` values: PENDING until inspection has ended.
     """
 
     proto: int
@@ -39,6 +69,7 @@ class FlowFacts:
     dport: int
     domains: tuple[str, ...] = ()
     detections: tuple[str, ...] = ()
+    content: str = CONTENT_PENDING
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,37 +219,9 @@ class Policy:
                 return rule.decision
         return self._default_decision
 
-    def detection_may_change(self, facts: FlowFacts) -> bool:
-        """Could a (further) detection change ``judge(facts)``?
-
-        False means the decision is final as far as the policy is concerned: a rule without
-        detection conditions already decides the flow before any rule that looks at
-        detections could. The engine may then stop feeding detectors for policy reasons and
-        pin the verdict early. Conservative: True whenever unsure.
-        """
-        if self._needs_addr:
-            src = int.from_bytes(facts.src, "big")
-            dst = int.from_bytes(facts.dst, "big")
-        else:
-            src = dst = 0
-        for rule in self.rules:
-            m = rule.match
-            if m.uses_detection:
-                if m.may_match_with_detections(facts, src, dst):
-                    return True
-            elif m.test(facts, src, dst):
-                return False
-        return False
-
-    def needs_domain(self) -> bool:
-        """True when a decision can depend on a flow's names: some rule has ``dst_domain``, or
-        ``pool_domains`` is set (detectors report ``mining.pool-domain`` from names). When
-        False the engine need not keep a DNS cache for the policy's sake."""
-        return len(self.pool_domains) > 0 or any(r.match.uses_domain for r in self.rules)
-
-    def needs_detection(self) -> bool:
-        """True when some rule looks at detections; when False the first judgment is final."""
-        return any(r.match.uses_detection for r in self.rules)
+    def needs_content(self) -> bool:
+        """True when some rule looks at ``content``: the engine judges again when inspection ends."""
+        return any(r.match.uses_content for r in self.rules)
 
     def rule(self, name: str) -> Rule | None:
         """The rule called ``name`` (for explaining a decision), or None."""

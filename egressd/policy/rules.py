@@ -14,8 +14,8 @@ from typing import Final
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from egressd.policy.matchers import PORT_PROTOS, CidrSet, DomainSet, IPNetwork, Match, PortSet
-from egressd.policy.model import ACTIONS, SETTINGS_LIMITS, Decision, Rule, Settings
+from egressd.policy.matchers import CidrSet, DomainSet, IPNetwork, Match, PortSet
+from egressd.policy.model import ACTIONS, CONTENT_VALUES, SETTINGS_LIMITS, Decision, Rule, Settings
 from egressd.policy.shapes import State, as_choice, as_text, is_null, known_keys, location, pairs, values_of
 from egressd.policy.source import FLOAT_TAG, INT_TAG, STR_TAG, node_kind, quote
 from egressd.policy.values import (
@@ -28,9 +28,10 @@ from egressd.policy.values import (
     parse_proto,
     suggest,
 )
+from egressd.protocols import PORT_PROTOS
 
 RULE_KEYS: Final = ("name", "description", "match", "action")
-MATCH_KEYS: Final = ("proto", "src", "dst", "src_port", "dst_port", "dst_domain", "detection", "not")
+MATCH_KEYS: Final = ("proto", "src", "dst", "src_port", "dst_port", "dst_domain", "detection", "content", "not")
 SETTING_KEYS: Final = (*SETTINGS_LIMITS, "pool_domains")
 
 _CONDITION_TYPES: Final = {
@@ -126,6 +127,27 @@ def _kinds(node: Node, st: State) -> tuple[str, ...] | None:
     return tuple(kinds) if ok else None
 
 
+def _content(node: Node, st: State) -> frozenset[str] | None:
+    """``content``: none | unclassified | classified, or a list of them."""
+    scalars = values_of(node, st, "'content'")
+    if scalars is None:
+        return None
+    values: set[str] = set()
+    ok = True
+    for item in scalars:
+        value = str(item.value).strip().lower()
+        if value not in CONTENT_VALUES:
+            st.report.node(
+                item,
+                f"unknown content {quote(str(item.value))}; use {', '.join(CONTENT_VALUES)} "
+                f"(what the flow's payload turned out to be once inspected){suggest(value, CONTENT_VALUES)}",
+            )
+            ok = False
+        else:
+            values.add(value)
+    return frozenset(values) if ok else None
+
+
 def _protos(node: Node, st: State) -> tuple[bool, frozenset[int] | None]:
     """(ok, protocol numbers or None for any)."""
     scalars = values_of(node, st, "'proto'")
@@ -156,6 +178,7 @@ def _match(node: Node, st: State, what: str) -> Match | None:
     protos: frozenset[int] | None = None
     sets: dict[str, CidrSet | PortSet | DomainSet] = {}
     kinds: tuple[str, ...] | None = None
+    content: frozenset[str] | None = None
     nots: list[Match] = []
     for key, (_, vnode) in keys.items():
         if key == "proto":
@@ -164,6 +187,9 @@ def _match(node: Node, st: State, what: str) -> Match | None:
         elif key == "detection":
             kinds = _kinds(vnode, st)
             ok = ok and kinds is not None
+        elif key == "content":
+            content = _content(vnode, st)
+            ok = ok and content is not None
         elif key == "not":
             got = _nots(vnode, st)
             if got is None:
@@ -207,6 +233,7 @@ def _match(node: Node, st: State, what: str) -> Match | None:
         dst_ports=dport,
         domains=dom,
         kinds=kinds,
+        content=content,
         nots=tuple(nots),
     )
 

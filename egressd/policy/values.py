@@ -12,37 +12,17 @@ import difflib
 import ipaddress
 from typing import Final
 
-from egressd.detect import base
+from egressd.detect.kinds import KINDS
 from egressd.policy.matchers import IPNetwork
 from egressd.policy.source import quote
+from egressd.protocols import POLICY_NAMES
 
-PROTOCOLS: Final[dict[str, int]] = {
-    "icmp": 1,
-    "tcp": 6,
-    "udp": 17,
-    "dccp": 33,
-    "gre": 47,
-    "esp": 50,
-    "ah": 51,
-    "icmpv6": 58,
-    "ipv6-icmp": 58,
-    "sctp": 132,
-    "udplite": 136,
-}
+PROTOCOLS: Final = POLICY_NAMES  # names a policy may give ``proto`` (egressd.protocols)
 
 _DOMAIN_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
-def _known_kinds() -> tuple[str, ...]:
-    """Detection kinds are the string constants of egressd.detect.base (the one source of truth)."""
-    kinds = []
-    for name, value in vars(base).items():
-        if name.isupper() and not name.startswith("_") and isinstance(value, str) and value:
-            kinds.append(value)
-    return tuple(sorted(set(kinds)))
-
-
-KNOWN_KINDS: Final = _known_kinds()
+KNOWN_KINDS: Final = tuple(sorted(KINDS))  # the registry in egressd.detect.kinds
 # A rule may name a kind or any dotted prefix of one ("mining" covers "mining.xmr").
 KIND_PATTERNS: Final = frozenset(
     k[:i] for k in KNOWN_KINDS for i in [*(j for j, c in enumerate(k) if c == "."), len(k)]

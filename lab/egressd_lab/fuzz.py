@@ -63,20 +63,20 @@ from egressd.detect.dns import (
     detect_dns_stream,
     iter_tcp_messages,
     parse_message,
-    tunnel_score,
 )
 from egressd.detect.proxy import detect_proxy
 from egressd.detect.ssh import detect_ssh
 from egressd.detect.stratum import detect_stratum
 from egressd.detect.tls import ClientHello, detect_tls, parse_client_hello
 from egressd.engine import (
-    ACCEPT,
-    ACCEPT_PIN,
-    ACCEPT_PLAIN,
     DIR_ORIGINAL,
     DIR_REPLY,
     DIR_UNKNOWN,
-    DROP,
+    DROP_PACKET,
+    PASS,
+    PASS_MARK_SEEN,
+    PIN_ALLOW,
+    PIN_DENY,
     Engine,
 )
 from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, SETTLED, make_key
@@ -1626,9 +1626,6 @@ class DnsTarget(DetectorTarget):
                         raise Violation(f"answers_by_ip gave ({ip!r}, {name!r}, {ttl!r})")
                 for q in m.questions:
                     _log_safe(q.name, "question name")
-                    score = tunnel_score(q.name, q.qtype)
-                    if not 0.0 <= score <= 1.0:
-                        raise Violation(f"tunnel_score {score}")
             check_result(detect_dns_datagram(data, bool(len(data) & 1)), data, b"")
         msgs = iter_tcp_messages(x.fwd)
         if len(msgs) > MAX_TCP_MESSAGES or any(not m for m in msgs):
@@ -1687,7 +1684,7 @@ class EngineTarget(Target[_EngineCase]):
 
     name = "engine"
     weight = 14.0
-    VERDICTS: Final = frozenset({ACCEPT, ACCEPT_PIN, DROP, ACCEPT_PLAIN})
+    VERDICTS: Final = frozenset({PASS_MARK_SEEN, PIN_ALLOW, PIN_DENY, PASS, DROP_PACKET})
 
     def __init__(self, seeds: Seeds, rng: random.Random) -> None:
         super().__init__(seeds, rng)
@@ -1703,7 +1700,7 @@ class EngineTarget(Target[_EngineCase]):
         self.events = 0
         self.max_flows = 0
         self.max_head = 0
-        self.verdicts = {ACCEPT: 0, ACCEPT_PIN: 0, DROP: 0, ACCEPT_PLAIN: 0}
+        self.verdicts = {PASS_MARK_SEEN: 0, PIN_ALLOW: 0, PIN_DENY: 0, PASS: 0, DROP_PACKET: 0}
 
     # -- sessions
     def _tcp_session(self, rng: random.Random) -> list[tuple[bytes, int]]:
@@ -1873,8 +1870,8 @@ class EngineTarget(Target[_EngineCase]):
                             f"a stream head holds {len(head.data)}+{head.pending_bytes} B, limit {head.limit}"
                         )
                     self.max_head = max(self.max_head, len(head.data))
-        if len(eng._dns) > POLICY_DNS_CACHE:
-            raise Violation(f"DNS cache holds {len(eng._dns)} entries, cap {POLICY_DNS_CACHE}")
+        if len(eng.dns) > POLICY_DNS_CACHE:
+            raise Violation(f"DNS cache holds {len(eng.dns)} entries, cap {POLICY_DNS_CACHE}")
         ra = eng._defrag
         if len(ra.dgrams) > defrag.MAX_DATAGRAMS or ra.bytes > defrag.MAX_BYTES:
             raise Violation("fragment reassembly past its bounds")
@@ -1885,10 +1882,10 @@ class EngineTarget(Target[_EngineCase]):
             flow = table.active.get(key) or table.done.get(key)
             if flow is not None and flow.last_ts == x.ts:
                 want = {
-                    PINNED_DROP: (DROP,),
-                    PINNED_ACCEPT: (ACCEPT_PIN,),
-                    PENDING: (ACCEPT, ACCEPT_PLAIN),
-                    SETTLED: (ACCEPT, ACCEPT_PLAIN),  # answered DNS: reported, still judged
+                    PINNED_DROP: (PIN_DENY,),
+                    PINNED_ACCEPT: (PIN_ALLOW,),
+                    PENDING: (PASS_MARK_SEEN, PASS),
+                    SETTLED: (PASS_MARK_SEEN, PASS),  # answered DNS: reported, still judged
                 }
                 if v not in want[flow.state]:
                     raise Violation(f"verdict {v} for a flow in state {flow.state}")
@@ -1910,8 +1907,8 @@ class EngineTarget(Target[_EngineCase]):
         return (
             f"max {self.max_flows}/{self.engine.table.max_flows} flows, max head {self.max_head} B, "
             f"flows {c.flows}, evicted {c.evicted}, overload {c.overload}, malformed {c.malformed}, "
-            f"fragments {c.fragments}, verdicts accept {v[ACCEPT]} pin {v[ACCEPT_PIN]} drop {v[DROP]} "
-            f"midstream {v[ACCEPT_PLAIN]}, {self.events} events"
+            f"fragments {c.fragments}, verdicts pass-mark-seen {v[PASS_MARK_SEEN]} pin-allow {v[PIN_ALLOW]} "
+            f"pin-deny {v[PIN_DENY]} pass {v[PASS]} drop-packet {v[DROP_PACKET]}, {self.events} events"
         )
 
     def measures(self) -> dict[str, float]:
@@ -1923,7 +1920,7 @@ class EngineTarget(Target[_EngineCase]):
             "overload": c.overload,
             "fragments": c.fragments,
             "detections": sum(c.detections.values()),
-            "drops": self.verdicts[DROP],
+            "drops": self.verdicts[PIN_DENY],
         }
 
 

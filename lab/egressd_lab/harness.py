@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import select
 import shutil
@@ -149,9 +150,7 @@ def kill9(d: peers.Egressd) -> None:
     d.stop(signal.SIGKILL, timeout=5.0)
 
 
-def wait_status(
-    d: peers.Egressd, pred: Callable[[dict[str, Any]], bool], timeout: float = 5.0
-) -> dict[str, Any]:
+def wait_status(d: peers.Egressd, pred: Callable[[dict[str, Any]], bool], timeout: float = 5.0) -> dict[str, Any]:
     """Poll the status socket until ``pred`` holds (the kernel counters refresh once a second)."""
     deadline = time.monotonic() + timeout
     st = d.status()
@@ -174,11 +173,82 @@ def rss_kb(pid: int) -> int:
 
 
 # -- peers and clients -----------------------------------------------------------------------
-def stratum(
-    lb: Lab, host: str, port: int, *args: str, variant: str = "v1", timeout: float = 3.0
-) -> dict[str, Any]:
+def stratum(lb: Lab, host: str, port: int, *args: str, variant: str = "v1", timeout: float = 3.0) -> dict[str, Any]:
     """One miner handshake from the node to ``host:port``; its report (``handshake_complete`` says it all)."""
     return peers.stratum_client(lb, peers.hostport(host, port), variant, *args, timeout=timeout)[1]
+
+
+# -- frames written below the IP layer (packet sockets) --------------------------------------
+# One frame, built with scapy and written through an AF_PACKET socket bound to argv[1]: what a
+# process with CAP_NET_RAW can do without ever meeting the IP layer's netfilter hooks.
+# argv: dev dst_mac src dst l4(tcp|udp) sport dport payload [option...]; options:
+#   bypass        PACKET_QDISC_BYPASS (the frame skips the qdisc layer: dev_direct_xmit)
+#   mark=N        SO_MARK N on the socket (CAP_NET_RAW suffices since Linux 5.17)
+#   proto=N       the socket's protocol (what the kernel believes the frame is) is N
+#   vlan=N        an 802.1Q tag N around the IP packet
+#   syn           TCP SYN carrying the payload (a TCP Fast Open server accepts it)
+#   count=N       send it N times
+#   ethertype=N   no IP at all: an Ethernet frame of type N carrying the payload
+# Prints a JSON line: frames sent and the errors the kernel returned (a drop at the egress
+# hook is ENOBUFS to the sender).
+PACKET_SEND = r"""
+import json, socket, struct, sys
+from scapy.all import IP, TCP, UDP, Dot1Q, Ether, IPv6, conf, get_if_hwaddr
+conf.verb = 0
+dev, mac, src, dst, l4, sport, dport, data = sys.argv[1:9]
+opts = dict((o.split("=", 1) + [""])[:2] for o in sys.argv[9:])
+ip = IPv6(src=src, dst=dst) if ":" in dst else IP(src=src, dst=dst)
+if l4 == "udp":
+    seg = UDP(sport=int(sport), dport=int(dport))
+else:
+    seg = TCP(sport=int(sport), dport=int(dport), flags="S" if "syn" in opts else "PA", seq=1000)
+eth = Ether(dst=mac, src=get_if_hwaddr(dev))
+if "ethertype" in opts:
+    frame = bytes(Ether(dst=mac, src=get_if_hwaddr(dev), type=int(opts["ethertype"], 0)) / data.encode())
+elif "vlan" in opts:
+    frame = bytes(eth / Dot1Q(vlan=int(opts["vlan"])) / ip / seg / data.encode())
+else:
+    frame = bytes(eth / ip / seg / data.encode())
+proto = int(opts.get("proto", "0"), 0)
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
+s.bind((dev, proto))
+if "bypass" in opts:
+    s.setsockopt(263, 20, 1)  # SOL_PACKET, PACKET_QDISC_BYPASS
+if "mark" in opts:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("I", int(opts["mark"], 0)))
+sent, errors = 0, []
+for _ in range(int(opts.get("count", "1"))):
+    try:
+        s.send(frame); sent += 1
+    except OSError as e:
+        errors.append(e.strerror)
+print(json.dumps({"sent": sent, "errors": errors}), flush=True)
+"""
+
+
+def mac_of(lb: Lab, ns: str, kind: str = "veth") -> str:
+    """The MAC address of the namespace's interface of ``kind`` (the lab has one veth per side)."""
+    run = lb.run_node if ns == "node" else lb.run_inet
+    links = json.loads(run(["ip", "-j", "-d", "link", "show", "type", kind], check=True).stdout)
+    (link,) = links
+    return str(link["address"])
+
+
+def send_frames(
+    lb: Lab, dev: str, dst_mac: str, src: str, dst: str, l4: str, sport: int, dport: int, payload: str, *options: str
+) -> dict[str, Any]:
+    """``PACKET_SEND`` in the node namespace; its report (frames sent, errors seen)."""
+    argv = [PY, "-c", PACKET_SEND, dev, dst_mac, src, dst, l4, str(sport), str(dport), payload, *options]
+    r = lb.run_node(argv, timeout=30)
+    if r.returncode != 0:
+        raise RuntimeError(f"the packet-socket sender failed: {r.stderr[-800:]}")
+    rep: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    return rep
+
+
+def guard_drops(lb: Lab) -> int:
+    """Frames the link guard of the node namespace dropped (its counter; 0 when there is none)."""
+    return netfilter.guard_drops(netns=lb.node)
 
 
 # -- counting what reaches the inet side ------------------------------------------------------
@@ -359,6 +429,7 @@ __all__ = [
     "FLOOD",
     "HOLD_SERVER",
     "NODE_V4",
+    "PACKET_SEND",
     "POOL_V4",
     "PREFIX",
     "PROXY_V4",
@@ -369,15 +440,18 @@ __all__ = [
     "Ctl",
     "adv_lab",
     "finish",
+    "guard_drops",
     "inet_count",
     "inet_counter",
     "kill9",
     "live",
+    "mac_of",
     "need",
     "policy_copy",
     "proc_status",
     "queue_rule_hits",
     "rss_kb",
+    "send_frames",
     "set_key",
     "spawn_inet_py",
     "spawn_node_py",

@@ -117,7 +117,7 @@ class Lab:
             _run([*i, "ip", "addr", "add", f"{v4}/32", "dev", "lo"])
             _run([*i, "ip", "-6", "addr", "add", f"{v6}/128", "dev", "lo", "nodad"])
         # Let the kernel account bytes/packets per conntrack entry from the first packet on
-        # (connbytes depends on it; see NFQUEUE.md).
+        # (connbytes depends on it; see docs/architecture.md).
         for ns in (n, i):
             _run([*ns, "sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1"], check=False)
         self.wait_reachable()

@@ -16,7 +16,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -46,15 +46,15 @@ def dlab() -> Iterator[DaemonLab]:
 
 @pytest.fixture
 def start_daemon(dlab: DaemonLab, tmp_path: Path) -> Iterator[Callable[..., peers.Egressd]]:
-    """Factory: ``start_daemon(policy=None)`` starts ``egressd run`` in the node namespace.
+    """Factory: ``start_daemon(policy=None, extra=())`` starts ``egressd run`` in the node namespace.
 
     Whatever the test did to them (SIGKILL included), every daemon it started is stopped by
     pid afterwards and egressd's kernel rules are removed, so the next test starts clean.
     """
     started: list[peers.Egressd] = []
 
-    def start(policy: Path | None = None) -> peers.Egressd:
-        d = peers.start_egressd(dlab.lab, tmp_path, policy, name=f"egressd{len(started)}")
+    def start(policy: Path | None = None, extra: Sequence[str] = ()) -> peers.Egressd:
+        d = peers.start_egressd(dlab.lab, tmp_path, policy, extra, name=f"egressd{len(started)}")
         started.append(d)
         return d
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from egressd import netfilter
 from egressd_lab import peers
 from egressd_lab.harness import (
     BULK_V4,
@@ -30,7 +31,9 @@ from egressd_lab.harness import (
     Ctl,
     adv_lab,
     live,
+    mac_of,
     need,
+    send_frames,
     stratum,
     write_policy,
 )
@@ -260,7 +263,10 @@ syn = TCP(sport=sport, dport=dport, flags="S", seq=1000)
 pkt = IP(src=src, dst=dst, id=sport) / syn / sys.argv[5].encode()
 frags = fragment(pkt, fragsize=size) if size else [pkt]
 if len(sys.argv) > 7 and sys.argv[7] == "packet":
-    send(frags)
+    try:
+        send(frags)
+    except OSError as e:  # a drop at the device's egress hook: ENOBUFS to the sender
+        print(f"send: {e.strerror}", file=sys.stderr)
 else:
     s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     for f in frags:
@@ -301,22 +307,42 @@ def test_fragmented_syn_carrying_stratum_is_blocked(ev: EvasionLab, fragsize: in
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="frames from a packet socket (AF_PACKET, CAP_NET_RAW) never meet the IP OUTPUT hook: "
-    "a Stratum request in a SYN reaches the server with egressd running: see lead",
-)
-def test_packet_socket_cannot_carry_stratum_past_egressd(ev: EvasionLab) -> None:
-    """scapy's ``send()`` on Linux writes through a packet socket: what any process with
-    CAP_NET_RAW in the node's namespace can do (Docker grants NET_RAW by default)."""
+def _packet_socket_syn(e: EvasionLab, port: int, sport: int, data: str, sender: str) -> None:
+    """A SYN carrying ``data`` written as a frame through a packet socket: scapy's ``send()``
+    (on Linux a packet socket), or a raw AF_PACKET socket with PACKET_QDISC_BYPASS."""
+    if sender == "scapy-send":
+        n = e.lab.run_node([PY, "-c", FRAG_SYN, NODE_V4, POOL_V4, str(port), str(sport), data, "0", "packet"])
+        assert n.stdout.strip() == "1", n.stderr
+    else:
+        uplink = json.loads(e.lab.run_node(["ip", "-j", "link", "show", "type", "veth"], check=True).stdout)[0]
+        send_frames(e.lab, uplink["ifname"], mac_of(e.lab, "inet"), NODE_V4, POOL_V4, "tcp", sport, port, data,
+                    "syn", "bypass")  # fmt: skip
+
+
+@pytest.mark.parametrize("sender", ["scapy-send", "qdisc-bypass"])
+def test_packet_socket_cannot_carry_stratum_past_egressd(ev: EvasionLab, sender: str) -> None:
+    """A process with CAP_NET_RAW in the node's namespace (Docker grants NET_RAW by default)
+    writes a SYN carrying a Stratum subscribe as a whole frame: it never meets the IP hooks.
+    The daemon's link guard (on the node's default-route interface) drops it on the way out;
+    the control, with the guard taken away, shows the same frame reaches the server."""
     ev.lab.run_inet(["sysctl", "-qw", "net.ipv4.tcp_fastopen=0x203"], check=True)
-    log = _tfo_server(ev, 4499)
+    port = 4498 if sender == "scapy-send" else 4499
+    log = _tfo_server(ev, port)
+    guarded = ev.d.status()["link_guard"]["ifaces"]
+    assert guarded, ev.d.status()["link_guard"]
+    netfilter.remove_guard(netns=ev.lab.node)
+    try:
+        _packet_socket_syn(ev, port, 40003, "hello-frame\n", sender)
+        time.sleep(0.6)
+    finally:
+        netfilter.install_guard(guarded, netns=ev.lab.node)
+    control = [json.loads(x)["data"] for x in log.read_text().splitlines()]
+    assert control == ["hello-frame\n"], "the frame did not reach the server without the guard: not a test"
     since = ev.d.mark()
-    n = ev.lab.run_node([PY, "-c", FRAG_SYN, NODE_V4, POOL_V4, "4499", "40003", SUBSCRIBE, "0", "packet"])
-    assert n.stdout.strip() == "1", n.stderr
+    _packet_socket_syn(ev, port, 40004, SUBSCRIBE, sender)
     time.sleep(0.6)
     got = [json.loads(x)["data"] for x in log.read_text().splitlines()]
-    assert got == [], f"the server got {got} and egressd judged {len(ev.d.events(since))} flows"
+    assert got == ["hello-frame\n"], f"the server got {got} and egressd judged {len(ev.d.events(since))} flows"
 
 
 # -- DNS ------------------------------------------------------------------------------------------------

@@ -117,12 +117,20 @@ def test_metrics_listen_on_loopback_only(priv: PrivLab) -> None:
     fetch = f"import urllib.request as u; print(u.urlopen({url!r}, timeout=3).read().decode())"
     body = priv.lab.run_node([PY, "-c", fetch]).stdout
     assert "egressd_packets_total" in body
+    assert "\negressd_link_guard_dropped_total 0\n" in body
+
+
+def test_unprivileged_daemon_installs_the_link_guard(priv: PrivLab) -> None:
+    guard = priv.d.status()["link_guard"]
+    assert guard["error"] == "" and guard["ifaces"] == netfilter.uplinks(netns=priv.lab.node) != [], guard
+    assert netfilter.guard_installed(netns=priv.lab.node) == guard["ifaces"]
 
 
 def test_unprivileged_daemon_stops_cleanly_and_removes_its_rules(priv: PrivLab) -> None:
     assert netfilter.installed(netns=priv.lab.node)
     assert priv.d.stop() == 0, priv.d.stderr_text()
     assert not netfilter.installed(netns=priv.lab.node)
+    assert netfilter.guard_installed(netns=priv.lab.node) == []
 
 
 @pytest.mark.parametrize("addr", ["0.0.0.0", NODE_V4])

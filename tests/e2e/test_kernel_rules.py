@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 from egressd import netfilter
+from egressd_lab import peers
 from egressd_lab.netns import Lab
 
 
@@ -89,12 +88,9 @@ def test_show_lists_only_our_rules_with_counters(klab: Lab) -> None:
     assert "# IPv6" in text and "nf_conntrack_acct = 1" in text
 
 
-def test_nft_backend_fails_with_a_clear_message_on_this_kernel(klab: Lab) -> None:
-    if netfilter.probe_nft_queue(klab.node):
-        pytest.skip("this kernel has the nft queue expression")
+def test_rules_install_backend_nft_is_refused_and_changes_nothing(klab: Lab) -> None:
     before = _saves(klab)
-    with pytest.raises(netfilter.NftQueueUnavailable, match="CONFIG_NFT_QUEUE"):
-        netfilter.install(3, fail_open=True, max_packets=16, backend_name="nft", netns=klab.node)
+    p = klab.run_node([*peers.egressd_argv(), "rules", "install", "--backend", "nft"], timeout=30)
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"egressd rules: --backend nft: {netfilter.NFT_REFUSED}"
     assert _saves(klab) == before
-    # The probe left nothing behind either.
-    assert "egressd_probe" not in klab.run_node(["nft", "list", "tables"]).stdout
