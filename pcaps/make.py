@@ -395,6 +395,10 @@ def _use_openssh(use: str, cipher: str) -> Callable[[Ctx], None]:
                 err, deadline = c.tmp / f"sshuttle-{cipher}.err", time.monotonic() + 20
                 while "Connected to server" not in err.read_text() and time.monotonic() < deadline:
                     time.sleep(0.2)
+                while "-A OUTPUT -j sshuttle" not in c.lab.run_node(["iptables", "-t", "nat", "-S"], timeout=5).stdout:
+                    if time.monotonic() > deadline:
+                        raise MakeError("sshuttle installed no redirect")
+                    time.sleep(0.2)
                 deadline, got = time.monotonic() + 15, ""
                 while "sshuttle-ok" not in got and time.monotonic() < deadline:
                     time.sleep(0.5)

@@ -129,12 +129,17 @@ def test_sshuttle_through_the_allowed_bastion_works_and_is_recorded_as_a_tun(
         while "Connected to server" not in err.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "Connected to server" in err.read_text(), err.read_text()[-800:]
+        # Its redirect rules go in after the server answered: until then a request goes direct.
+        while "-A OUTPUT -j sshuttle" not in dlab.lab.run_node(["iptables", "-t", "nat", "-S"]).stdout:
+            assert time.monotonic() < deadline, "sshuttle installed no redirect"
+            time.sleep(0.2)
         p, _ = dlab.curl_tls("tls.example.net", tls)
         assert p.stdout.strip() == "200", p.stderr
         ev = one_event(daemon, ALLOWED, 22, timeout=5.0)
         got = (ev["rule"], ev["verdict"], ev["detection"]["kind"])
         assert got == ("alert-ssh-forwards", "alert", "ssh.forward.tun"), ev
         assert "sshuttle" in ev["detection"]["evidence"]
-        assert not [e for e in daemon.events() if e["dest_ip"] == tls], "the request went around the tunnel"
+        around = [e for e in daemon.events() if e["dest_ip"] == tls]
+        assert not around, f"the request went around the tunnel: {around}"
     finally:
         dlab.lab.stop(vpn)
