@@ -10,7 +10,7 @@ STAMP := build/.stamps
 APT_PACKAGES := python3 python3-venv python3-dev build-essential libnetfilter-queue-dev \
 	iptables nftables conntrack iproute2 iputils-ping kmod procps \
 	openssh-server openssh-client openssl curl ncat socat microsocks dnsmasq-base dnsutils \
-	tcpdump iperf3 libndpi-bin systemd \
+	tcpdump iperf3 libndpi-bin systemd chromium \
 	dropbear-bin rsync git sshuttle
 
 .PHONY: help setup deps venv run demo test test-fast lint typecheck bench pcaps clean

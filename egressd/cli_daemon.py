@@ -47,6 +47,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="IFACE",
         help="judge forwarded traffic only from these container-side interfaces (iptables wildcards, e.g. veth+)",
     )
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="reload the policy when its files change on disk (config management, a Kubernetes ConfigMap "
+        "volume's ..data swap), exactly as SIGHUP does: a broken policy is rejected and the running one stays",
+    )
     netfilter.add_guard_arguments(p)
     p.set_defaults(handler=cmd_run)
 
@@ -99,6 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         install_rules=not args.no_rules,
         forward_ifaces=tuple(args.forward_iface),
+        watch=args.watch,
         guard=not args.no_guard,
         guard_ifaces=tuple(args.guard_iface),
     )

@@ -64,6 +64,7 @@ class Options:
     metrics: str | None = None  # "127.0.0.1:9713"
     install_rules: bool = True
     forward_ifaces: tuple[str, ...] = ()
+    watch: bool = False  # reload when the policy files change on disk (egressd/watch.py)
     guard: bool = True  # the link guard (netfilter.render_guard) on guard_ifaces
     guard_ifaces: tuple[str, ...] = ()  # empty: the default routes' interfaces, followed while running
 
@@ -330,6 +331,7 @@ class Daemon:
             host, port = parse_metrics_address(self.opts.metrics)
             self._servers.append(await asyncio.start_server(self._serve_metrics, host, port))
         ticker = asyncio.create_task(self._ticker())
+        watcher = asyncio.create_task(self._watch()) if self.opts.watch else None
         print(
             f"egressd: judging egress on queue {self.queue_num} (policy {self.policy.path}, mode {self.policy.mode}, "
             f"fail {self.policy.fail})",
@@ -342,6 +344,8 @@ class Daemon:
         finally:
             sdnotify.stopping()
             ticker.cancel()
+            if watcher is not None:
+                watcher.cancel()
             loop.remove_reader(self._queue.fileno())
             for s in self._servers:
                 s.close()
@@ -365,6 +369,15 @@ class Daemon:
                 with contextlib.suppress(OSError):
                     os.unlink(self.opts.status_socket)
         return 0
+
+    async def _watch(self) -> None:
+        """--watch: the SIGHUP reload, triggered by the policy's files changing on disk."""
+        from egressd import watch
+
+        def files() -> list[str]:
+            return [str(self.opts.policy), *self.policy.files]
+
+        await watch.watch(files, self.reload)
 
     def _install_rules(self, policy: Policy) -> None:
         netfilter.install(

@@ -686,6 +686,7 @@ class Engine:
             midstream=flow.midstream,
             packets=flow.fwd_pkts + flow.rev_pkts,
             bytes=flow.bytes,
+            severity=dec.severity,  # the rule's priority (egressd/policy/layers.py), 0 when unset
         )
         if self._monitor and dec.action == "drop":
             ev.extra = {"would_drop": True}

@@ -71,6 +71,7 @@ class Event:
     bytes: int = 0
     process: dict[str, Any] | None = None
     extra: dict[str, Any] | None = None
+    severity: int = 0  # set by the deciding rule's ``priority`` (layered policies); 0: by kind
 
     @property
     def event_type(self) -> str:
@@ -109,7 +110,7 @@ class Event:
             d["alert"] = {
                 "signature": f"egressd {self.rule}: {kind}",
                 "category": category_of(kind),
-                "severity": severity_of(kind),
+                "severity": self.severity or severity_of(kind),
                 "action": self.action,
             }
         if self.process is not None:

@@ -41,9 +41,13 @@ class ReplayResult:
 SWEEP_EVERY = 1.0  # capture seconds between idle sweeps
 
 
-def replay(path: str | Path, policy: Policy, progress: ProgressFn | None = None) -> ReplayResult:
+def replay(
+    path: str | Path, policy: Policy, progress: ProgressFn | None = None, engine: Engine | None = None
+) -> ReplayResult:
+    """``engine``: a fresh engine on ``policy`` to use instead of a plain one (egressd.recorded
+    passes one that also keeps each flow's complete facts)."""
     res = ReplayResult(str(path))
-    eng = Engine(policy)
+    eng = engine if engine is not None else Engine(policy)
     try:
         reader = Reader(path)
     except CaptureError as e:

@@ -65,6 +65,12 @@ rules (depth first, in ``include`` order); a file included twice is read once. A
 file may hold ``include``, ``lists`` and ``rules`` only. A file holding only ``lists`` is a
 list file: :func:`validate` checks it on its own, :func:`load_policy` refuses it (no default).
 
+Layers (see :mod:`egressd.policy.layers`): a main file may ``extends: FILE`` (or
+``egressd:default``) to build on a base policy, ``append:`` items to a list read before it,
+``override:`` a rule's ``action``/``description``/``priority``/``enabled``, and give any rule
+``priority`` (EVE severity) or ``enabled: false``; ``egressd validate --print-merged`` shows
+the result with the ``file:line`` of every list item and rule.
+
 Refused: YAML aliases and anchors (use ``$lists``), tags other than the plain YAML ones,
 more than one YAML document per file, nesting deeper than 64 levels, files over 8 MiB.
 """

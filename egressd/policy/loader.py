@@ -20,6 +20,7 @@ from typing import Final
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from egressd.policy import layers
 from egressd.policy.model import (
     ACTIONS,
     ERROR_ACTIONS,
@@ -30,12 +31,14 @@ from egressd.policy.model import (
     Policy,
     PolicyError,
 )
+from egressd.policy.provenance import Sources, note_list
 from egressd.policy.rules import compile_rules, compile_settings
 from egressd.policy.shapes import ListDef, State, as_choice, as_text, is_null, known_keys, location, pairs
 from egressd.policy.source import TooManyProblems, compose, node_kind, quote, read_text
 from egressd.policy.values import domain_or_error, parse_cidr, parse_port_range
 
 TOP_KEYS: Final = (
+    "extends",
     "mode",
     "default",
     "fail",
@@ -62,9 +65,14 @@ def _read(
     st: State,
     site: Node | None,
     text: str | None = None,
+    base: bool = False,
 ) -> None:
-    """Read one file (and, depth first, what it includes) into the state."""
+    """Read one file (and, depth first, what it extends and includes) into the state.
+
+    ``base``: the file is the base of a layered policy (``extends:``); its top-level keys are
+    in force unless the file that extends it sets them again."""
     is_main = site is None
+    main_like = is_main or base
     st.loaded.add(real)
     if text is None:
         text, why = read_text(display)
@@ -81,12 +89,12 @@ def _read(
     root = compose(text, display, st.report)
     if root is None or is_null(root):
         if len(st.report.items) == before:
-            what = "the policy file" if is_main else "the included file"
+            what = "the policy file" if is_main else "the extended file" if base else "the included file"
             st.report.at(
                 display,
                 1,
                 1,
-                f"{what} is empty; it needs at least " + ("'default:'" if is_main else "'lists:'"),
+                f"{what} is empty; it needs at least " + ("'default:'" if main_like else "'lists:'"),
             )
         return
     if not isinstance(root, MappingNode):
@@ -99,8 +107,9 @@ def _read(
     items = pairs(root, st, "the policy file")
     if items is None:  # pragma: no cover - root is a mapping
         return
-    if is_main:
-        st.main_root = root
+    if main_like:
+        if is_main:
+            st.main_root = root
         keys = known_keys(items, TOP_KEYS, st, "the policy file")
     else:
         keys = {}
@@ -109,6 +118,8 @@ def _read(
                 st.report.node(knode, f"{quote(key)} can only be set in the main policy file, not in an included file")
             else:
                 keys.update(known_keys([(key, knode, vnode)], INCLUDED_FILE_KEYS, st, "an included file"))
+    if "extends" in keys:
+        _extends(keys["extends"][1], display, [*stack, (real, display)], st)
     if "include" in keys:
         _includes(keys["include"][1], display, [*stack, (real, display)], st)
     if "lists" in keys:
@@ -119,8 +130,47 @@ def _read(
             st.rule_nodes.extend(rules.value)
         elif not is_null(rules):
             st.report.node(rules, f"'rules' must be a list of rules (lines starting with '- '), not {node_kind(rules)}")
-    if is_main:
-        st.main = {k: v for k, (_, v) in keys.items()}
+    if main_like:
+        _merge_main(st, {k: v for k, (_, v) in keys.items() if k != "extends"})
+
+
+def _merge_main(st: State, keys: dict[str, Node]) -> None:
+    """A layer's top-level keys replace its base's; ``settings`` are replaced key by key."""
+    old = st.main.get("settings")
+    new = keys.get("settings")
+    if isinstance(old, MappingNode) and isinstance(new, MappingNode):
+        mine = {k.value for k, _ in new.value if isinstance(k, ScalarNode)}
+        kept = [(k, v) for k, v in old.value if not (isinstance(k, ScalarNode) and k.value in mine)]
+        keys["settings"] = MappingNode(new.tag, kept + list(new.value), new.start_mark, new.end_mark)
+    st.main.update(keys)
+
+
+def _extends(node: Node, display: str, stack: list[tuple[str, str]], st: State) -> None:
+    """``extends: FILE``: read the base policy first (its rules come first, its keys apply)."""
+    name = as_text(node, st, "'extends' (the base policy file)")
+    if name is None:
+        return
+    if name.strip() == "egressd:default":
+        from egressd.paths import default_policy
+
+        try:
+            target = os.fspath(default_policy())
+        except FileNotFoundError as exc:
+            st.report.node(node, str(exc))
+            return
+    else:
+        target = os.path.normpath(os.path.join(os.path.dirname(display), name.strip()))
+    real = os.path.realpath(target)
+    chain = [r for r, _ in stack]
+    if real in chain:
+        names = [d for _, d in stack[chain.index(real) :]] + [target]
+        st.report.node(node, f"extends cycle: {' -> '.join(names)}")
+        return
+    if real in st.loaded:
+        st.report.node(node, f"{quote(name)} was already read (included by another file); a base must be read first")
+        return
+    st.sources.extends.append(f"{display} -> {target}")
+    _read(target, real, stack, st, node, base=True)
 
 
 def _includes(node: Node, display: str, stack: list[tuple[str, str]], st: State) -> None:
@@ -165,6 +215,8 @@ def _lists(node: Node, st: State) -> None:
         return
     for name, knode, vnode in items:
         what = f"list {quote(name)}"
+        if layers.append_to_list(name, knode, vnode, st, _list_items):
+            continue
         if not _valid_name(name):
             st.report.node(
                 knode,
@@ -190,6 +242,8 @@ def _lists(node: Node, st: State) -> None:
         if "items" not in keys:
             st.report.node(vnode, f"{what} has no 'items:'")
             continue
+        if first is None:
+            note_list(st.sources, name, ldef.type, knode, vnode)
         _list_items(ldef, keys["items"][1], st, what)
 
 
@@ -236,9 +290,11 @@ def _list_items(ldef: ListDef, node: Node, st: State, what: str) -> None:
 # ---------------------------------------------------------------------------------- entry points
 
 
-def _load(path: str | os.PathLike[str], text: str | None, as_policy: bool) -> tuple[Policy | None, list[Diagnostic]]:
+def _load(
+    path: str | os.PathLike[str], text: str | None, as_policy: bool, st: State | None = None
+) -> tuple[Policy | None, list[Diagnostic]]:
     display = os.fspath(path)
-    st = State()
+    st = st if st is not None else State()
     try:
         real = os.path.realpath(display)
     except (OSError, ValueError):
@@ -272,7 +328,13 @@ def _load(path: str | os.PathLike[str], text: str | None, as_policy: bool) -> tu
         )
         on_error = as_choice(m["on_error"], st, "on_error action", ERROR_ACTIONS) if "on_error" in m else "accept"
         settings, pool = compile_settings(m.get("settings"), st)
-        rules = compile_rules(st)
+        layers.prepare_rules(st)
+        rules = layers.finish_rules(compile_rules(st), st)
+        st.sources.files = list(st.files)
+        st.sources.top = {k: v for k, v in m.items() if k not in ("include", "lists", "rules", "settings")}
+        sn = m.get("settings")
+        if isinstance(sn, MappingNode):
+            st.sources.settings = {str(k.value): v for k, v in sn.value if isinstance(k, ScalarNode)}
         if not st.report.items and None not in (mode, default, fail, overload, on_error):
             assert mode is not None and default is not None and fail is not None
             assert overload is not None and on_error is not None
@@ -294,11 +356,11 @@ def _load(path: str | os.PathLike[str], text: str | None, as_policy: bool) -> tu
 
 
 def _guarded(
-    path: str | os.PathLike[str], text: str | None, as_policy: bool = True
+    path: str | os.PathLike[str], text: str | None, as_policy: bool = True, st: State | None = None
 ) -> tuple[Policy | None, list[Diagnostic]]:
     """A reload must never take the daemon down: a loader bug becomes a diagnostic too."""
     try:
-        return _load(path, text, as_policy)
+        return _load(path, text, as_policy, st)
     except TooManyProblems as exc:
         return None, list(exc.items)
     except Exception as exc:  # last line of defence: reported, not swallowed
@@ -314,6 +376,16 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     if policy is None:
         raise PolicyError(diags)
     return policy
+
+
+def load_with_sources(path: str | os.PathLike[str], text: str | None = None) -> tuple[Policy, Sources]:
+    """Like :func:`load_policy`, also returning where every list item and rule came from
+    (``egressd validate --print-merged``, ``egressd explain``, ``egressd learn``)."""
+    st = State()
+    policy, diags = _guarded(path, text, True, st)
+    if policy is None:
+        raise PolicyError(diags)
+    return policy, st.sources
 
 
 def load_policy_text(text: str, path: str | os.PathLike[str] = "<policy>") -> Policy:

@@ -83,6 +83,7 @@ class Decision:
     action: str
     rule: str
     description: str
+    severity: int = 0  # EVE alert.severity set by the rule's ``priority``; 0: by detection kind
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from egressd.policy.matchers import IPNetwork
+from egressd.policy.provenance import Sources
 from egressd.policy.source import NULL_TAG, STR_TAG, Reporter, node_kind, quote
 from egressd.policy.values import suggest
 
@@ -42,6 +43,7 @@ class State:
     rule_nodes: list[Node] = field(default_factory=list)
     main: dict[str, Node] = field(default_factory=dict)
     main_root: Node | None = None
+    sources: Sources = field(default_factory=Sources)  # file:line of everything, for layered policies
 
 
 def location(node: Node) -> str:

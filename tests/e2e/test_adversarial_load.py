@@ -29,6 +29,7 @@ from egressd_lab.harness import (
 from egressd_lab.load import (
     FLOOD_S,
     MAX_FLOWS,
+    STORM_MIN_ATTEMPTS,
     FloodRun,
     QueueRun,
     StormRun,
@@ -217,20 +218,23 @@ def test_reload_storm_daemon_survives_without_callback_errors(storm: StormRun) -
 
 
 def test_reload_storm_blocks_every_stratum_attempt(storm: StormRun) -> None:
-    assert storm.stratum_blocked >= 5
+    assert storm.stratum_blocked >= STORM_MIN_ATTEMPTS
     assert storm.stratum_done == 0 and storm.pool_requests == 0
 
 
 def test_reload_storm_keeps_every_allowed_transfer_intact(storm: StormRun) -> None:
-    assert storm.http_ok >= 5 and storm.http_bad == []
+    assert storm.http_ok >= STORM_MIN_ATTEMPTS and storm.http_bad == []
 
 
 def test_reload_storm_counts_every_handled_sighup(storm: StormRun) -> None:
     """reloads/reload_failures equal what the daemon said it did; the only SIGHUPs not handled are
-    ones the kernel merged (a standard signal sent while the previous one is still pending)."""
+    ones the kernel merged (a standard signal sent while the previous one is still pending): a
+    SIGHUP sent once the storm is over is always handled. How many the kernel merges depends on
+    how fast a reload is on a loaded machine: bench/flood.py reports that share, no test times it."""
     st = storm.status
     assert st["reloads"] == storm.handled_ok
     assert st["reload_failures"] == storm.handled_rejected
     handled = storm.handled_ok + storm.handled_rejected
-    assert 0.9 * storm.sent <= handled <= storm.sent
+    assert 1 <= handled <= storm.sent
+    assert storm.quiet_sighup_handled
     assert storm.handled_rejected >= 1  # the broken files were seen and refused
