@@ -13,13 +13,19 @@ APT_PACKAGES := python3 python3-venv python3-dev build-essential libnetfilter-qu
 	tcpdump iperf3 libndpi-bin systemd chromium \
 	dropbear-bin rsync git sshuttle
 
-.PHONY: help setup deps venv run demo test test-fast lint typecheck bench pcaps clean
+# Real tunnel programs for pcaps/make_tunnels.py and tests/e2e/test_daemon_tunnels.py (Debian 12),
+# and localtunnel's client from npm (installed into build/lab-npm, not system-wide).
+LAB_APT_PACKAGES := iodine ptunnel-ng httptunnel dns2tcp openvpn tor tinc nebula shadowsocks-libev \
+	simple-obfs obfs4proxy pagekite websockify python3-websockets wireguard-go wireguard-tools ike-scan nodejs npm
+LAB_NPM_PACKAGES := localtunnel@2.0.2
+
+.PHONY: help setup deps lab-deps venv run demo test test-fast lint typecheck bench pcaps clean
 
 help:
 	@echo "make run    - set up, then run the daemon on the shipped default policy in demo namespaces"
 	@echo "make test   - set up, then lint, type-check and run the whole test suite (e2e needs root)"
 	@echo "make bench  - replay and live benchmarks (ratios measured side by side)"
-	@echo "make pcaps  - regenerate pcaps/ from real programs in namespaces"
+	@echo "make pcaps  - regenerate pcaps/ (and pcaps/tunnels/) from real programs in namespaces"
 
 setup: deps venv
 
@@ -30,6 +36,16 @@ $(STAMP)/apt:
 	@if [ "$$(id -u)" != 0 ]; then echo "run as root: the setup installs Debian packages" >&2; exit 2; fi
 	DEBIAN_FRONTEND=noninteractive apt-get update -q
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
+	@touch $@
+
+lab-deps: $(STAMP)/lab-apt $(STAMP)/lab-npm
+$(STAMP)/lab-apt: $(STAMP)/apt
+	@mkdir -p $(STAMP)
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(LAB_APT_PACKAGES)
+	@touch $@
+$(STAMP)/lab-npm: $(STAMP)/lab-apt
+	@mkdir -p build/lab-npm
+	cd build/lab-npm && npm install --no-audit --no-fund --silent $(LAB_NPM_PACKAGES)
 	@touch $@
 
 venv: $(STAMP)/venv
@@ -48,7 +64,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check egressd
 	$(VENV)/bin/mypy --strict egressd lab/egressd_lab
 
-test: setup lint
+test: setup lab-deps lint
 	$(VENV)/bin/pytest -q -rs
 
 test-fast: venv
@@ -59,8 +75,9 @@ bench: setup
 	$(PY) bench/live.py
 	$(PY) bench/guard.py
 
-pcaps: setup
+pcaps: setup lab-deps
 	$(PY) pcaps/make.py
+	$(PY) pcaps/make_tunnels.py
 
 clean:
 	rm -rf build $(VENV) .mypy_cache .ruff_cache .pytest_cache

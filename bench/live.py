@@ -36,10 +36,16 @@ documentation addresses; every load is generated in the node towards 203.0.113.6
    Verdicts are counted from the kernel's own queue counters in the node namespace
    (packets queued minus dropped minus still pending), identically for both handlers.
 
+5. attribution (issue 8): the connection loop of 2 against two daemons in the same round,
+   ``egressd run --no-attribution`` and ``egressd run`` (attribution on), both started with
+   ``nsenter --net`` so they see the host's /proc and cgroup tree as on a node; plus the share
+   of events whose process was named (status: attributed / all attributed events). Rows 1-4
+   run the daemon with ``--no-attribution`` so they stay comparable with earlier runs.
+
 Everything is bounded: each load has a time and a count cap, each process is stopped by pid,
 and the namespaces are removed at the end, also on error or Ctrl-C.
 
-Usage: bench/live.py [--quick] [--rounds N] [--only bulk,conn,verdicts]   (as root)
+Usage: bench/live.py [--quick] [--rounds N] [--only bulk,conn,verdicts,attr]   (as root)
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ TARGET_V4 = "203.0.113.60"  # the lab's "bulk" service address (RFC 5737 documen
 IPERF_PORT = 5201
 CONN_PORTS = tuple(range(7001, 7017))  # 16 server ports: 16 x 64k distinct 5-tuples before any reuse
 DNS_PORT = 53
+ATTR_KEEP = 50  # connections held open by the paced attribution load (50 ms each at 1000/s)
 NEWFLOW_PORTS = (20000, 45000)  # destination port range of the new-flow flood (no mining port in it)
 BARE_QUEUE = 9
 CLASSIFY_MAX_PACKETS = 10_000
@@ -134,12 +141,15 @@ def worker_conn_server(addr: str, ports: Sequence[int], seconds: float) -> int:
     return 0
 
 
-def worker_conn_client(addr: str, ports: Sequence[int], seconds: float, count: int, rate: float) -> int:
+def worker_conn_client(addr: str, ports: Sequence[int], seconds: float, count: int, rate: float, keep: int = 0) -> int:
     """connect() + close() in a loop; prints one JSON line: count, rate, connect() times.
 
     ``rate`` 0: back to back (the tight loop). Otherwise one connection every 1/rate s, so
     nothing queues behind earlier connections and connect() shows the path's own latency.
+    ``keep`` > 0: each socket stays open until ``keep`` newer ones were opened (a connection
+    then lives keep/rate seconds, as a job's connections do, instead of microseconds).
     """
+    held: list[socket.socket] = []
     lat: list[int] = []
     fails = 0
     dsts = [(addr, p) for p in ports]
@@ -165,12 +175,19 @@ def worker_conn_client(addr: str, ports: Sequence[int], seconds: float, count: i
         except OSError:
             fails += 1
         t1 = perf()
-        s.close()
+        if keep:
+            held.append(s)
+            if len(held) > keep:
+                held.pop(0).close()
+        else:
+            s.close()
         lat.append(t1 - t0)
         n += 1
         if t1 > deadline:
             break
     elapsed = (perf() - start) / 1e9
+    for h in held:
+        h.close()
     lat.sort()
     out = {
         "n": n,
@@ -281,6 +298,7 @@ def run_worker(argv: Sequence[str]) -> int:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--count", type=int, default=10_000)
     p.add_argument("--rate", type=float, default=0.0)
+    p.add_argument("--keep", type=int, default=0)
     p.add_argument("--mode", choices=("classify", "newflow"), default="classify")
     p.add_argument("--queue", type=int, default=BARE_QUEUE)
     a = p.parse_args(argv)
@@ -288,7 +306,7 @@ def run_worker(argv: Sequence[str]) -> int:
     if a.name == "conn-server":
         return worker_conn_server(a.addr, ports, a.seconds)
     if a.name == "conn-client":
-        return worker_conn_client(a.addr, ports, a.seconds, a.count, a.rate)
+        return worker_conn_client(a.addr, ports, a.seconds, a.count, a.rate, min(max(a.keep, 0), 256))
     if a.name == "flood":
         return worker_flood(a.addr, a.mode, a.seconds, a.count)
     return worker_nfq_bare(a.queue, a.seconds)
@@ -421,14 +439,25 @@ class Bench:
 
     # -- the daemon ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def daemon(self, policy: Path, label: str = "") -> Iterator[Daemon]:
+    def daemon(self, policy: Path, label: str = "", attribution: bool | None = None) -> Iterator[Daemon]:
+        """``attribution`` None: rows 1-4, attribution off. True/False: row 5, started with
+        nsenter --net (host mount namespace: /proc and the cgroup tree as on a node)."""
         sock = self.tmp / "s.sock"
         log = (self.tmp / "daemon.log").open("ab")
         argv = [
             EGRESSD, "run", "--policy", str(policy), "--status-socket", str(sock),
             "--events", str(self.tmp / "ev.jsonl"),
         ]  # fmt: skip
-        p = self.lab.spawn("node", argv, stdout=log, stderr=log)
+        if not attribution:
+            argv.append("--no-attribution")
+        if attribution is None:
+            p = self.lab.spawn("node", argv, stdout=log, stderr=log)
+        else:
+            p = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{self.lab.node}", *argv],
+                stdout=log, stderr=log, start_new_session=True,
+            )  # fmt: skip
+            self.lab.procs.append(p)
         log.close()
         d = Daemon(p, str(sock))
         spy: subprocess.Popen[bytes] | None = None
@@ -497,11 +526,11 @@ class Bench:
         self.info["bulk_retr"] = retr
 
     # -- 2./3. connections -----------------------------------------------------------------
-    def conn_once(self, rate: float) -> dict[str, float]:
+    def conn_once(self, rate: float, keep: int = 0) -> dict[str, float]:
         t = self.plan.conn_s
         cap = CONN_CAP if rate <= 0 else int(rate * t) + 1
         argv = [PYTHON, __file__, "--worker", "conn-client", "--seconds", str(t), "--count", str(cap)]
-        r = self.lab.run_node([*argv, "--rate", str(rate)], timeout=t + 30)
+        r = self.lab.run_node([*argv, "--rate", str(rate), "--keep", str(keep)], timeout=t + 30)
         try:
             res: dict[str, float] = json.loads(r.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError) as e:
@@ -552,6 +581,52 @@ class Bench:
         self.results["paced_p99"] = pp99
         self.info["conn_judged"] = per_conn
         self.info["conn_fails"] = fails
+
+    # -- 5. attribution -------------------------------------------------------------------
+    def bench_attr(self) -> None:
+        rate, share, named, held_share, held_n = Pair(), Pair(), Pair(), Pair(), Pair()
+        for r in range(self.plan.rounds):
+            with self.daemon(DEFAULT_POLICY, f"attr-off-r{r + 1}", attribution=False):
+                a = self.conn_once(0)
+            with self.daemon(DEFAULT_POLICY, f"attr-on-r{r + 1}", attribution=True) as d:
+                b = self.conn_once(0)
+                st = self._attr_settled(d)
+            with self.daemon(DEFAULT_POLICY, f"attr-held-r{r + 1}", attribution=True) as d:
+                self.conn_once(PACED_RATE, keep=ATTR_KEEP)
+                sh = self._attr_settled(d)
+            total = st["attributed"] + st["partial"] + st["unknown"]
+            htotal = sh["attributed"] + sh["partial"] + sh["unknown"]
+            rate.without.append(a["rate"])
+            rate.with_.append(b["rate"])
+            share.with_.append(st["attributed"] / total if total else 0.0)
+            named.with_.append(float(total))
+            held_share.with_.append(sh["attributed"] / htotal if htotal else 0.0)
+            held_n.with_.append(float(htotal))
+            _progress(
+                f"attribution round {r + 1}: {a['rate']:.0f} vs {b['rate']:.0f} conn/s; tight loop: process named "
+                f"for {st['attributed']} of {total} events (socket/cgroup only {st['partial']}, unknown "
+                f"{st['unknown']}, timed out {st['timeouts']}); paced {PACED_RATE:.0f}/s held "
+                f"{ATTR_KEEP / PACED_RATE * 1000:.0f} ms: {sh['attributed']} of {htotal}; reasons {st['reasons']} "
+                f"{sh['reasons']}"
+            )
+        self.results["attr_conn"] = rate
+        self.info["attr_share"] = share
+        self.info["attr_events"] = named
+        self.info["attr_held_share"] = held_share
+        self.info["attr_held_events"] = held_n
+
+    def _attr_settled(self, d: Daemon, timeout: float = 20.0) -> dict[str, Any]:
+        """The attribution counters once every flow of the load has its event written (bounded)."""
+        deadline = time.monotonic() + timeout
+        last = -1
+        while True:
+            st = d.status()
+            a: dict[str, Any] = st["attribution"]
+            done = a["attributed"] + a["partial"] + a["unknown"]
+            if (done == last and not a["queue"]) or time.monotonic() > deadline:
+                return a
+            last = done
+            time.sleep(1.5)  # past the flows' close and the attribution timeout
 
     # -- 4. verdicts/s ---------------------------------------------------------------------
     def _queue_sample(self, queue_num: int) -> QueueSample:
@@ -803,6 +878,18 @@ def build_rows(res: dict[str, Pair], info: dict[str, Pair]) -> list[Row]:
         rows.append(Row("  packets judged per connection", "-", f"{med(pc):.1f}", "-", _spread(pc, ".1f"), "-", "info"))
     ratio_row("v_classify", "verdicts/s, classifying (bare | egressd)", ".0f", None)
     ratio_row("v_newflow", "verdicts/s, new flows (bare | egressd)", ".0f", None)
+    ratio_row("attr_conn", "new connections/s (attribution off | on)", ".0f", None)
+    for key, label in (
+        ("attr_share", "  process named, tight loop (conn lives ~0.1 ms)"),
+        ("attr_held_share", f"  process named, {PACED_RATE:.0f}/s, conn lives {ATTR_KEEP / PACED_RATE * 1000:.0f} ms"),
+    ):
+        sh = info.get(key)
+        if sh is not None and sh.with_:
+            n = info[key.replace("share", "events")].with_
+            rows.append(
+                Row(label, "-", f"{med(sh.with_):.1%}", "-", _spread(sh.with_, ".1%"), "-",
+                    f"info ({med(n):.0f} events/round)")
+            )  # fmt: skip
     return rows
 
 
@@ -876,8 +963,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="rounds per metric (default 5, --quick 2)")
     ap.add_argument(
         "--only",
-        default="bulk,conn,verdicts",
-        help="comma list of bulk, conn, verdicts (default: all)",
+        default="bulk,conn,verdicts,attr",
+        help="comma list of bulk, conn, verdicts, attr (default: all)",
     )
     ap.add_argument(
         "--lab-name", default=f"egbench{os.getpid() % 100000}", help="namespace prefix (default: egbench<pid>)"
@@ -900,7 +987,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"--py-spy needs {PY_SPY} (pip install py-spy into the venv)")
         a.py_spy.mkdir(parents=True, exist_ok=True)
     only = {x.strip() for x in a.only.split(",") if x.strip()}
-    unknown = only - {"bulk", "conn", "verdicts"}
+    unknown = only - {"bulk", "conn", "verdicts", "attr"}
     if unknown:
         ap.error(f"unknown --only item(s): {', '.join(sorted(unknown))}")
 
@@ -928,6 +1015,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("conn", Bench.bench_conn),
         ("verdicts", lambda b: b.bench_verdicts("classify")),
         ("verdicts", lambda b: b.bench_verdicts("newflow")),
+        ("attr", Bench.bench_attr),
     ]
     try:
         with tempfile.TemporaryDirectory(prefix="egressd-live-") as td, lab(a.lab_name) as lb:

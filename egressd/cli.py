@@ -389,7 +389,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if args.print_merged:
             sys.stdout.write(render(pol, sources))
             continue
-        print(f"{path}: ok ({len(pol.rules)} rules, mode {pol.mode}, default {pol.default}, {len(pol.files)} file(s))")
+        n = len(pol.rules) + len(pol.who_rules)
+        print(f"{path}: ok ({n} rules, mode {pol.mode}, default {pol.default}, {len(pol.files)} file(s))")
     return EXIT_FAIL if bad else EXIT_OK
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from egressd import netfilter
 
@@ -46,6 +47,18 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default=[],
         metavar="IFACE",
         help="judge forwarded traffic only from these container-side interfaces (iptables wildcards, e.g. veth+)",
+    )
+    p.add_argument(
+        "--no-attribution",
+        action="store_true",
+        help="do not name the process, container and GPU behind each event (docs/attribution.md)",
+    )
+    p.add_argument(
+        "--attribution-timeout",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="longest an event waits for its attribution before it is written without (default %(default)s)",
     )
     p.add_argument(
         "--watch",
@@ -105,6 +118,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         install_rules=not args.no_rules,
         forward_ifaces=tuple(args.forward_iface),
+        attribution=not args.no_attribution,
+        attribution_timeout=min(max(args.attribution_timeout, 0.01), 10.0),
         watch=args.watch,
         guard=not args.no_guard,
         guard_ifaces=tuple(args.guard_iface),
@@ -163,7 +178,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         con.print(t2)
     ev = st["events"]
     con.print(f"events written {ev['written']}, write errors {ev['errors']} {ev['last_error']}")
+    _print_attribution(con, st.get("attribution"))
     return 0
+
+
+def _print_attribution(con: Any, a: dict[str, Any] | None) -> None:
+    """Who was behind the last alerts (issue 8; docs/attribution.md)."""
+    if a is None:
+        con.print("attribution: off (--no-attribution)")
+        return
+    from rich.table import Table
+
+    from egressd.attribution.render import who_line
+
+    con.print(
+        f"attribution: {a['attributed']} named, {a['partial']} socket/cgroup only, {a['unknown']} unknown, "
+        f"{a['timeouts']} timed out; nvml: {a['nvml']}"
+    )
+    if a.get("recent_alerts"):
+        t = Table("destination", "rule", "action", "who", title="recent alerts", title_justify="left")
+        for r in a["recent_alerts"]:
+            who = who_line(r).split("who:[/dim] ", 1)[-1]
+            t.add_row(r["dest"], r["rule"], r["action"], who)
+        con.print(t)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from egressd import netfilter, nfq, procstats, sdnotify, verdict
+from egressd.attribution.sink import AttributedSink  # issue 8
 from egressd.engine import DIR_ORIGINAL, DIR_REPLY, Engine
 from egressd.eventlog import EventLog
 from egressd.policy import Policy, PolicyError, load_policy
-from egressd.verdict import DROP_PACKET, PASS, PIN_DENY
+from egressd.verdict import DROP_PACKET, PASS, PASS_MARK_SEEN, PIN_DENY
 
 # The mark bits each connection-state verdict writes (egressd.verdict.MARK_OF, in bits).
 _MARK_BITS: dict[int, int] = {
@@ -67,6 +68,8 @@ class Options:
     watch: bool = False  # reload when the policy files change on disk (egressd/watch.py)
     guard: bool = True  # the link guard (netfilter.render_guard) on guard_ifaces
     guard_ifaces: tuple[str, ...] = ()  # empty: the default routes' interfaces, followed while running
+    attribution: bool = True  # issue 8: name the process/container/GPU behind each event
+    attribution_timeout: float = 0.5
 
 
 class Daemon:
@@ -97,6 +100,11 @@ class Daemon:
         self.guard_dropped = 0  # frames the guard dropped (read every GUARD_EVERY ticks)
         self._guard_unavailable = False  # no nft, or the kernel refused the egress hook
         self._servers: list[asyncio.AbstractServer] = []
+        # -- attribution (issue 8): events go through the sink, which names who is behind them
+        self.who: AttributedSink | None = None
+        self._overload_seen = 0
+        if opts.attribution:
+            self.who = AttributedSink(self.log, opts.attribution_timeout)
 
     # -- the packet path -----------------------------------------------------------------
     def _on_packet(self, pkt: Any) -> None:
@@ -107,7 +115,8 @@ class Daemon:
         ``repeat()`` for those that write the connection's state (the rules save it).
         """
         mark = pkt.get_mark()
-        v = self.engine.feed(pkt.get_payload(), self._now, DIR_REPLY if mark & netfilter.MARK_REPLY else DIR_ORIGINAL)
+        data = pkt.get_payload()
+        v = self.engine.feed(data, self._now, DIR_REPLY if mark & netfilter.MARK_REPLY else DIR_ORIGINAL)
         if v == PASS:
             pkt.accept()
             return
@@ -117,7 +126,14 @@ class Daemon:
         if v == PIN_DENY:
             # Write the alert before the verdict reaches the kernel: the peer learns of the
             # drop from the reset, and whatever happens to us next, the reason is on disk.
-            self._drain_events()
+            # (With attribution the alert is still written here, with what memory holds about
+            # who is behind the flow; its socket is looked up first, since the verdict resets
+            # it: see egressd.attribution.sink.)
+            self._drain_events(reply_drop=bool(mark & netfilter.MARK_REPLY))
+        elif v == PASS_MARK_SEEN and self.who is not None:
+            # issue 8: a fresh flow: name its process while it surely exists (only used when
+            # conntrack events are unavailable)
+            self.who.attributor.prefetch(data, bool(mark & netfilter.MARK_REPLY))
         pkt.set_mark(netfilter.with_verdict(mark, _MARK_BITS[v]))
         pkt.repeat()
 
@@ -128,6 +144,9 @@ class Daemon:
         t0 = time.perf_counter_ns()
         self._now = time.time()
         n = q.process(BATCH)
+        if self.who is not None and self.engine.counters.overload != self._overload_seen:
+            self._overload_seen = self.engine.counters.overload  # issue 8: pause early lookups
+            self.who.attributor.paused_until = time.monotonic() + 2.0
         if n:
             dt = time.perf_counter_ns() - t0
             self.lat_total_ns += dt // n
@@ -136,9 +155,11 @@ class Daemon:
                 self.lat_max_ns = dt // n
         self._drain_events()
 
-    def _drain_events(self) -> None:
+    def _drain_events(self, reply_drop: bool = False) -> None:
         evs = self.engine.events
-        if evs:
+        if evs and self.who is not None:
+            self.who.take(evs, self.policy, reply_drop)
+        elif evs:
             while evs:
                 self.log.write(evs.popleft())
             self.log.flush()
@@ -200,6 +221,8 @@ class Daemon:
             self._now = now
             self.engine.sweep(now)
             self._drain_events()
+            if self.who is not None:
+                self.who.flush()
             self.log.check_rotation()
             with contextlib.suppress(OSError):
                 self.kernel = procstats.find(procstats.read(), self.queue_num)
@@ -267,6 +290,7 @@ class Daemon:
                 "errors": self.log.errors,
                 "last_error": self.log.last_error,
             },
+            "attribution": None if self.who is None else self.who.status(),
         }
 
     async def _serve_status(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -314,6 +338,8 @@ class Daemon:
                 self._queue.close()
                 raise
         loop.add_reader(self._queue.fileno(), self._readable)
+        if self.who is not None:
+            self.who.start(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -364,6 +390,8 @@ class Daemon:
             self._queue.close()
             self.engine.finish(time.time())
             self._drain_events()
+            if self.who is not None:
+                self.who.close()
             self.log.close()
             if self.opts.status_socket:
                 with contextlib.suppress(OSError):

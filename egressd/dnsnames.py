@@ -47,9 +47,12 @@ class DnsSeen:
 
     queries: tuple[str, ...]  # names the originator asked for, in order
     detection: Detection | None  # the ``dns`` finding (first question), when there is one
+    qtypes: tuple[int, ...] = ()  # the record type of each query (the DNS-tunnel tracker uses them)
+    dns: bool = True  # False: not one DNS message parsed (a tunnel's own framing on the port?)
 
 
 NOTHING: Final = DnsSeen((), None)
+NOT_DNS: Final = DnsSeen((), None, dns=False)
 
 
 class DnsNames:
@@ -80,11 +83,14 @@ class DnsNames:
         """
         messages = iter_tcp_messages(data) if tcp else (data,)
         queries: list[str] = []
+        qtypes: list[int] = []
         first: Detection | None = None
+        parsed = False
         for raw in messages:
             msg = parse_message(raw)
             if msg is None:
                 continue
+            parsed = True
             if msg.is_response:
                 if not tcp or not from_orig:
                     self._learn(_answers_by_ip(msg), ts)
@@ -93,9 +99,10 @@ class DnsNames:
                     q0 = msg.questions[0]
                     first = Detection(d.DNS, f"query {q0.name} type {q0.qtype}", info={"qname": q0.name})
                 queries.extend(q.name for q in msg.questions)
+                qtypes.extend(q.qtype for q in msg.questions)
         if not queries and first is None:
-            return NOTHING
-        return DnsSeen(tuple(queries), first)
+            return NOTHING if parsed else NOT_DNS
+        return DnsSeen(tuple(queries), first, tuple(qtypes))
 
     def _learn(self, answers: list[tuple[bytes, str, int]], ts: float) -> None:
         cache = self._cache

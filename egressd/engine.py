@@ -23,24 +23,33 @@ counted and gets the policy's ``on_error`` verdict.
 
 from __future__ import annotations
 
-from collections import deque
+import ipaddress
+from collections import OrderedDict, deque
 from typing import Final
 
 from egressd.defrag import Reassembler
 from egressd.detect import base as d
 from egressd.detect.base import NEED_MORE, NOT_THIS, Detection, StreamContext, StreamDetector
 from egressd.detect.dns import detect_dns_stream
+from egressd.detect.dnstunnel import DnsTunnelTracker, detect_non_dns
+from egressd.detect.http_tunnel import HttpTunnelDetector
+from egressd.detect.icmp import ECHO_REQUESTS, EchoState
 from egressd.detect.kinds import family_of
 from egressd.detect.proxy import detect_proxy
+from egressd.detect.reverse_http import detect_pagekite, detect_reverse_http
 from egressd.detect.ssh import detect_ssh
 from egressd.detect.ssh_usage import UsageWatch
 from egressd.detect.stratum import detect_jsonrpc, detect_stratum
 from egressd.detect.tls import detect_tls
-from egressd.detect.tunnels import detect_datagram, detect_stream
+from egressd.detect.tor import detect_tor
+from egressd.detect.tunnels import detect_datagram, detect_ip_protocol, detect_stream
+from egressd.detect.unknown_encrypted import detect_unknown_encrypted
+from egressd.detect.websocket import WebSocketDetector
 from egressd.dnsnames import DnsNames, is_dns_port
 from egressd.events import Event, ip_text
-from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, Flow, FlowTable, make_key
+from egressd.flow import PENDING, PINNED_ACCEPT, PINNED_DROP, SETTLED, Flow, FlowTable, make_key
 from egressd.packet import (
+    PROTO_ICMP,
     PROTO_TCP,
     PROTO_UDP,
     TCP_ACK,
@@ -97,15 +106,26 @@ _RANK: Final = {"accept": 0, "alert": 1, "drop": 2}
 
 
 # Order matters only for the evidence shown first; every detector sees the same bytes.
-_TCP_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
+_PROTOCOL_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
+    ("pagekite", detect_pagekite),  # before "proxy": PageKite's tunnel opens with a CONNECT
     ("proxy", detect_proxy),
     ("ssh", detect_ssh),
     ("stratum", detect_stratum),
     ("rpc", detect_jsonrpc),
     ("tls", detect_tls),
     ("tunnel", detect_stream),
+    ("tor", detect_tor),
 )
-_INNER_DETECTORS: Final = tuple(x for x in _TCP_DETECTORS if x[0] != "proxy")
+# Tunnels recognised from how the stream is used rather than from one protocol's bytes; the
+# WebSocket and HTTP-tunnel decoders run the protocol detectors on what they carry.
+_TCP_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
+    *_PROTOCOL_DETECTORS,
+    ("reverse-http", detect_reverse_http),
+    ("websocket", WebSocketDetector(_PROTOCOL_DETECTORS)),
+    ("http-tunnel", HttpTunnelDetector(_PROTOCOL_DETECTORS)),
+    ("unknown-encrypted", detect_unknown_encrypted),
+)
+_INNER_DETECTORS: Final = tuple(x for x in _TCP_DETECTORS if x[0] not in ("proxy", "pagekite"))
 _DNS_STREAM: Final[tuple[str, StreamDetector]] = ("dns", detect_dns_stream)
 
 
@@ -159,6 +179,13 @@ class Engine:
         self._fid = 0
         self.dns = DnsNames(policy.settings.dns_cache)
         self._defrag = Reassembler()
+        self._dnstun = DnsTunnelTracker()
+        # tinc peers (address, port) seen on a meta connection: tinc's UDP data to the same
+        # port has no cleartext of its own (nDPI does the same, its "DPI (cache)").
+        self._tinc_peers: OrderedDict[tuple[bytes, int], str] = OrderedDict()
+        # Relay ports a reverse-tunnel registration announced (localtunnel): connections to
+        # them are the tunnel, idle or not.
+        self._relay_ports: OrderedDict[tuple[bytes, int], str] = OrderedDict()
         self._overload_last = -1e18
         self._overload_pending = 0
         self.policy = policy
@@ -266,6 +293,11 @@ class Engine:
         v = self._settle(flow, ts, "first-packet")
         if v is not None:
             return v
+        if p.proto == PROTO_TCP and self._relay_ports and (dst, dport) in self._relay_ports:
+            self._record(flow, "reverse-http", Detection(d.TUNNEL_REVERSE_HTTP, self._relay_ports[(dst, dport)]))
+            v = self._rejudge(flow, ts)
+            if v is not None:
+                return v
         if p.proto == PROTO_TCP:
             flow.fwd = StreamHead(self._head)
             flow.rev = StreamHead(self._head)
@@ -273,12 +305,28 @@ class Engine:
             if is_dns_port(sport, dport):
                 flow.active_detectors.append(_DNS_STREAM)
             return self._inspect(flow, p, ts, from_orig)
+        if p.icmp_type in ECHO_REQUESTS and (p.proto == PROTO_ICMP) == (p.icmp_type == 8):
+            # An echo flow is watched like a stream head: its data and its replies tell a ping
+            # from a tunnel (detect/icmp.py), within max_packets.
+            flow.icmp = EchoState()
+            return self._inspect(flow, p, ts, from_orig)
         if p.proto == PROTO_UDP:
             if is_dns_port(sport, dport):
                 return self._inspect(flow, p, ts, from_orig)
             # Other UDP is judged on its first datagram: a VPN handshake shows there, and
             # pinning at once keeps QUIC and the like out of Python.
             det = detect_datagram(p.payload, from_orig, sport, dport)
+            if det is None and self._tinc_peers:
+                peer = self._tinc_peers.get((dst, dport)) or self._tinc_peers.get((src, sport))
+                if peer is not None:
+                    det = Detection(d.TUNNEL_TINC, f"UDP with a tinc peer: {peer}")
+            if det is not None:
+                self._record(flow, "tunnel", det)
+                v = self._rejudge(flow, ts)
+                if v is not None:
+                    return v
+        elif p.proto != PROTO_TCP:
+            det = detect_ip_protocol(p.proto, p.payload)
             if det is not None:
                 self._record(flow, "tunnel", det)
                 v = self._rejudge(flow, ts)
@@ -294,6 +342,8 @@ class Engine:
             flow.rev_pkts += 1
         if p.proto == PROTO_UDP:
             return self._udp_dns(flow, p, ts, from_orig)
+        if flow.icmp is not None:
+            return self._icmp_echo(flow, flow.icmp, p, ts, from_orig)
         head, other = (flow.fwd, flow.rev) if from_orig else (flow.rev, flow.fwd)
         assert head is not None and other is not None
         placed = NOTHING
@@ -371,10 +421,18 @@ class Engine:
             assert isinstance(r, Detection)
             if not r.refine:
                 flow.active_detectors.remove(entry)
+            if flow.domains and r.info.get("unnamed_only"):
+                continue  # a finding that only counts for a destination nobody named
             if self._record(flow, name, r):
                 changed = True
+<<<<<<< HEAD
             if name == "ssh":
                 self._start_usage(flow, r)
+=======
+                inner_kind = r.info.get("inner_kind")
+                if inner_kind:  # a wrapper (WebSocket) names what it carries: judge that too
+                    self._record(flow, name + ".inner", Detection(inner_kind, r.info.get("inner_evidence", "")))
+>>>>>>> main
             if name == "proxy" and r.inner_fwd >= 0:
                 inner_f = r.inner_fwd
                 inner_r = r.inner_rev if r.inner_rev >= 0 else len(rev.data)
@@ -385,6 +443,10 @@ class Engine:
                     flow.active_detectors = keep + list(_INNER_DETECTORS)
                     for n, _ in _INNER_DETECTORS:
                         self._forget(flow, n)
+                    if changed:  # a finding made before the wrapper (PageKite's CONNECT) counts now
+                        v = self._rejudge(flow, ts)
+                        if v is not None:
+                            return v
                     return self._detect(flow, ts)
         if is_dns_port(flow.sport, flow.dport):
             changed |= self._tcp_dns(flow, fdata, rdata, ts)
@@ -441,10 +503,19 @@ class Engine:
     def _tcp_dns(self, flow: Flow, fdata: bytes, rdata: bytes, ts: float) -> bool:
         """DNS over TCP (RFC 7766): query names are the flow's domains, answers teach names."""
         before = flow.domains
-        for name in self.dns.observe(fdata, True, ts, tcp=True).queries:
+        seen = self.dns.observe(fdata, True, ts, tcp=True)
+        changed = False
+        for name, qtype in zip(seen.queries, seen.qtypes, strict=True):
             self._add_domain(flow, name)
+            changed |= self._dns_tunnel(flow, name, qtype, ts)
         self.dns.observe(rdata, False, ts, tcp=True)
-        return flow.domains is not before
+        return changed or flow.domains is not before
+
+    def _dns_tunnel(self, flow: Flow, qname: str, qtype: int, ts: float) -> bool:
+        """Account a query with the DNS-tunnel tracker (shared by all flows); True if it
+        made a new finding on this flow."""
+        det = self._dnstun.query(qname, qtype, ts)
+        return det is not None and "dnstunnel" not in flow.detections and self._record(flow, "dnstunnel", det)
 
     def _record(self, flow: Flow, name: str, det: Detection) -> bool:
         """Keep the newest finding per detector; learn the domain it carries. True if new."""
@@ -456,6 +527,16 @@ class Engine:
             self.counters.detections[det.kind] = self.counters.detections.get(det.kind, 0) + 1
         for anomaly in det.anomalies:  # each its own finding (keyed by detector and kind)
             self._record(flow, f"{name}:{anomaly.kind}", anomaly)
+        port = det.info.get("tunnel_port")
+        if port is not None and det.kind == d.TUNNEL_REVERSE_HTTP:
+            relay = _packed_ip(det.info.get("tunnel_ip")) or flow.dst
+            self._relay_ports[(relay, int(port))] = f"connection to the tunnel port of: {det.evidence}"
+            while len(self._relay_ports) > 1024:
+                self._relay_ports.popitem(last=False)
+        if det.kind == d.TUNNEL_TINC and flow.proto == PROTO_TCP:
+            self._tinc_peers[(flow.dst, flow.dport)] = f"{det.evidence} on flow {flow.fid}"
+            while len(self._tinc_peers) > 1024:
+                self._tinc_peers.popitem(last=False)
         host = det.info.get("sni") or _host_of(det.info.get("target"))
         if host:
             self._add_domain(flow, host)
@@ -480,15 +561,25 @@ class Engine:
     def _udp_dns(self, flow: Flow, p: Packet, ts: float, from_orig: bool) -> int:
         seen = self.dns.observe(p.payload, from_orig, ts, tcp=False)
         before = flow.domains
-        for name in seen.queries:
+        tunnel = False
+        for name, qtype in zip(seen.queries, seen.qtypes, strict=True):
             self._add_domain(flow, name)
-        changed = flow.domains is not before
+            tunnel |= self._dns_tunnel(flow, name, qtype, ts)
+        if from_orig and not seen.dns and "dnstunnel" not in flow.detections:
+            # Not DNS on a DNS port: a tunnel's own framing (iodine raw mode, ptunnel-ng
+            # --udp), or a VPN handshake there.
+            det = detect_non_dns(p.payload) or detect_datagram(p.payload, True, flow.sport, flow.dport)
+            if det is not None:
+                tunnel = self._record(flow, "dnstunnel", det)
+        changed = tunnel or flow.domains is not before
         if seen.detection is not None and "dns" not in flow.detections:
             flow.detections["dns"] = seen.detection
         if changed:
             v = self._rejudge(flow, ts)
             if v is not None:
                 return v
+            if flow.state == SETTLED:  # already reported: a stricter decision is a new event
+                self._report(flow, ts, "detection")
         if not from_orig and flow.state == PENDING:
             # Answered: report it and move it where it may be evicted, but do not pin it.
             # Every later query on this socket is judged too (a harmless lookup first must not
@@ -497,6 +588,21 @@ class Engine:
             self.table.finish(flow)
             self._report(flow, ts, "classified")
             return v
+        return self._accept(flow)
+
+    def _icmp_echo(self, flow: Flow, echo: EchoState, p: Packet, ts: float, from_orig: bool) -> int:
+        """An ICMP echo flow: each request and reply is looked at until a finding, until
+        ``ECHO_HEAD`` replies echoed their requests (a ping), or ``max_packets`` in all."""
+        det = echo.feed(p.icmp_type, p.payload, from_orig)
+        if det is not None and self._record(flow, "icmp", det):
+            v = self._rejudge(flow, ts)
+            if v is not None:
+                return v
+            return self._pin_accept(flow, ts, "classified", True)
+        if echo.settled:
+            return self._pin_accept(flow, ts, "classified", True)
+        if flow.fwd_pkts + flow.rev_pkts >= self._max_packets:
+            return self._pin_accept(flow, ts, "packet-limit", True)
         return self._accept(flow)
 
     def _accept(self, flow: Flow) -> int:
@@ -693,8 +799,19 @@ class Engine:
         self.events.append(ev)
 
 
+<<<<<<< HEAD
 def _watching(flow: Flow) -> bool:
     return flow.usage is not None and flow.usage.watching
+=======
+def _packed_ip(text: str | None) -> bytes | None:
+    """An address literal as the packet layer stores it, or None."""
+    if not text:
+        return None
+    try:
+        return ipaddress.ip_address(text).packed
+    except ValueError:
+        return None
+>>>>>>> main
 
 
 def _host_of(target: str | None) -> str | None:

@@ -71,7 +71,7 @@ class Event:
     bytes: int = 0
     process: dict[str, Any] | None = None
     extra: dict[str, Any] | None = None
-    severity: int = 0  # set by the deciding rule's ``priority`` (layered policies); 0: by kind
+    severity: int = 0  # the deciding rule's ``priority`` or a who-rule's ``severity``; 0: by kind
 
     @property
     def event_type(self) -> str:

@@ -26,7 +26,11 @@ from egressd.stream import StreamHead
 
 if TYPE_CHECKING:
     from egressd.detect.base import Detection, StreamDetector
+<<<<<<< HEAD
     from egressd.detect.ssh_usage import UsageWatch
+=======
+    from egressd.detect.icmp import EchoState
+>>>>>>> main
     from egressd.policy import Decision
 
 FlowKey = tuple[int, bytes, int, bytes, int]
@@ -61,6 +65,7 @@ class Flow:
         "first_ts",
         "fwd",
         "fwd_pkts",
+        "icmp",
         "inner_fwd",
         "inner_rev",
         "key",
@@ -116,6 +121,7 @@ class Flow:
         self.domains: tuple[str, ...] = ()
         self.active_detectors: list[tuple[str, StreamDetector]] = []
         self.inner_fwd = 0
+        self.icmp: EchoState | None = None  # ICMP echo flows: requests awaiting their replies
         self.inner_rev = 0
         self.reported: tuple[str, str] | None = None  # (action, rule) last written as an event
         self.usage: UsageWatch | None = None  # what an SSH session is used for (detect/ssh_usage.py)
@@ -124,6 +130,7 @@ class Flow:
         """Drop what only classification needs, once the verdict is final."""
         self.fwd = None
         self.rev = None
+        self.icmp = None
         self.active_detectors = []
         self.usage = None
 

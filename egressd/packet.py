@@ -243,9 +243,11 @@ def _transport(
         if avail < 4:
             return Malformed(f"ICMP header needs 4 bytes, got {avail}", v)
         t, c = buf[off], buf[off + 1]
-        # Echo id as "port" so that ping flows are told apart.
+        # Echo id as "port" so that ping flows are told apart: the request's source port and
+        # the reply's destination port, so a request and its reply share one flow key.
         ident_port = _U16.unpack_from(buf, off + 4)[0] if avail >= 8 else 0
-        p = Packet(v, src, dst, proto, ident_port, 0, 0, 0, 0, buf[off + 4 : end], total, truncated, 0, more, ident)
+        sp, dp = (0, ident_port) if t == (0 if proto == PROTO_ICMP else 129) else (ident_port, 0)
+        p = Packet(v, src, dst, proto, sp, dp, 0, 0, 0, buf[off + 4 : end], total, truncated, 0, more, ident)
         p.icmp_type = t
         p.icmp_code = c
         return p

@@ -73,8 +73,23 @@ def replay(
     eng.finish(last_ts)
     res.packets = n
     res.events = list(eng.events)
+    _mark_unevaluated(res.events, policy)
     res.counters = eng.counters.as_dict()
     res.skipped = reader.stats.non_ip
     if progress is not None:
         progress(reader.size, reader.size)
     return res
+
+
+def _mark_unevaluated(events: list[Event], policy: Policy) -> None:
+    """A capture has no processes: rules on who is behind a flow (process, container, GPU)
+    cannot be evaluated. Say so on every event whose flow conditions held for such a rule,
+    instead of treating the rule as false (issue 8)."""
+    if not policy.who_rules:
+        return
+    from egressd.policy.who import unevaluated
+
+    for ev in events:
+        names = unevaluated(policy.who_rules, ev)
+        if names:
+            ev.extra = {**(ev.extra or {}), "unevaluated_rules": names}

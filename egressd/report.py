@@ -106,6 +106,22 @@ class Output:
         if self.only_flagged:
             parts.append(f"{len(finals) - len(shown)} unflagged not shown")
         self.out.print("summary: " + ", ".join(parts))
+        self._unevaluated(finals)
+
+    def _unevaluated(self, finals: list[Event]) -> None:
+        """Rules on process facts a capture cannot decide (issue 8): named, never silently false."""
+        hits: Counter[str] = Counter()
+        for e in finals:
+            for name in (e.extra or {}).get("unevaluated_rules", ()):
+                hits[name] += 1
+        for name, n in sorted(hits.items()):
+            self.out.print(
+                Text(
+                    f"not evaluated: rule {name!r} matches on the process, container or GPU behind a flow, "
+                    f"which a capture does not carry; its flow conditions held for {n} flow(s)",
+                    style="yellow",
+                )
+            )
 
     def expectations(self, capture: str, expect_path: str, problems: list[str]) -> None:
         con = self.err if self.json else self.out

@@ -67,10 +67,13 @@ def test_unit_removes_the_rules_after_every_stop() -> None:
     assert _settings()["ExecStopPost"] == ["/usr/local/bin/egressd rules remove"]
 
 
-def test_unit_runs_unprivileged_with_only_net_admin() -> None:
+def test_unit_runs_unprivileged_with_net_admin_and_the_two_read_only_attribution_capabilities() -> None:
+    # Issue 8: naming the process behind a flow reads /proc/PID/exe (CAP_SYS_PTRACE) and lists
+    # another user's /proc/PID/fd (CAP_DAC_READ_SEARCH); nothing else was added.
     s = _settings()
-    assert s["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
-    assert s["AmbientCapabilities"] == ["CAP_NET_ADMIN"]
+    assert s["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_SYS_PTRACE CAP_DAC_READ_SEARCH"]
+    assert s["AmbientCapabilities"] == ["CAP_NET_ADMIN CAP_SYS_PTRACE CAP_DAC_READ_SEARCH"]
+    assert s["ProtectProc"] == ["ptraceable"]
     assert s["NoNewPrivileges"] == ["yes"] and s["DynamicUser"] == ["yes"]
     assert set(s["RestrictAddressFamilies"][0].split()) == {"AF_NETLINK", "AF_UNIX", "AF_INET", "AF_INET6"}
 

@@ -119,7 +119,33 @@ PROXY_CONNECT: Final = kind("proxy.http-connect", "an HTTP CONNECT request throu
 PROXY_SOCKS: Final = kind("proxy.socks", "a SOCKS 4/5 connect request")
 TUNNEL_WIREGUARD: Final = kind("tunnel.wireguard", "WireGuard handshake initiation/response")
 TUNNEL_IKE: Final = kind("tunnel.ike", "IPsec key exchange (IKEv1/IKEv2)")
-TUNNEL_OPENVPN: Final = kind("tunnel.openvpn", "OpenVPN over TCP, hard-reset handshake")
+TUNNEL_OPENVPN: Final = kind("tunnel.openvpn", "OpenVPN hard-reset handshake, over TCP or UDP")
+# Tunnels that are not SSH (docs/tunnels.md says how each is told).
+TUNNEL_WEBSOCKET: Final = kind(
+    "tunnel.websocket", "SSH, Stratum, SOCKS, TLS or a VPN handshake inside WebSocket frames; wstunnel's upgrade"
+)
+TUNNEL_REVERSE_HTTP: Final = kind(
+    "tunnel.reverse-http", "the far side sends HTTP requests down the node's connection (localtunnel, PageKite, relays)"
+)
+TUNNEL_HTTP: Final = kind(
+    "tunnel.http", "TCP carried in HTTP bodies (httptunnel), a fake WebSocket upgrade (simple-obfs)"
+)
+TUNNEL_DNS: Final = kind(
+    "tunnel.dns", "data in DNS query names (iodine, dns2tcp, dnscat2) or tunnel framing on port 53"
+)
+TUNNEL_ICMP: Final = kind("tunnel.icmp", "a protocol or changing data inside ICMP echo (ptunnel, hans, icmptunnel)")
+TUNNEL_TINC: Final = kind("tunnel.tinc", "tinc's meta-protocol ID line, or UDP with a tinc peer")
+TUNNEL_NEBULA: Final = kind("tunnel.nebula", "Nebula handshake header (stage 1)")
+TUNNEL_TOR: Final = kind("tunnel.tor", "Tor link handshake (random www name, no ALPN, VERSIONS-sized first record)")
+TUNNEL_PPTP: Final = kind("tunnel.pptp", "PPTP Start-Control-Connection-Request (RFC 2637)")
+TUNNEL_TEREDO: Final = kind("tunnel.teredo", "IPv6 in UDP with Teredo framing (RFC 4380)")
+TUNNEL_GRE: Final = kind("tunnel.gre", "GRE (IP protocol 47) with a known carried protocol")
+TUNNEL_IPSEC: Final = kind("tunnel.ipsec", "IPsec ESP or AH (IP protocols 50, 51)")
+TUNNEL_IP_IN_IP: Final = kind("tunnel.ip-in-ip", "IPv4 or IPv6 directly inside IP (protocols 4, 41)")
+TUNNEL_UNKNOWN_ENCRYPTED: Final = kind(
+    "tunnel.unknown-encrypted",
+    "no plaintext structure either way to an unnamed destination (Shadowsocks AEAD, obfs4, VMess)",
+)
 STREAM_INCONSISTENT: Final = kind(
     "evasion.inconsistent-retransmission", "a retransmission overlapping earlier bytes with different content"
 )

@@ -59,6 +59,14 @@ Match conditions (all present conditions must hold; a list of values matches any
                   ``not: [{dst: $ssh_allowed}, {dst_domain: $ssh_allowed_names}]`` reads "unless the
                   destination is an allowed address or an allowed name"
 
+Who is behind the flow (:mod:`egressd.policy.who`; judged after attribution, never for a verdict)
+  ``process``     ``{name, executable, user, uid}``: globs on the name and executable, user names,
+                  uids or ``"first-last"`` ranges
+  ``container``   ``any``, ``none`` or container ids (12+ hex digits: a prefix of the id)
+  ``pod``         Kubernetes pod UIDs;  ``cgroup``  globs on the cgroup-v2 path;  ``gpu``  true | false
+  A rule with any of these must have ``action: alert``; it may add ``severity: 1|2|3`` and
+  ``respond: freeze|kill`` (``respond`` is also allowed on drop rules).
+
 A rule without ``match`` (or with an empty one) matches every flow; rules after it could
 never match and are reported. Rules from included files come before the including file's own
 rules (depth first, in ``include`` order); a file included twice is read once. An included

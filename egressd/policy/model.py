@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 from egressd.policy.matchers import (
     CONTENT_CLASSIFIED,
@@ -43,6 +43,10 @@ __all__ = [
     "Rule",
     "Settings",
 ]
+
+if TYPE_CHECKING:
+    from egressd.events import Event
+    from egressd.policy.who import WhoMatch
 
 ACTIONS: Final = ("accept", "drop", "alert")
 MODES: Final = ("enforce", "monitor")
@@ -156,6 +160,10 @@ class Rule:
     file: str
     line: int
     decision: Decision
+    # -- issue 8: who-conditions (egressd.policy.who), containment, severity override
+    who: WhoMatch | None = None
+    respond: str = ""  # "" | "freeze" | "kill"
+    severity: int = 0  # 0: the detection's own EVE severity
 
 
 class Policy:
@@ -175,6 +183,7 @@ class Policy:
         "pool_domains",
         "rules",
         "settings",
+        "who_rules",
     )
 
     def __init__(
@@ -200,9 +209,11 @@ class Policy:
         self.on_error = on_error
         self.settings = settings if settings is not None else Settings()
         self.pool_domains = pool_domains if pool_domains is not None else DomainSet()
-        self.rules = rules
+        # Rules on who is behind a flow are judged after attribution, never for a verdict.
+        self.rules = tuple(r for r in rules if r.who is None)
+        self.who_rules = tuple(r for r in rules if r.who is not None)
         self._default_decision = Decision(default, "default", "")
-        self._needs_addr = any(r.match.uses_address for r in rules)
+        self._needs_addr = any(r.match.uses_address for r in self.rules)
         self._by_name = {r.name: r for r in rules}
 
     def judge(self, facts: FlowFacts) -> Decision:
@@ -223,6 +234,12 @@ class Policy:
     def needs_content(self) -> bool:
         """True when some rule looks at ``content``: the engine judges again when inspection ends."""
         return any(r.match.uses_content for r in self.rules)
+
+    def judge_who(self, ev: Event, who: dict[str, Any]) -> Rule | None:
+        """The first who-rule that holds for an attributed event (egressd.policy.who)."""
+        from egressd.policy.who import judge_who
+
+        return judge_who(self.who_rules, ev, who)
 
     def rule(self, name: str) -> Rule | None:
         """The rule called ``name`` (for explaining a decision), or None."""

@@ -28,9 +28,10 @@ from egressd.policy.values import (
     parse_proto,
     suggest,
 )
+from egressd.policy.who import WHO_KEYS, WhoMatch, check_who_rule, parse_severity, parse_who
 from egressd.protocols import PORT_PROTOS
 
-RULE_KEYS: Final = ("name", "description", "match", "action")
+RULE_KEYS: Final = ("name", "description", "match", "action", "respond", "severity")
 MATCH_KEYS: Final = ("proto", "src", "dst", "src_port", "dst_port", "dst_domain", "detection", "content", "not")
 SETTING_KEYS: Final = (*SETTINGS_LIMITS, "pool_domains")
 
@@ -301,9 +302,33 @@ def _rule(node: Node, st: State, names: dict[str, str]) -> tuple[str | None, Rul
     else:
         st.report.node(node, f"{label} needs an 'action:' ({', '.join(ACTIONS)})")
     match: Match | None = Match()
-    if "match" in keys and not is_null(keys["match"][1]):
-        match = _match(keys["match"][1], st, f"the match of {label}")
-    if len(st.report.items) != before or name is None or action is None or match is None:
+    # -- who-conditions (issue 8): taken out of the match block, compiled by policy.who
+    who: WhoMatch | None = None
+    who_ok = True
+    mnode = keys["match"][1] if "match" in keys else None
+    if isinstance(mnode, MappingNode):
+        who_items = {
+            str(k.value): (k, v) for k, v in mnode.value if isinstance(k, ScalarNode) and str(k.value) in WHO_KEYS
+        }
+        if who_items:
+            rest = [(k, v) for k, v in mnode.value if not (isinstance(k, ScalarNode) and str(k.value) in WHO_KEYS)]
+            mnode = MappingNode(mnode.tag, rest, mnode.start_mark, mnode.end_mark, mnode.flow_style)
+            who = parse_who(who_items, st, label)
+            who_ok = who is not None
+            check_who_rule(keys["action"][1] if "action" in keys else node, st, label, action, who_items)
+            if not rest:
+                mnode = None
+    respond = ""
+    if "respond" in keys:
+        respond = as_choice(keys["respond"][1], st, "respond", ("freeze", "kill")) or ""
+        if respond and action == "accept":
+            st.report.node(keys["respond"][1], f"{label} accepts the flow; 'respond' only goes with drop or alert")
+    severity = 0
+    if "severity" in keys:
+        severity = parse_severity(keys["severity"][1], st) or 0
+    if mnode is not None and not is_null(mnode):
+        match = _match(mnode, st, f"the match of {label}")
+    if len(st.report.items) != before or name is None or action is None or match is None or not who_ok:
         return name, None
     where = node.start_mark
     rule = Rule(
@@ -314,6 +339,9 @@ def _rule(node: Node, st: State, names: dict[str, str]) -> tuple[str | None, Rul
         file=str(where.name),
         line=where.line + 1,
         decision=Decision(action, name, description.strip()),
+        who=who,
+        respond=respond,
+        severity=severity,
     )
     return name, rule
 
@@ -333,7 +361,7 @@ def compile_rules(st: State) -> list[Rule]:
             )
         if rule is not None:
             rules.append(rule)
-            if catch_all is None and rule.match.is_catch_all:
+            if catch_all is None and rule.match.is_catch_all and rule.who is None:
                 catch_all = (rule.name, f"{rule.file}:{rule.line}")
     return rules
 

@@ -33,6 +33,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from egressd.attribution.render import who_line
 from egressd_lab import peers
 from egressd_lab.netns import SERVICES, Lab, LabError
 
@@ -223,7 +224,7 @@ def explain(e: dict[str, Any]) -> str:
         text += f", detection [bold]{escape(str(det.get('kind')))}[/bold]: {escape(ev)}"
     elif e.get("domain"):
         text += f", domain {escape(str(e['domain']))}"
-    return text + f" [dim]({escape(str(e.get('reason')))})[/dim]"
+    return text + f" [dim]({escape(str(e.get('reason')))})[/dim]" + who_line(e)
 
 
 def judge(s: Step, out: Outcome) -> str:

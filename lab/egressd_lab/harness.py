@@ -281,10 +281,15 @@ FLOOD = r"""
 import json, os, select, socket, sys, time
 host, tport, uport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 seconds, max_conns, max_dgrams = float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+stop_file = sys.argv[7] if len(sys.argv) > 7 else None  # ends the flood early when it appears
 end = time.monotonic() + seconds
 held, pending = [], {}
 out = {"syn": 0, "established": 0, "failed": 0, "dgrams": 0, "dgram_errors": 0}
+rounds = 0
 while time.monotonic() < end and (out["syn"] < max_conns or out["dgrams"] < max_dgrams):
+    rounds += 1
+    if stop_file is not None and rounds % 64 == 0 and os.path.exists(stop_file):
+        break
     if out["syn"] < max_conns and len(pending) < 128:
         s = socket.socket(); s.setblocking(False)
         try:

@@ -56,6 +56,9 @@ def test_demo_shows_every_step_as_the_default_policy_intends_and_removes_its_lab
         assert line in out, f"{line!r} missing from:\n{out}"
     assert out.count("✓ as the default policy intends") == 9
     assert "works: tls.example.net -> 203.0.113.40" in out
+    # Every event says who was behind it (issue 8): a process, or why it could not be named.
+    assert out.count("who: ") >= out.count("egressd: blocked") + out.count("egressd: allowed"), out
+    assert re.search(r"who: pid \d+ curl \(user root\)", out), out
     assert _demo_namespaces(p.stdout) == []
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import PY, Container, start_tcp_server, svc
@@ -51,8 +51,9 @@ def _flush_neighbours(lb: Lab) -> None:
         lb.run_node(["ip", fam, "neigh", "flush", "all"], check=True)
 
 
-def _transfer(run: object, host: str, port: int, up: int) -> int:
-    r = run([PY, "-c", TRANSFER, host, str(port), str(up)], timeout=30)  # type: ignore[operator]
+def _transfer(run: Callable[..., subprocess.CompletedProcess[str]], host: str, port: int, up: int) -> int:
+    """TRANSFER run by ``run`` (a namespace's runner): the bytes it received from the server."""
+    r = run([PY, "-c", TRANSFER, host, str(port), str(up)], timeout=30)
     assert r.returncode == 0, r.stderr
     return int(r.stdout.split()[0])
 
