@@ -425,14 +425,11 @@ class Engine:
                 continue  # a finding that only counts for a destination nobody named
             if self._record(flow, name, r):
                 changed = True
-<<<<<<< HEAD
-            if name == "ssh":
-                self._start_usage(flow, r)
-=======
                 inner_kind = r.info.get("inner_kind")
                 if inner_kind:  # a wrapper (WebSocket) names what it carries: judge that too
                     self._record(flow, name + ".inner", Detection(inner_kind, r.info.get("inner_evidence", "")))
->>>>>>> main
+            if name == "ssh":
+                self._start_usage(flow, r)
             if name == "proxy" and r.inner_fwd >= 0:
                 inner_f = r.inner_fwd
                 inner_r = r.inner_rev if r.inner_rev >= 0 else len(rev.data)
@@ -799,10 +796,6 @@ class Engine:
         self.events.append(ev)
 
 
-<<<<<<< HEAD
-def _watching(flow: Flow) -> bool:
-    return flow.usage is not None and flow.usage.watching
-=======
 def _packed_ip(text: str | None) -> bytes | None:
     """An address literal as the packet layer stores it, or None."""
     if not text:
@@ -811,7 +804,10 @@ def _packed_ip(text: str | None) -> bytes | None:
         return ipaddress.ip_address(text).packed
     except ValueError:
         return None
->>>>>>> main
+
+
+def _watching(flow: Flow) -> bool:
+    return flow.usage is not None and flow.usage.watching
 
 
 def _host_of(target: str | None) -> str | None:

@@ -26,11 +26,8 @@ from egressd.stream import StreamHead
 
 if TYPE_CHECKING:
     from egressd.detect.base import Detection, StreamDetector
-<<<<<<< HEAD
-    from egressd.detect.ssh_usage import UsageWatch
-=======
     from egressd.detect.icmp import EchoState
->>>>>>> main
+    from egressd.detect.ssh_usage import UsageWatch
     from egressd.policy import Decision
 
 FlowKey = tuple[int, bytes, int, bytes, int]
