@@ -11,7 +11,7 @@ APT_PACKAGES := python3 python3-venv python3-dev build-essential libnetfilter-qu
 	iptables ipset nftables conntrack iproute2 iputils-ping kmod procps \
 	openssh-server openssh-client openssl curl ncat socat microsocks dnsmasq-base dnsutils \
 	tcpdump iperf3 libndpi-bin systemd chromium \
-	mmdebstrap
+	mmdebstrap dropbear-bin rsync git sshuttle
 # mmdebstrap: the container image's root file system from Debian packages (deploy/container/build_image.py,
 # tests/e2e/test_image.py); no container runtime or registry needed.
 

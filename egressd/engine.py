@@ -38,6 +38,7 @@ from egressd.detect.kinds import family_of
 from egressd.detect.proxy import detect_proxy
 from egressd.detect.reverse_http import detect_pagekite, detect_reverse_http
 from egressd.detect.ssh import detect_ssh
+from egressd.detect.ssh_usage import UsageWatch
 from egressd.detect.stratum import detect_jsonrpc, detect_stratum
 from egressd.detect.tls import detect_tls
 from egressd.detect.tor import detect_tor
@@ -468,6 +469,14 @@ class Engine:
             verdict = self._detect(flow, ts)
             if verdict is not None:
                 return verdict
+        # -- SSH usage (detect/ssh_usage.py): encrypted packet sizes, also past the head -----
+        usage = flow.usage
+        if usage is not None and p.payload and usage.watching:
+            verdict = self._watch_usage(flow, usage, p, ts, from_orig)
+            if verdict is not None:
+                return verdict
+            flow.credit += 1  # progress: the watcher's own bound (MAX_UNITS) ends the watch
+        # -- end of SSH usage ---------------------------------------------------------------
         # Only packets that taught the detectors nothing count towards the limit: a sender
         # that cuts its handshake into 1-byte segments must not run the flow out of packets
         # before the handshake is complete. Each growing segment also buys one empty packet
@@ -509,6 +518,8 @@ class Engine:
                 inner_kind = r.info.get("inner_kind")
                 if inner_kind:  # a wrapper (WebSocket) names what it carries: judge that too
                     self._record(flow, name + ".inner", Detection(inner_kind, r.info.get("inner_evidence", "")))
+            if name == "ssh":
+                self._start_usage(flow, r)
             if name == "proxy" and r.inner_fwd >= 0:
                 inner_f = r.inner_fwd
                 inner_r = r.inner_rev if r.inner_rev >= 0 else len(rev.data)
@@ -546,9 +557,35 @@ class Engine:
             # (a harmless first lookup must not open the way for a pool's name).
             if ended or fwd.full or fwd.closed:
                 return self._pin_accept(flow, ts, "classified")
-        elif not flow.active_detectors or ended:
+        elif (not flow.active_detectors or ended) and not (_watching(flow) and not (fwd.closed and rev.closed)):
             return self._pin_accept(flow, ts, "classified")
         return None
+
+    # -- SSH usage (hook; the logic lives in detect/ssh_usage.py) ----------------------------
+    def _start_usage(self, flow: Flow, det: Detection) -> None:
+        """Keep watching an SSH flow past NEWKEYS when the node is its SSH client."""
+        if flow.usage is None and det.kind == d.SSH and det.info.get("role") != "inverted":
+            flow.usage = UsageWatch()
+
+    def _watch_usage(self, flow: Flow, usage: UsageWatch, p: Packet, ts: float, from_orig: bool) -> int | None:
+        fwd, rev = flow.fwd, flow.rev
+        assert fwd is not None and rev is not None
+        head = fwd if from_orig else rev
+        final = fwd.full or rev.full or fwd.closed or rev.closed
+        off = (p.seq - head.isn) % (1 << 32) if head.isn >= 0 else -1
+        length = p.payload_len if p.truncated else -1  # a GSO super-packet's copy stops early
+        det = usage.feed(from_orig, off, p.payload, ts, fwd.data, rev.data, final, length) if off >= 0 else None
+        if det is not None and self._record(flow, "ssh-usage", det):
+            v = self._rejudge(flow, ts)
+            if v is not None:
+                return v
+        if not usage.watching and not flow.active_detectors:
+            return self._pin_accept(flow, ts, "classified")
+        if fwd.closed and rev.closed:
+            return self._pin_accept(flow, ts, "closed")
+        return None
+
+    # -- end of SSH usage hook ----------------------------------------------------------------
 
     def _tcp_dns(self, flow: Flow, fdata: bytes, rdata: bytes, ts: float) -> bool:
         """DNS over TCP (RFC 7766): query names are the flow's domains, answers teach names."""
@@ -937,6 +974,10 @@ def _packed_ip(text: str | None) -> bytes | None:
         return ipaddress.ip_address(text).packed
     except ValueError:
         return None
+
+
+def _watching(flow: Flow) -> bool:
+    return flow.usage is not None and flow.usage.watching
 
 
 def _host_of(target: str | None) -> str | None:

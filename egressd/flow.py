@@ -27,6 +27,7 @@ from egressd.stream import StreamHead
 if TYPE_CHECKING:
     from egressd.detect.base import Detection, StreamDetector
     from egressd.detect.icmp import EchoState
+    from egressd.detect.ssh_usage import UsageWatch
     from egressd.policy import Decision
 
 FlowKey = tuple[int, bytes, int, bytes, int]
@@ -76,6 +77,7 @@ class Flow:
         "stale",
         "state",
         "syn_seq",
+        "usage",
         "version",
     )
 
@@ -119,6 +121,7 @@ class Flow:
         self.icmp: EchoState | None = None  # ICMP echo flows: requests awaiting their replies
         self.inner_rev = 0
         self.reported: tuple[str, str] | None = None  # (action, rule) last written as an event
+        self.usage: UsageWatch | None = None  # what an SSH session is used for (detect/ssh_usage.py)
 
     def release(self) -> None:
         """Drop what only classification needs, once the verdict is final."""
@@ -126,6 +129,7 @@ class Flow:
         self.rev = None
         self.icmp = None
         self.active_detectors = []
+        self.usage = None
 
 
 class FlowTable:

@@ -99,6 +99,9 @@ class Packet:
     frag_id: int
     icmp_type: int = -1
     icmp_code: int = -1
+    # TCP: bytes of the transport payload the packet really carries, captured or not (a GSO
+    # super-packet's copy stops at NFQUEUE's copy range). Sizes of encrypted SSH segments need it.
+    payload_len: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +229,7 @@ def _transport(
             return Malformed(f"TCP options run past the captured data ({thl} > {avail})", v)
         return Packet(
             v, src, dst, proto, sport, dport, flags, seq, ack, buf[off + thl : end],
-            total, truncated, 0, more, ident,
+            total, truncated, 0, more, ident, payload_len=max(0, total - off - thl),
         )  # fmt: skip
     if proto == PROTO_UDP:
         if avail < 8:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -52,9 +54,13 @@ PROXY = SERVICES["proxy"][0]
 DNS = SERVICES["dns"][0]
 BULK = SERVICES["bulk"][0]
 BULK_BYTES = 256 * 1024
+FWD_PORT = 8080  # on SSH_ALLOWED: what ssh -L / -D captures connect to through the tunnel
+PY = sys.executable
 APT_PACKAGES = (
-    "tcpdump openssh-client openssh-server openssl curl bind9-dnsutils dnsmasq-base ncat microsocks iproute2"
+    "tcpdump openssh-client openssh-server openssl curl bind9-dnsutils dnsmasq-base ncat microsocks iproute2 "
+    "git rsync dropbear-bin sshuttle"
 )
+
 
 class MakeError(RuntimeError):
     """A step of a capture failed; the message says which program and what it printed."""
@@ -82,14 +88,10 @@ class Ctx:
     def ssh_argv(self, host: str, *options: str, port: int = 22) -> list[str]:
         return peers.ssh_argv(self.keys, host, options=options, port=port)
 
-    def node(
-        self, argv: list[str], timeout: float = 20.0, ok: bool = True
-    ) -> subprocess.CompletedProcess[str]:
+    def node(self, argv: list[str], timeout: float = 20.0, ok: bool = True) -> subprocess.CompletedProcess[str]:
         p = self.lab.run_node(argv, timeout=timeout)
         if ok and p.returncode != 0:
-            raise MakeError(
-                f"{' '.join(argv)} -> exit {p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}"
-            )
+            raise MakeError(f"{' '.join(argv)} -> exit {p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}")
         return p
 
     def stratum_client(self, target: str, variant: str, *extra: str) -> dict[str, Any]:
@@ -158,6 +160,21 @@ def start_peers(lb: Lab, tmp: Path, files: contextlib.ExitStack) -> Ctx:
     for addr in (TLS, TLS_POOL):
         peers.start_tls_server(lb, tmp, cert, addr)
     peers.start_tls_server(lb, tmp, cert, BULK, www=www)
+    # What the SSH usage captures reach through their forwards, copy and clone.
+    lb.spawn(
+        "inet", ["ncat", "-lk", SSH_ALLOWED, str(FWD_PORT), "--sh-exec", "echo forwarded-ok"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    srv = tmp / "srv"
+    srv.mkdir(exist_ok=True)
+    (srv / "file.bin").write_bytes(hashlib.sha256(b"egressd-scp").digest() * 128)  # 4 KiB
+    subprocess.run(["git", "init", "-q", "--bare", str(srv / "repo.git")], check=True, timeout=30)
+    # What sshuttle routes through its session: only the far side's ncat answers here.
+    lb.spawn(
+        "inet", ["ncat", "-lk", TLS, str(FWD_PORT), "--sh-exec", "echo sshuttle-ok"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    peers.wait_listening(lb, "inet", [(SSH_ALLOWED, FWD_PORT), (TLS, FWD_PORT)])
     return Ctx(lb, tmp, files, keys, node_sshd)
 
 
@@ -209,9 +226,7 @@ def _ssh_role_inversion(c: Ctx) -> None:
         c.node(["ncat", "--sh-exec", sshd_i, SSH_ALLOWED, "443"], timeout=20)
         listener.wait(10)
         if "reverse-ok" not in out.read_text():
-            raise MakeError(
-                f"the inverted SSH session did not run: {(c.tmp / 'inverted-ssh.err').read_text()}"
-            )
+            raise MakeError(f"the inverted SSH session did not run: {(c.tmp / 'inverted-ssh.err').read_text()}")
     finally:
         c.lab.stop(listener)
 
@@ -270,6 +285,257 @@ def _stratum(variant: str, addr: str, port: int, *extra: str) -> Callable[[Ctx],
     return run
 
 
+# -- what an SSH session is used for (docs/ssh-usage.md), per client and cipher ------------------
+SSH_CIPHERS: dict[str, tuple[str, ...]] = {
+    "chacha": ("-c", "chacha20-poly1305@openssh.com"),
+    "gcm": ("-c", "aes256-gcm@openssh.com"),
+    "ctr-etm": ("-c", "aes128-ctr", "-o", "MACs=hmac-sha2-256-etm@openssh.com"),
+    "ctr": ("-c", "aes256-ctr", "-o", "MACs=hmac-sha2-512"),
+}
+
+
+def _opts(c: Ctx, cipher: str, port_flag: str = "-p") -> list[str]:
+    """ssh_argv's options without the program and the destination: for rsync's and git's
+    ssh (``-p``), or scp/sftp (``port_flag="-P"``: their -p means something else)."""
+    return [port_flag if o == "-p" else o for o in c.ssh_argv(SSH_ALLOWED, *SSH_CIPHERS[cipher])[1:-1]]
+
+
+def _bg(c: Ctx, argv: list[str], name: str) -> subprocess.Popen[bytes]:
+    return c.lab.spawn("node", argv, stdin=subprocess.DEVNULL, stdout=c.logfile(f"{name}.out"),
+                       stderr=c.logfile(f"{name}.err"))  # fmt: skip
+
+
+def _use_openssh(use: str, cipher: str) -> Callable[[Ctx], None]:
+    def run(c: Ctx) -> None:
+        cargs = SSH_CIPHERS[cipher]
+        srv = c.tmp / "srv"
+        if use in ("remote-N", "remote-used", "local", "dynamic", "tun"):
+            fwd = {
+                "remote-N": ["-R", "2222:127.0.0.1:22"],
+                "remote-used": ["-R", "2223:127.0.0.1:22"],
+                "local": ["-L", f"9001:{SSH_ALLOWED}:{FWD_PORT}"],
+                "dynamic": ["-D", "9002"],
+                "tun": ["-w", "5:5"],
+            }[use]
+            tun = _bg(c, c.ssh_argv(SSH_ALLOWED, *cargs, "-N", *fwd, "-o", "ExitOnForwardFailure=yes"), f"ssh-{use}")
+            try:
+                if use == "remote-N":
+                    _wait_listening(c, "inet", 2222, timeout=10)
+                    time.sleep(1.0)
+                elif use == "remote-used":
+                    _wait_listening(c, "inet", 2223, timeout=10)
+                    p = c.lab.run_inet([*c.ssh_argv("127.0.0.1", port=2223), "echo reverse-ok"], timeout=20)
+                    if "reverse-ok" not in p.stdout:
+                        raise MakeError(f"ssh back through the reverse tunnel failed: {p.stderr.strip()}")
+                elif use in ("local", "dynamic"):
+                    port = 9001 if use == "local" else 9002
+                    _wait_listening(c, "node", port, timeout=10)
+                    via = [] if use == "local" else ["--proxy-type", "socks5", "--proxy", "127.0.0.1:9002"]
+                    target = ["127.0.0.1", "9001"] if use == "local" else [SSH_ALLOWED, str(FWD_PORT)]
+                    p = c.node(["ncat", "--recv-only", *via, *target], timeout=10)
+                    if "forwarded-ok" not in p.stdout:
+                        raise MakeError(f"nothing came through ssh {fwd}: {p.stdout!r} {p.stderr!r}")
+                else:
+                    deadline = time.monotonic() + 10
+                    while "tun5" not in c.lab.run_node(["ip", "-o", "link"], timeout=5).stdout:
+                        if time.monotonic() > deadline:
+                            raise MakeError("ssh -w: no tun5 in the node namespace")
+                        time.sleep(0.1)
+                    time.sleep(0.5)
+                time.sleep(0.5)
+            finally:
+                c.lab.stop(tun)
+            return
+        o = _opts(c, cipher)
+        op = _opts(c, cipher, "-P")
+        if use == "cmd":
+            p = c.node([*c.ssh_argv(SSH_ALLOWED, *cargs), "echo ssh-ok"])
+            if "ssh-ok" not in p.stdout:
+                raise MakeError(f"ssh cmd: {p.stderr}")
+        elif use == "cmd-controlmaster":
+            # A multiplexing master (as Ansible and many ssh_configs use): no no-more-sessions,
+            # the session open goes out alone.
+            mux = ["-o", "ControlMaster=yes", "-o", f"ControlPath={c.tmp}/mux-{cipher}", "-o", "ControlPersist=no"]
+            p = c.node([*c.ssh_argv(SSH_ALLOWED, *cargs, *mux), "echo ssh-ok"])
+            if "ssh-ok" not in p.stdout:
+                raise MakeError(f"ssh cmd (ControlMaster): {p.stderr}")
+        elif use in ("cmd-stdin", "cmd-bash-s"):
+            # Look-alikes of sshuttle's bootstrap: a long command fed a large stdin. `cat` answers
+            # after the end of its input, `bash -s` answers while it reads.
+            pad = "#" + "x" * 120  # a command as long as sshuttle's
+            if use == "cmd-stdin":
+                data = hashlib.sha256(b"stdin").digest() * 600  # 19 KB
+                cmd, proof = f"cat > {c.tmp}/stdin.out; echo ok {pad}", "ok"
+            else:
+                data = "".join(f"echo line {i}\n" for i in range(1500)).encode()
+                cmd, proof = f"bash -s -- {pad}", "line 1499"
+            p = subprocess.run(c.lab.node_cmd([*c.ssh_argv(SSH_ALLOWED, *cargs), cmd]), input=data,
+                               capture_output=True, timeout=20)  # fmt: skip
+            if proof.encode() not in p.stdout:
+                raise MakeError(f"ssh {use}: {p.stderr[-300:]!r}")
+        elif use in ("scp-push", "rsync-push"):
+            # Uploads to a long remote path (a command as long as sshuttle's loader): the
+            # server speaks, or both sides exchange small messages, before the file data.
+            deep = srv / ("d" * 60) / ("e" * 60)
+            deep.mkdir(parents=True, exist_ok=True)
+            local = c.tmp / f"push-{cipher}.bin"
+            local.write_bytes(hashlib.sha256(b"push").digest() * 640)  # 20 KB
+            if use == "scp-push":
+                c.node(["scp", "-O", *op, str(local), f"root@{SSH_ALLOWED}:{deep}/"])
+            else:
+                c.node(["rsync", "-a", "-e", " ".join(["ssh", *o]), str(local), f"root@{SSH_ALLOWED}:{deep}/"])
+        elif use == "sshuttle":
+            # sshuttle 1.1 (Debian 12) with this ssh, routing one service address through the session.
+            ssh_cmd = " ".join(shlex.quote(x) for x in ["ssh", *c.ssh_argv(SSH_ALLOWED, *cargs)[1:-1]])
+            argv = ["sshuttle", "-r", f"root@{SSH_ALLOWED}", f"{TLS}/32", "-e", ssh_cmd]
+            vpn = _bg(c, argv, f"sshuttle-{cipher}")
+            try:
+                # sshuttle says so once its server answered and its routes are in place; a probe
+                # before that would reach the service directly, not through the session.
+                err, deadline = c.tmp / f"sshuttle-{cipher}.err", time.monotonic() + 20
+                while "Connected to server" not in err.read_text() and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                while "-A OUTPUT -j sshuttle" not in c.lab.run_node(["iptables", "-t", "nat", "-S"], timeout=5).stdout:
+                    if time.monotonic() > deadline:
+                        raise MakeError("sshuttle installed no redirect")
+                    time.sleep(0.2)
+                deadline, got = time.monotonic() + 15, ""
+                while "sshuttle-ok" not in got and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    probe = ["ncat", "--recv-only", "-w", "2", "-i", "2", TLS, str(FWD_PORT)]
+                    got = c.lab.run_node(probe, timeout=10).stdout
+                if "sshuttle-ok" not in got or "Connected to server" not in err.read_text():
+                    raise MakeError(f"nothing came through sshuttle: {err.read_text()[-500:]}")
+                time.sleep(0.5)
+            finally:
+                c.lab.stop(vpn)
+        elif use == "remote-cmd":
+            p = c.node([*c.ssh_argv(SSH_ALLOWED, *cargs, "-R", "2224:127.0.0.1:22"), "sleep 1; echo ssh-ok"])
+            if "ssh-ok" not in p.stdout:
+                raise MakeError(f"ssh -R cmd: {p.stderr}")
+        elif use == "shell":
+            p = subprocess.run(
+                c.lab.node_cmd([*c.ssh_argv(SSH_ALLOWED, *cargs, "-tt")]), input="echo shell-ok\nexit\n",
+                capture_output=True, text=True, timeout=20,
+            )  # fmt: skip
+            if "shell-ok" not in p.stdout:
+                raise MakeError(f"ssh shell: {p.stderr}")
+        elif use == "scp":
+            c.node(["scp", *op, f"root@{SSH_ALLOWED}:{srv}/file.bin", str(c.tmp / "scp.out")])
+        elif use == "scp-legacy":
+            c.node(["scp", "-O", *op, f"root@{SSH_ALLOWED}:{srv}/file.bin", str(c.tmp / "scp-O.out")])
+        elif use == "sftp":
+            batch = c.tmp / "sftp.batch"
+            batch.write_text(f"get {srv}/file.bin {c.tmp}/sftp.out\nls {srv}\n")
+            c.node(["sftp", *op, "-b", str(batch), f"root@{SSH_ALLOWED}"])
+        elif use == "rsync":
+            c.node(["rsync", "-a", "-e", " ".join(["ssh", *o]), f"root@{SSH_ALLOWED}:{srv}/file.bin",
+                    str(c.tmp / "rsync.out")])  # fmt: skip
+        elif use in ("git-clone", "git-push"):
+            work = c.tmp / f"git-{cipher}-{use}"
+            env = f"GIT_SSH_COMMAND={' '.join(['ssh', *o])}"
+            if use == "git-push":
+                c.node(["env", env, "git", "init", "-q", str(work)])
+                c.node(["git", "-C", str(work), "-c", "user.name=lab", "-c", "user.email=lab@example.org",
+                        "commit", "-q", "--allow-empty", "-m", f"push {cipher}"])  # fmt: skip
+                c.node(["env", env, "git", "-C", str(work), "push", "-q",
+                        f"root@{SSH_ALLOWED}:{srv}/repo.git", f"HEAD:refs/heads/{cipher}"])  # fmt: skip
+            else:
+                c.node(["env", env, "git", "clone", "-q", f"root@{SSH_ALLOWED}:{srv}/repo.git", str(work)])
+        else:
+            raise MakeError(f"unknown SSH use {use}")
+
+    return run
+
+
+DROPBEAR_CIPHERS: dict[str, tuple[str, ...]] = {
+    "chacha": ("-c", "chacha20-poly1305@openssh.com"),
+    "ctr": ("-c", "aes256-ctr", "-m", "hmac-sha2-256"),
+}
+
+
+def _dbclient(c: Ctx, cipher: str, *extra: str) -> list[str]:
+    """dropbear's client: -y -y accepts the throw-away host key, the key converted to its format."""
+    key = c.tmp / "client_key.dropbear"
+    if not key.exists():
+        p = subprocess.run(["dropbearconvert", "openssh", "dropbear", str(c.keys.client_key), str(key)],
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+        if p.returncode != 0:
+            raise MakeError(f"dropbearconvert: {p.stderr.strip()}")
+    return ["dbclient", "-y", "-y", "-i", str(key), *DROPBEAR_CIPHERS[cipher], *extra]
+
+
+def _use_dropbear(use: str, cipher: str) -> Callable[[Ctx], None]:
+    def run(c: Ctx) -> None:
+        srv = c.tmp / "srv"
+        dest = f"root@{SSH_ALLOWED}"
+        if use in ("remote-N", "local"):
+            fwd = ["-R", "2225:127.0.0.1:22"] if use == "remote-N" else ["-L", f"9003:{SSH_ALLOWED}:{FWD_PORT}"]
+            tun = _bg(c, _dbclient(c, cipher, "-N", *fwd, dest), f"dbclient-{use}")
+            try:
+                if use == "remote-N":
+                    _wait_listening(c, "inet", 2225, timeout=10)
+                    time.sleep(1.0)
+                else:
+                    _wait_listening(c, "node", 9003, timeout=10)
+                    p = c.node(["ncat", "--recv-only", "127.0.0.1", "9003"], timeout=10)
+                    if "forwarded-ok" not in p.stdout:
+                        raise MakeError(f"nothing came through dbclient -L: {p.stdout!r} {p.stderr!r}")
+                    time.sleep(0.5)
+            finally:
+                c.lab.stop(tun)
+        elif use == "cmd":
+            p = c.node([*_dbclient(c, cipher, dest), "echo ssh-ok"])
+            if "ssh-ok" not in p.stdout:
+                raise MakeError(f"dbclient cmd: {p.stderr}")
+        elif use == "remote-cmd":
+            p = c.node([*_dbclient(c, cipher, "-R", "2226:127.0.0.1:22", dest), "sleep 1; echo ssh-ok"])
+            if "ssh-ok" not in p.stdout:
+                raise MakeError(f"dbclient -R cmd: {p.stderr}")
+        elif use == "rsync":
+            c.node(["rsync", "-a", "-e", " ".join(_dbclient(c, cipher)), f"{dest}:{srv}/file.bin",
+                    str(c.tmp / f"db-rsync-{cipher}.out")])  # fmt: skip
+        elif use == "git-clone":
+            wrapper = c.tmp / f"git-dbclient-{cipher}.sh"
+            wrapper.write_text("#!/bin/sh\nexec " + " ".join(_dbclient(c, cipher)) + ' "$@"\n')
+            wrapper.chmod(0o755)
+            c.node(["env", f"GIT_SSH={wrapper}", "GIT_SSH_VARIANT=simple", "git", "clone", "-q",
+                    f"{dest}:{srv}/repo.git", str(c.tmp / f"git-db-{cipher}")])  # fmt: skip
+        else:
+            raise MakeError(f"unknown dropbear use {use}")
+
+    return run
+
+
+DROPBEAR_USES = ("remote-N", "remote-cmd", "local", "cmd", "rsync", "git-clone")
+
+PY_CLIENTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # client: (uses, ciphers) - pcaps/sshclients.py says what each does
+    "paramiko": (("cmd", "remote-N", "local", "sftp"), ("ctr", "ctr-etm", "gcm")),
+    "asyncssh": (("cmd", "remote-N", "local", "sftp"), ("chacha", "gcm", "ctr-etm", "ctr")),
+    "sshtunnel": (("local",), ("ctr",)),
+}
+_PY_PROOF = {"cmd": "ssh-ok", "remote-N": "remote forward on", "local": "forwarded-ok", "sftp": "sftp 4096 bytes"}
+
+
+def _use_python(client: str, use: str, cipher: str) -> Callable[[Ctx], None]:
+    def run(c: Ctx) -> None:
+        argv = [PY, str(HERE / "sshclients.py"), client, use, cipher, "--host", SSH_ALLOWED,
+                "--key", str(c.keys.client_key), "--srv", str(c.tmp / "srv")]  # fmt: skip
+        p = c.node(argv, timeout=30)
+        if _PY_PROOF[use] not in p.stdout:
+            raise MakeError(f"{client} {use} {cipher}: {p.stdout!r} {p.stderr[-500:]!r}")
+
+    return run
+
+
+SSH_USES = (
+    "remote-N", "remote-cmd", "remote-used", "local", "dynamic", "tun",
+    "cmd", "cmd-controlmaster", "cmd-stdin", "cmd-bash-s", "shell", "scp", "scp-legacy", "scp-push", "sftp", "rsync",
+    "rsync-push", "git-clone", "git-push", "sshuttle",
+)  # fmt: skip
+
+
 def _host(*addrs: str) -> str:
     return " or ".join(f"host {a}" for a in addrs)
 
@@ -301,9 +567,27 @@ RECIPES: list[Recipe] = [
         _host(PROXY),
         _stratum("v1", POOL, 3333, "--via-connect", f"{PROXY}:3128"),
     ),
-    Recipe(
-        "stratum-via-socks5", _host(PROXY), _stratum("xmr", POOL, 3333, "--via-socks5", f"{PROXY}:1080")
-    ),
+    Recipe("stratum-via-socks5", _host(PROXY), _stratum("xmr", POOL, 3333, "--via-socks5", f"{PROXY}:1080")),
+]
+
+
+# git-push needs something to clone: run after git-clone's own empty repository is fine (a
+# clone of an empty repository is still a full SSH exchange), so the order below does not matter.
+RECIPES += [
+    Recipe(f"ssh-use-openssh-{use}-{cipher}", _host(SSH_ALLOWED), _use_openssh(use, cipher))
+    for use in SSH_USES
+    for cipher in SSH_CIPHERS
+]
+RECIPES += [
+    Recipe(f"ssh-use-{client}-{use}-{cipher}", _host(SSH_ALLOWED), _use_python(client, use, cipher))
+    for client, (uses, ciphers) in PY_CLIENTS.items()
+    for use in uses
+    for cipher in ciphers
+]
+RECIPES += [
+    Recipe(f"ssh-use-dropbear-{use}-{cipher}", _host(SSH_ALLOWED), _use_dropbear(use, cipher))
+    for use in DROPBEAR_USES
+    for cipher in DROPBEAR_CIPHERS
 ]
 
 
@@ -391,9 +675,7 @@ def check_expectations(name: str, path: Path) -> None:
             and ("dst_port" not in m or m["dst_port"] == k[4])
         ]  # fmt: skip
         if not hits or ("count" in f and len(hits) != f["count"]):
-            raise MakeError(
-                f"{name}: expectation {m} matches {len(hits)} flows in the capture: {sorted(flows)}"
-            )
+            raise MakeError(f"{name}: expectation {m} matches {len(hits)} flows in the capture: {sorted(flows)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,3 +53,12 @@ def test_every_scored_flow_was_seen(score: Score) -> None:
 def test_no_clean_flow_is_flagged_as_a_vpn_tunnel(score: Score) -> None:
     fps = score.tunnel_false_positives()
     assert not fps, "\n".join(f"{o.capture}: {o.flow} [{o.label}] got {o.got}" for o in fps)
+
+
+def test_no_corpus_ssh_session_is_named_a_forward(score: Score) -> None:
+    """None of the corpus's SSH sessions (various clients, servers and ciphers, some with
+    compression) is a port forward or a tun device; none may be named one."""
+    ssh = [o for o in score.outcomes if o.want == "ssh"]
+    assert len(ssh) >= 50, f"only {len(ssh)} SSH flows scored"
+    named = [o for o in score.outcomes if any(k.startswith("ssh.forward") for k in o.got)]
+    assert not named, "\n".join(f"{o.capture}: {o.flow} [{o.label}] got {o.got}" for o in named)

@@ -29,7 +29,7 @@ def git(repo: Path, *args: str) -> None:
 def repo(tmp_path: Path) -> Path:
     r = tmp_path / "policies-repo"
     shutil.copytree(EXAMPLE, r)
-    for name in ("tls-sni", "ssh-reverse-tunnel"):
+    for name in ("tls-sni", "ssh-on-443"):
         shutil.copy(ROOT / "pcaps" / f"{name}.pcap", r / "captures")
     git(r, "init", "-q", "-b", "main")
     git(r, "add", "-A")
@@ -80,8 +80,8 @@ def test_a_change_that_opens_a_recorded_flow_breaks_its_expectation(repo: Path) 
 
 def test_an_accepted_change_passes_unless_strict(repo: Path) -> None:
     edit_policy(repo, "      - 198.51.100.22/32", "      - 198.51.100.22/32\n      - 203.0.113.20/32")
-    exp = repo / "captures" / "ssh-reverse-tunnel.expect.yaml"
-    exp.write_text("flows:\n  - match: {proto: tcp, dst: 203.0.113.20, dst_port: 22}\n    verdict: accept\n")
+    exp = repo / "captures" / "ssh-on-443.expect.yaml"
+    exp.write_text("flows:\n  - match: {proto: tcp, dst: 203.0.113.20, dst_port: 443}\n    verdict: accept\n")
     p = ci(repo)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "recorded flows change" in p.stdout

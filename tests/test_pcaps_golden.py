@@ -15,12 +15,48 @@ from egressd.cli import main
 
 PCAPS = sorted((Path(__file__).resolve().parents[1] / "pcaps").glob("*.pcap"))
 
+# Captures whose expectation states what the traffic is and egressd does not always get right
+# (docs/ssh-usage.md, "Limits"), with whether the miss is certain (strict: the day it passes,
+# this list must shrink) or depends on the recording's timing (the server's answer is read only
+# when it travels in a segment of its own).
+_NON_ETM = "aes-ctr with a non-ETM MAC: lengths encrypted and coarse, the first request is ambiguous"
+KNOWN_MISSES: dict[str, tuple[str, bool]] = {
+    "ssh-use-asyncssh-remote-N-ctr": (_NON_ETM + "; named only when REQUEST_SUCCESS travels alone", False),
+}
+
+
+def _cases() -> list[object]:
+    return [
+        pytest.param(
+            p, id=p.stem, marks=pytest.mark.xfail(reason=KNOWN_MISSES[p.stem][0], strict=KNOWN_MISSES[p.stem][1])
+        )
+        if p.stem in KNOWN_MISSES
+        else pytest.param(p, id=p.stem)
+        for p in PCAPS
+    ]
+
 
 def test_there_are_shipped_captures() -> None:
     assert len(PCAPS) >= 10
+    assert set(KNOWN_MISSES) <= {p.stem for p in PCAPS}
 
 
-@pytest.mark.parametrize("pcap", PCAPS, ids=[p.stem for p in PCAPS])
+def test_every_ssh_use_is_captured_for_every_client() -> None:
+    """The usage captures cover each client's uses (pcaps/make.py makes them): a remote
+    forward for every client, and ordinary uses next to it."""
+    stems = {p.stem for p in PCAPS}
+    for client in ("openssh", "dropbear", "paramiko", "asyncssh"):
+        assert any(s.startswith(f"ssh-use-{client}-remote-") for s in stems), client
+        assert any(s.startswith(f"ssh-use-{client}-local-") for s in stems), client
+        assert any(s.startswith(f"ssh-use-{client}-cmd-") for s in stems), client
+    for use in ("remote-N", "remote-cmd", "remote-used", "local", "dynamic", "tun", "cmd", "shell", "scp",
+                "scp-legacy", "sftp", "rsync", "git-clone", "git-push", "cmd-controlmaster", "cmd-stdin",
+                "cmd-bash-s", "sshuttle", "scp-push", "rsync-push"):  # fmt: skip
+        for cipher in ("chacha", "gcm", "ctr-etm", "ctr"):
+            assert f"ssh-use-openssh-{use}-{cipher}" in stems
+
+
+@pytest.mark.parametrize("pcap", _cases())
 def test_capture_replays_as_expected(pcap: Path, capsys: pytest.CaptureFixture[str]) -> None:
     expect = pcap.with_suffix(".expect.yaml")
     assert expect.is_file(), f"{pcap.name} has no expectation file"

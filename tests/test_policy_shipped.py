@@ -91,6 +91,22 @@ def test_default_drops_reverse_ssh_even_to_allowed_host(default: Policy) -> None
     assert (decision.action, decision.rule) == ("drop", "drop-reverse-ssh")
 
 
+@pytest.mark.parametrize("dst", ["203.0.113.10", "2001:db8:10::5", "198.51.100.30"])
+def test_default_drops_a_remote_forward_to_every_destination_allowed_bastions_included(
+    default: Policy, dst: str
+) -> None:
+    decision = default.judge(flow(dst, 22, detections=("ssh", "ssh.forward.remote")))
+    assert (decision.action, decision.rule) == ("drop", "drop-ssh-remote-forward")
+
+
+@pytest.mark.parametrize("kind", ["ssh.forward.local", "ssh.forward.dynamic", "ssh.forward.tun"])
+def test_default_alerts_on_other_forwards_to_an_allowed_bastion(default: Policy, kind: str) -> None:
+    decision = default.judge(flow("203.0.113.10", 22, detections=("ssh", kind)))
+    assert (decision.action, decision.rule) == ("alert", "alert-ssh-forwards")
+    # ...and to an unlisted host the session is dropped as SSH anyway.
+    assert default.judge(flow("198.51.100.30", 22, detections=("ssh", kind))).action == "drop"
+
+
 @pytest.mark.parametrize("kind", ["mining.stratum", "mining.xmr", "mining.eth-stratum", "mining.getwork"])
 def test_default_drops_mining_detected_on_port_443(default: Policy, kind: str) -> None:
     decision = default.judge(flow("198.51.100.40", 443, detections=(kind,)))

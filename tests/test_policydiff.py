@@ -36,24 +36,35 @@ def test_extra_ssh_allowed_address_lists_exactly_the_ssh_flows_to_it(
     with_evil_allowed: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     default = default_policy()
-    # What must change, found independently: flows dropped by the SSH allowlist rule, to that address.
-    pol = load_policy(default)
-    expected = {
+    # What must change, found independently: flows dropped by the SSH allowlist rule, to that
+    # address; they open unless what the session is used for drops them anyway (ssh -R).
+    pol, new = load_policy(default), load_policy(with_evil_allowed)
+    before = {
         (cap, f.src_port, f.dest_port)
         for cap in PCAPS
         for f in from_capture(cap, pol)
         if f.dest_ip == EVIL and "ssh" in f.detections and f.rule == "drop-ssh-unlisted"
     }
-    assert len(expected) >= 2  # ssh-on-443 and the reverse tunnel at least
+    after = {(cap, f.src_port, f.dest_port): f for cap in PCAPS for f in from_capture(cap, new)}
+    expected = {k for k in before if after[k].rule == "default"}
+    remote = {k for k in before if after[k].rule == "drop-ssh-remote-forward"}
+    assert len(expected) >= 1 and len(remote) >= 1  # ssh-on-443; the reverse tunnel
     rc, doc = run_json(capsys, str(default), str(with_evil_allowed), *PCAPS)
     assert rc == 1
     changed = doc["changed"]
     assert isinstance(changed, list)
-    assert {(c["capture"], c["src_port"], c["dest_port"]) for c in changed} == expected
-    for c in changed:
-        assert c["dest_ip"] == EVIL and "ssh" in c["detections"] and c["evidence"].startswith(">SSH-")
+    opened = [c for c in changed if c["change"] == "opens"]
+    assert {(c["capture"], c["src_port"], c["dest_port"]) for c in opened} == expected
+    for c in opened:
+        assert c["dest_ip"] == EVIL and c["detections"] == ["ssh"] and c["evidence"].startswith(">SSH-")
         assert c["before"] == {"verdict": "drop", "action": "blocked", "rule": "drop-ssh-unlisted"}
-        assert c["after"]["verdict"] == "accept" and c["change"] == "opens"
+        assert c["after"]["verdict"] == "accept"
+    # The reverse tunnel to EVIL stays dropped, now by drop-ssh-remote-forward (allowed or
+    # not, a remote forward is dropped): only its rule changes.
+    for c in changed:
+        if (c["capture"], c["src_port"], c["dest_port"]) in remote:
+            assert c["after"] == {"verdict": "drop", "action": "blocked", "rule": "drop-ssh-remote-forward"}
+    assert len(changed) == len(expected) + len(remote)
     # The role-inversion capture also goes to EVIL but stays dropped by drop-reverse-ssh: not listed.
     assert not any("role-inversion" in c["capture"] for c in changed)
 

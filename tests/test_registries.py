@@ -41,7 +41,8 @@ def test_registering_a_kind_twice_or_outside_every_family_is_refused() -> None:
 
 def test_longest_family_prefix_wins() -> None:
     assert kinds.family_of("ssh.reverse").prefix == "ssh.reverse"
-    assert kinds.family_of("ssh.forward.local").prefix == "ssh"
+    assert kinds.family_of("ssh.forward.local").prefix == "ssh.forward"
+    assert kinds.family_of("ssh.other").prefix == "ssh"
     assert kinds.family_of("sshx") is kinds.UNKNOWN_FAMILY
 
 

@@ -11,8 +11,8 @@ properties and a *kind* only its name and what it means.
 * A new family: one ``Family(...)`` line in ``FAMILIES`` (its place in the tuple is its
   rank), then its kinds.
 
-A kind belongs to the family with the longest matching prefix (``ssh.reverse`` has its own
-family; ``ssh.forward.x`` falls under ``ssh``). Lookups are cached per kind string, so the
+A kind belongs to the family with the longest matching prefix (``ssh.reverse`` and
+``ssh.forward`` have their own families; ``ssh.x`` falls under ``ssh``). Lookups are cached per kind string, so the
 engine and the event writer pay a dict hit, not a scan.
 """
 
@@ -45,6 +45,7 @@ FAMILIES: Final[tuple[Family, ...]] = tuple(
         (
             Family("mining", 1, _MINING, alert=True),
             Family("ssh.reverse", 1, _PRIVACY, alert=True),
+            Family("ssh.forward", 1, _PRIVACY, alert=True),  # what the session is used for: a tunnel
             Family("evasion", 1, _EVASION, alert=True),
             Family("ssh", 2, _PRIVACY, alert=True),
             Family("tunnel", 2, _PRIVACY, alert=True),
@@ -100,6 +101,11 @@ def family_of(name: str) -> Family:
 # -- the kinds --------------------------------------------------------------------------------
 SSH: Final = kind("ssh", "an SSH session (identification line that stands, RFC 4253 §4.2)")
 SSH_REVERSE: Final = kind("ssh.reverse", "SSH with the roles inverted: the originator is the SSH server")
+# What an SSH session is used for, from its encrypted packet sizes (detect/ssh_usage.py).
+SSH_FORWARD_REMOTE: Final = kind("ssh.forward.remote", "ssh -R: a tcpip-forward request, server-opened channels")
+SSH_FORWARD_LOCAL: Final = kind("ssh.forward.local", "ssh -L / -D / -W: direct-tcpip channels the client opens")
+SSH_FORWARD_DYNAMIC: Final = kind("ssh.forward.dynamic", "ssh -D (on the wire as -L: named ssh.forward.local)")
+SSH_FORWARD_TUN: Final = kind("ssh.forward.tun", "ssh -w (tun@openssh.com) or a VPN bootstrapped over SSH (sshuttle)")
 MINING_STRATUM: Final = kind("mining.stratum", "Stratum v1 client (mining.subscribe/authorize/...)")
 MINING_ETH: Final = kind("mining.eth-stratum", "EthereumStratum / eth_submitLogin / eth_getWork")
 MINING_XMR: Final = kind("mining.xmr", "CryptoNote / XMRig login JSON-RPC")

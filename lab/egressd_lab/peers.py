@@ -206,6 +206,8 @@ def write_sshd_config(
         "StrictModes no",
         "UseDNS no",
         "AllowTcpForwarding yes",
+        "Subsystem sftp internal-sftp",  # scp's default mode since OpenSSH 9.0, and sftp
+        "PermitTunnel yes",  # ssh -w (the SSH usage captures)
         f"GatewayPorts {'yes' if gateway_ports else 'no'}",
         "PrintMotd no",
         "PrintLastLog no",
