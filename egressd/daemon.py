@@ -818,7 +818,7 @@ def run(opts: Options) -> int:
     except OSError as e:
         print(f"egressd run: {e}", file=sys.stderr)
         return 2
-    if os.geteuid() != 0 and not _has_net_admin():
+    if os.geteuid() != 0 and not netfilter.has_net_admin():
         print(
             "egressd run: needs CAP_NET_ADMIN (run as root or with AmbientCapabilities=CAP_NET_ADMIN)",
             file=sys.stderr,
@@ -850,16 +850,6 @@ def run(opts: Options) -> int:
     except (netfilter.NetfilterError, nfq.NfqError) as e:
         print(f"egressd run: {e}", file=sys.stderr)
         return 1
-
-
-def _has_net_admin() -> bool:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) & (1 << 12))
-    except OSError:
-        return False
-    return False
 
 
 def read_status(path: str, timeout: float = 2.0) -> dict[str, Any]:

@@ -854,20 +854,7 @@ def sets_usable(status: str | None = None) -> bool:
     iptables' set match (libxt_set) opens a raw socket to look the set up: CAP_NET_RAW, which
     the unprivileged service does not hold (measured: "Can't open socket to ipset"). Without
     it the compiled policy is rendered as plain ``-d``/``-s`` rules and names stay in Python."""
-    if not ipset_available():
-        return False
-    if status is None:
-        try:
-            status = Path("/proc/self/status").read_text()
-        except OSError:
-            return os.geteuid() == 0
-    for line in status.splitlines():
-        if line.startswith("CapEff:"):
-            try:
-                return bool(int(line.split()[1], 16) >> CAP_NET_RAW & 1)
-            except (IndexError, ValueError):
-                return False
-    return os.geteuid() == 0
+    return ipset_available() and has_capability(CAP_NET_RAW, status)
 
 
 def _ipset(args: Sequence[str], netns: str | None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -1053,6 +1040,15 @@ def has_net_admin(status: str | None = None) -> bool:
 
     The systemd unit runs egressd as an unprivileged user with the capability ambient.
     """
+    return has_capability(CAP_NET_ADMIN, status)
+
+
+def has_capability(bit: int, status: str | None = None) -> bool:
+    """Is capability ``bit`` in the effective set (``CapEff`` of /proc/self/status, or ``status``)?
+
+    What a process may do is its capabilities, not its uid; only when the set cannot be read
+    at all does uid 0 stand in for it.
+    """
     if status is None:
         try:
             status = Path("/proc/self/status").read_text()
@@ -1061,7 +1057,7 @@ def has_net_admin(status: str | None = None) -> bool:
     for line in status.splitlines():
         if line.startswith("CapEff:"):
             try:
-                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+                return bool(int(line.split()[1], 16) >> bit & 1)
             except (IndexError, ValueError):
                 return False
     return os.geteuid() == 0
