@@ -23,8 +23,9 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from collections.abc import Iterator
 from typing import Final
+
+from egressd import netlinkmsg as nl
 
 NETLINK_NETFILTER: Final = 12
 NFNLGRP_CONNTRACK_NEW: Final = 1
@@ -41,27 +42,14 @@ CTA_TUPLE_IP: Final = 1
 CTA_TUPLE_PROTO: Final = 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
-NLA_TYPE_MASK: Final = 0x3FFF
 SOL_NETLINK: Final = 270
 NETLINK_ADD_MEMBERSHIP: Final = 1
 SO_RCVBUFFORCE: Final = 33
 RCVBUF: Final = 8 << 20  # ~40k destroy events of headroom: a burst of closes is not an overflow
 
-_NLMSGHDR: Final = struct.Struct("=IHHII")
-_NLA: Final = struct.Struct("=HH")
 _PORT: Final = struct.Struct(">H")
 
 Tuple5 = tuple[int, bytes, int, bytes, int]  # proto, src, sport, dst, dport of the original direction
-
-
-def _attrs(data: bytes, off: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, value offset, value end) of each netlink attribute in data[off:end]."""
-    while off + _NLA.size <= end:
-        length, atype = _NLA.unpack_from(data, off)
-        if length < _NLA.size or off + length > end:
-            return
-        yield atype & NLA_TYPE_MASK, off + _NLA.size, off + length
-        off += (length + 3) & ~3
 
 
 def parse(data: bytes) -> list[tuple[int, Tuple5, int]]:
@@ -69,42 +57,36 @@ def parse(data: bytes) -> list[tuple[int, Tuple5, int]]:
     message in a datagram (``MSG_NEW`` or ``MSG_DELETE``; the mark is 0 when the kernel sent
     none). Anything else, or a truncated message, is skipped."""
     out: list[tuple[int, Tuple5, int]] = []
-    off = 0
-    while off + _NLMSGHDR.size <= len(data):
-        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size:
-            break
-        end = min(off + length, len(data))
+    for mtype, _seq, body, end in nl.messages(data):
         if mtype in (MSG_NEW, MSG_DELETE):
-            t = _tuple(data, off + _NLMSGHDR.size + 4, end)  # after nfgenmsg
+            t = _tuple(data, body + 4, end)  # after nfgenmsg
             if t is not None:
-                out.append((mtype, t, _mark(data, off + _NLMSGHDR.size + 4, end)))
-        off += (length + 3) & ~3
+                out.append((mtype, t, _mark(data, body + 4, end)))
     return out
 
 
 def _mark(data: bytes, off: int, end: int) -> int:
-    for atype, a, b in _attrs(data, off, end):
+    for atype, a, b in nl.attrs(data, off, end):
         if atype == CTA_MARK and b - a >= 4:
             return int.from_bytes(data[a : a + 4], "big")
     return 0
 
 
 def _tuple(data: bytes, off: int, end: int) -> Tuple5 | None:
-    for atype, a, b in _attrs(data, off, end):
+    for atype, a, b in nl.attrs(data, off, end):
         if atype != CTA_TUPLE_ORIG:
             continue
         src = dst = b""
         proto = sport = dport = -1
-        for t2, a2, b2 in _attrs(data, a, b):
+        for t2, a2, b2 in nl.attrs(data, a, b):
             if t2 == CTA_TUPLE_IP:
-                for t3, a3, b3 in _attrs(data, a2, b2):
+                for t3, a3, b3 in nl.attrs(data, a2, b2):
                     if t3 in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
                         src = data[a3:b3]
                     elif t3 in (CTA_IP_V4_DST, CTA_IP_V6_DST):
                         dst = data[a3:b3]
             elif t2 == CTA_TUPLE_PROTO:
-                for t3, a3, b3 in _attrs(data, a2, b2):
+                for t3, a3, b3 in nl.attrs(data, a2, b2):
                     if t3 == CTA_PROTO_NUM and b3 > a3:
                         proto = data[a3]
                     elif t3 == CTA_PROTO_SRC_PORT and b3 - a3 >= 2:

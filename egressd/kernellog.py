@@ -18,8 +18,9 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from collections.abc import Iterator
 from typing import Final
+
+from egressd import netlinkmsg as nl
 
 NETLINK_NETFILTER: Final = 12
 NFNL_SUBSYS_ULOG: Final = 4
@@ -37,34 +38,20 @@ NLM_F_REQUEST: Final = 1
 PREFIX: Final = "egd "
 COPY_RANGE: Final = 80  # IPv6 header (40) + the TCP/UDP ports: all an event needs
 
-_NLMSGHDR: Final = struct.Struct("=IHHII")
 _NFGEN: Final = struct.Struct("=BBH")
-_NLA: Final = struct.Struct("=HH")
 _MSG_PACKET: Final = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
 
 Logged = tuple[int, int, bytes, int, bytes, int]  # rule index, proto, src, sport, dst, dport
 
 
-def _attr(atype: int, value: bytes) -> bytes:
-    length = _NLA.size + len(value)
-    return _NLA.pack(length, atype) + value + b"\0" * ((4 - length % 4) % 4)
-
-
 def config_message(group: int, attrs: bytes, seq: int = 1) -> bytes:
     body = _NFGEN.pack(socket.AF_UNSPEC, 0, socket.htons(group)) + attrs
     return (
-        _NLMSGHDR.pack(_NLMSGHDR.size + len(body), (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, NLM_F_REQUEST, seq, 0)
+        nl.NLMSGHDR.pack(
+            nl.NLMSGHDR.size + len(body), (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, NLM_F_REQUEST, seq, 0
+        )
         + body
     )
-
-
-def _attrs(data: bytes, off: int, end: int) -> Iterator[tuple[int, int, int]]:
-    while off + _NLA.size <= end:
-        length, atype = _NLA.unpack_from(data, off)
-        if length < _NLA.size or off + length > end:
-            return
-        yield atype & 0x3FFF, off + _NLA.size, off + length
-        off += (length + 3) & ~3
 
 
 def _five_tuple(pkt: bytes) -> tuple[int, bytes, int, bytes, int] | None:
@@ -87,16 +74,11 @@ def _five_tuple(pkt: bytes) -> tuple[int, bytes, int, bytes, int] | None:
 def parse(data: bytes) -> list[Logged]:
     """The packets of one datagram logged with an ``egd <index>`` prefix."""
     out: list[Logged] = []
-    off = 0
-    while off + _NLMSGHDR.size <= len(data):
-        length, mtype, _f, _s, _p = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size:
-            break
-        end = min(off + length, len(data))
+    for mtype, _seq, body, end in nl.messages(data):
         if mtype == _MSG_PACKET:
             prefix = b""
             payload = b""
-            for atype, a, b in _attrs(data, off + _NLMSGHDR.size + _NFGEN.size, end):
+            for atype, a, b in nl.attrs(data, body + _NFGEN.size, end):
                 if atype == NFULA_PREFIX:
                     prefix = data[a:b].rstrip(b"\0")
                 elif atype == NFULA_PAYLOAD:
@@ -105,7 +87,6 @@ def parse(data: bytes) -> list[Logged]:
             t = _five_tuple(payload)
             if text.startswith(PREFIX) and text[len(PREFIX) :].isdigit() and t is not None:
                 out.append((int(text[len(PREFIX) :]), *t))
-        off += (length + 3) & ~3
     return out
 
 
@@ -117,12 +98,12 @@ class KernelLog:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
         try:
             self.sock.bind((0, 0))
-            self.sock.sendall(config_message(group, _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))))
+            self.sock.sendall(config_message(group, nl.attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))))
             mode = struct.pack(">IBB", COPY_RANGE, NFULNL_COPY_PACKET, 0)
-            self.sock.sendall(config_message(group, _attr(NFULA_CFG_MODE, mode), seq=2))
+            self.sock.sendall(config_message(group, nl.attr(NFULA_CFG_MODE, mode), seq=2))
             # One message per logged packet, sent at once (no batching: an event is due now).
-            self.sock.sendall(config_message(group, _attr(NFULA_CFG_QTHRESH, struct.pack(">I", 1)), seq=3))
-            self.sock.sendall(config_message(group, _attr(NFULA_CFG_TIMEOUT, struct.pack(">I", 0)), seq=4))
+            self.sock.sendall(config_message(group, nl.attr(NFULA_CFG_QTHRESH, struct.pack(">I", 1)), seq=3))
+            self.sock.sendall(config_message(group, nl.attr(NFULA_CFG_TIMEOUT, struct.pack(">I", 0)), seq=4))
             self.sock.setblocking(False)
         except OSError:
             self.sock.close()

@@ -25,6 +25,8 @@ import threading
 from dataclasses import dataclass
 from typing import Final
 
+from egressd import netlinkmsg as nl
+
 NETLINK_SOCK_DIAG: Final = 4
 SOCK_DIAG_BY_FAMILY: Final = 20
 SOCK_DESTROY: Final = 21
@@ -35,13 +37,11 @@ NLM_F_ACK: Final = 0x4
 INET_DIAG_CGROUP_ID: Final = 21
 INET_DIAG_NOCOOKIE: Final = 0xFFFFFFFF
 
-_NLMSGHDR: Final = struct.Struct("=IHHII")
 # inet_diag_req_v2 is family, protocol, ext, pad, states, then inet_diag_sockid: sport and
 # dport (network order), src[16], dst[16], interface, cookie[2].
 _SOCKID_PORTS: Final = struct.Struct(">HH")
 # inet_diag_msg: family, state, timer, retrans, sockid (48 bytes), expires, rqueue, wqueue, uid, inode.
 _MSG: Final = struct.Struct("=BBBB48sIIIII")
-_RTA: Final = struct.Struct("=HH")
 _ERR: Final = struct.Struct("=i")
 
 TCP_STATES: Final = {
@@ -85,37 +85,26 @@ def _sockid(family: int, src: bytes, sport: int, dst: bytes, dport: int) -> byte
 
 def _request(msg_type: int, flags: int, seq: int, family: int, proto: int, sockid: bytes) -> bytes:
     body = struct.pack("=BBBxI", family, proto, 0, _ALL_STATES) + sockid + struct.pack("=III", 0, *_NOCOOKIE)
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body
+    return nl.NLMSGHDR.pack(nl.NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body
 
 
 def parse_reply(data: bytes, seq: int) -> SocketInfo:
     """One reply to an exact lookup -> SocketInfo; raises NotFound or OSError from NLMSG_ERROR."""
-    off = 0
-    while off + _NLMSGHDR.size <= len(data):
-        length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size:
-            break
-        body = off + _NLMSGHDR.size
-        if mseq == seq:
-            if mtype == NLMSG_ERROR:
-                (err,) = _ERR.unpack_from(data, body)
-                if err in (-errno.ENOENT, -errno.ESRCH):
-                    raise NotFound()
-                raise OSError(-err, os.strerror(-err))
-            if mtype == SOCK_DIAG_BY_FAMILY and length >= _NLMSGHDR.size + _MSG.size:
-                _fam, state, _t, _r, _id, _exp, _rq, _wq, uid, inode = _MSG.unpack_from(data, body)
-                cgroup_id = 0
-                a = body + _MSG.size
-                end = off + length
-                while a + _RTA.size <= end:
-                    rlen, rtype = _RTA.unpack_from(data, a)
-                    if rlen < _RTA.size:
-                        break
-                    if rtype == INET_DIAG_CGROUP_ID and rlen >= _RTA.size + 8:
-                        (cgroup_id,) = struct.unpack_from("=Q", data, a + _RTA.size)
-                    a += (rlen + 3) & ~3
-                return SocketInfo(uid, inode, cgroup_id, TCP_STATES.get(state, str(state)))
-        off += (length + 3) & ~3
+    for mtype, mseq, body, end in nl.messages(data):
+        if mseq != seq:
+            continue
+        if mtype == NLMSG_ERROR and body + _ERR.size <= end:
+            (err,) = _ERR.unpack_from(data, body)
+            if err in (-errno.ENOENT, -errno.ESRCH):
+                raise NotFound()
+            raise OSError(-err, os.strerror(-err))
+        if mtype == SOCK_DIAG_BY_FAMILY and body + _MSG.size <= end:
+            _fam, state, _t, _r, _id, _exp, _rq, _wq, uid, inode = _MSG.unpack_from(data, body)
+            cgroup_id = 0
+            for rtype, a, b in nl.attrs(data, body + _MSG.size, end):
+                if rtype == INET_DIAG_CGROUP_ID and b - a >= 8:
+                    (cgroup_id,) = struct.unpack_from("=Q", data, a)
+            return SocketInfo(uid, inode, cgroup_id, TCP_STATES.get(state, str(state)))
     raise NotFound()
 
 
@@ -153,7 +142,7 @@ class SockDiag:
         self.sock.send(req)
         while True:  # skip answers to earlier calls that timed out
             data = self.sock.recv(65536)
-            if len(data) >= _NLMSGHDR.size and _NLMSGHDR.unpack_from(data, 0)[3] == self._seq:
+            if len(data) >= nl.NLMSGHDR.size and nl.NLMSGHDR.unpack_from(data, 0)[3] == self._seq:
                 return data
 
     def lookup(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> SocketInfo:
@@ -162,15 +151,15 @@ class SockDiag:
         Raises NotFound when this namespace holds no such socket, OSError (including
         TimeoutError) when the kernel could not be asked."""
         data = self._call(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, proto, src, sport, dst, dport)
-        return parse_reply(data, _NLMSGHDR.unpack_from(data, 0)[3])
+        return parse_reply(data, nl.NLMSGHDR.unpack_from(data, 0)[3])
 
     def destroy(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> None:
         """Abort the local socket (``ss -K``). Raises NotFound, or OSError (EPERM without
         CAP_NET_ADMIN, EOPNOTSUPP without CONFIG_INET_DIAG_DESTROY)."""
         data = self._call(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, proto, src, sport, dst, dport)
-        _len, mtype, _f, _s, _p = _NLMSGHDR.unpack_from(data, 0)
+        _len, mtype, _f, _s, _p = nl.NLMSGHDR.unpack_from(data, 0)
         if mtype == NLMSG_ERROR:
-            (err,) = _ERR.unpack_from(data, _NLMSGHDR.size)
+            (err,) = _ERR.unpack_from(data, nl.NLMSGHDR.size)
             if err == 0:
                 return
             if err in (-errno.ENOENT, -errno.ESRCH):
