@@ -18,7 +18,7 @@ def test_messages_yield_type_seq_and_body_bounds_of_each_message() -> None:
     data = _msg(5, b"abc", seq=1) + _msg(6, b"", seq=2)
     got = list(nl.messages(data))
     assert [(t, s) for t, s, _, _ in got] == [(5, 1), (6, 2)]
-    t, _, body, end = got[0]
+    _, _, body, end = got[0]
     assert data[body:end] == b"abc"
 
 
