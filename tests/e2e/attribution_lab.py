@@ -52,7 +52,9 @@ try:
     rep["port"] = s.getsockname()[1]
     if mode == "exit":
         # Corked: the subscribe leaves the node only when exit closes the socket, so the
-        # process is surely gone before egressd sees a byte of this flow.
+        # process is surely gone before egressd sees a byte of this flow. The report (pid and
+        # port, which name the flow) goes out first: nothing is printed after the exit.
+        print(json.dumps(rep), flush=True)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
         s.sendall(b'{"id": 1, "method": "mining.subscribe", "params": ["cpuminer/2.5.1"]}\n')
         os._exit(0)
