@@ -24,6 +24,7 @@ counted and gets the policy's ``on_error`` verdict.
 from __future__ import annotations
 
 import ipaddress
+import struct
 from collections import OrderedDict, deque
 from typing import Final
 
@@ -110,6 +111,16 @@ DIR_FRESH: Final = 4
 _DIR_MASK: Final = 3
 
 _RANK: Final = {"accept": 0, "alert": 1, "drop": 2}
+
+# Engine._pinned's peeks: every header field it needs in one unpack, at fixed offsets.
+# IPv4 without options: total length, flags + fragment offset, protocol, addresses, then the
+# transport header at byte 20; IPv6 without extension headers: payload length, next header
+# (read before, to pick the struct), addresses, the transport header at byte 40. TCP adds
+# its data offset and flags, UDP its length.
+_PEEK_V4_TCP: Final = struct.Struct("!2xH2xH4x4s4sHH8xBB")
+_PEEK_V4_UDP: Final = struct.Struct("!2xH2xH4x4s4sHHH")
+_PEEK_V6_TCP: Final = struct.Struct("!4xH2x16s16sHH8xBB")
+_PEEK_V6_UDP: Final = struct.Struct("!4xH2x16s16sHHH")
 
 
 # Order matters only for the evidence shown first; every detector sees the same bytes.
@@ -249,53 +260,66 @@ class Engine:
         no fragment) and answers exactly what ``_packet`` would: the checks ``decode`` makes
         on these headers are repeated (a malformed packet goes the long way and gets
         ``on_error``), and a SYN goes the long way too (a reused 4-tuple is a new flow).
+
+        One ``unpack_from`` per packet reads every field needed (the per-byte indexing it
+        replaced was a fifth of this function's time); the struct is picked by the protocol
+        byte, so a packet too short for it is sent the long way before it is read.
         """
         n = len(data)
         if n < 28:
             return -1
         b0 = data[0]
         if b0 == 0x45:
-            total = data[2] << 8 | data[3]
+            proto = data[9]
+            if proto == PROTO_TCP:
+                if n < 40:
+                    return -1  # too short for a TCP header: decode says why
+                total, frag, src, dst, sport, dport, doff, flags = _PEEK_V4_TCP.unpack_from(data)
+                ulen = 8
+            elif proto == PROTO_UDP:
+                total, frag, src, dst, sport, dport, ulen = _PEEK_V4_UDP.unpack_from(data)
+                doff = flags = 0
+            else:
+                return -1
+            if frag & 0x3FFF:
+                return -1  # a fragment (MF or an offset)
             if total < 20:
                 if total:
                     return -1
                 total = n
-            if data[6] & 0x3F or data[7]:
-                return -1  # a fragment
-            proto = data[9]
-            src = data[12:16]
-            dst = data[16:20]
             off = 20
         elif b0 >> 4 == 6:
             if n < 48:
                 return -1
-            plen = data[4] << 8 | data[5]
-            total = 40 + plen if plen else n
             proto = data[6]
-            src = data[8:24]
-            dst = data[24:40]
+            if proto == PROTO_TCP:
+                if n < 60:
+                    return -1
+                plen, src, dst, sport, dport, doff, flags = _PEEK_V6_TCP.unpack_from(data)
+                ulen = 8
+            elif proto == PROTO_UDP:
+                plen, src, dst, sport, dport, ulen = _PEEK_V6_UDP.unpack_from(data)
+                doff = flags = 0
+            else:
+                return -1
+            total = 40 + plen if plen else n
             off = 40
         else:
             return -1
-        end = total if total <= n else n
-        avail = end - off
+        avail = (total if total <= n else n) - off
         if proto == PROTO_TCP:
             if avail < 20:
                 return -1
-            thl = (data[off + 12] >> 4) * 4
-            if thl < 20 or thl > avail or data[off + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN:
+            thl = (doff >> 4) * 4
+            if thl < 20 or thl > avail or flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
                 return -1
-        elif proto == PROTO_UDP:
-            if avail < 8:
-                return -1
-            ulen = data[off + 4] << 8 | data[off + 5]
-            if ulen < 8 and ulen != 0:
-                return -1
-        else:
+        elif avail < 8 or (ulen < 8 and ulen != 0):
             return -1
-        sport = data[off] << 8 | data[off + 1]
-        dport = data[off + 2] << 8 | data[off + 3]
-        key = (proto, src, sport, dst, dport) if (src, sport) <= (dst, dport) else (proto, dst, dport, src, sport)
+        # make_key, inlined: (src, sport) <= (dst, dport) without building the two tuples.
+        if src < dst or (src == dst and sport <= dport):
+            key = (proto, src, sport, dst, dport)
+        else:
+            key = (proto, dst, dport, src, sport)
         done = self.table.done
         flow = done.get(key)
         if flow is None:
