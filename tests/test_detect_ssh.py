@@ -463,3 +463,31 @@ _SSHISH = st.one_of(
 def test_arbitrary_input_never_raises(fwd: bytes, rev: bytes, ctx: StreamContext) -> None:
     result = detect_ssh(fwd, rev, ctx)
     assert result is NEED_MORE or result is NOT_THIS or isinstance(result, Detection)
+
+
+# -- the no-banner shortcut (detect_ssh's answer for heads holding no "SSH-") ------------------
+
+_NO_BANNER_PIECES = st.sampled_from(
+    [b"GET / HTTP/1.1\r\n", b"\r\n", b"\n", b"\r", b"\x00", b"\x16\x03\x01", b'{"id":1}', b"SS", b"SH", b"a" * 300, b"x"]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_NO_BANNER_PIECES, max_size=12), st.booleans(), st.integers(0, 9000))
+def test_no_banner_shortcut_decides_as_the_full_scan(pieces: list[bytes], final: bool, pad: int) -> None:
+    from egressd.detect.ssh import _NOT, _refused_without_banner, _scan_ident, _Side
+
+    data = b"".join(pieces) + (b"y" * pad if pad > 8000 else b"")
+    if b"SSH-" in data:
+        return
+    side = _Side()
+    _scan_ident(data, final, side)
+    assert _refused_without_banner(data, final) == (side.state == _NOT)
+
+
+def test_many_short_lines_without_a_banner_are_refused_by_the_shortcut() -> None:
+    from egressd.detect.ssh import MAX_PRE_BANNER_LINES
+
+    head = b"x\n" * MAX_PRE_BANNER_LINES
+    assert detect_ssh(head, b"", CTX) is NEED_MORE  # the other side may still show a banner
+    assert detect_ssh(head, b"\x00", CTX) is NOT_THIS
