@@ -724,6 +724,7 @@ class Engine:
 
     # -- judgement ----------------------------------------------------------------------
     def _facts(self, flow: Flow, content: str = CONTENT_PENDING) -> FlowFacts:
+        dets = flow.detections
         return FlowFacts(
             flow.proto,
             flow.version,
@@ -732,7 +733,7 @@ class Engine:
             flow.sport,
             flow.dport,
             flow.domains,
-            tuple(x.kind for x in flow.detections.values()),
+            tuple([x.kind for x in dets.values()]) if dets else (),  # a list is built faster than a generator runs
             content,
         )
 

@@ -468,7 +468,19 @@ def test_arbitrary_input_never_raises(fwd: bytes, rev: bytes, ctx: StreamContext
 # -- the no-banner shortcut (detect_ssh's answer for heads holding no "SSH-") ------------------
 
 _NO_BANNER_PIECES = st.sampled_from(
-    [b"GET / HTTP/1.1\r\n", b"\r\n", b"\n", b"\r", b"\x00", b"\x16\x03\x01", b'{"id":1}', b"SS", b"SH", b"a" * 300, b"x"]
+    [
+        b"GET / HTTP/1.1\r\n",
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b"\x00",
+        b"\x16\x03\x01",
+        b'{"id":1}',
+        b"SS",
+        b"SH",
+        b"a" * 300,
+        b"x",
+    ]
 )
 
 

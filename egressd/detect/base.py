@@ -118,10 +118,8 @@ _PLAIN: Final = bytes(b for b in range(0x20, 0x7F) if b != 0x5C)
 def printable(data: bytes, limit: int = 96) -> str:
     """Bytes as a short ASCII string for evidence: printable kept, the rest as \\xNN."""
     head = data[:limit]
-    if head.translate(None, _PLAIN):
-        text = "".join([_ESCAPED[b] for b in head])
-    else:
-        text = head.decode("ascii")
+    plain = not head.translate(None, _PLAIN)
+    text = head.decode("ascii") if plain else "".join([_ESCAPED[b] for b in head])
     return text + "..." if len(data) > limit else text
 
 
