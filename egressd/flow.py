@@ -194,11 +194,16 @@ class FlowTable:
         """Remove flows idle past their timeout; returns the active ones (to be reported)."""
         ended: list[Flow] = []
         for table, is_active in ((self.active, True), (self.done, False)):
-            while table:
-                key, f = next(iter(table.items()))
+            # Oldest first (LRU order), up to the first flow still within its timeout: one
+            # walk, then the deletions (a fresh iterator per expired flow cost more than the
+            # deletions themselves in a capture replay's sweeps).
+            gone: list[FlowKey] = []
+            for key, f in table.items():
                 if now - f.last_ts < idle_of.get(f.proto, 60.0):
                     break
-                del table[key]
+                gone.append(key)
                 if is_active:
                     ended.append(f)
+            for key in gone:
+                del table[key]
         return ended

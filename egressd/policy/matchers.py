@@ -207,6 +207,7 @@ class Match:
     """
 
     __slots__ = (
+        "_kind_hits",
         "content",
         "domains",
         "dst",
@@ -244,6 +245,11 @@ class Match:
         # A block that looks at the content, even under ``not``, holds for no flow whose
         # content is still pending: "not none" is not yet known either.
         self.needs_content = content is not None or any(n.uses_content for n in nots)
+        # Whether a detection kind matches one of ``kinds``, by kind: a flow's few kinds
+        # are asked about at every judgement, by every rule naming kinds, and the pattern
+        # walk was the largest part of judging (bench/replay.py, py-spy). Kinds come from
+        # the detectors' finite set; the memo is cleared if it ever grows past KIND_MEMO_MAX.
+        self._kind_hits: dict[str, bool] = {}
 
     @property
     def is_catch_all(self) -> bool:
@@ -268,6 +274,17 @@ class Match:
     def uses_address(self) -> bool:
         return self.src is not None or self.dst is not None or any(n.uses_address for n in self.nots)
 
+    KIND_MEMO_MAX: Final = 1024
+
+    def _kind_hit(self, kind: str) -> bool:
+        """Does ``kind`` match one of the block's patterns (remembered for the next flow)."""
+        assert self.kinds is not None
+        hit = any(kind_matches(pattern, kind) for pattern in self.kinds)
+        if len(self._kind_hits) >= self.KIND_MEMO_MAX:
+            self._kind_hits.clear()
+        self._kind_hits[kind] = hit
+        return hit
+
     def test(self, f: FlowFacts, src: int, dst: int) -> bool:
         """``src``/``dst`` are the flow's addresses as integers, converted once per judge()."""
         if self.protos is not None and f.proto not in self.protos:
@@ -276,15 +293,14 @@ class Match:
             return False
         if self.src_ports is not None and (f.proto not in PORT_PROTOS or not self.src_ports.contains(f.sport)):
             return False
-        kinds = self.kinds
-        if kinds is not None:
+        if self.kinds is not None:
+            hits = self._kind_hits
             for kind in f.detections:
-                for pattern in kinds:
-                    if kind_matches(pattern, kind):
-                        break
-                else:
-                    continue
-                break
+                hit = hits.get(kind)
+                if hit is None:
+                    hit = self._kind_hit(kind)
+                if hit:
+                    break
             else:
                 return False
         if self.needs_content and (f.content == CONTENT_PENDING or (self.content and f.content not in self.content)):
