@@ -112,6 +112,7 @@ class Daemon:
         self._gen = 0
         self.dns_mirrored = 0
         self.closes_logged = 0  # FIN/RST of judged connections, learned from NFLOG (not queued)
+        self.pins_forgotten = 0  # allowed pins dropped because conntrack end events were lost
         self.dns_set_error = ""
         self._rules_installed = False
         self.guard_ifaces: list[str] = []  # what the link guard watches now
@@ -271,11 +272,14 @@ class Daemon:
         ct = self._ct
         if ct is None:
             return
+        lost = ct.overflows
         try:
             ended = ct.read()
         except OSError as e:
             self.ct_error = str(e)
             return
+        if ct.overflows != lost:
+            self.pins_forgotten += self.engine.forget_allowed()
         now = time.time()
         for _mtype, (proto, src, sport, dst, dport), mark in ended:
             if not self.engine.end(proto, src, sport, dst, dport, now) and mark & netfilter.MARK_FRESH:
@@ -464,6 +468,7 @@ class Daemon:
                 "listening": self._ct is not None,
                 "destroyed": self._ct.messages if self._ct is not None else 0,
                 "overflows": self._ct.overflows if self._ct is not None else 0,
+                "allowed_pins_forgotten": self.pins_forgotten,
                 "error": self.ct_error,
             },
             "events": {
