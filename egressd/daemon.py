@@ -51,6 +51,7 @@ _MARK_BITS: dict[int, int] = {
 }
 
 BATCH = 64  # packets per wake-up before the loop gets a chance to run other work
+CLOSE_DRAIN_BATCHES = 16  # at most this many queue batches are read ahead of logged closes
 KERNEL_DEBOUNCE = 0.5  # seconds a reload's compiled policy waits, so a burst of reloads installs once
 TICK = 1.0  # seconds between housekeeping rounds (sweep, rotation, kernel counters, watchdog)
 UNINSPECTED_EVERY = 2  # ticks between reads of the rule counters (an iptables-save per family)
@@ -110,6 +111,8 @@ class Daemon:
         self.kernel_error = ""
         self._gen = 0
         self.dns_mirrored = 0
+        self.closes_logged = 0  # FIN/RST of judged connections, learned from NFLOG (not queued)
+        self.pins_forgotten = 0  # allowed pins dropped because conntrack end events were lost
         self.dns_set_error = ""
         self._rules_installed = False
         self.guard_ifaces: list[str] = []  # what the link guard watches now
@@ -220,15 +223,19 @@ class Daemon:
             self.dns_set_error = str(e)
 
     def _klog_readable(self) -> None:
-        """The kernel reset connections by compiled drop rules: each gets its event."""
+        """The kernel reset connections by compiled drop rules: each gets its event. And
+        connections being judged closed (netfilter.CHAIN_CLOSE): the engine reads each close."""
         klog, pol = self._klog, self._plan_policy
         if klog is None:
             return
+        closes: list[kernellog.Closed] = []
         try:
-            got = klog.read()
+            got = klog.read(closes)
         except OSError as e:
             self.dns_set_error = f"kernel log: {e}"
             return
+        if closes:
+            self._closed(closes)
         if pol is None or not got:
             return
         now = time.time()
@@ -237,16 +244,42 @@ class Daemon:
             self.engine.kernel_dropped(decision, proto, src, sport, dst, dport, now)
         self._drain_events()
 
+    def _closed(self, closes: list[kernellog.Closed]) -> None:
+        """Feed logged closes to the engine, after every packet queued before them.
+
+        A side's data segment is queued before its FIN is logged, on another socket: reading
+        the queue dry first keeps the engine's order the stream's order (a close must not make
+        the detectors give up before they saw the data that came before it). Bounded: under a
+        flood the queue may never run dry, and a close is evidence, not a verdict. The
+        engine's verdict is not sent anywhere: the packet has passed. A verdict that pins the
+        flow reaches the kernel with the connection's next queued packet, if any; its event
+        is written now."""
+        q = self._queue
+        self._now = time.time()
+        if q is not None:
+            for _ in range(CLOSE_DRAIN_BATCHES):
+                if q.process(BATCH) < BATCH:
+                    break
+        now = self._now = time.time()
+        feed = self.engine.feed
+        for pkt, mark in closes:
+            feed(pkt, now, DIR_REPLY if mark & netfilter.MARK_REPLY else DIR_ORIGINAL)
+        self.closes_logged += len(closes)
+        self._drain_events()
+
     def _ct_readable(self) -> None:
         """Conntrack destroyed some connections: their flows end now (``Engine.end``)."""
         ct = self._ct
         if ct is None:
             return
+        lost = ct.overflows
         try:
             ended = ct.read()
         except OSError as e:
             self.ct_error = str(e)
             return
+        if ct.overflows != lost:
+            self.pins_forgotten += self.engine.forget_allowed()
         now = time.time()
         for _mtype, (proto, src, sport, dst, dport), mark in ended:
             if not self.engine.end(proto, src, sport, dst, dport, now) and mark & netfilter.MARK_FRESH:
@@ -271,6 +304,12 @@ class Daemon:
         q = self._queue
         if q is None:
             return
+        if self._ct is not None:
+            # Ends first: a connection that ended before this batch was queued must be
+            # forgotten before its 4-tuple's next connection is judged, or that one's first
+            # data segment would get the old flow's pinned verdict (the kernel sends the
+            # destroy event before it creates the new entry, so it is waiting by now).
+            self._ct_readable()
         t0 = time.perf_counter_ns()
         self._now = time.time()
         n = q.process(BATCH)
@@ -424,10 +463,12 @@ class Daemon:
                 "dns_addresses_added": self.dns_mirrored,
                 "error": self.dns_set_error or self.kernel_error,
             },
+            "closes_logged": self.closes_logged,
             "conntrack_events": {
                 "listening": self._ct is not None,
                 "destroyed": self._ct.messages if self._ct is not None else 0,
                 "overflows": self._ct.overflows if self._ct is not None else 0,
+                "allowed_pins_forgotten": self.pins_forgotten,
                 "error": self.ct_error,
             },
             "events": {
@@ -618,6 +659,7 @@ class Daemon:
             forward_ifaces=self.opts.forward_ifaces,
             policy=(tuple(rendered[0].rules), tuple(rendered[1].rules)) if rendered else ((), ()),
             sets=[*rendered[0].sets, *rendered[1].sets] if rendered else (),
+            log_closes=self.queue_num if self._klog is not None else None,
         )
         return (plan if rendered else None), gen, use_sets
 

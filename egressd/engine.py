@@ -866,6 +866,22 @@ class Engine:
             return True
         return False
 
+    def forget_allowed(self) -> int:
+        """Conntrack end events were lost: forget every flow pinned ALLOW. Returns how many.
+
+        Why: a lost end may have been a connection whose 4-tuple is being reused right now,
+        and its new first data segment must be judged, not answered from the old pinned
+        accept (see ``end``). Which ends were lost cannot be known, so none of the allowed
+        pins is trusted. It costs little: a pinned connection is decided in the kernel, so
+        nothing of it reaches the engine again but a straggler queued before its pin, which
+        is then judged afresh (met mid-stream). Flows pinned DROP are kept: answering a
+        reused tuple with a drop errs on the closed side."""
+        done = self.table.done
+        gone = [k for k, f in done.items() if f.state == PINNED_ACCEPT]
+        for k in gone:
+            del done[k]
+        return len(gone)
+
     def dataless_end(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int, now: float) -> None:
         """A connection that never carried data ended (conntrack said so, and its mark says the
         kernel saw its SYN and no verdict was ever given): its flow record, judged as the

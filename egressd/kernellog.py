@@ -8,9 +8,14 @@ reads the group on its event loop and writes the same event the engine would hav
 (rule, reason ``first-packet``, the DNS-learned name). The refusal does not wait for this:
 NFLOG is asynchronous, so the reset leaves whatever the daemon is doing.
 
+The same group carries the closes of connections being judged (prefix ``egd close``,
+netfilter.CHAIN_CLOSE): their dataless FIN/RST is evidence for the detectors ("this side
+closed"), not something to stop, so it is logged rather than queued and never waits for a
+verdict. Those are handed back whole (headers, and the mark that says their direction).
+
 A netlink socket (``NFNL_SUBSYS_ULOG``), bound to one group with ``NFULNL_CFG_CMD_BIND``;
 messages are parsed with ``struct``. Lost messages (ENOBUFS) lose events, not enforcement,
-and are counted.
+and are counted; a lost close leaves its flow to the conntrack end or the idle timeout.
 """
 
 from __future__ import annotations
@@ -32,16 +37,20 @@ NFULA_CFG_TIMEOUT: Final = 3
 NFULA_CFG_QTHRESH: Final = 4
 NFULNL_CFG_CMD_BIND: Final = 1
 NFULNL_COPY_PACKET: Final = 2
+NFULA_MARK: Final = 2
 NFULA_PAYLOAD: Final = 9
 NFULA_PREFIX: Final = 10
 NLM_F_REQUEST: Final = 1
 PREFIX: Final = "egd "
-COPY_RANGE: Final = 80  # IPv6 header (40) + the TCP/UDP ports: all an event needs
+CLOSE_PREFIX: Final = b"egd close"  # netfilter.CLOSE_PREFIX
+# IPv4 with options (60) or IPv6 (40), + a TCP header with options (60): a close is headers only.
+COPY_RANGE: Final = 128
 
 _NFGEN: Final = struct.Struct("=BBH")
 _MSG_PACKET: Final = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
 
 Logged = tuple[int, int, bytes, int, bytes, int]  # rule index, proto, src, sport, dst, dport
+Closed = tuple[bytes, int]  # the logged packet (from its IP header), its mark
 
 
 def config_message(group: int, attrs: bytes, seq: int = 1) -> bytes:
@@ -71,18 +80,26 @@ def _five_tuple(pkt: bytes) -> tuple[int, bytes, int, bytes, int] | None:
     return proto, src, sport, dst, dport
 
 
-def parse(data: bytes) -> list[Logged]:
-    """The packets of one datagram logged with an ``egd <index>`` prefix."""
+def parse(data: bytes, closes: list[Closed] | None = None) -> list[Logged]:
+    """The packets of one datagram logged with an ``egd <index>`` prefix; those logged as
+    ``egd close`` are appended to ``closes`` (when given)."""
     out: list[Logged] = []
     for mtype, _seq, body, end in nl.messages(data):
         if mtype == _MSG_PACKET:
             prefix = b""
             payload = b""
+            mark = 0
             for atype, a, b in nl.attrs(data, body + _NFGEN.size, end):
                 if atype == NFULA_PREFIX:
                     prefix = data[a:b].rstrip(b"\0")
                 elif atype == NFULA_PAYLOAD:
                     payload = data[a:b]
+                elif atype == NFULA_MARK and b - a == 4:
+                    mark = int.from_bytes(data[a:b], "big")
+            if prefix == CLOSE_PREFIX:
+                if closes is not None and payload:
+                    closes.append((payload, mark))
+                continue
             text = prefix.decode("ascii", "replace")
             t = _five_tuple(payload)
             if text.startswith(PREFIX) and text[len(PREFIX) :].isdigit() and t is not None:
@@ -113,7 +130,8 @@ class KernelLog:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def read(self, budget: int = 256) -> list[Logged]:
+    def read(self, closes: list[Closed] | None = None, budget: int = 256) -> list[Logged]:
+        """Up to ``budget`` datagrams: the compiled drops; closes go to ``closes``."""
         out: list[Logged] = []
         for _ in range(budget):
             try:
@@ -125,7 +143,7 @@ class KernelLog:
                     self.overflows += 1
                     continue
                 raise
-            out += parse(data)
+            out += parse(data, closes)
         return out
 
     def close(self) -> None:

@@ -13,7 +13,17 @@ from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
-from egressd.engine import DIR_ORIGINAL, DIR_REPLY, DROP_PACKET, PASS, PASS_MARK_SEEN, PIN_ALLOW, PIN_DENY, Engine
+from egressd.engine import (
+    DIR_FRESH,
+    DIR_ORIGINAL,
+    DIR_REPLY,
+    DROP_PACKET,
+    PASS,
+    PASS_MARK_SEEN,
+    PIN_ALLOW,
+    PIN_DENY,
+    Engine,
+)
 from egressd.paths import default_policy
 from egressd.policy import Policy, load_policy
 
@@ -410,6 +420,26 @@ def test_reused_four_tuple_with_a_new_syn_is_judged_again(default: Policy) -> No
     c2.cseq += 77777
     assert eng.feed(c2.syn(), 2.0) == PASS_MARK_SEEN
     assert eng.feed(c2.c(CLIENT_BANNER), 2.1) == PIN_DENY
+
+
+def test_lost_conntrack_ends_forget_allowed_pins_so_a_reused_tuple_is_judged(default: Policy) -> None:
+    # Live, the SYN is not queued: a reused 4-tuple shows up as a FRESH first data segment,
+    # and only the old connection's end event says the old pin no longer holds. When end
+    # events were lost, every allowed pin is forgotten; drop pins stay.
+    eng = Engine(default)
+    old = Conn(SSHD, 2222)
+    fin = bytes(IP(src=NODE, dst=SSHD) / TCP(sport=old.sport, dport=2222, flags="FA", seq=old.cseq))
+    sfin = bytes(IP(src=SSHD, dst=NODE) / TCP(sport=2222, dport=old.sport, flags="FA", seq=old.sseq))
+    assert eng.feed(old.c(b"q" * 64), 1.0, DIR_ORIGINAL | DIR_FRESH) == PASS_MARK_SEEN
+    assert eng.feed(sfin, 1.1, DIR_REPLY) == PASS
+    assert eng.feed(fin, 1.2, DIR_ORIGINAL) == PIN_ALLOW
+    again = old.c(CLIENT_BANNER)
+    assert eng.feed(again, 1.5, DIR_ORIGINAL | DIR_FRESH) == PIN_ALLOW  # the old pin answers
+    bad = Conn(POOL, 3333)
+    assert eng.feed(bad.c(b'{"id": 1, "method": "mining.subscribe", "params": []}\n'), 1.6, DIR_FRESH) == PIN_DENY
+    assert eng.forget_allowed() == 1
+    assert eng.feed(again, 2.0, DIR_ORIGINAL | DIR_FRESH) == PIN_DENY  # judged: an SSH banner
+    assert eng.feed(bad.c(b"x"), 2.1, DIR_ORIGINAL) == PIN_DENY  # the drop pin was kept
 
 
 def test_syn_retransmission_of_a_dropped_flow_stays_dropped(tmp_path: Path) -> None:

@@ -152,13 +152,53 @@ def test_render_pinned_allow_traffic_leaves_at_the_first_rule(chain: str) -> Non
 
 def test_render_output_skips_loopback_and_replies_to_inbound_connections_first() -> None:
     rules = _lines(nf.render(CFG, 4), f"-A {nf.CHAIN_OUT} ")
-    assert rules[1] == f"-A {nf.CHAIN_OUT} -o lo -j RETURN"
-    assert rules[2] == f"-A {nf.CHAIN_OUT} -m conntrack --ctdir REPLY -j RETURN"
+    assert rules[2] == f"-A {nf.CHAIN_OUT} -o lo -j RETURN"
+    assert rules[3] == f"-A {nf.CHAIN_OUT} -m conntrack --ctdir REPLY -j RETURN"
+
+
+@pytest.mark.parametrize(("chain", "syn"), [(nf.CHAIN_OUT, False), (nf.CHAIN_IN, True), (nf.CHAIN_FWD, False)])
+@pytest.mark.parametrize("family", [4, 6])
+def test_render_a_dataless_segment_of_an_unjudged_connection_leaves_at_the_second_rule(
+    chain: str, syn: bool, family: int
+) -> None:
+    # Clean mark, connmark state unseen, no payload at data offset 8: nothing to queue, so
+    # no loopback/addrtype/verdict walk. An originator's SYN is excluded (it walks the
+    # compiled policy and marks the connection FRESH); on INPUT a SYN is a SYN-ACK.
+    rules = _lines(nf.render(CFG, family), f"-A {chain} ")
+    u32 = nf.nodata_u32(family, 8, reply=False, any_flags=True, syn=syn)
+    assert rules[1] == (
+        f"-A {chain} -p tcp -m mark --mark 0x0/0x30000000 -m connmark --mark 0x0/0x30000000 "
+        f'-m u32 --u32 "{u32}" -j RETURN'
+    )
+    want = "0xF002=0x8000" if not syn else "0xF000=0x8000"
+    assert u32.endswith(want)
+
+
+def test_render_closes_of_judged_connections_are_logged_not_queued_when_asked() -> None:
+    # Without a log group (``egressd rules install``): FIN/RST of a SEEN connection is queued.
+    plain = nf.render(CFG, 4)
+    assert f"-g {nf.CHAIN_CLOSE}" not in plain
+    assert not _lines(plain, f"-A {nf.CHAIN_CLOSE} ")
+    cfg = nf.RuleConfig(queue_num=5, fail_open=True, max_packets=12, log_closes=5)
+    text = nf.render(cfg, 4)
+    for chain, reply in ((nf.CHAIN_ENQ_ORIG, False), (nf.CHAIN_ENQ_REPLY, True)):
+        rules = _lines(text, f"-A {chain} ")
+        jumps = [r for r in rules if r.endswith(f"-g {nf.CHAIN_CLOSE}")]
+        # Every data offset, any flags, after the skip rules for ACKs and before the queue.
+        assert [r.split('"')[1] for r in jumps] == [
+            nf.nodata_u32(4, d, reply=reply, any_flags=True) for d in nf._SKIP_ORDER
+        ]
+        last_skip = max(i for i, r in enumerate(rules) if "u32" in r and r.endswith("-j RETURN"))
+        assert last_skip < rules.index(jumps[0]) and rules.index(jumps[-1]) < len(rules) - 1
+        assert "NFQUEUE" in rules[-1]
+    assert _lines(text, f"-A {nf.CHAIN_CLOSE} ") == [
+        f'-A {nf.CHAIN_CLOSE} -j NFLOG --nflog-group 5 --nflog-prefix "{nf.CLOSE_PREFIX}" --nflog-size 128'
+    ]
 
 
 def test_render_input_only_considers_reply_direction() -> None:
     rules = _lines(nf.render(CFG, 4), f"-A {nf.CHAIN_IN} ")
-    assert rules[2] == f"-A {nf.CHAIN_IN} -m conntrack --ctdir ORIGINAL -j RETURN"
+    assert rules[3] == f"-A {nf.CHAIN_IN} -m conntrack --ctdir ORIGINAL -j RETURN"
     assert rules[-1] == f"-A {nf.CHAIN_IN} -j {nf.CHAIN_QREPLY}"
 
 

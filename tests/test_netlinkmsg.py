@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from egressd import kernellog
+from egressd import kernellog, netfilter
 from egressd import netlinkmsg as nl
 
 
@@ -56,3 +56,17 @@ def test_kernellog_skips_a_packet_without_its_prefix() -> None:
     body = struct.pack("=BBH", socket.AF_INET, 0, 0) + nl.attr(kernellog.NFULA_PREFIX, b"other 3\0")
     mtype = (kernellog.NFNL_SUBSYS_ULOG << 8) | kernellog.NFULNL_MSG_PACKET
     assert kernellog.parse(_msg(mtype, body)) == []
+
+
+def test_kernellog_hands_back_a_logged_close_whole_with_its_mark() -> None:
+    ip = bytes([0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0]) + socket.inet_aton("203.0.113.30")
+    ip += socket.inet_aton("198.51.100.10") + struct.pack("!HH", 3333, 41234) + b"\0" * 16
+    body = struct.pack("=BBH", socket.AF_INET, 0, 0)
+    body += nl.attr(kernellog.NFULA_MARK, struct.pack("!I", 0x40000000))
+    body += nl.attr(kernellog.NFULA_PREFIX, kernellog.CLOSE_PREFIX + b"\0") + nl.attr(kernellog.NFULA_PAYLOAD, ip)
+    mtype = (kernellog.NFNL_SUBSYS_ULOG << 8) | kernellog.NFULNL_MSG_PACKET
+    closes: list[kernellog.Closed] = []
+    # A close is not a compiled drop: it is not in the drops, and it is in the closes.
+    assert kernellog.parse(_msg(mtype, body), closes) == []
+    assert closes == [(ip, 0x40000000)]
+    assert kernellog.CLOSE_PREFIX.decode() == netfilter.CLOSE_PREFIX

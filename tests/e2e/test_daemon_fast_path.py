@@ -187,6 +187,103 @@ def test_a_flows_end_is_learned_from_conntrack(flab: Lab, daemon: peers.Egressd)
     assert st["flows_tracked"] == 0, st  # forgotten now, not at the idle timeout (300 s)
 
 
+# One HTTP-shaped exchange on ``port``: the request, a reply, then the client closes first.
+# Text both ways keeps the SSH detector waiting for a close (a line may precede a banner).
+HTTPISH = r"""
+import socket, sys, time
+host, port, life = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port)); s.listen(16); s.settimeout(0.5)
+end = time.monotonic() + life
+while time.monotonic() < end:
+    try:
+        c, _ = s.accept()
+    except OSError:
+        continue
+    c.settimeout(2)
+    try:
+        if c.recv(64):
+            c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+            c.recv(1)
+    except OSError:
+        pass
+    c.close()
+"""
+HTTPISH_CLIENT = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+c.sendall(b"GET /x HTTP/1.0\r\nHost: lab\r\n\r\n")
+print(c.recv(64).split(b"\r\n")[0].decode(), c.getsockname()[1]); c.close()
+"""
+
+
+def test_the_close_of_a_connection_being_judged_is_logged_not_queued(flab: Lab, daemon: peers.Egressd) -> None:
+    # A request and a reply are queued (data); the two FINs are not: they reach the engine
+    # through NFLOG, and the engine concludes the flow at the close, seconds before conntrack
+    # would end it (TIME_WAIT: 120 s). Before, each FIN cost a queue verdict.
+    port = PORT + 1
+    flab.spawn("inet", [PY, "-c", HTTPISH, TLS4, str(port), "30"])
+    peers.wait_listening(flab, "inet", [(TLS4, port)])
+    h0, st0 = _hits(flab), daemon.status()
+    r = flab.run_node([PY, "-c", HTTPISH_CLIENT, TLS4, str(port)], timeout=15)
+    assert r.returncode == 0 and r.stdout.startswith("HTTP/1.0 200 OK"), (r.stdout, r.stderr)
+    sport = int(r.stdout.split()[-1])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and daemon.status()["closes_logged"] < st0["closes_logged"] + 2:
+        time.sleep(0.1)
+    st = daemon.status()
+    assert st["closes_logged"] - st0["closes_logged"] == 2, st
+    assert _hits(flab) - h0 == 2  # the request and the reply, nothing else
+    assert st["engine"]["packets"] - st0["engine"]["packets"] == 4  # the engine read all four
+    evs = [e for e in daemon.events() if e["src_port"] == sport and e["dest_port"] == port]
+    assert [(e["action"], e["reason"]) for e in evs] == [("allowed", "classified")], evs
+
+
+# Two connections on one 4-tuple: the first sends 64 harmless bytes and is reset (SO_LINGER 0:
+# no TIME_WAIT, so the same local port can connect again at once); the second, from the same
+# port to the same server, sends a Stratum subscribe. Prints the port and how each one ended.
+REUSE_CLIENT = r"""
+import socket, struct, sys
+host, port = sys.argv[1], int(sys.argv[2])
+def conn(lport, payload):
+    c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    c.bind(("", lport)); c.settimeout(2); c.connect((host, port))
+    try:
+        c.sendall(payload); got = "reply" if c.recv(64) else "eof"
+    except OSError as e:
+        got = type(e).__name__
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); lport = c.getsockname()[1]; c.close()
+    return lport, got
+lport, first = conn(0, b"q" * 64)
+_, second = conn(lport, b'{"id": 1, "method": "mining.subscribe", "params": ["cpuminer/2.5.1"]}\n')
+print(lport, first, second)
+"""
+
+
+def test_a_reused_four_tuple_is_judged_again_not_answered_from_the_old_flow(flab: Lab, daemon: peers.Egressd) -> None:
+    # The first connection is pinned ALLOW on its first segment. The second reuses its 4-tuple
+    # at once: its first data segment must be judged as a new flow (Stratum: dropped), never
+    # answered from the first flow's pinned verdict. Conntrack destroys the old entry when the
+    # new SYN arrives; the daemon reads that event before the queued segment.
+    for _attempt in range(3):  # the port may be taken by the time it is reused (another client)
+        r = flab.run_node([PY, "-c", REUSE_CLIENT, POOL_V4, str(PORT)], timeout=20)
+        if r.returncode == 0:
+            break
+        assert "Address already in use" in r.stderr, r.stderr
+    assert r.returncode == 0, r.stderr
+    lport, first, second = r.stdout.split()
+    assert first == "reply" and second != "reply", r.stdout
+    deadline = time.monotonic() + 5
+    evs: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        evs = [e for e in daemon.events() if e["src_port"] == int(lport) and e["dest_port"] == PORT]
+        if any(e["action"] == "blocked" for e in evs):
+            break
+        time.sleep(0.1)
+    blocked = [e for e in evs if e["action"] == "blocked"]
+    assert len(blocked) == 1 and blocked[0]["detection"]["kind"].startswith("mining."), evs
+
+
 def test_a_reload_swaps_the_compiled_policy_in_one_step(flab: Lab, tmp_path: Path) -> None:
     import signal
 
