@@ -116,10 +116,10 @@ _RANK: Final = {"accept": 0, "alert": 1, "drop": 2}
 # IPv4 without options: total length, flags + fragment offset, protocol, addresses, then the
 # transport header at byte 20; IPv6 without extension headers: payload length, next header
 # (read before, to pick the struct), addresses, the transport header at byte 40. TCP adds
-# its data offset and flags, UDP its length.
-_PEEK_V4_TCP: Final = struct.Struct("!2xH2xH4x4s4sHH8xBB")
+# its sequence number, data offset and flags, UDP its length.
+_PEEK_V4_TCP: Final = struct.Struct("!2xH2xH4x4s4sHHI4xBB")
 _PEEK_V4_UDP: Final = struct.Struct("!2xH2xH4x4s4sHHH")
-_PEEK_V6_TCP: Final = struct.Struct("!4xH2x16s16sHH8xBB")
+_PEEK_V6_TCP: Final = struct.Struct("!4xH2x16s16sHHI4xBB")
 _PEEK_V6_UDP: Final = struct.Struct("!4xH2x16s16sHHH")
 
 
@@ -259,7 +259,9 @@ class Engine:
         the plain layouts (IPv4 without options, IPv6 without extension headers; TCP or UDP;
         no fragment) and answers exactly what ``_packet`` would: the checks ``decode`` makes
         on these headers are repeated (a malformed packet goes the long way and gets
-        ``on_error``), and a SYN goes the long way too (a reused 4-tuple is a new flow).
+        ``on_error``). A SYN is answered here only when it repeats the flow's own SYN (the same
+        sequence number: a retransmission, as ``_packet`` decides); any other SYN goes the
+        long way (a reused 4-tuple is a new flow).
 
         One ``unpack_from`` per packet reads every field needed (the per-byte indexing it
         replaced was a fifth of this function's time); the struct is picked by the protocol
@@ -274,11 +276,11 @@ class Engine:
             if proto == PROTO_TCP:
                 if n < 40:
                     return -1  # too short for a TCP header: decode says why
-                total, frag, src, dst, sport, dport, doff, flags = _PEEK_V4_TCP.unpack_from(data)
+                total, frag, src, dst, sport, dport, seq, doff, flags = _PEEK_V4_TCP.unpack_from(data)
                 ulen = 8
             elif proto == PROTO_UDP:
                 total, frag, src, dst, sport, dport, ulen = _PEEK_V4_UDP.unpack_from(data)
-                doff = flags = 0
+                seq = doff = flags = 0
             else:
                 return -1
             if frag & 0x3FFF:
@@ -295,11 +297,11 @@ class Engine:
             if proto == PROTO_TCP:
                 if n < 60:
                     return -1
-                plen, src, dst, sport, dport, doff, flags = _PEEK_V6_TCP.unpack_from(data)
+                plen, src, dst, sport, dport, seq, doff, flags = _PEEK_V6_TCP.unpack_from(data)
                 ulen = 8
             elif proto == PROTO_UDP:
                 plen, src, dst, sport, dport, ulen = _PEEK_V6_UDP.unpack_from(data)
-                doff = flags = 0
+                seq = doff = flags = 0
             else:
                 return -1
             total = 40 + plen if plen else n
@@ -311,7 +313,7 @@ class Engine:
             if avail < 20:
                 return -1
             thl = (doff >> 4) * 4
-            if thl < 20 or thl > avail or flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+            if thl < 20 or thl > avail:
                 return -1
         elif avail < 8 or (ulen < 8 and ulen != 0):
             return -1
@@ -327,6 +329,8 @@ class Engine:
         state = flow.state
         if state != PINNED_ACCEPT and state != PINNED_DROP:
             return -1
+        if flags & (TCP_SYN | TCP_ACK) == TCP_SYN and seq != flow.syn_seq:
+            return -1  # a new connection on a remembered 4-tuple: _packet starts a new flow
         done.move_to_end(key)
         flow.last_ts = ts
         flow.bytes += total
