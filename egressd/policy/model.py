@@ -170,6 +170,7 @@ class Policy:
     """A loaded, validated, compiled policy. Treat it as immutable; reload builds a new one."""
 
     __slots__ = (
+        "_bare_rules",
         "_by_name",
         "_default_decision",
         "_needs_addr",
@@ -219,6 +220,13 @@ class Policy:
         # judgement (every new flow) and most end-of-inspection judgements skip those rules,
         # most of the shipped policy, instead of testing each (bench/replay.py, py-spy).
         self._undetected_rules = tuple(r for r in self.rules if r.match.kinds is None)
+        # A flow's first judgement usually knows nothing but addresses and ports (no name, no
+        # detection, content pending): rules that need a name, a detection or the content
+        # cannot hold then, and when no other rule is left (the shipped policies) the default
+        # decides without a rule being tested.
+        self._bare_rules = tuple(
+            r for r in self._undetected_rules if r.match.domains is None and not r.match.needs_content
+        )
         self._by_name = {r.name: r for r in rules}
 
     def judge(self, facts: FlowFacts) -> Decision:
@@ -226,12 +234,20 @@ class Policy:
 
         Returns shared, preallocated Decision objects (compare by value, never mutate).
         """
+        if facts.detections:
+            rules = self.rules
+        elif facts.domains or facts.content != CONTENT_PENDING:
+            rules = self._undetected_rules
+        else:
+            rules = self._bare_rules
+        if not rules:
+            return self._default_decision
         if self._needs_addr:
             src = int.from_bytes(facts.src, "big")
             dst = int.from_bytes(facts.dst, "big")
         else:
             src = dst = 0
-        for rule in self.rules if facts.detections else self._undetected_rules:
+        for rule in rules:
             if rule.match.test(facts, src, dst):
                 return rule.decision
         return self._default_decision
