@@ -310,7 +310,7 @@ def _refused_without_banner(data: bytes, final: bool) -> bool:
     it with these few C-speed scans instead of building and filling two ``_Side`` records
     (a fifth of the detectors' time in bench/replay.py). Same checks, same order as
     ``_scan_ident`` with no candidate line (``pos < 0``, ``pre`` = the whole head);
-    tests/test_ssh.py compares the two on generated heads.
+    tests/test_detect_ssh.py compares the two on generated heads.
     """
     if b"\x00" in data or (b"\r" in data and _BAD_CR.search(data) is not None):
         return True
