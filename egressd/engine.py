@@ -222,6 +222,7 @@ class Engine:
         self._error_verdict = ON_ERROR[policy.on_error]  # per packet: never pins the connection
         self._monitor = policy.mode == "monitor"
         self._needs_content = policy.needs_content()
+        self._bare_default = policy.bare_is_default
         self.table.max_flows = s.max_flows
 
     def reload(self, policy: Policy) -> None:
@@ -407,7 +408,12 @@ class Engine:
         if names:
             flow.domains = names
         self.table.add(flow)
-        flow.decision = self.policy.judge(self._facts(flow))
+        if not names and self._bare_default:
+            # Nothing known but addresses and ports, and no rule decides on those alone:
+            # judge() would say the default, without the facts being built for it.
+            flow.decision = self.policy.default_decision
+        else:
+            flow.decision = self.policy.judge(self._facts(flow))
         v = self._settle(flow, ts, "first-packet")
         if v is not None:
             return v

@@ -270,5 +270,11 @@ class Policy:
     def default_decision(self) -> Decision:
         return self._default_decision
 
+    @property
+    def bare_is_default(self) -> bool:
+        """No rule can hold for a flow known only by addresses and ports (no name, no
+        detection, content pending): :meth:`judge` gives it the default decision."""
+        return not self._bare_rules
+
     def __repr__(self) -> str:
         return f"Policy(path={self.path!r}, mode={self.mode!r}, default={self.default!r}, rules={len(self.rules)})"
