@@ -540,8 +540,10 @@ class Reader:
         # Raw IP (what bench/replay.py and NFLOG-to-pcap tools write): the link walk is one
         # version test, done here rather than in a call per record.
         raw = lt in _RAW_LINKTYPES
+        # Locals, not globals: no dictionary look-up per record.
+        max_caplen, offset_every, ip_versions = MAX_CAPLEN, _OFFSET_EVERY, _IP_VERSIONS
         off = 24
-        records = packets = nbytes = non_ip = 0
+        records = nbytes = non_ip = 0
         try:
             while off < size:
                 if off + rec_len > size:
@@ -552,7 +554,7 @@ class Reader:
                     )
                 sec, frac, caplen, _origlen = rec.unpack_from(buf, off)
                 start = off + rec_len
-                if caplen > MAX_CAPLEN:
+                if caplen > max_caplen:
                     raise self._error(
                         off,
                         f"absurd packet record at byte {off} after {records} packets: captured length "
@@ -567,12 +569,12 @@ class Reader:
                     )
                 off = end
                 records += 1
-                if not records & _OFFSET_EVERY:
+                if not records & offset_every:
                     self.offset = off  # for a progress bar; exact at the end (finally)
                 if eth and caplen >= 14 and (buf[start + 12] << 8 | buf[start + 13]) in _ET_IP:
                     p = start + 14
                 elif raw:
-                    p = start if caplen and buf[start] >> 4 in _IP_VERSIONS else -1
+                    p = start if caplen and buf[start] >> 4 in ip_versions else -1
                 else:
                     p = handler(buf, start, end)
                 if p < 0:
@@ -580,7 +582,6 @@ class Reader:
                     k = _non_ip_kind(buf, start, end, lt)
                     stats.non_ip_kinds[k] = stats.non_ip_kinds.get(k, 0) + 1
                     continue
-                packets += 1
                 nbytes += end - p
                 yield sec + frac / div, buf[p:end]
         except CaptureError as err:
@@ -588,7 +589,8 @@ class Reader:
             raise
         finally:
             self.offset = off
-            self._flush(records, packets, nbytes, non_ip, {lt: records} if records else {})
+            # Every record is a packet yielded or a non-IP frame skipped.
+            self._flush(records, records - non_ip, nbytes, non_ip, {lt: records} if records else {})
 
     def _pcapng(self, buf: _Buf) -> Iterator[tuple[float, bytes]]:
         size = self.size
