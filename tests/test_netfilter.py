@@ -186,8 +186,13 @@ def test_render_closes_of_judged_connections_are_logged_not_queued_when_asked() 
         jumps = [r for r in rules if r.endswith(f"-g {nf.CHAIN_CLOSE}")]
         # Every data offset, any flags, after the skip rules for ACKs and before the queue.
         assert [r.split('"')[1] for r in jumps] == [
-            nf.nodata_u32(4, d, reply=reply, any_flags=True) for d in nf._SKIP_ORDER
+            nf.nodata_u32(4, d, reply=reply, fin_only=True) for d in nf._SKIP_ORDER
         ]
+        # A dataless FIN (with or without ACK/PSH) is logged; a RST or SYN is not (queued).
+        assert all(
+            j.split('"')[1].endswith(f"&0xF006=0x{d << 12:04X}")
+            for j, d in zip(jumps, nf._SKIP_ORDER, strict=True)
+        )
         last_skip = max(i for i, r in enumerate(rules) if "u32" in r and r.endswith("-j RETURN"))
         assert last_skip < rules.index(jumps[0]) and rules.index(jumps[-1]) < len(rules) - 1
         assert "NFQUEUE" in rules[-1]

@@ -239,22 +239,60 @@ def test_the_close_of_a_connection_being_judged_is_logged_not_queued(flab: Lab, 
     assert [(e["action"], e["reason"]) for e in evs] == [("allowed", "classified")], evs
 
 
-# Two connections on one 4-tuple: the first sends 64 harmless bytes and is reset (SO_LINGER 0:
-# no TIME_WAIT, so the same local port can connect again at once); the second, from the same
-# port to the same server, sends a Stratum subscribe. Prints the port and how each one ended.
+# Answers, then resets (SO_LINGER 0): an abortive close right behind the answer.
+RESETTER = r"""
+import socket, struct, sys, time
+host, port, life = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port)); s.listen(16); s.settimeout(0.5)
+end = time.monotonic() + life
+while time.monotonic() < end:
+    try:
+        c, _ = s.accept()
+    except OSError:
+        continue
+    c.settimeout(2)
+    try:
+        if c.recv(64):
+            c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+    except OSError:
+        pass
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); c.close()
+"""
+
+
+def test_a_reset_right_behind_an_answer_does_not_overtake_it(flab: Lab, daemon: peers.Egressd) -> None:
+    # The answer waits in the queue for its verdict; a reset that passed it (as a logged FIN
+    # may) would make the client throw the answer away. Resets stay queued, behind it.
+    port = PORT + 2
+    flab.spawn("inet", [PY, "-c", RESETTER, TLS4, str(port), "30"])
+    peers.wait_listening(flab, "inet", [(TLS4, port)])
+    for _ in range(10):
+        r = flab.run_node([PY, "-c", HTTPISH_CLIENT, TLS4, str(port)], timeout=15)
+        assert r.returncode == 0 and r.stdout.startswith("HTTP/1.0 200 OK"), (r.stdout, r.stderr)
+
+
+# Two connections on one 4-tuple. The first sends 64 harmless bytes, reads the answer and the
+# server's close, then closes: both FINs are in, so the engine pins it ALLOW; the server closed
+# first, so it holds the TIME_WAIT and the client's port is free at once. The second, from the
+# same port to the same server (Linux accepts a SYN on a TIME_WAIT socket), sends a Stratum
+# subscribe. Prints the port and how each one ended.
 REUSE_CLIENT = r"""
-import socket, struct, sys
+import socket, sys, time
 host, port = sys.argv[1], int(sys.argv[2])
 def conn(lport, payload):
     c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     c.bind(("", lport)); c.settimeout(2); c.connect((host, port))
     try:
         c.sendall(payload); got = "reply" if c.recv(64) else "eof"
+        while c.recv(64):
+            pass
     except OSError as e:
         got = type(e).__name__
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); lport = c.getsockname()[1]; c.close()
+    lport = c.getsockname()[1]; c.close()
     return lport, got
 lport, first = conn(0, b"q" * 64)
+time.sleep(0.3)  # the last ACK is through; the engine has both FINs
 _, second = conn(lport, b'{"id": 1, "method": "mining.subscribe", "params": ["cpuminer/2.5.1"]}\n')
 print(lport, first, second)
 """
