@@ -295,8 +295,13 @@ def _unjudged_dataless(chain: str, family: int, *, syn: bool) -> list[str]:
     loose conntrack pick-up makes NEW mid-stream is judged by the engine instead, the same way).
     """
     m = _hex(MARK_MASK)
-    u32 = nodata_u32(family, 8, reply=False, any_flags=True, syn=syn)
-    return [f'-A {chain} -p tcp -m mark --mark 0x0/{m} -m connmark --mark 0x0/{m} -m u32 --u32 "{u32}" -j RETURN']
+    # Replies (``syn``: INPUT) also for data offset 10, the SYN-ACK with its options.
+    offsets = (8, 10) if syn else (8,)
+    return [
+        f"-A {chain} -p tcp -m mark --mark 0x0/{m} -m connmark --mark 0x0/{m} "
+        f'-m u32 --u32 "{nodata_u32(family, d, reply=False, any_flags=True, syn=syn)}" -j RETURN'
+        for d in offsets
+    ]
 
 
 def _verdict_rules(chain: str) -> list[str]:
@@ -426,7 +431,9 @@ def render(
     n = cfg.max_packets
     seen = f"-m connmark --mark {_hex(MARK_SEEN)}/{_hex(MARK_MASK)}"
     cb = "-m connbytes --connbytes 0:{n} --connbytes-dir {d} --connbytes-mode packets"
-    skip_multicast = "-m addrtype --dst-type MULTICAST -j RETURN"
+    # Not for TCP: a TCP segment is never multicast or broadcast, and each addrtype test is a
+    # route look-up that every packet of an unjudged connection would pay.
+    skip_multicast = "! -p tcp -m addrtype --dst-type MULTICAST -j RETURN"
 
     policy = cfg.policy4 if family == 4 else cfg.policy6
     decls = [ln for ln in policy if ln.startswith(":")]
@@ -443,7 +450,7 @@ def render(
     f += [f"-A {CHAIN_OUT} -o lo -j RETURN", f"-A {CHAIN_OUT} -m conntrack --ctdir REPLY -j RETURN"]
     f += [f"-A {CHAIN_OUT} {skip_multicast}"]
     if family == 4:
-        f += [f"-A {CHAIN_OUT} -m addrtype --dst-type BROADCAST -j RETURN"]
+        f += [f"-A {CHAIN_OUT} ! -p tcp -m addrtype --dst-type BROADCAST -j RETURN"]
     if policy:
         f += [f"-A {CHAIN_OUT} {to_policy}"]
     f += _verdict_rules(CHAIN_OUT)
