@@ -143,8 +143,11 @@ def worker_conn_server(addr: str, ports: Sequence[int], seconds: float) -> int:
     return 0
 
 
-REQUEST = b"GET /x HTTP/1.0\r\nHost: bench\r\n" + b"X" * 32 + b"\r\n\r\n"  # 64 bytes
-REPLY = b"HTTP/1.0 200 OK\r\n" + b"Y" * 42 + b"\r\n\r\n"  # 64 bytes
+REQUEST = b"GET /x HTTP/1.0\r\nHost: bench\r\n" + b"X" * 30 + b"\r\n\r\n"  # 64 bytes
+REPLY = b"HTTP/1.0 200 OK\r\n" + b"Y" * 43 + b"\r\n\r\n"  # 64 bytes
+# Exactly 64: the server reads 64 and then waits for EOF; a byte left unread makes its close
+# a reset (and a reset may overtake the reply).
+assert len(REQUEST) == 64 and len(REPLY) == 64
 
 
 def worker_conn_client(
@@ -374,7 +377,10 @@ def _verdicts(status: dict[str, Any]) -> dict[str, int]:
     Why: since the closes of connections being judged are logged, not queued (docs/fast-path.md),
     "packets the engine read" and "packets that waited for a verdict" differ; the rows count
     the second, the one a connection pays for."""
-    return {"packets": status["engine"]["packets"] - status.get("closes_logged", 0)}
+    return {
+        "packets": status["engine"]["packets"] - status.get("closes_logged", 0),
+        "overload": status["engine"]["overload"],
+    }
 
 
 @dataclass
@@ -496,6 +502,21 @@ class Bench:
         not egressd. Called with no daemon running, so no daemon reads the flush's destroy
         events as load."""
         self.lab.run_node(["conntrack", "-F"])
+
+    @contextlib.contextmanager
+    def bare_on_our_rules(self) -> Iterator[None]:
+        """egressd's own rules (``egressd rules install``: the queue, no compiled policy, no
+        logged closes) with netfilterqueue's C accept loop as the listener instead of the
+        daemon: what the kernel side costs with a consumer that does no work. The gap between
+        this and the daemon is the daemon's per-packet work (Python), not the queue."""
+        self.flush_conntrack()
+        self.lab.run_node([EGRESSD, "rules", "install"], check=True)
+        p = self._spawn_ready("node", [PYTHON, __file__, "--worker", "nfq-bare", "--queue", "0", "--seconds", "60"])
+        try:
+            yield
+        finally:
+            self.lab.stop(p)
+            self.lab.run_node([EGRESSD, "rules", "remove"], check=True)
 
     @contextlib.contextmanager
     def conntrack_only(self) -> Iterator[None]:
@@ -626,7 +647,7 @@ class Bench:
         pp50, pp99 = Pair(), Pair()
         rr, rr_trust, rr_judged, trust_judged = Pair(), Pair(), Pair(), Pair()
         ct_conn, ct_rr, over_ct_conn, over_ct_rr = Pair(), Pair(), Pair(), Pair()
-        ct_pp99, over_ct_pp99, rr_closes = Pair(), Pair(), Pair()
+        ct_pp99, over_ct_pp99, rr_closes, bare_rr = Pair(), Pair(), Pair(), Pair()
         for r in range(self.plan.rounds):
             pa = self.conn_once(PACED_RATE)
             a = self.conn_once(0)
@@ -635,6 +656,10 @@ class Bench:
                 cpa = self.conn_once(PACED_RATE)
                 ca = self.conn_once(0)
                 cra = self.conn_once(0, request=True)
+            with self.bare_on_our_rules():
+                bra = self.conn_once(0, request=True)
+            bare_rr.without.append(ra["rate"])
+            bare_rr.with_.append(bra["rate"])
             with self.daemon(DEFAULT_POLICY, f"conn-r{r + 1}") as d:
                 st0 = _verdicts(d.status())
                 pb = self.conn_once(PACED_RATE)
@@ -700,6 +725,7 @@ class Bench:
         self.results["over_ct_rr"] = over_ct_rr
         self.info["rr_judged"] = rr_judged
         self.info["rr_closes"] = rr_closes
+        self.results["bare_rr"] = bare_rr
         self.results["ct_paced_p99"] = ct_pp99
         self.results["over_ct_paced_p99"] = over_ct_pp99
         self.info["trust_judged"] = trust_judged
@@ -996,6 +1022,7 @@ def build_rows(res: dict[str, Pair], info: dict[str, Pair]) -> list[Row]:
     ratio_row("over_ct_conn", "egressd vs conntrack alone: no-data conn/s", ".0f", None)
     ratio_row("over_ct_rr", "egressd vs conntrack alone: request/response conn/s", ".0f", None)
     ratio_row("over_ct_bulk", "egressd vs conntrack alone: bulk TCP (Gbit/s)", ".2f", None)
+    ratio_row("bare_rr", "egressd's rules + C accept loop vs none: request/response conn/s", ".0f", None)
     lat_rows = (
         ("p50", "connect() p50, tight loop (us)", None),
         ("p99", "connect() p99, tight loop (us)", 50.0),

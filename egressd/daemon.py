@@ -255,6 +255,8 @@ class Daemon:
         flow reaches the kernel with the connection's next queued packet, if any; its event
         is written now."""
         q = self._queue
+        if self._ct is not None:
+            self._ct_readable()  # ends before the queue, as in _readable
         self._now = time.time()
         if q is not None:
             for _ in range(CLOSE_DRAIN_BATCHES):

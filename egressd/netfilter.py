@@ -295,8 +295,13 @@ def _unjudged_dataless(chain: str, family: int, *, syn: bool) -> list[str]:
     loose conntrack pick-up makes NEW mid-stream is judged by the engine instead, the same way).
     """
     m = _hex(MARK_MASK)
-    u32 = nodata_u32(family, 8, reply=False, any_flags=True, syn=syn)
-    return [f'-A {chain} -p tcp -m mark --mark 0x0/{m} -m connmark --mark 0x0/{m} -m u32 --u32 "{u32}" -j RETURN']
+    # Replies (``syn``: INPUT) also for data offset 10, the SYN-ACK with its options.
+    offsets = (8, 10) if syn else (8,)
+    return [
+        f"-A {chain} -p tcp -m mark --mark 0x0/{m} -m connmark --mark 0x0/{m} "
+        f'-m u32 --u32 "{nodata_u32(family, d, reply=False, any_flags=True, syn=syn)}" -j RETURN'
+        for d in offsets
+    ]
 
 
 def _verdict_rules(chain: str) -> list[str]:
@@ -324,11 +329,14 @@ TCP_DATA_OFFSETS: Final = range(5, 16)  # the TCP header is 5..15 32-bit words (
 # segment leaves after one to three u32 tests instead of up to eleven.
 _SKIP_ORDER: Final = (8, 10, 5, 6, 7, 9, 11, 12, 13, 14, 15)
 _TCP_SYN: Final = 0x02
+_TCP_RST: Final = 0x04
 _TCP_ACK: Final = 0x10
 _TCP_SYN_RST_FIN: Final = 0x07
 
 
-def nodata_u32(family: int, doff: int, *, reply: bool, any_flags: bool = False, syn: bool = True) -> str:
+def nodata_u32(
+    family: int, doff: int, *, reply: bool, any_flags: bool = False, syn: bool = True, fin_only: bool = False
+) -> str:
     """The ``u32`` test: a TCP segment of data offset ``doff`` with zero payload, nothing to read.
 
     The IP length field must equal the IP plus TCP header length for this one data offset
@@ -347,6 +355,8 @@ def nodata_u32(family: int, doff: int, *, reply: bool, any_flags: bool = False, 
         flags, mask = (0,), 0xF000
         if not syn:  # ... except that its SYN is to be looked at (``_unjudged_dataless``)
             mask |= _TCP_SYN
+    if fin_only:  # a dataless segment without SYN or RST: after the ACK skips, a FIN (CHAIN_CLOSE)
+        flags, mask = (0,), 0xF000 | _TCP_SYN | _TCP_RST
     values = ",".join(f"0x{doff << 12 | f:04X}" for f in flags)
     if family == 4:
         # Word 0: version 4 + IHL 5 (no options) and the total length; word 4: MF + offset;
@@ -369,11 +379,15 @@ def _enqueue_rules(
     the detectors read (a silent SSH client, a line followed by a close). ``queue_syn``
     (fail: closed) queues the SYN as before, so that no daemon means no connection at all.
 
-    ``log_closes``: that FIN/RST goes to ``CHAIN_CLOSE`` (NFLOG to the daemon) instead of the
+    ``log_closes``: that FIN goes to ``CHAIN_CLOSE`` (NFLOG to the daemon) instead of the
     queue. It was half the verdicts of a short request/response connection (request, reply,
     two FINs), and a verdict is where the packet's whole way on through the kernel is paid,
     inside the daemon's system call. The close is evidence, not something to stop: it
-    carries no data, and once a side closed that side can send nothing more.
+    carries no data, and once a side closed that side can send nothing more. A FIN that
+    passes ahead of its side's data still waiting in the queue is held by the receiver until
+    the data arrives (TCP orders by sequence number). A RST is not: the receiver would act on
+    it at once and throw away the data it overtook (a server that resets after its answer), so
+    a RST stays queued, behind that data.
     """
     m = _hex(MARK_MASK)
     fresh = _hex(MARK_FRESH)
@@ -390,9 +404,9 @@ def _enqueue_rules(
         f'-A {chain} {unseen} "{nodata_u32(family, d, reply=reply, any_flags=True)}" -j RETURN' for d in _SKIP_ORDER
     ]
     out += [f'-A {chain} -p tcp -m u32 --u32 "{nodata_u32(family, d, reply=reply)}" -j RETURN' for d in _SKIP_ORDER]
-    if log_closes:  # what is left without data: FIN/RST (and a repeated SYN) of a judged connection
+    if log_closes:  # what is left without data and without SYN/RST: the FIN of a judged connection
         out += [
-            f'-A {chain} -p tcp -m u32 --u32 "{nodata_u32(family, d, reply=reply, any_flags=True)}" -g {CHAIN_CLOSE}'
+            f'-A {chain} -p tcp -m u32 --u32 "{nodata_u32(family, d, reply=reply, fin_only=True)}" -g {CHAIN_CLOSE}'
             for d in _SKIP_ORDER
         ]
     out.append(f"-A {chain} -m connmark --mark {fresh}/{fresh} -j MARK --or-mark {fresh}")
@@ -417,7 +431,9 @@ def render(
     n = cfg.max_packets
     seen = f"-m connmark --mark {_hex(MARK_SEEN)}/{_hex(MARK_MASK)}"
     cb = "-m connbytes --connbytes 0:{n} --connbytes-dir {d} --connbytes-mode packets"
-    skip_multicast = "-m addrtype --dst-type MULTICAST -j RETURN"
+    # Not for TCP: a TCP segment is never multicast or broadcast, and each addrtype test is a
+    # route look-up that every packet of an unjudged connection would pay.
+    skip_multicast = "! -p tcp -m addrtype --dst-type MULTICAST -j RETURN"
 
     policy = cfg.policy4 if family == 4 else cfg.policy6
     decls = [ln for ln in policy if ln.startswith(":")]
@@ -434,7 +450,7 @@ def render(
     f += [f"-A {CHAIN_OUT} -o lo -j RETURN", f"-A {CHAIN_OUT} -m conntrack --ctdir REPLY -j RETURN"]
     f += [f"-A {CHAIN_OUT} {skip_multicast}"]
     if family == 4:
-        f += [f"-A {CHAIN_OUT} -m addrtype --dst-type BROADCAST -j RETURN"]
+        f += [f"-A {CHAIN_OUT} ! -p tcp -m addrtype --dst-type BROADCAST -j RETURN"]
     if policy:
         f += [f"-A {CHAIN_OUT} {to_policy}"]
     f += _verdict_rules(CHAIN_OUT)

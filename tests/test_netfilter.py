@@ -165,13 +165,15 @@ def test_render_a_dataless_segment_of_an_unjudged_connection_leaves_at_the_secon
     # no loopback/addrtype/verdict walk. An originator's SYN is excluded (it walks the
     # compiled policy and marks the connection FRESH); on INPUT a SYN is a SYN-ACK.
     rules = _lines(nf.render(CFG, family), f"-A {chain} ")
-    u32 = nf.nodata_u32(family, 8, reply=False, any_flags=True, syn=syn)
-    assert rules[1] == (
-        f"-A {chain} -p tcp -m mark --mark 0x0/0x30000000 -m connmark --mark 0x0/0x30000000 "
-        f'-m u32 --u32 "{u32}" -j RETURN'
-    )
-    want = "0xF002=0x8000" if not syn else "0xF000=0x8000"
-    assert u32.endswith(want)
+    offsets = (8, 10) if syn else (8,)  # INPUT: also the SYN-ACK's data offset
+    for i, d in enumerate(offsets):
+        u32 = nf.nodata_u32(family, d, reply=False, any_flags=True, syn=syn)
+        assert rules[1 + i] == (
+            f"-A {chain} -p tcp -m mark --mark 0x0/0x30000000 -m connmark --mark 0x0/0x30000000 "
+            f'-m u32 --u32 "{u32}" -j RETURN'
+        )
+        assert u32.endswith(f"0xF002=0x{d:X}000" if not syn else f"0xF000=0x{d:X}000")
+    assert "u32" not in rules[1 + len(offsets)]
 
 
 def test_render_closes_of_judged_connections_are_logged_not_queued_when_asked() -> None:
@@ -186,8 +188,13 @@ def test_render_closes_of_judged_connections_are_logged_not_queued_when_asked() 
         jumps = [r for r in rules if r.endswith(f"-g {nf.CHAIN_CLOSE}")]
         # Every data offset, any flags, after the skip rules for ACKs and before the queue.
         assert [r.split('"')[1] for r in jumps] == [
-            nf.nodata_u32(4, d, reply=reply, any_flags=True) for d in nf._SKIP_ORDER
+            nf.nodata_u32(4, d, reply=reply, fin_only=True) for d in nf._SKIP_ORDER
         ]
+        # A dataless FIN (with or without ACK/PSH) is logged; a RST or SYN is not (queued).
+        assert all(
+            j.split('"')[1].endswith(f"&0xF006=0x{d << 12:04X}")
+            for j, d in zip(jumps, nf._SKIP_ORDER, strict=True)
+        )
         last_skip = max(i for i, r in enumerate(rules) if "u32" in r and r.endswith("-j RETURN"))
         assert last_skip < rules.index(jumps[0]) and rules.index(jumps[-1]) < len(rules) - 1
         assert "NFQUEUE" in rules[-1]
@@ -198,7 +205,7 @@ def test_render_closes_of_judged_connections_are_logged_not_queued_when_asked() 
 
 def test_render_input_only_considers_reply_direction() -> None:
     rules = _lines(nf.render(CFG, 4), f"-A {nf.CHAIN_IN} ")
-    assert rules[3] == f"-A {nf.CHAIN_IN} -m conntrack --ctdir ORIGINAL -j RETURN"
+    assert rules[4] == f"-A {nf.CHAIN_IN} -m conntrack --ctdir ORIGINAL -j RETURN"
     assert rules[-1] == f"-A {nf.CHAIN_IN} -j {nf.CHAIN_QREPLY}"
 
 

@@ -25,10 +25,15 @@ pytestmark = live
 TLS4 = SERVICES["tls"][0]
 PORT = 9100  # the echo server below, on TLS4 and POOL_V4
 
-# Accepts connections for ``life`` seconds; each gets up to 64 bytes read, 64 bytes back, close.
+# Accepts connections for ``life`` seconds; each gets up to 64 bytes read and an answer, then
+# the connection ends. argv[4] "echo": 64 bytes back, close. "close": an HTTP answer, then
+# wait for the client's close before closing (text both ways keeps the SSH detector waiting
+# for a close: a line may precede a banner). "reset": an HTTP answer, then a reset right behind it.
 ECHO = r"""
-import socket, sys, time
+import socket, struct, sys, time
 host, port, life = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+end_by = sys.argv[4] if len(sys.argv) > 4 else "echo"
+answer = b"r" * 64 if end_by == "echo" else b"HTTP/1.0 200 OK\\r\\nContent-Length: 0\\r\\n\\r\\n"
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((host, port)); s.listen(128); s.settimeout(0.5)
 end = time.monotonic() + life
@@ -40,9 +45,13 @@ while time.monotonic() < end:
     c.settimeout(2)
     try:
         if c.recv(64):
-            c.sendall(b"r" * 64)
+            c.sendall(answer)
+            if end_by == "close":
+                c.recv(1)
     except OSError:
         pass
+    if end_by == "reset":
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     c.close()
 """
 
@@ -187,28 +196,6 @@ def test_a_flows_end_is_learned_from_conntrack(flab: Lab, daemon: peers.Egressd)
     assert st["flows_tracked"] == 0, st  # forgotten now, not at the idle timeout (300 s)
 
 
-# One HTTP-shaped exchange on ``port``: the request, a reply, then the client closes first.
-# Text both ways keeps the SSH detector waiting for a close (a line may precede a banner).
-HTTPISH = r"""
-import socket, sys, time
-host, port, life = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((host, port)); s.listen(16); s.settimeout(0.5)
-end = time.monotonic() + life
-while time.monotonic() < end:
-    try:
-        c, _ = s.accept()
-    except OSError:
-        continue
-    c.settimeout(2)
-    try:
-        if c.recv(64):
-            c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
-            c.recv(1)
-    except OSError:
-        pass
-    c.close()
-"""
 HTTPISH_CLIENT = r"""
 import socket, sys
 c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
@@ -222,7 +209,7 @@ def test_the_close_of_a_connection_being_judged_is_logged_not_queued(flab: Lab, 
     # through NFLOG, and the engine concludes the flow at the close, seconds before conntrack
     # would end it (TIME_WAIT: 120 s). Before, each FIN cost a queue verdict.
     port = PORT + 1
-    flab.spawn("inet", [PY, "-c", HTTPISH, TLS4, str(port), "30"])
+    flab.spawn("inet", [PY, "-c", ECHO, TLS4, str(port), "30", "close"])
     peers.wait_listening(flab, "inet", [(TLS4, port)])
     h0, st0 = _hits(flab), daemon.status()
     r = flab.run_node([PY, "-c", HTTPISH_CLIENT, TLS4, str(port)], timeout=15)
@@ -239,22 +226,38 @@ def test_the_close_of_a_connection_being_judged_is_logged_not_queued(flab: Lab, 
     assert [(e["action"], e["reason"]) for e in evs] == [("allowed", "classified")], evs
 
 
-# Two connections on one 4-tuple: the first sends 64 harmless bytes and is reset (SO_LINGER 0:
-# no TIME_WAIT, so the same local port can connect again at once); the second, from the same
-# port to the same server, sends a Stratum subscribe. Prints the port and how each one ended.
+def test_a_reset_right_behind_an_answer_does_not_overtake_it(flab: Lab, daemon: peers.Egressd) -> None:
+    # The answer waits in the queue for its verdict; a reset that passed it (as a logged FIN
+    # may) would make the client throw the answer away. Resets stay queued, behind it.
+    port = PORT + 2
+    flab.spawn("inet", [PY, "-c", ECHO, TLS4, str(port), "30", "reset"])
+    peers.wait_listening(flab, "inet", [(TLS4, port)])
+    for _ in range(10):
+        r = flab.run_node([PY, "-c", HTTPISH_CLIENT, TLS4, str(port)], timeout=15)
+        assert r.returncode == 0 and r.stdout.startswith("HTTP/1.0 200 OK"), (r.stdout, r.stderr)
+
+
+# Two connections on one 4-tuple. The first sends 64 harmless bytes, reads the answer and the
+# server's close, then closes: both FINs are in, so the engine pins it ALLOW; the server closed
+# first, so it holds the TIME_WAIT and the client's port is free at once. The second, from the
+# same port to the same server (Linux accepts a SYN on a TIME_WAIT socket), sends a Stratum
+# subscribe. Prints the port and how each one ended.
 REUSE_CLIENT = r"""
-import socket, struct, sys
+import socket, sys, time
 host, port = sys.argv[1], int(sys.argv[2])
 def conn(lport, payload):
     c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     c.bind(("", lport)); c.settimeout(2); c.connect((host, port))
     try:
         c.sendall(payload); got = "reply" if c.recv(64) else "eof"
+        while c.recv(64):
+            pass
     except OSError as e:
         got = type(e).__name__
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); lport = c.getsockname()[1]; c.close()
+    lport = c.getsockname()[1]; c.close()
     return lport, got
 lport, first = conn(0, b"q" * 64)
+time.sleep(0.3)  # the last ACK is through; the engine has both FINs
 _, second = conn(lport, b'{"id": 1, "method": "mining.subscribe", "params": ["cpuminer/2.5.1"]}\n')
 print(lport, first, second)
 """
