@@ -435,23 +435,30 @@ def _pick(fwd: _Hit | int, rev: _Hit | int) -> _Hit | None:
     return best
 
 
-# The last heads scanned and what _scan said of them. The engine calls detect_stratum and
-# detect_jsonrpc one after the other on the very same head objects; this lets the second
-# reuse the first's parse instead of decoding the JSON twice. Identity, not equality: the
-# references held here keep those objects alive, so an identical id means the same bytes.
-_last_heads: list[object] = [None, None, None]
-_last_scans: list[_Hit | int] = [_NOT, _NOT]
+# The last head scanned on each side, and what _scan said of it. The engine calls
+# detect_stratum and detect_jsonrpc one after the other on the very same head objects, and
+# when only one side of a flow grew, the other side's head is the very same object as at the
+# previous call (a head is replaced, never changed, when it grows): either way the parse is
+# reused instead of decoding the JSON or the HTTP head again. _scan is a function of
+# (head, final, limit) alone. Identity, not equality: the references held here keep those
+# objects alive, so an identical id means the same bytes.
+_last_side: list[tuple[bytes | None, bool, int, _Hit | int]] = [(None, False, 0, _NOT), (None, False, 0, _NOT)]
+
+
+def _scan_side(side: int, data: bytes, final: bool, limit: int) -> _Hit | int:
+    head, was_final, was_limit, got = _last_side[side]
+    if head is data and was_final == final and was_limit == limit:
+        return got
+    got = _scan(data, final, limit)
+    _last_side[side] = (data, final, limit, got)
+    return got
 
 
 def _scan_both(fwd: bytes, rev: bytes, ctx: StreamContext) -> tuple[_Hit | int, _Hit | int]:
-    heads = _last_heads
-    if heads[0] is fwd and heads[1] is rev and heads[2] is ctx:
-        return _last_scans[0], _last_scans[1]
-    f = _scan(fwd, ctx.fwd_closed or ctx.fwd_full, ctx.head)
-    r = _scan(rev, ctx.rev_closed or ctx.rev_full, ctx.head)
-    heads[0], heads[1], heads[2] = fwd, rev, ctx
-    _last_scans[0], _last_scans[1] = f, r
-    return f, r
+    return (
+        _scan_side(0, fwd, ctx.fwd_closed or ctx.fwd_full, ctx.head),
+        _scan_side(1, rev, ctx.rev_closed or ctx.rev_full, ctx.head),
+    )
 
 
 def detect_stratum(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
