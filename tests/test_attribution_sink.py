@@ -55,3 +55,63 @@ def test_a_live_local_flow_is_attributed_to_this_process(tmp_path: Path) -> None
     assert rows[0]["process"]["pid"] == os.getpid()
     assert rows[0]["process"]["uid"] == os.getuid()
     assert rows[1]["process"] == {"unknown": "no socket lookup for protocol ICMP"}
+
+
+def _blocked(fid: int, lport: int, rport: int) -> Event:
+    ev = Event(float(fid), fid, "127.0.0.1", lport, "127.0.0.1", rport, "TCP", "drop", "blocked", "drop-mining",
+               "", "classified")  # fmt: skip
+    return ev
+
+
+def test_a_drop_waits_for_the_lookup_its_syn_started_and_names_the_process(tmp_path: Path) -> None:
+    # Since the fast path a client that sends at once is judged within a millisecond of its
+    # SYN. The drop's alert (written before the verdict) waits, bounded, for the lookup the
+    # conntrack NEW event started; without such a lookup it does not wait and says why.
+    from egressd.attribution import service
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    socks = [srv]
+    log = EventLog(str(tmp_path / "ev.jsonl"))
+    sink = AttributedSink(log, timeout=2.0)
+    a = sink.attributor
+    a.start()
+    try:
+        conns = []
+        for _ in range(2):
+            c = socket.create_connection(srv.getsockname())
+            s, _ = srv.accept()
+            socks += [c, s]
+            conns.append((c.getsockname()[1], srv.getsockname()[1]))
+        (lp1, rp), (lp2, _) = conns
+        key1 = (socket.IPPROTO_TCP, socket.inet_aton("127.0.0.1"), lp1, socket.inet_aton("127.0.0.1"), rp)
+        a._on_ct_new(key1)  # what the conntrack thread does at the SYN
+        sink.take(deque([_blocked(1, lp1, rp)]), None)  # at once: the worker may not have finished
+        sink.take(deque([_blocked(2, lp2, rp)]), None)  # no lookup started: nothing to wait for
+        st = a.status()["drop_waits"]
+        sink.close()
+    finally:
+        for x in socks:
+            x.close()
+    log.close()
+    rows = {r["flow_id"]: r for r in (json.loads(x) for x in (tmp_path / "ev.jsonl").read_text().splitlines())}
+    assert rows[1]["process"]["pid"] == os.getpid(), rows[1]
+    assert rows[2]["process"]["unknown"].startswith("process not named in time"), rows[2]
+    assert st["waited"] <= 1 and st["named"] == st["waited"]
+    assert service.DROP_WAIT <= 0.02 and service.DROP_WAIT_BUDGET <= 0.1
+
+
+def test_a_drop_does_not_wait_once_the_budget_is_spent(tmp_path: Path) -> None:
+    log = EventLog(str(tmp_path / "ev.jsonl"))
+    sink = AttributedSink(log, timeout=0.05)
+    a = sink.attributor  # worker not started: an announced lookup never finishes
+    key = (socket.IPPROTO_TCP, socket.inet_aton("127.0.0.1"), 40000, socket.inet_aton("127.0.0.1"), 9)
+    a._on_ct_new(key)
+    waits = [a._wait_for_lookup(key) for _ in range(8)]
+    sink.flush(final=True)
+    a.stop(0.1)
+    log.close()
+    # 20 ms each until 100 ms are spent in the second: five waits, then none.
+    assert waits == [True] * 5 + [False] * 3, waits
+    assert a.drop_waits == 5

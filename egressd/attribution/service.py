@@ -16,6 +16,13 @@ without a verdict ever waiting for ``/proc``. Plan:
 * Except a dropped flow's alert, which is written before its verdict (sink.py), from memory
   only (``at_drop``): the daemon asks sock_diag for the socket first, because the verdict
   resets it (one netlink round trip, ~8 µs measured, no ``/proc``; dropped flows only).
+  When the lookup started at the flow's SYN is still running, the drop waits for it, at most
+  ``DROP_WAIT`` and ``DROP_WAIT_BUDGET`` per second in all: since the fast path, a client that
+  sends at once (a miner on a LAN, the demo's) is judged within a millisecond of its SYN,
+  before the worker has read ``/proc``, and the alert, the one record of that decision, would
+  name no process. The wait is the worker's lookup, never ``/proc`` on the loop; the packet
+  being dropped is the one waiting, and the budget keeps a flood of drops from stalling the
+  loop for longer than that.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ MAX_PREFETCH_QUEUE: Final = 1024  # early lookups waiting; beyond, they are skip
 BUDGET: Final = 0.25  # all lookups; beyond it an event says "attribution budget spent"
 PREFETCH_BUDGET: Final = 0.15  # the part early lookups may use, leaving the rest to events
 SEE_RECORD: Final = "the flow was dropped before the lookup started at its SYN finished"
+DROP_WAIT: Final = 0.02  # seconds a drop may wait for the lookup its SYN started
+DROP_WAIT_BUDGET: Final = 0.1  # seconds of such waits per second, in all
 DENIED: Final = (
     "the socket's process cannot be read (needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, and a visible /proc)"
 )
@@ -149,6 +158,14 @@ class Attributor:
         self._wake = threading.Event()
         self._stop = False
         self._early: OrderedDict[Key, tuple[SocketInfo, str]] = OrderedDict()
+        # Keys whose lookup the conntrack thread asked for and the worker has not finished:
+        # a drop of such a flow may wait for it (``at_drop``).
+        self._inflight: set[Key] = set()
+        self._finished = threading.Condition()
+        self._dw_window = 0.0
+        self._dw_spent = 0.0
+        self.drop_waits = 0  # drops that waited for their SYN's lookup
+        self.drop_waits_named = 0  # ... and got the process named by it
         self._by_key: OrderedDict[Key, tuple[float, Who]] = OrderedDict()
         self._by_flow: OrderedDict[int, Who] = OrderedDict()
         # The processes that owned the last sockets of each cgroup: a job opens many
@@ -190,6 +207,8 @@ class Attributor:
     def _on_ct_new(self, key: Key) -> None:
         """From the conntrack thread (its gate checked the budget): look the owner up now."""
         if len(self._work) < MAX_PREFETCH_QUEUE:
+            with self._finished:
+                self._inflight.add(key)
             self._work.append(key)
             self._wake.set()
 
@@ -275,11 +294,14 @@ class Attributor:
         started at the SYN already named the process of this very socket."""
         info = self.socket_now(ev)
         key = key_of_event(ev)
+        waited = key is not None and self._wait_for_lookup(key)
         hit = self._by_key.get(key) if key is not None else None
         if hit is not None and time.monotonic() - hit[0] < KEY_TTL:
             who = hit[1]
             if (info is None and who.pid is not None) or (info is not None and info.inode == who.inode):
                 # The lookup started at the SYN, about this very socket: what it found (or why not).
+                if waited and who.pid is not None:
+                    self.drop_waits_named += 1
                 return who, who.pid is not None
         if info is None:
             return unknown("socket not found when the flow was dropped"), False
@@ -309,6 +331,7 @@ class Attributor:
             "unknown": self.unknown,
             "timeouts": self.timeouts,
             "inline_socket_lookups": self.inline,
+            "drop_waits": {"waited": self.drop_waits, "named": self.drop_waits_named},
             "early_lookups_skipped": self.prefetch_skipped,
             "sockets_destroyed": self.destroyed,
             "budget_spent": self.budget_spent,
@@ -385,6 +408,14 @@ class Attributor:
         self._prefetch_key(key)
 
     def _prefetch_key(self, key: Key) -> None:
+        try:
+            self._lookup_key(key)
+        finally:
+            with self._finished:  # a drop may be waiting for this key (at_drop)
+                self._inflight.discard(key)
+                self._finished.notify_all()
+
+    def _lookup_key(self, key: Key) -> None:
         now = time.monotonic()
         hit = self._by_key.get(key)
         if hit is not None and now - hit[0] < 1.0:
@@ -402,6 +433,22 @@ class Attributor:
         self._by_key.move_to_end(key)
         while len(self._by_key) > CACHE:
             self._by_key.popitem(last=False)
+
+    def _wait_for_lookup(self, key: Key) -> bool:
+        """On the loop thread, for a flow being dropped: wait (bounded, see the module
+        docstring) for the lookup its SYN started. True when there was one to wait for."""
+        now = time.monotonic()
+        if now - self._dw_window >= 1.0:
+            self._dw_window = now
+            self._dw_spent = 0.0
+        allowed = min(DROP_WAIT, DROP_WAIT_BUDGET - self._dw_spent)
+        with self._finished:
+            if key not in self._inflight or allowed <= 0:
+                return False
+            self.drop_waits += 1
+            self._finished.wait_for(lambda: key not in self._inflight, allowed)
+        self._dw_spent += time.monotonic() - now
+        return True
 
     def _event(self, p: Pending) -> None:
         ev = p.event
