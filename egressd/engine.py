@@ -896,12 +896,43 @@ class Engine:
         """A connection that never carried data ended (conntrack said so, and its mark says the
         kernel saw its SYN and no verdict was ever given): its flow record, judged as the
         engine would judge such a flow at its end (content ``none``; no flow is kept)."""
-        self.counters.flows += 1
-        self._fid += 1
         names = self.dns.names_for(dst, now)
         version = 4 if len(src) == 4 else 6
         dec = self.policy.judge(FlowFacts(proto, version, src, dst, sport, dport, names, (), CONTENT_NONE))
+        # "allowed": nothing of it was stopped, it carried nothing.
+        self._untracked(dec, proto, src, sport, dst, dport, now, names, "allowed", "end", {"dataless": True})
+
+    def kernel_dropped(
+        self, decision: Decision, proto: int, src: bytes, sport: int, dst: bytes, dport: int, now: float
+    ) -> None:
+        """The kernel refused a new connection by a compiled rule (egressd.kernelsets): record
+        it as the engine would have, had it seen the first packet (no flow is kept)."""
+        self.counters.dropped += 1
+        names = self.dns.names_for(dst, now)
+        self._untracked(
+            decision, proto, src, sport, dst, dport, now, names, "blocked", "first-packet", {"kernel": True}, packets=1
+        )
+
+    def _untracked(
+        self,
+        dec: Decision,
+        proto: int,
+        src: bytes,
+        sport: int,
+        dst: bytes,
+        dport: int,
+        now: float,
+        names: tuple[str, ...],
+        action: str,
+        reason: str,
+        extra: dict[str, object],
+        packets: int = 0,
+    ) -> None:
+        """The event of a flow decided without the engine tracking it (no Flow, no detections):
+        counted and numbered like any other flow's."""
+        self.counters.flows += 1
         self.counters.rules[dec.rule] = self.counters.rules.get(dec.rule, 0) + 1
+        self._fid += 1
         ev = Event(
             timestamp=now,
             flow_id=self._fid,
@@ -911,46 +942,16 @@ class Engine:
             dest_port=dport,
             proto=eve_name(proto),
             verdict=dec.action,
-            action="allowed",  # nothing of it was stopped: it carried nothing
+            action=action,
             rule=dec.rule,
             rule_description=dec.description,
-            reason="end",
+            reason=reason,
             mode=self.policy.mode,
             domain=names[0] if names else None,
+            packets=packets,
             severity=dec.severity,
         )
-        ev.extra = {"dataless": True}
-        self.events.append(ev)
-
-    def kernel_dropped(
-        self, decision: Decision, proto: int, src: bytes, sport: int, dst: bytes, dport: int, now: float
-    ) -> None:
-        """The kernel refused a new connection by a compiled rule (egressd.kernelsets): record
-        it as the engine would have, had it seen the first packet (no flow is kept)."""
-        self.counters.flows += 1
-        self.counters.dropped += 1
-        self.counters.rules[decision.rule] = self.counters.rules.get(decision.rule, 0) + 1
-        self._fid += 1
-        names = self.dns.names_for(dst, now)
-        ev = Event(
-            timestamp=now,
-            flow_id=self._fid,
-            src_ip=ip_text(src),
-            src_port=sport,
-            dest_ip=ip_text(dst),
-            dest_port=dport,
-            proto=eve_name(proto),
-            verdict=decision.action,
-            action="blocked",
-            rule=decision.rule,
-            rule_description=decision.description,
-            reason="first-packet",
-            mode=self.policy.mode,
-            domain=names[0] if names else None,
-            packets=1,
-            severity=decision.severity,
-        )
-        ev.extra = {"kernel": True}
+        ev.extra = extra
         self.events.append(ev)
 
     def sweep(self, now: float) -> None:
