@@ -20,7 +20,6 @@ judged by the daemon can end unannounced for want of a listener.
 
 from __future__ import annotations
 
-import errno
 import socket
 import struct
 from typing import Final
@@ -129,16 +128,9 @@ class Events:
 
     def read(self, budget: int = 256) -> list[tuple[int, Tuple5, int]]:
         out: list[tuple[int, Tuple5, int]] = []
-        for _ in range(budget):
-            try:
-                data = self.sock.recv(65536)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:  # events were lost; the idle timeouts cover them
-                    self.overflows += 1
-                    continue
-                raise
+        datagrams, lost = nl.drain(self.sock, budget)
+        self.overflows += lost  # events were lost; the idle timeouts cover them
+        for data in datagrams:
             got = parse(data)
             self.messages += len(got)
             out += got

@@ -20,7 +20,6 @@ and are counted; a lost close leaves its flow to the conntrack end or the idle t
 
 from __future__ import annotations
 
-import errno
 import socket
 import struct
 from typing import Final
@@ -133,16 +132,9 @@ class KernelLog:
     def read(self, closes: list[Closed] | None = None, budget: int = 256) -> list[Logged]:
         """Up to ``budget`` datagrams: the compiled drops; closes go to ``closes``."""
         out: list[Logged] = []
-        for _ in range(budget):
-            try:
-                data = self.sock.recv(65536)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    self.overflows += 1
-                    continue
-                raise
+        datagrams, lost = nl.drain(self.sock, budget)
+        self.overflows += lost
+        for data in datagrams:
             out += parse(data, closes)
         return out
 

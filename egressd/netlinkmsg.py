@@ -10,6 +10,8 @@ never raises and never runs past ``end``.
 
 from __future__ import annotations
 
+import errno
+import socket
 import struct
 from collections.abc import Iterator
 from typing import Final
@@ -49,3 +51,24 @@ def attr(atype: int, value: bytes) -> bytes:
     """One attribute, padded to the 4-byte boundary the next one starts at."""
     length = NLA.size + len(value)
     return NLA.pack(length, atype) + value + b"\0" * (align(length) - length)
+
+
+def drain(sock: socket.socket, budget: int) -> tuple[list[bytes], int]:
+    """Up to ``budget`` datagrams waiting on a non-blocking netlink socket, and how many
+    overflows (ENOBUFS: the kernel dropped messages on a full buffer) the reads reported.
+
+    Why here: the daemon's event sockets (NFLOG, conntrack ends) are read on the event loop
+    the same way; an overflow is counted by the caller and reading goes on, since later
+    messages still come."""
+    out: list[bytes] = []
+    overflows = 0
+    for _ in range(budget):
+        try:
+            out.append(sock.recv(65536))
+        except BlockingIOError:
+            break
+        except OSError as e:
+            if e.errno != errno.ENOBUFS:
+                raise
+            overflows += 1
+    return out, overflows

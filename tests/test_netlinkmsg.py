@@ -70,3 +70,17 @@ def test_kernellog_hands_back_a_logged_close_whole_with_its_mark() -> None:
     assert kernellog.parse(_msg(mtype, body), closes) == []
     assert closes == [(ip, 0x40000000)]
     assert kernellog.CLOSE_PREFIX.decode() == netfilter.CLOSE_PREFIX
+
+
+def test_drain_reads_what_waits_up_to_its_budget_and_stops_when_empty() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        b.setblocking(False)
+        for i in range(3):
+            a.send(bytes([i]))
+        assert nl.drain(b, 2) == ([b"\x00", b"\x01"], 0)
+        assert nl.drain(b, 5) == ([b"\x02"], 0)
+        assert nl.drain(b, 5) == ([], 0)
+    finally:
+        a.close()
+        b.close()
