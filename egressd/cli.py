@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from egressd import __version__
+from egressd.paths import add_policy_argument
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -38,7 +39,7 @@ def _add_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("captures", nargs="+", metavar="CAPTURE", help="pcap or pcapng file(s)")
-    p.add_argument("--policy", metavar="FILE", help="policy YAML (default: the shipped rules/default.yaml)")
+    add_policy_argument(p)
     p.add_argument(
         "--expect",
         metavar="FILE",
@@ -102,7 +103,7 @@ def _add_review(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     e.add_argument("input", metavar="INPUT", help="a capture (pcap/pcapng) or an event log (JSON lines)")
-    e.add_argument("--policy", metavar="FILE", help="policy YAML (default: the shipped rules/default.yaml)")
+    add_policy_argument(e)
     e.add_argument(
         "--match",
         action="append",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from egressd import netfilter
+from egressd.paths import add_policy_argument
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,7 +28,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Exit codes: 0 stopped cleanly, 1 kernel/queue error, 2 bad policy or missing privileges.",
     )
-    p.add_argument("--policy", metavar="FILE", help="policy YAML (default: the shipped rules/default.yaml)")
+    add_policy_argument(p)
     p.add_argument("--queue", type=int, default=None, help="NFQUEUE number (default: the policy's settings.queue_num)")
     p.add_argument("--events", metavar="FILE", help="append decision events (JSON lines) to FILE, flushed per event")
     p.add_argument("--events-stdout", action="store_true", help="also write decision events to stdout")

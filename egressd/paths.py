@@ -8,6 +8,7 @@ each case, so the search order is explicit here and reported in ``--help``.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -25,3 +26,8 @@ def default_policy() -> Path:
             return p
     searched = ", ".join(str(d / "default.yaml") for d in rules_dirs())
     raise FileNotFoundError(f"the shipped default policy was not found (looked in {searched}); pass --policy")
+
+
+def add_policy_argument(p: argparse.ArgumentParser) -> None:
+    """``--policy FILE``, as every command that runs a policy takes it (default: the shipped one)."""
+    p.add_argument("--policy", metavar="FILE", help="policy YAML (default: the shipped rules/default.yaml)")
