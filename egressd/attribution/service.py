@@ -102,6 +102,19 @@ def lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)
 
 
+def _place(process: dict[str, Any], cgroup: str | None) -> dict[str, Any] | None:
+    """Where a socket's owner runs: its cgroup and systemd unit into ``process``; its container
+    (or pod), if the cgroup path names one, returned for the event's ``container``."""
+    if cgroup is None:
+        return None
+    process["cgroup"] = cgroup
+    unit = unit_of(cgroup)
+    if unit is not None:
+        process["unit"] = unit
+    ctr = container_of(cgroup)
+    return ctr.as_dict() if ctr is not None else None
+
+
 def unknown(why: str) -> Who:
     return Who({"unknown": why})
 
@@ -313,14 +326,7 @@ class Attributor:
             why = f"socket orphaned ({info.state}): its program closed it or exited before the drop"
         process: dict[str, Any] = {"unknown": why}
         process["uid"] = info.uid
-        ctr = None
-        if path is not None:
-            process["cgroup"] = path
-            unit = unit_of(path)
-            if unit is not None:
-                process["unit"] = unit
-            c = container_of(path)
-            ctr = c.as_dict() if c is not None else None
+        ctr = _place(process, path)
         return Who(process, ctr, None, None, None, path, info.inode), False
 
     def status(self) -> dict[str, Any]:
@@ -605,16 +611,11 @@ class Attributor:
             if name is not None:
                 process["user"] = name
             started = None
-        if pcg is not None:
-            process["cgroup"] = pcg
-            unit = unit_of(pcg)
-            if unit is not None:
-                process["unit"] = unit
-        ctr = container_of(pcg) if pcg is not None else None
+        ctr = _place(process, pcg)
         gpu = self._gpu(pid, pcg, deadline)
         if gpu is None and reason == DENIED:
             gpu = {"unknown": DENIED.replace("the socket's process", "the processes' fds")}
-        return Who(process, ctr.as_dict() if ctr else None, gpu, pid, started, pcg, info.inode)
+        return Who(process, ctr, gpu, pid, started, pcg, info.inode)
 
     def _describe(self, pid: int, started: int) -> tuple[dict[str, Any] | None, str | None]:
         """/proc facts of a process and its cgroup, cached for PROC_TTL by (pid, start time):
