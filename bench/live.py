@@ -714,7 +714,7 @@ class Bench:
                 f"conn round {r + 1}: {a['rate']:.0f} vs {b['rate']:.0f} conn/s, p50 {a['p50_us']:.0f} vs "
                 f"{b['p50_us']:.0f} us, p99 {a['p99_us']:.0f} vs {b['p99_us']:.0f} us; paced p50 "
                 f"{pa['p50_us']:.0f} vs {pb['p50_us']:.0f} us, p99 {pa['p99_us']:.0f} vs {pb['p99_us']:.0f} us; "
-                f"{judged / max(1, n):.1f} packets judged per connection"
+                f"{judged / max(1, n):.1f} queue verdicts per connection"
             )
         self.results["conn"] = rate
         self.results["rr"] = rr

@@ -254,14 +254,9 @@ class Daemon:
         engine's verdict is not sent anywhere: the packet has passed. A verdict that pins the
         flow reaches the kernel with the connection's next queued packet, if any; its event
         is written now."""
-        q = self._queue
-        if self._ct is not None:
-            self._ct_readable()  # ends before the queue, as in _readable
-        self._now = time.time()
-        if q is not None:
-            for _ in range(CLOSE_DRAIN_BATCHES):
-                if q.process(BATCH) < BATCH:
-                    break
+        for _ in range(CLOSE_DRAIN_BATCHES):
+            if self._readable() < BATCH:  # conntrack ends, then a batch of the queue
+                break
         now = self._now = time.time()
         feed = self.engine.feed
         for pkt, mark in closes:
@@ -302,10 +297,11 @@ class Daemon:
             self.ct_error = f"no conntrack events ({e}): flows end by idle timeout"
             print(f"egressd: warning: {self.ct_error}", file=sys.stderr, flush=True)
 
-    def _readable(self) -> None:
+    def _readable(self) -> int:
+        """A batch of the queue (conntrack ends first); how many packets it held."""
         q = self._queue
         if q is None:
-            return
+            return 0
         if self._ct is not None:
             # Ends first: a connection that ended before this batch was queued must be
             # forgotten before its 4-tuple's next connection is judged, or that one's first
@@ -325,6 +321,7 @@ class Daemon:
             if dt // n > self.lat_max_ns:
                 self.lat_max_ns = dt // n
         self._drain_events()
+        return n
 
     def _drain_events(self, reply_drop: bool = False) -> None:
         evs = self.engine.events
