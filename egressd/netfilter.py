@@ -299,7 +299,7 @@ def _unjudged_dataless(chain: str, family: int, *, syn: bool) -> list[str]:
     offsets = (8, 10) if syn else (8,)
     return [
         f"-A {chain} -p tcp -m mark --mark 0x0/{m} -m connmark --mark 0x0/{m} "
-        f'-m u32 --u32 "{nodata_u32(family, d, reply=False, any_flags=True, syn=syn)}" -j RETURN'
+        f'-m u32 --u32 "{nodata_u32(family, d, clear=0 if syn else _TCP_SYN)}" -j RETURN'
         for d in offsets
     ]
 
@@ -334,9 +334,7 @@ _TCP_ACK: Final = 0x10
 _TCP_SYN_RST_FIN: Final = 0x07
 
 
-def nodata_u32(
-    family: int, doff: int, *, reply: bool, any_flags: bool = False, syn: bool = True, fin_only: bool = False
-) -> str:
+def nodata_u32(family: int, doff: int, *, reply: bool = False, clear: int | None = None) -> str:
     """The ``u32`` test: a TCP segment of data offset ``doff`` with zero payload, nothing to read.
 
     The IP length field must equal the IP plus TCP header length for this one data offset
@@ -344,19 +342,21 @@ def nodata_u32(
     and the flags is masked to doff + SYN/RST/FIN (+ ACK for the reply's SYN-ACK) and
     compared with a list of allowed values. The length comes first: it rejects nearly
     every packet that carries data, so a data packet costs one comparison per rule.
+
+    ``clear``: instead of that flag test, only these flag bits must be clear (0: any flags,
+    as for a connection nobody has judged, whose SYN and close carry nothing either;
+    ``_TCP_SYN``: any but a SYN; ``_TCP_SYN | _TCP_RST``: what is left after the ACK skips
+    is a FIN). ``reply`` then plays no part.
     """
     if family not in (4, 6):
         raise ValueError(f"family must be 4 or 6, not {family}")
     if doff not in TCP_DATA_OFFSETS:
         raise ValueError(f"TCP data offset {doff} is outside 5..15")
-    flags = (0, _TCP_ACK, _TCP_SYN | _TCP_ACK) if reply else (0,)
-    mask = 0xF000 | _TCP_SYN_RST_FIN | (_TCP_ACK if reply else 0)
-    if any_flags:  # a connection nobody has judged: its SYN and its close carry nothing either
-        flags, mask = (0,), 0xF000
-        if not syn:  # ... except that its SYN is to be looked at (``_unjudged_dataless``)
-            mask |= _TCP_SYN
-    if fin_only:  # a dataless segment without SYN or RST: after the ACK skips, a FIN (CHAIN_CLOSE)
-        flags, mask = (0,), 0xF000 | _TCP_SYN | _TCP_RST
+    if clear is None:
+        flags = (0, _TCP_ACK, _TCP_SYN | _TCP_ACK) if reply else (0,)
+        mask = 0xF000 | _TCP_SYN_RST_FIN | (_TCP_ACK if reply else 0)
+    else:
+        flags, mask = (0,), 0xF000 | clear
     values = ",".join(f"0x{doff << 12 | f:04X}" for f in flags)
     if family == 4:
         # Word 0: version 4 + IHL 5 (no options) and the total length; word 4: MF + offset;
@@ -401,12 +401,12 @@ def _enqueue_rules(
             out.append(f"-A {chain} -p tcp -m tcp --syn -m connmark --mark 0x0/{m} {q}")
     unseen = f"-p tcp -m connmark --mark 0x0/{m} -m u32 --u32"
     out += [
-        f'-A {chain} {unseen} "{nodata_u32(family, d, reply=reply, any_flags=True)}" -j RETURN' for d in _SKIP_ORDER
+        f'-A {chain} {unseen} "{nodata_u32(family, d, clear=0)}" -j RETURN' for d in _SKIP_ORDER
     ]
     out += [f'-A {chain} -p tcp -m u32 --u32 "{nodata_u32(family, d, reply=reply)}" -j RETURN' for d in _SKIP_ORDER]
     if log_closes:  # what is left without data and without SYN/RST: the FIN of a judged connection
         out += [
-            f'-A {chain} -p tcp -m u32 --u32 "{nodata_u32(family, d, reply=reply, fin_only=True)}" -g {CHAIN_CLOSE}'
+            f'-A {chain} -p tcp -m u32 --u32 "{nodata_u32(family, d, clear=_TCP_SYN | _TCP_RST)}" -g {CHAIN_CLOSE}'
             for d in _SKIP_ORDER
         ]
     out.append(f"-A {chain} -m connmark --mark {fresh}/{fresh} -j MARK --or-mark {fresh}")

@@ -167,7 +167,7 @@ def test_render_a_dataless_segment_of_an_unjudged_connection_leaves_at_the_secon
     rules = _lines(nf.render(CFG, family), f"-A {chain} ")
     offsets = (8, 10) if syn else (8,)  # INPUT: also the SYN-ACK's data offset
     for i, d in enumerate(offsets):
-        u32 = nf.nodata_u32(family, d, reply=False, any_flags=True, syn=syn)
+        u32 = nf.nodata_u32(family, d, clear=0 if syn else nf._TCP_SYN)
         assert rules[1 + i] == (
             f"-A {chain} -p tcp -m mark --mark 0x0/0x30000000 -m connmark --mark 0x0/0x30000000 "
             f'-m u32 --u32 "{u32}" -j RETURN'
@@ -183,17 +183,16 @@ def test_render_closes_of_judged_connections_are_logged_not_queued_when_asked() 
     assert not _lines(plain, f"-A {nf.CHAIN_CLOSE} ")
     cfg = nf.RuleConfig(queue_num=5, fail_open=True, max_packets=12, log_closes=5)
     text = nf.render(cfg, 4)
-    for chain, reply in ((nf.CHAIN_ENQ_ORIG, False), (nf.CHAIN_ENQ_REPLY, True)):
+    for chain in (nf.CHAIN_ENQ_ORIG, nf.CHAIN_ENQ_REPLY):
         rules = _lines(text, f"-A {chain} ")
         jumps = [r for r in rules if r.endswith(f"-g {nf.CHAIN_CLOSE}")]
         # Every data offset, any flags, after the skip rules for ACKs and before the queue.
         assert [r.split('"')[1] for r in jumps] == [
-            nf.nodata_u32(4, d, reply=reply, fin_only=True) for d in nf._SKIP_ORDER
+            nf.nodata_u32(4, d, clear=nf._TCP_SYN | nf._TCP_RST) for d in nf._SKIP_ORDER
         ]
         # A dataless FIN (with or without ACK/PSH) is logged; a RST or SYN is not (queued).
         assert all(
-            j.split('"')[1].endswith(f"&0xF006=0x{d << 12:04X}")
-            for j, d in zip(jumps, nf._SKIP_ORDER, strict=True)
+            j.split('"')[1].endswith(f"&0xF006=0x{d << 12:04X}") for j, d in zip(jumps, nf._SKIP_ORDER, strict=True)
         )
         last_skip = max(i for i, r in enumerate(rules) if "u32" in r and r.endswith("-j RETURN"))
         assert last_skip < rules.index(jumps[0]) and rules.index(jumps[-1]) < len(rules) - 1
