@@ -111,7 +111,7 @@ class Daemon:
         self.kernel_error = ""
         self._gen = 0
         self.dns_mirrored = 0
-        self.closes_logged = 0  # FIN/RST of judged connections, learned from NFLOG (not queued)
+        self.closes_logged = 0  # FINs of connections being judged, learned from NFLOG (not queued)
         self.pins_forgotten = 0  # allowed pins dropped because conntrack end events were lost
         self.dns_set_error = ""
         self._rules_installed = False

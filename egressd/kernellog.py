@@ -9,7 +9,7 @@ reads the group on its event loop and writes the same event the engine would hav
 NFLOG is asynchronous, so the reset leaves whatever the daemon is doing.
 
 The same group carries the closes of connections being judged (prefix ``egd close``,
-netfilter.CHAIN_CLOSE): their dataless FIN/RST is evidence for the detectors ("this side
+netfilter.CHAIN_CLOSE): their dataless FIN is evidence for the detectors ("this side
 closed"), not something to stop, so it is logged rather than queued and never waits for a
 verdict. Those are handed back whole (headers, and the mark that says their direction).
 

@@ -4,15 +4,15 @@ Why these rules look the way they do (every point measured on this kernel, see
 docs/architecture.md and tests/e2e/test_kernel_*.py):
 
 * Only the *head* of a connection goes to Python, and of the head only what the engine can
-  use: the originator's SYN (its sequence number, and the first judgement), every packet
-  that carries payload (the detectors' input) and every FIN/RST (the end of the flow). A TCP
+  use: every packet that carries payload (the detectors' input), the close of a connection
+  being judged (a RST is queued; a FIN is logged to the daemon when the daemon installed the
+  rules, see ``_enqueue_rules``) and, under ``fail: closed`` only, the originator's SYN. A TCP
   segment with exactly zero payload and SYN, RST and FIN all clear (a pure ACK, a window
   update) carries nothing a detector reads, and neither does a dataless SYN-ACK (the engine
   takes the reply's initial sequence number from its first data segment or from the ack
-  number of the originator's first ACK): those pass without a verdict. Measured: a dataless
-  connect() + close() costs 3 verdicts (SYN, FIN, FIN) instead of 6-7 (SYN-ACK, the
-  handshake's ACK, the ACKs of the FINs), and connect() waits for one verdict instead of
-  two (the SYN's, no longer the SYN-ACK's): p50 20-40 % lower.
+  number of the originator's first ACK): those pass without a verdict. Since the fast path
+  (docs/fast-path.md) a connection nobody has judged queues nothing until its first data
+  segment, so a dataless connect() + close() costs no verdict at all.
 * The daemon's verdict is written into the
   packet mark (``pkt.set_mark`` + ``pkt.repeat()``); the repeated packet re-enters our
   chain, ``CONNMARK --save-mark`` copies it to the conntrack entry, and from then on the
@@ -186,7 +186,7 @@ CHAIN_ENQ_REPLY: Final = "EGRESSD-ENQ-REPLY"
 CHAIN_DENY: Final = "EGRESSD-DENY"
 CHAIN_SCRUB: Final = "EGRESSD-SCRUB"
 CHAIN_POLICY: Final = "EGRESSD-POLICY"  # the compiled policy (egressd.kernelsets); its sub-chains share the prefix
-CHAIN_CLOSE: Final = "EGRESSD-CLOSE"  # a judged connection's dataless FIN/RST: logged to the daemon, not queued
+CHAIN_CLOSE: Final = "EGRESSD-CLOSE"  # the dataless FIN of a connection being judged: logged, not queued
 CLOSE_PREFIX: Final = "egd close"  # the NFLOG prefix of those (egressd.kernellog)
 
 # table -> our chains, and table -> (builtin chain, our chain) jumps, in install order.
@@ -251,7 +251,7 @@ class RuleConfig:
     # fail-closed queue without a listener drops. With it, no daemon means no connection.
     queue_syn: bool = False
     # The NFLOG group the daemon reads (egressd.kernellog), or None. With it, the dataless
-    # FIN/RST of a connection being judged (SEEN) is logged there instead of queued: the
+    # FIN of a connection being judged (SEEN) is logged there instead of queued: the
     # detectors still learn "this side closed", but the close never waits for a verdict.
     log_closes: int | None = None
 
@@ -400,9 +400,7 @@ def _enqueue_rules(
         if queue_syn:
             out.append(f"-A {chain} -p tcp -m tcp --syn -m connmark --mark 0x0/{m} {q}")
     unseen = f"-p tcp -m connmark --mark 0x0/{m} -m u32 --u32"
-    out += [
-        f'-A {chain} {unseen} "{nodata_u32(family, d, clear=0)}" -j RETURN' for d in _SKIP_ORDER
-    ]
+    out += [f'-A {chain} {unseen} "{nodata_u32(family, d, clear=0)}" -j RETURN' for d in _SKIP_ORDER]
     out += [f'-A {chain} -p tcp -m u32 --u32 "{nodata_u32(family, d, reply=reply)}" -j RETURN' for d in _SKIP_ORDER]
     if log_closes:  # what is left without data and without SYN/RST: the FIN of a judged connection
         out += [
