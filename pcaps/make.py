@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import hashlib
 import os
-import select
 import shlex
 import shutil
 import signal
@@ -33,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,8 @@ import yaml
 
 from egressd.packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN, Packet, decode
 from egressd.pcapio import Reader
-from egressd_lab import peers
+from egressd_lab import capture, peers
+from egressd_lab.capture import MakeError, node_veth
 from egressd_lab.netns import NODE_V4, SERVICES, Lab, lab
 
 HERE = Path(__file__).resolve().parent
@@ -62,38 +63,17 @@ APT_PACKAGES = (
 )
 
 
-class MakeError(RuntimeError):
-    """A step of a capture failed; the message says which program and what it printed."""
-
-
 def log(msg: str) -> None:
     print(f"[make] {msg}", flush=True)
 
 
 @dataclass
-class Ctx:
-    """What a capture recipe may use: the lab, the SSH keys and the node's own sshd."""
+class Ctx(capture.Ctx):
+    """What a capture recipe may use: the lab's (egressd_lab.capture) and the node's own sshd."""
 
-    lab: Lab
-    tmp: Path
-    files: contextlib.ExitStack
-    keys: peers.SshKeys
     node_sshd: peers.Sshd
 
-    def logfile(self, name: str) -> Any:
-        """A file in the temp dir for a client's output (read it when a step fails)."""
-        return self.files.enter_context(open(self.tmp / name, "wb"))
-
     # -- clients ------------------------------------------------------------------------------
-    def ssh_argv(self, host: str, *options: str, port: int = 22) -> list[str]:
-        return peers.ssh_argv(self.keys, host, options=options, port=port)
-
-    def node(self, argv: list[str], timeout: float = 20.0, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        p = self.lab.run_node(argv, timeout=timeout)
-        if ok and p.returncode != 0:
-            raise MakeError(f"{' '.join(argv)} -> exit {p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}")
-        return p
-
     def stratum_client(self, target: str, variant: str, *extra: str) -> dict[str, Any]:
         rc, rep = peers.stratum_client(self.lab, target, variant, *extra, timeout=8)
         if rc != 0 or not rep.get("handshake_complete"):
@@ -115,25 +95,6 @@ class Ctx:
             yield p
         finally:
             self.lab.stop(p.proc)
-
-
-def _wait_line(p: subprocess.Popen[bytes], needle: str, timeout: float) -> str:
-    """Read ``p``'s stderr until a line contains ``needle`` (tcpdump's "listening on"); bounded."""
-    f = p.stderr
-    assert f is not None
-    deadline = time.monotonic() + timeout
-    seen = b""
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([f], [], [], max(0.0, deadline - time.monotonic()))
-        if not r:
-            break
-        line = f.readline()
-        if not line:
-            break
-        seen += line
-        if needle.encode() in line:
-            return line.decode(errors="replace")
-    raise MakeError(f"{p.args!r}: no {needle!r} within {timeout} s; it printed {seen[-500:]!r}")
 
 
 def _wait_listening(c: Ctx, ns: str, port: int, timeout: float = 5.0, addr: str | None = None) -> None:
@@ -594,48 +555,6 @@ RECIPES += [
 # =================================================================================================
 # Capturing and checking
 # =================================================================================================
-def node_veth(c: Ctx) -> str:
-    out = c.lab.run_node(["ip", "-o", "link", "show", "type", "veth"], timeout=5).stdout
-    names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
-    if len(names) != 1:
-        raise MakeError(f"expected one veth in the node namespace, found {names}")
-    return names[0]
-
-
-def capture(c: Ctx, r: Recipe, dev: str) -> Path:
-    out = c.tmp / f"{r.name}.pcap"
-    # --immediate-mode: hand each packet over at once (TPACKET_V3 otherwise holds a block up
-    # to a second, and stopping tcpdump would lose the end of the conversation).
-    argv = [
-        "tcpdump",
-        "-i",
-        dev,
-        "--immediate-mode",
-        "-U",
-        "-s",
-        "65535",
-        "-n",
-        "-Z",
-        "root",
-        "-w",
-        str(out),
-        r.bpf,
-    ]
-    td = c.lab.spawn("node", argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _wait_line(td, "listening on", 10.0)
-        r.run(c)
-        time.sleep(0.5)  # the last ACKs and FINs
-    finally:
-        c.lab.stop(td, signal.SIGINT)
-    if td.stderr is not None:
-        tail = td.stderr.read().decode(errors="replace")
-        lines = [x.strip() for x in tail.splitlines()]
-        if "0 packets dropped by kernel" not in lines or "0 packets captured" in lines:
-            raise MakeError(f"tcpdump for {r.name} dropped packets or captured none: {tail.strip()}")
-    return out
-
-
 FlowKey = tuple[int, str, int, str, int]
 
 
@@ -728,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         dev = node_veth(c)
         for r in chosen:
             t0 = time.monotonic()
-            out = capture(c, r, dev)
+            out = capture.record(c, r.name, r.bpf, dev, partial(r.run, c))
             check_expectations(r.name, out)
             shutil.move(str(out), HERE / f"{r.name}.pcap")
             n = sum(1 for _ in Reader(HERE / f"{r.name}.pcap"))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -27,11 +26,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
 
-from egressd_lab import peers
-from egressd_lab.netns import NODE_V4, Lab, lab
+from egressd_lab import capture, peers
+from egressd_lab.capture import MakeError, node_veth
+from egressd_lab.netns import NODE_V4, lab
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "tunnels"
@@ -65,62 +65,15 @@ EXTRA = (
 )  # fmt: skip
 
 
-class MakeError(RuntimeError):
-    """A step of a capture failed; the message says which program and what it printed."""
-
-
 def log(msg: str) -> None:
     print(f"[make_tunnels] {msg}", flush=True)
 
 
 @dataclass
-class Ctx:
-    """What a recipe may use: the lab, a temp dir, the lab's SSH keys and TLS certificate."""
+class Ctx(capture.Ctx):
+    """What a recipe may use: the lab's (egressd_lab.capture) and the lab's TLS certificate."""
 
-    lab: Lab
-    tmp: Path
-    files: contextlib.ExitStack
-    keys: peers.SshKeys
     cert: peers.Cert
-
-    def logfile(self, name: str) -> Any:
-        return self.files.enter_context(open(self.tmp / name, "wb"))
-
-    def ssh_argv(self, host: str, *options: str) -> list[str]:
-        return peers.ssh_argv(self.keys, host, options=options)
-
-    def node(self, argv: list[str], timeout: float = 20.0, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        p = self.lab.run_node(argv, timeout=timeout)
-        if ok and p.returncode != 0:
-            raise MakeError(f"{' '.join(argv)} -> exit {p.returncode}: {(p.stderr or p.stdout).strip()[-500:]}")
-        return p
-
-
-def _wait_line(p: subprocess.Popen[bytes], needle: str, timeout: float, stream: str = "stderr") -> str:
-    """Read ``p``'s stdout/stderr until a line contains ``needle``; bounded by ``timeout``."""
-    f = p.stdout if stream == "stdout" else p.stderr
-    assert f is not None
-    deadline = time.monotonic() + timeout
-    seen = b""
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([f], [], [], max(0.0, deadline - time.monotonic()))
-        if not r:
-            break
-        line = f.readline()
-        if not line:
-            break
-        seen += line
-        if needle.encode() in line:
-            return line.decode(errors="replace")
-    raise MakeError(f"{p.args!r}: no {needle!r} within {timeout} s; it printed {seen[-500:]!r}")
-
-
-def node_veth(c: Ctx) -> str:
-    out = c.lab.run_node(["ip", "-o", "link", "show", "type", "veth"], timeout=5).stdout
-    names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
-    if len(names) != 1:
-        raise MakeError(f"expected one veth in the node namespace, found {names}")
-    return names[0]
 
 
 @dataclass(frozen=True)
@@ -180,12 +133,12 @@ def _localtunnel(c: Ctx) -> None:
                       stdout=subprocess.PIPE, stderr=c.logfile("lt-server.log"))  # fmt: skip
     web = c.lab.spawn("node", [SYS_PY, "-m", "http.server", "8000", "--bind", "127.0.0.1"],
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(c.tmp))  # fmt: skip
-    _wait_line(srv, "listening", 10, stream="stdout")
+    capture.wait_line(srv, "listening", 10, stream="stdout")
     _wait_port(c, "node", 8000)
     lt = c.lab.spawn("node", ["node", LT, "--host", f"http://{LT_SRV}", "--port", "8000", "--local-host",
                               "127.0.0.1"], stdout=c.logfile("lt.log"), stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        _wait_line(srv, "visitor 1:", 20, stream="stdout")
+        capture.wait_line(srv, "visitor 1:", 20, stream="stdout")
         time.sleep(0.5)
     finally:
         c.lab.stop(lt)
@@ -213,11 +166,11 @@ def _ncat_relay(c: Ctx) -> None:
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(c.tmp))  # fmt: skip
     cli = None
     try:
-        _wait_line(srv, "listening", 10, stream="stdout")
+        capture.wait_line(srv, "listening", 10, stream="stdout")
         _wait_port(c, "node", 8000)
         cli = c.lab.spawn("node", ["ncat", "--sh-exec", "ncat 127.0.0.1 8000", LT_SRV, "7001"],
                           stdout=subprocess.DEVNULL, stderr=c.logfile("ncat-relay.log"))  # fmt: skip
-        line = _wait_line(srv, "visitor 1:", 15, stream="stdout")
+        line = capture.wait_line(srv, "visitor 1:", 15, stream="stdout")
         if "HTTP/1" not in line:
             raise MakeError(f"the relayed request was not answered: {line}")
         time.sleep(0.3)
@@ -361,7 +314,7 @@ def _ws_chat(c: Ctx) -> None:
     srv = c.lab.spawn("inet", [SYS_PY, PEERS, "ws-chat-server", WS_SRV, "8081", "--lifetime", "30"],
                       stdout=subprocess.PIPE, stderr=c.logfile("ws-chat.log"))  # fmt: skip
     try:
-        _wait_line(srv, "listening", 10, stream="stdout")
+        capture.wait_line(srv, "listening", 10, stream="stdout")
         out = c.node([SYS_PY, PEERS, "ws-chat-client", f"ws://{WS_SRV}:8081/chat"]).stdout
         if out.count("echo") != 3:
             raise MakeError(f"chat client: {out}")
@@ -378,7 +331,7 @@ def _iodine(raw: bool) -> Callable[[Ctx], None]:
         argv = ["iodine", "-f", "-P", "labsecret", *([] if raw else ["-r"]), DNS_TUN, "t.tun.example.net"]
         cli = c.lab.spawn("node", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            _wait_line(cli, "Server tunnel IP is", 30, stream="stdout")
+            capture.wait_line(cli, "Server tunnel IP is", 30, stream="stdout")
             # Then the raw-mode probe and fragment-size autoprobe; the tunnel is up when a ping
             # through it is answered (iodine's own "setup complete" line is not always flushed).
             deadline = time.monotonic() + 30
@@ -518,7 +471,7 @@ def _openvpn(mode: str) -> Callable[[Ctx], None]:
                                    "--pull-filter", "ignore", "route", *common, *cli_extra],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
         try:
-            _wait_line(cli, "Peer Connection Initiated", 30, stream="stdout")
+            capture.wait_line(cli, "Peer Connection Initiated", 30, stream="stdout")
         finally:
             c.lab.stop(cli)
             c.lab.stop(srv)
@@ -546,7 +499,7 @@ def _tinc(c: Ctx) -> None:
     cli = c.lab.spawn("node", ["tincd", "-c", str(base / "node1"), "-D", "-d", "3", "--pidfile", str(pid_node)],
                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        _wait_line(cli, "Connection with hub", 20, stream="stdout")
+        capture.wait_line(cli, "Connection with hub", 20, stream="stdout")
         time.sleep(2.0)
     finally:
         c.lab.stop(cli)
@@ -609,7 +562,7 @@ def _tor(c: Ctx) -> None:
         try:
             # The link handshake (TLS, VERSIONS, CERTS, AUTH_CHALLENGE, NETINFO) completes even
             # though this private bridge cannot build a circuit to anywhere.
-            _wait_line(cli, "new bridge descriptor", 30, stream="stdout")
+            capture.wait_line(cli, "new bridge descriptor", 30, stream="stdout")
             time.sleep(1.0)
         finally:
             c.lab.stop(cli)
@@ -649,7 +602,7 @@ def _tor_obfs4(c: Ctx) -> None:
         cli = c.lab.spawn("node", ["tor", "-f", str(d / "client.torrc")], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)  # fmt: skip
         try:
-            _wait_line(cli, "new bridge descriptor", 40, stream="stdout")
+            capture.wait_line(cli, "new bridge descriptor", 40, stream="stdout")
             time.sleep(1.0)
         finally:
             c.lab.stop(cli)
@@ -703,7 +656,7 @@ def _upload(c: Ctx) -> None:
     srv = c.lab.spawn("inet", [SYS_PY, PEERS, "upload-server", WEB, "8080", "--lifetime", "30"],
                       stdout=subprocess.PIPE, stderr=c.logfile("upload.log"))  # fmt: skip
     try:
-        _wait_line(srv, "listening", 10, stream="stdout")
+        capture.wait_line(srv, "listening", 10, stream="stdout")
         blob = c.tmp / "upload.bin"
         blob.write_bytes(os.urandom(2 * 1024 * 1024))
         argv = ["curl", "-sS", "--max-time", "15", "-X", "POST", "-H", "Content-Type: application/octet-stream",
@@ -767,40 +720,6 @@ RECIPES: list[Recipe] = [
 ]
 
 
-def capture(c: Ctx, r: Recipe, dev: str) -> Path:
-    out = c.tmp / f"{r.name}.pcap"
-    # -B: a 16 MiB capture buffer; httptunnel writes hundreds of tiny segments in a burst.
-    argv = [
-        "tcpdump",
-        "-i",
-        dev,
-        "--immediate-mode",
-        "-U",
-        "-B",
-        "16384",
-        "-s",
-        "65535",
-        "-n",
-        "-Z",
-        "root",
-        "-w",
-        str(out),
-        r.bpf,
-    ]
-    td = c.lab.spawn("node", argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _wait_line(td, "listening on", 10.0)
-        r.run(c)
-        time.sleep(0.5)
-    finally:
-        c.lab.stop(td, signal.SIGINT)
-    if td.stderr is not None:
-        lines = [x.strip() for x in td.stderr.read().decode(errors="replace").splitlines()]
-        if "0 packets dropped by kernel" not in lines or "0 packets captured" in lines:
-            raise MakeError(f"tcpdump for {r.name} dropped packets or captured none: {lines}")
-    return out
-
-
 def check(name: str, path: Path) -> None:
     expect = OUT / f"{name}.expect.yaml"
     p = subprocess.run([PY, "-m", "egressd.cli", "test", str(path), "--expect", str(expect), "--no-progress"],
@@ -862,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             for attempt in (1, 2):  # real programs are sometimes slow to set up: one retry
                 try:
-                    out = capture(c, r, dev)
+                    out = capture.record(c, r.name, r.bpf, dev, partial(r.run, c), buffer_kib=16384)
                     if r.keep_flow:
                         keep_only(out, r.keep_flow)
                     if not args.no_check:
