@@ -15,7 +15,8 @@ from egressd.attribution.sockdiag import NotFound, SockDiag
 
 
 @pytest.fixture
-def sd() -> Iterator[SockDiag]:
+def sd(own_netns: tuple[str, str]) -> Iterator[SockDiag]:
+    """sock_diag in the test's own network namespace (tests/conftest.py), where its sockets are."""
     s = SockDiag()
     yield s
     s.close()
@@ -41,9 +42,9 @@ def _pair(fam: int, host: str) -> tuple[socket.socket, socket.socket, socket.soc
     return srv, c, a
 
 
-@pytest.mark.parametrize(("fam", "host"), [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
-def test_tcp_lookup_names_uid_inode_and_cgroup(sd: SockDiag, fam: int, host: str) -> None:
-    srv, c, a = _pair(fam, host)
+@pytest.mark.parametrize("fam", [socket.AF_INET, socket.AF_INET6])
+def test_tcp_lookup_names_uid_inode_and_cgroup(sd: SockDiag, own_netns: tuple[str, str], fam: int) -> None:
+    srv, c, a = _pair(fam, own_netns[0] if fam == socket.AF_INET else own_netns[1])
     with srv, c, a:
         lh, lp = c.getsockname()[:2]
         rh, rp = c.getpeername()[:2]
@@ -54,22 +55,24 @@ def test_tcp_lookup_names_uid_inode_and_cgroup(sd: SockDiag, fam: int, host: str
         assert info.cgroup_id == _cgroup_id()
 
 
-def test_udp_connected_and_unconnected_sockets_are_found(sd: SockDiag) -> None:
-    lo = socket.inet_aton("127.0.0.1")
+def test_udp_connected_and_unconnected_sockets_are_found(sd: SockDiag, own_netns: tuple[str, str]) -> None:
+    host = own_netns[0]
+    lo = socket.inet_aton(host)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-        u.connect(("127.0.0.1", 9))
+        u.connect((host, 9))
         port = u.getsockname()[1]
         assert sd.lookup(17, lo, port, lo, 9).inode == os.fstat(u.fileno()).st_ino
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-        u.bind(("127.0.0.1", 0))  # sendto() without connect(): found by its local port
+        u.bind((host, 0))  # sendto() without connect(): found by its local port
         port = u.getsockname()[1]
         assert sd.lookup(17, lo, port, lo, 53).inode == os.fstat(u.fileno()).st_ino
 
 
-def test_a_closed_socket_is_not_found(sd: SockDiag) -> None:
-    srv, c, a = _pair(socket.AF_INET, "127.0.0.1")
+def test_a_closed_socket_is_not_found(sd: SockDiag, own_netns: tuple[str, str]) -> None:
+    host = own_netns[0]
+    srv, c, a = _pair(socket.AF_INET, host)
     lp, rp = c.getsockname()[1], c.getpeername()[1]
-    lo = socket.inet_aton("127.0.0.1")
+    lo = socket.inet_aton(host)
     assert sd.lookup(6, lo, lp, lo, rp).inode == os.fstat(c.fileno()).st_ino
     c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     c.close()  # reset: no TIME_WAIT left behind
@@ -80,10 +83,11 @@ def test_a_closed_socket_is_not_found(sd: SockDiag) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="SOCK_DESTROY needs CAP_NET_ADMIN")
-def test_destroy_aborts_the_local_socket(sd: SockDiag) -> None:
-    srv, c, a = _pair(socket.AF_INET, "127.0.0.1")
+def test_destroy_aborts_the_local_socket(sd: SockDiag, own_netns: tuple[str, str]) -> None:
+    host = own_netns[0]
+    srv, c, a = _pair(socket.AF_INET, host)
     with srv, c, a:
-        lo = socket.inet_aton("127.0.0.1")
+        lo = socket.inet_aton(host)
         sd.destroy(6, lo, c.getsockname()[1], lo, c.getpeername()[1])
         with pytest.raises(ConnectionAbortedError):
             c.recv(1)
