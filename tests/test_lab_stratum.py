@@ -1,4 +1,4 @@
-"""The lab's Stratum pool and client: real processes on 127.0.0.1 ephemeral ports.
+"""The lab's Stratum pool and client: real processes on ephemeral ports, in a network namespace of the test's own.
 
 The pool log is what end-to-end tests use to prove what a pool did or did not receive, so
 its contents are specified here as carefully as the handshakes."""
@@ -34,6 +34,13 @@ from egressd_lab.stratum import (
 CMD = [sys.executable, "-m", "egressd_lab.stratum"]
 
 
+# The pools and clients run in a network namespace of the test's own (tests/conftest.py
+# own_netns), on the documentation addresses it puts on that namespace's loopback.
+V4 = "198.51.100.7"
+V6 = "2001:db8::7"
+live = pytest.mark.usefixtures("own_netns")
+
+
 @dataclass
 class RunningPool:
     proc: subprocess.Popen[str]
@@ -58,7 +65,7 @@ class RunningPool:
 
 
 @contextlib.contextmanager
-def pool(tmp_path: Path, variant: str, host: str = "127.0.0.1", *extra: str) -> Iterator[RunningPool]:
+def pool(tmp_path: Path, variant: str, host: str = V4, *extra: str) -> Iterator[RunningPool]:
     log = tmp_path / f"pool-{variant}.log"
     argv = [
         *CMD,
@@ -109,10 +116,11 @@ EXPECTED_METHODS = {
 
 
 # ---------------------------------------------------------------------------------------------
+@live
 @pytest.mark.parametrize("variant", list(EXPECTED_METHODS))
 def test_handshake_completes_and_pool_logs_each_request(tmp_path: Path, variant: str) -> None:
     with pool(tmp_path, variant) as pl:
-        rc, rep = client(f"127.0.0.1:{pl.port}", variant)
+        rc, rep = client(f"{V4}:{pl.port}", variant)
         assert rc == 0 and rep["connected"] and rep["handshake_complete"] and rep["error"] is None
         closes = pl.wait_event("close")
         assert [r["method"] for r in pl.requests()] == EXPECTED_METHODS[variant]
@@ -120,80 +128,90 @@ def test_handshake_completes_and_pool_logs_each_request(tmp_path: Path, variant:
         assert [e["event"] for e in pl.events()][:2] == ["listening", "open"]
 
 
+@live
 def test_logged_request_line_is_the_raw_line_the_client_sent(tmp_path: Path) -> None:
     with pool(tmp_path, "v1") as pl:
-        client(f"127.0.0.1:{pl.port}", "v1")
+        client(f"{V4}:{pl.port}", "v1")
         first = pl.wait_event("request")[0]
         assert first["line"] == '{"id": 1, "method": "mining.subscribe", "params": ["cpuminer/2.5.1"]}'
 
 
+@live
 def test_v1_configure_is_sent_first_when_asked(tmp_path: Path) -> None:
     with pool(tmp_path, "v1") as pl:
-        rc, rep = client(f"127.0.0.1:{pl.port}", "v1", "--configure")
+        rc, rep = client(f"{V4}:{pl.port}", "v1", "--configure")
         assert rc == 0 and rep["steps"][0] == "configure"
         assert pl.requests()[0]["method"] == "mining.configure"
 
 
+@live
 def test_gbt_client_talks_to_the_getwork_pool(tmp_path: Path) -> None:
     with pool(tmp_path, "getwork") as pl:
-        rc, _ = client(f"127.0.0.1:{pl.port}", "gbt")
+        rc, _ = client(f"{V4}:{pl.port}", "gbt")
         assert rc == 0
         assert [r["method"] for r in pl.wait_event("request", 2)] == ["getblocktemplate", "submitblock"]
 
 
+@live
 def test_getwork_requests_are_logged_with_the_http_request_line(tmp_path: Path) -> None:
     with pool(tmp_path, "getwork") as pl:
-        client(f"127.0.0.1:{pl.port}", "getwork")
+        client(f"{V4}:{pl.port}", "getwork")
         r = pl.wait_event("request")[0]
         assert r["http"] == "POST / HTTP/1.1" and r["agent"].startswith("cgminer/")
 
 
+@live
 def test_split_first_message_still_completes_and_is_logged_once(tmp_path: Path) -> None:
     with pool(tmp_path, "v1") as pl:
-        rc, rep = client(f"127.0.0.1:{pl.port}", "v1", "--split", "7", "--split-delay", "0.005")
+        rc, rep = client(f"{V4}:{pl.port}", "v1", "--split", "7", "--split-delay", "0.005")
         assert rc == 0, rep
         assert [r["method"] for r in pl.requests()].count("mining.subscribe") == 1
 
 
+@live
 def test_eth_client_refuses_a_v1_pool(tmp_path: Path) -> None:
     with pool(tmp_path, "v1") as pl:
-        rc, rep = client(f"127.0.0.1:{pl.port}", "eth")
+        rc, rep = client(f"{V4}:{pl.port}", "eth")
         assert rc == 1 and rep["connected"] and not rep["handshake_complete"]
         assert ETH_PROTOCOL in rep["error"]
 
 
+@live
 def test_nothing_listening_is_a_failed_connect(tmp_path: Path) -> None:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((V4, 0))
         port = s.getsockname()[1]  # bound, not listening: connection refused
-        rc, rep = client(f"127.0.0.1:{port}", "v1", timeout=2)
+        rc, rep = client(f"{V4}:{port}", "v1", timeout=2)
     assert rc == 1 and rep["connected"] is False and "cannot connect" in rep["error"]
 
 
+@live
 def test_silent_server_times_out(tmp_path: Path) -> None:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((V4, 0))
         s.listen(1)
-        rc, rep = client(f"127.0.0.1:{s.getsockname()[1]}", "xmr", timeout=0.5)
+        rc, rep = client(f"{V4}:{s.getsockname()[1]}", "xmr", timeout=0.5)
     assert rc == 1 and rep["connected"] and "timed out" in rep["error"]
 
 
+@live
 def test_ipv6_pool_and_client(tmp_path: Path) -> None:
     if not socket.has_ipv6 or not Path("/proc/net/if_inet6").exists():
         pytest.skip("no IPv6")
-    with pool(tmp_path, "xmr", "::1") as pl:
-        assert pl.host == "::1"
-        rc, rep = client(f"[::1]:{pl.port}", "xmr")
+    with pool(tmp_path, "xmr", V6) as pl:
+        assert pl.host == V6
+        rc, rep = client(f"[{V6}]:{pl.port}", "xmr")
         assert rc == 0, rep
-        assert pl.wait_event("open")[0]["peer"].startswith("[::1]:")
+        assert pl.wait_event("open")[0]["peer"].startswith(f"[{V6}]:")
 
 
 HALF_SUBSCRIBE = b'{"id": 1, "method": "mining.subscr'
 
 
+@live
 def test_incomplete_line_is_never_logged_as_a_request(tmp_path: Path) -> None:
     with pool(tmp_path, "v1") as pl:
-        with socket.create_connection(("127.0.0.1", pl.port), timeout=5) as s:
+        with socket.create_connection((V4, pl.port), timeout=5) as s:
             s.sendall(HALF_SUBSCRIBE)
             time.sleep(0.1)
         close = pl.wait_event("close")[0]
@@ -201,18 +219,20 @@ def test_incomplete_line_is_never_logged_as_a_request(tmp_path: Path) -> None:
         assert close["partial_bytes"] == len(HALF_SUBSCRIBE) and close["partial"].endswith("mining.subscr")
 
 
+@live
 def test_overlong_line_closes_the_connection(tmp_path: Path) -> None:
-    with pool(tmp_path, "v1", "127.0.0.1", "--max-line", "100") as pl:
-        with socket.create_connection(("127.0.0.1", pl.port), timeout=5) as s:
+    with pool(tmp_path, "v1", V4, "--max-line", "100") as pl:
+        with socket.create_connection((V4, pl.port), timeout=5) as s:
             s.sendall(b"x" * 500)
             s.settimeout(5)
             assert s.recv(100) == b""  # the pool hung up
         assert "longer than 100" in pl.wait_event("close")[0]["reason"]
 
 
+@live
 def test_bad_json_closes_the_connection(tmp_path: Path) -> None:
     with pool(tmp_path, "xmr") as pl:
-        with socket.create_connection(("127.0.0.1", pl.port), timeout=5) as s:
+        with socket.create_connection((V4, pl.port), timeout=5) as s:
             s.sendall(b"hello pool\n")
             s.settimeout(5)
             assert s.recv(100) == b""
@@ -220,8 +240,9 @@ def test_bad_json_closes_the_connection(tmp_path: Path) -> None:
         assert "bad JSON" in pl.requests()[0]["error"]
 
 
+@live
 def test_oddly_shaped_request_gets_an_error_and_the_session_goes_on(tmp_path: Path) -> None:
-    with pool(tmp_path, "v1") as pl, socket.create_connection(("127.0.0.1", pl.port), timeout=5) as s:
+    with pool(tmp_path, "v1") as pl, socket.create_connection((V4, pl.port), timeout=5) as s:
         f = s.makefile("rb")
         s.sendall(b'{"id": 1, "method": "mining.submit", "params": [[1], {"a": 2}]}\n')
         assert json.loads(f.readline())["error"][0] in (20, 24, 25)
@@ -229,17 +250,19 @@ def test_oddly_shaped_request_gets_an_error_and_the_session_goes_on(tmp_path: Pa
         assert json.loads(f.readline())["result"][2] == 4
 
 
+@live
 def test_connections_beyond_the_maximum_are_refused(tmp_path: Path) -> None:
     with (
-        pool(tmp_path, "v1", "127.0.0.1", "--max-conns", "1") as pl,
-        socket.create_connection(("127.0.0.1", pl.port)),
+        pool(tmp_path, "v1", V4, "--max-conns", "1") as pl,
+        socket.create_connection((V4, pl.port)),
     ):
         pl.wait_event("open")
-        rc, _ = client(f"127.0.0.1:{pl.port}", "v1", timeout=2)
+        rc, _ = client(f"{V4}:{pl.port}", "v1", timeout=2)
         assert rc == 1
         assert len(pl.wait_event("refused")) == 1
 
 
+@live
 def test_sigterm_ends_the_pool_cleanly(tmp_path: Path) -> None:
     with pool(tmp_path, "eth") as pl:
         os.killpg(pl.proc.pid, signal.SIGTERM)
@@ -247,27 +270,30 @@ def test_sigterm_ends_the_pool_cleanly(tmp_path: Path) -> None:
         assert pl.events()[-1]["event"] == "exit" and pl.events()[-1]["reason"] == "SIGTERM"
 
 
+@live
 def test_lifetime_bounds_the_pool(tmp_path: Path) -> None:
-    with pool(tmp_path, "v1", "127.0.0.1", "--lifetime", "0.3") as pl:
+    with pool(tmp_path, "v1", V4, "--lifetime", "0.3") as pl:
         assert pl.proc.wait(5) == 0
         assert "lifetime" in pl.events()[-1]["reason"]
 
 
 @pytest.mark.skipif(shutil.which("ncat") is None, reason="ncat (apt ncat) not installed")
+@live
 def test_client_through_an_http_connect_proxy(tmp_path: Path) -> None:
     with (
         pool(tmp_path, "v1") as pl,
-        _proxy(["ncat", "-l", "127.0.0.1", "{port}", "--proxy-type", "http"]) as pport,
+        _proxy(["ncat", "-l", V4, "{port}", "--proxy-type", "http"]) as pport,
     ):
-        rc, rep = client(f"127.0.0.1:{pl.port}", "v1", "--via-connect", f"127.0.0.1:{pport}")
+        rc, rep = client(f"{V4}:{pl.port}", "v1", "--via-connect", f"{V4}:{pport}")
         assert rc == 0, rep
         assert [r["method"] for r in pl.requests()] == EXPECTED_METHODS["v1"]
 
 
 @pytest.mark.skipif(shutil.which("microsocks") is None, reason="microsocks (apt microsocks) not installed")
+@live
 def test_client_through_a_socks5_proxy(tmp_path: Path) -> None:
-    with pool(tmp_path, "xmr") as pl, _proxy(["microsocks", "-i", "127.0.0.1", "-p", "{port}"]) as pport:
-        rc, rep = client(f"127.0.0.1:{pl.port}", "xmr", "--via-socks5", f"127.0.0.1:{pport}")
+    with pool(tmp_path, "xmr") as pl, _proxy(["microsocks", "-i", V4, "-p", "{port}"]) as pport:
+        rc, rep = client(f"{V4}:{pl.port}", "xmr", "--via-socks5", f"{V4}:{pport}")
         assert rc == 0, rep
         assert pl.requests()[0]["method"] == "login"
 
@@ -275,7 +301,7 @@ def test_client_through_a_socks5_proxy(tmp_path: Path) -> None:
 @contextlib.contextmanager
 def _proxy(argv: list[str]) -> Iterator[int]:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((V4, 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [a.replace("{port}", str(port)) for a in argv],
@@ -284,7 +310,7 @@ def _proxy(argv: list[str]) -> Iterator[int]:
     try:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            with contextlib.suppress(OSError), socket.create_connection((V4, port), timeout=1):
                 break
             time.sleep(0.05)
         yield port
