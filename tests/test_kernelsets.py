@@ -28,7 +28,7 @@ MASK, ALLOW, DENY = 0x30000000, 0x20000000, 0x30000000
 
 
 def _captures() -> list[Path]:
-    own = sorted((ROOT / "pcaps").glob("*.pcap"))
+    own = sorted((ROOT / "pcaps").glob("*.pcap")) + sorted((ROOT / "pcaps" / "tunnels").glob("*.pcap"))
     corpus = sorted(CORPUS.rglob("*.pcap*")) if CORPUS.is_dir() else []
     small = [p for p in corpus if p.stat().st_size < 2_000_000]
     return own + small[::3]  # every third corpus capture keeps the test under a few seconds
