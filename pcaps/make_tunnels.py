@@ -682,6 +682,39 @@ def _https_bare_ip(c: Ctx) -> None:
         c.lab.stop(srv)
 
 
+# -- n2n (peer-to-peer overlay VPN) ---------------------------------------------------------------
+N2N = "203.0.113.96"  # the supernode
+N2N_NET = ("203.0.113.225", "203.0.113.226")  # the edges' own virtual LAN: documentation addresses too
+
+
+def _n2n(c: Ctx) -> None:
+    """n2n 1.3 (Debian): a supernode and a second edge in the inet namespace, the node's edge
+    registers with the supernode and pings the other edge across the n2n virtual LAN."""
+    c.lab.run_inet(["ip", "addr", "replace", f"{N2N}/32", "dev", "lo"], check=True)  # this recipe's own address
+    # The supernode and the far edge answer from unbound sockets: make their replies to the
+    # node leave from the supernode's address, as a host with one public address would.
+    route = [f"{NODE_V4}/32", "dev", f"{c.lab.prefix[:6]}i0", "src", N2N]
+    c.lab.run_inet(["ip", "route", "replace", *route], check=True)
+    procs = []
+    try:
+        procs.append(c.lab.spawn("inet", ["supernode", "-l", "7654", "-v"], stdout=c.logfile("n2n-sn.log"),
+                                 stderr=subprocess.STDOUT))  # fmt: skip
+        _wait_port(c, "inet", 7654, udp=True)
+        for ns, dev, addr, mac in (("inet", "n2ni", N2N_NET[1], "02:00:5e:00:53:02"),
+                                   ("node", "n2nn", N2N_NET[0], "02:00:5e:00:53:01")):  # fmt: skip
+            procs.append(c.lab.spawn(ns, ["edge", "-d", dev, "-a", addr, "-s", "255.255.255.240", "-c", "labnet",
+                                          "-k", "lab-secret", "-m", mac, "-l", f"{N2N}:7654"],
+                                     stdout=c.logfile(f"n2n-{dev}.log"), stderr=subprocess.STDOUT))  # fmt: skip
+        time.sleep(2.0)
+        p = c.node(["ping", "-c", "3", "-W", "3", N2N_NET[1]], ok=False, timeout=30)
+        if " 100% packet loss" in p.stdout or "packet loss" not in p.stdout:
+            raise MakeError(f"ping over n2n: {p.stdout}{p.stderr}")
+    finally:
+        for proc in reversed(procs):
+            c.lab.stop(proc)
+        c.lab.run_inet(["ip", "route", "del", f"{NODE_V4}/32"])
+
+
 def _h(*addrs: str) -> str:
     return " or ".join(f"host {a}" for a in addrs)
 
@@ -715,6 +748,7 @@ RECIPES: list[Recipe] = [
     Recipe("httptunnel", _h(HTTPTUN), _httptunnel, ("hts", "htc")),
     Recipe("shadowsocks", _h(SS), _shadowsocks(""), ("ss-server", "ss-local")),
     Recipe("shadowsocks-simple-obfs-http", _h(SS), _shadowsocks("http"), ("obfs-server", "obfs-local")),
+    Recipe("n2n", _h(N2N), _n2n, ("edge", "supernode")),
     Recipe("benign-http-upload", _h(WEB), _upload, ("curl",)),
     Recipe("benign-https-bare-ip", _h(WEB), _https_bare_ip, ("openssl", "curl")),
 ]

@@ -136,6 +136,10 @@ TUNNEL_DNS: Final = kind(
 TUNNEL_ICMP: Final = kind("tunnel.icmp", "a protocol or changing data inside ICMP echo (ptunnel, hans, icmptunnel)")
 TUNNEL_TINC: Final = kind("tunnel.tinc", "tinc's meta-protocol ID line, or UDP with a tinc peer")
 TUNNEL_NEBULA: Final = kind("tunnel.nebula", "Nebula handshake header (stage 1)")
+# Peer-to-peer overlay VPNs on UDP (detect/overlays.py).
+TUNNEL_ZEROTIER: Final = kind("tunnel.zerotier", "ZeroTier HELLO (plaintext, identity address = header source)")
+TUNNEL_TAILSCALE: Final = kind("tunnel.tailscale", "Tailscale disco message (magic, sender key, nonce, NaCl box)")
+TUNNEL_N2N: Final = kind("tunnel.n2n", "n2n v1/v2/v3 packet header (version, TTL, flags, community name)")
 TUNNEL_TOR: Final = kind("tunnel.tor", "Tor link handshake (random www name, no ALPN, VERSIONS-sized first record)")
 TUNNEL_PPTP: Final = kind("tunnel.pptp", "PPTP Start-Control-Connection-Request (RFC 2637)")
 TUNNEL_TEREDO: Final = kind("tunnel.teredo", "IPv6 in UDP with Teredo framing (RFC 4380)")

@@ -66,6 +66,7 @@ from egressd.detect.base import (
     StreamContext,
     printable,
 )
+from egressd.detect.overlays import detect_overlay
 
 _WG_INIT: Final = b"\x01\x00\x00\x00"
 _WG_RESP: Final = b"\x02\x00\x00\x00"
@@ -86,6 +87,8 @@ _OVPN_SERVER_RESET: Final = 8 << 3  # HARD_RESET_SERVER_V2
 
 def detect_datagram(payload: bytes, from_originator: bool, sport: int, dport: int) -> Detection | None:
     """A UDP datagram that is a VPN handshake message, or None."""
+    if (overlay := detect_overlay(payload)) is not None:  # ZeroTier, Tailscale disco, n2n
+        return overlay
     n = len(payload)
     if n == 148 and payload.startswith(_WG_INIT):
         return Detection(TUNNEL_WIREGUARD, "WireGuard handshake initiation (148 bytes, type 1)")
