@@ -310,3 +310,60 @@ def test_random_datagrams_with_the_cheap_bytes_forced_never_match() -> None:
         if detect_overlay(bytes(b)) is not None:
             hits.append(bytes(b).hex())
     assert not hits
+
+
+# -- SoftEther NAT-T -----------------------------------------------------------------------
+def pack(*elements: tuple[str, int, bytes]) -> bytes:
+    """Pack.c WritePack: element count, then per element WriteBufStr(name) (length + 1, the
+    name without its NUL), type, value count (1 here) and the value as WriteValue writes it."""
+    out = struct.pack("!I", len(elements))
+    for name, vtype, value in elements:
+        out += struct.pack("!I", len(name) + 1) + name.encode() + struct.pack("!II", vtype, 1)
+        if vtype in (1, 2, 3):  # DATA, STR, UNISTR: a length, then the bytes
+            out += struct.pack("!I", len(value))
+        out += value
+    return out
+
+
+def natt(opcode: bytes = b"get_token", version: int = 1, extra: tuple[tuple[str, int, bytes], ...] = ()) -> bytes:
+    """RUDPDo_NatT_Interrupt: PackAddStr opcode, PackAddInt64 tran_id, PackAddInt nat_traversal_version."""
+    return pack(("opcode", 2, opcode), ("tran_id", 4, os.urandom(8)), *extra,
+                ("nat_traversal_version", 0, struct.pack("!I", version)))  # fmt: skip
+
+
+def test_softether_natt_get_token_is_named() -> None:
+    p = natt()
+    assert p[14:18] == b"\x00\x00\x00\x02"  # opcode's type, STR (the negative test below changes it)
+    assert len(p) == 99  # the size SoftEther's get_token request has on the wire
+    d = detect_overlay(p)
+    assert isinstance(d, Detection) and d.kind == "tunnel.softether.nat-t"
+    assert d.info["opcode"] == "get_token" and "nat_traversal_version 1" in d.evidence
+
+
+def test_softether_natt_register_with_every_value_type() -> None:
+    extra = (
+        ("host_name", 2, b"vpn"),
+        ("machine_key", 1, os.urandom(20)),
+        ("product_str", 3, b"SoftEther OSS\x00"),
+        ("private_port", 0, struct.pack("!I", 51381)),
+    )
+    d = detect_overlay(natt(b"nat_t_register", extra=extra))
+    assert d is not None and d.info["opcode"] == "nat_t_register"
+
+
+@pytest.mark.parametrize(
+    "why, payload",
+    [
+        ("one byte more than the PACK", natt() + b"\x00"),
+        ("one byte less", natt()[:-1]),
+        ("no opcode element", pack(("tran_id", 4, bytes(8)), ("nat_traversal_version", 0, bytes(4)))),
+        ("no nat_traversal_version", pack(("opcode", 2, b"get_token"), ("tran_id", 4, bytes(8)))),
+        ("unknown value type", natt()[:14] + b"\x00\x00\x00\x05" + natt()[18:]),  # opcode's type: 5
+        ("element count says 4", b"\x00\x00\x00\x04" + natt()[4:]),
+        ("name with a space", pack(("op code", 2, b"get_token"), ("nat_traversal_version", 0, bytes(4)))),
+        ("UNISTR without its NUL", natt(extra=(("product_str", 3, b"SoftEther"),))),
+        ("the one-byte IP query", b"A"),
+    ],
+)  # fmt: skip
+def test_softether_one_field_wrong_is_not_named(why: str, payload: bytes) -> None:
+    assert kind(payload) is None, why

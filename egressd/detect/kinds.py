@@ -140,6 +140,9 @@ TUNNEL_NEBULA: Final = kind("tunnel.nebula", "Nebula handshake header (stage 1)"
 TUNNEL_ZEROTIER: Final = kind("tunnel.zerotier", "ZeroTier HELLO (plaintext, identity address = header source)")
 TUNNEL_TAILSCALE: Final = kind("tunnel.tailscale", "Tailscale disco message (magic, sender key, nonce, NaCl box)")
 TUNNEL_N2N: Final = kind("tunnel.n2n", "n2n v1/v2/v3 packet header (version, TTL, flags, community name)")
+TUNNEL_SOFTETHER_NAT_T: Final = kind(
+    "tunnel.softether.nat-t", "SoftEther VPN's NAT traversal request (a PACK with opcode, nat_traversal_version)"
+)
 TUNNEL_TOR: Final = kind("tunnel.tor", "Tor link handshake (random www name, no ALPN, VERSIONS-sized first record)")
 TUNNEL_PPTP: Final = kind("tunnel.pptp", "PPTP Start-Control-Connection-Request (RFC 2637)")
 TUNNEL_TEREDO: Final = kind("tunnel.teredo", "IPv6 in UDP with Teredo framing (RFC 4380)")

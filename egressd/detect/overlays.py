@@ -45,6 +45,16 @@ not guessed at.
   ``encode_REGISTER``, ``encode_sock``): version 3, a 20-byte community, REGISTER_SUPER with
   device address, 16-byte description, auth token and key time, its length exact too.
   With header encryption (n2n 3 ``-H``) the header is ciphertext and is not named.
+* **SoftEther VPN NAT traversal** (SoftEtherVPN/SoftEtherVPN ``src/Mayaqua/Network.c``
+  ``RUDPDo_NatT_Interrupt`` and the NAT-T connect loop, sent to ``UDP_NAT_T_PORT``;
+  ``src/Mayaqua/Pack.c`` ``WritePack``, ``WriteElement``, ``WriteValue``, ``WriteBufStr``):
+  the requests to SoftEther's NAT-T servers (``get_token``, ``nat_t_register``,
+  ``nat_t_connect_request``) are a serialised PACK in the datagram: an element count, then per
+  element its name (length + 1, the name), type (INT 0, DATA 1, STR 2, UNISTR 3, INT64 4),
+  value count and values (INT 4 bytes, INT64 8, DATA and STR a length and the bytes, UNISTR
+  a length and NUL-terminated UTF-8). Named when the whole datagram parses as one PACK, to
+  its last byte, with an ``opcode`` string element and a ``nat_traversal_version`` integer.
+  The one-byte IP query (``A``) that also goes to the NAT-T port has no layout to check.
 """
 
 from __future__ import annotations
@@ -53,9 +63,10 @@ import struct
 from typing import Final
 
 from egressd.detect.base import Detection
-from egressd.detect.kinds import TUNNEL_N2N, TUNNEL_TAILSCALE, TUNNEL_ZEROTIER
+from egressd.detect.kinds import TUNNEL_N2N, TUNNEL_SOFTETHER_NAT_T, TUNNEL_TAILSCALE, TUNNEL_ZEROTIER
 
 _U16: Final = struct.Struct("!H")
+_U32: Final = struct.Struct("!I")
 
 # -- ZeroTier ------------------------------------------------------------------------------
 _ZT_IDX_SOURCE: Final = 13
@@ -108,6 +119,8 @@ def detect_overlay(p: bytes) -> Detection | None:
         return _n2n_v1(p, n)
     if first == 2 or first == 3:
         return _n2n_v2_v3(p, n, first)
+    if first == 0 and p[1] == 0 and p[2] == 0 and p[4] == 0 and p[5] == 0 and p[6] == 0:
+        return _softether_pack(p, n)
     return None
 
 
@@ -238,4 +251,63 @@ def _n2n(version: int, msg: str, community: str, more: str, from_supernode: bool
         TUNNEL_N2N,
         f"n2n v{version} {msg} {who}, community {community!r}: {more}",
         info={"version": str(version), "message": msg, "community": community},
+    )
+
+
+# -- SoftEther NAT-T -----------------------------------------------------------------------
+_PACK_MAX_ELEMENTS: Final = 64  # the NAT-T requests carry a dozen at most
+_PACK_MAX_VALUES: Final = 16  # and one value each
+_PACK_MAX_NAME: Final = 63  # MAX_ELEMENT_NAME_LEN
+_PACK_NAME: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+_PACK_INT, _PACK_DATA, _PACK_STR, _PACK_UNISTR, _PACK_INT64 = 0, 1, 2, 3, 4
+
+
+def _softether_pack(p: bytes, n: int) -> Detection | None:
+    """A datagram that is exactly one serialised PACK (Pack.c ``WritePack``) holding
+    SoftEther's NAT-T ``opcode`` and ``nat_traversal_version``."""
+    count = p[3]
+    if not 1 <= count <= _PACK_MAX_ELEMENTS:
+        return None
+    pos = 4
+    opcode = ""
+    version = -1
+    for _ in range(count):
+        if pos + 4 > n:
+            return None
+        stored = _U32.unpack_from(p, pos)[0]  # WriteBufStr: length + 1, then the name without NUL
+        if not 2 <= stored <= _PACK_MAX_NAME + 1 or pos + 4 + stored - 1 + 8 > n:
+            return None
+        name = p[pos + 4 : pos + 3 + stored]
+        if not set(name) <= _PACK_NAME:
+            return None
+        pos += 3 + stored
+        vtype, nval = _U32.unpack_from(p, pos)[0], _U32.unpack_from(p, pos + 4)[0]
+        pos += 8
+        if vtype > _PACK_INT64 or not 1 <= nval <= _PACK_MAX_VALUES:
+            return None
+        for _ in range(nval):
+            if vtype in (_PACK_INT, _PACK_INT64):
+                size = 4 if vtype == _PACK_INT else 8
+                if pos + size > n:
+                    return None
+                if vtype == _PACK_INT and name == b"nat_traversal_version":
+                    version = _U32.unpack_from(p, pos)[0]
+                pos += size
+                continue
+            if pos + 4 > n:
+                return None
+            size = _U32.unpack_from(p, pos)[0]
+            end = pos + 4 + size
+            if end > n or (vtype == _PACK_UNISTR and (size == 0 or p[end - 1] != 0)):
+                return None
+            if vtype == _PACK_STR and name == b"opcode":
+                opcode = p[pos + 4 : end].decode("ascii", "replace")
+            pos = end
+    if pos != n or not opcode or version < 0:
+        return None
+    return Detection(
+        TUNNEL_SOFTETHER_NAT_T,
+        f"SoftEther VPN NAT-T request: a {count}-element PACK filling the datagram ({n} bytes), "
+        f"opcode {opcode!r}, nat_traversal_version {version}",
+        info={"opcode": opcode},
     )
