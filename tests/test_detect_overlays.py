@@ -367,3 +367,18 @@ def test_softether_natt_register_with_every_value_type() -> None:
 )  # fmt: skip
 def test_softether_one_field_wrong_is_not_named(why: str, payload: bytes) -> None:
     assert kind(payload) is None, why
+
+
+def geneve(protocol: int = 0x7A11, control: bool = True, vni: int = 0x123456) -> bytes:
+    """net/packet/geneve.go GeneveHeader.Encode: version 0, no options, the control bit,
+    the protocol type, a 24-bit VNI and a reserved byte."""
+    return bytes([0, 0x40 if control else 0]) + struct.pack("!H", protocol) + vni.to_bytes(3, "big") + b"\x00"
+
+
+def test_tailscale_disco_through_a_peer_relay() -> None:
+    d = detect_overlay(geneve() + disco())
+    assert d is not None and d.kind == "tunnel.tailscale" and "VNI 1193046" in d.evidence
+    assert kind(geneve(control=False) + disco()) == "tunnel.tailscale"
+    assert kind(geneve(protocol=0x7A12) + disco()) is None  # relayed WireGuard: not a disco message
+    assert kind(geneve()[:7] + b"\x01" + disco()) is None  # reserved byte set
+    assert kind(geneve() + disco(magic=b"TS\xf0\x9f\x92\xad")) is None

@@ -27,7 +27,9 @@ not guessed at.
   ``NonceLen``, ``LooksLikeDiscoWrapper``): the 6-byte magic ``TS`` + U+1F4AC in UTF-8
   (``54 53 f0 9f 92 ac``), the sender's 32-byte disco public key, a 24-byte nonce, then a
   NaCl box: a 16-byte Poly1305 tag over at least the 2-byte message type and version, so 80
-  bytes at least. Tailscale's WireGuard packets are ``tunnel.wireguard`` already.
+  bytes at least. Tailscale's WireGuard packets are ``tunnel.wireguard`` already. Through a
+  peer relay (``net/udprelay``, ``net/packet/geneve.go``) the same message follows an 8-byte
+  Geneve header whose protocol is ``GeneveProtocolDisco`` (``0x7A11``).
 * **n2n**, three wire formats, each from its implementation:
   v1 (n2n 1.3, Debian's ``n2n`` package; ``n2n.h`` ``struct n2n_packet_header``,
   ``n2n.c`` ``marshall_n2n_packet_header`` and ``fill_standard_header_fields``): version 1,
@@ -119,8 +121,11 @@ def detect_overlay(p: bytes) -> Detection | None:
         return _n2n_v1(p, n)
     if first == 2 or first == 3:
         return _n2n_v2_v3(p, n, first)
-    if first == 0 and p[1] == 0 and p[2] == 0 and p[4] == 0 and p[5] == 0 and p[6] == 0:
-        return _softether_pack(p, n)
+    if first == 0:
+        if p[2] == 0x7A and p[3] == 0x11:
+            return _tailscale_relayed(p, n)
+        if p[1] == 0 and p[2] == 0 and p[4] == 0 and p[5] == 0 and p[6] == 0:
+            return _softether_pack(p, n)
     return None
 
 
@@ -161,6 +166,19 @@ def _tailscale(p: bytes, n: int) -> Detection | None:
         f"24-byte nonce and a {n - _TS_MIN + 18}-byte NaCl box ({n} bytes)",
         info={"disco_key": key.hex()},
     )
+
+
+def _tailscale_relayed(p: bytes, n: int) -> Detection | None:
+    """A disco message to or from a Tailscale peer relay (``net/udprelay``): an 8-byte Geneve
+    header (RFC 8926; version 0, no options, the control bit, protocol ``0x7A11``,
+    ``packet.GeneveProtocolDisco``, a 24-bit VNI, a reserved zero byte), then the message."""
+    if p[1] not in (0x00, 0x40) or p[7] != 0:
+        return None
+    det = _tailscale(p[8:], n - 8)
+    if det is None:
+        return None
+    vni = int.from_bytes(p[4:7], "big")
+    return Detection(det.kind, f"{det.evidence}, via a Tailscale peer relay (Geneve, VNI {vni})", info=det.info)
 
 
 def _community(p: bytes, start: int, size: int, padded: bool) -> str | None:
