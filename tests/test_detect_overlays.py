@@ -97,6 +97,13 @@ def kind(p: bytes) -> str | None:
 
 
 # -- ZeroTier ------------------------------------------------------------------------------
+def test_the_hot_path_literals_are_the_zerotier_offsets() -> None:
+    from egressd.detect import overlays
+
+    assert (overlays._ZT_MIN_HELLO, overlays._ZT_IDX_VERB, overlays._ZT_ID_TYPE) == (113, 27, 46)
+    assert overlays._ZT_VERB_HELLO == 1
+
+
 def test_zerotier_hello_is_named_with_its_node_address() -> None:
     d = detect_overlay(zt_hello())
     assert isinstance(d, Detection) and d.kind == "tunnel.zerotier"

@@ -107,25 +107,26 @@ _PRINTABLE: Final = bytes(range(0x20, 0x7F))
 def detect_overlay(p: bytes) -> Detection | None:
     """A datagram that is a ZeroTier HELLO, a Tailscale disco message or an n2n packet
     header, or None. Cheapest rejections first: every first UDP datagram passes here."""
+    # Literals rather than the named constants on this path: a module-global lookup per
+    # comparison is most of what a non-matching datagram costs here.
     n = len(p)
     if n < 34:  # n2n v2 REGISTER_SUPER, the shortest message named here
         return None
-    if n >= _ZT_MIN_HELLO and p[_ZT_IDX_VERB] == _ZT_VERB_HELLO and p[_ZT_ID_TYPE] == 0:
+    if n >= 113 and p[27] == 1 and p[46] == 0:  # _ZT_MIN_HELLO, _ZT_IDX_VERB == HELLO, _ZT_ID_TYPE == 0
         det = _zerotier(p, n)
         if det is not None:
             return det
     first = p[0]
-    if first == 0x54:
-        return _tailscale(p, n)
+    if first > 3:
+        return _tailscale(p, n) if first == 0x54 else None
     if first == 1:
         return _n2n_v1(p, n)
-    if first == 2 or first == 3:
+    if first != 0:
         return _n2n_v2_v3(p, n, first)
-    if first == 0:
-        if p[2] == 0x7A and p[3] == 0x11:
-            return _tailscale_relayed(p, n)
-        if p[1] == 0 and p[2] == 0 and p[4] == 0 and p[5] == 0 and p[6] == 0:
-            return _softether_pack(p, n)
+    if p[2] == 0x7A and p[3] == 0x11:  # Geneve protocol GeneveProtocolDisco
+        return _tailscale_relayed(p, n)
+    if p[1] == 0 and p[2] == 0 and p[4] == 0 and p[5] == 0 and p[6] == 0:  # PACK: element count, name length
+        return _softether_pack(p, n)
     return None
 
 
