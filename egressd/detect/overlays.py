@@ -1,4 +1,4 @@
-"""Peer-to-peer overlay VPNs on UDP: ZeroTier, Tailscale's disco, n2n — from one datagram.
+"""Peer-to-peer overlay VPNs on UDP: ZeroTier, Tailscale, n2n, SoftEther NAT-T — from one datagram.
 
 Why these need a module of their own: an overlay puts the node on a private Ethernet or IP
 network that crosses every egress rule, and each of these speaks its own protocol on any
@@ -99,14 +99,15 @@ _N2N_FLAG_BITS: Final = 0x00E0  # OPTIONS 0x80, SOCKET 0x40, FROM_SUPERNODE 0x20
 _N2N_FLAG_SOCKET: Final = 0x0040
 _N2N_REGISTER: Final = 1
 _N2N_REGISTER_SUPER: Final = 5
-_N2N_AUTH_TOKEN_MAX: Final = 128  # v2: 32 bytes; v3 user/password auth: a 32-byte public key + hash
+_N2N_AUTH_TOKEN_MAX: Final = 128  # a bound: v2 N2N_AUTH_TOKEN_SIZE is 32, v3 user/password tokens are larger
 # Printable ASCII: what a community name is typed as on a command line.
 _PRINTABLE: Final = bytes(range(0x20, 0x7F))
 
 
 def detect_overlay(p: bytes) -> Detection | None:
-    """A datagram that is a ZeroTier HELLO, a Tailscale disco message or an n2n packet
-    header, or None. Cheapest rejections first: every first UDP datagram passes here."""
+    """A datagram that is a ZeroTier HELLO, a Tailscale disco message, an n2n packet header
+    or a SoftEther NAT-T request, or None. Cheapest rejections first: every first UDP
+    datagram passes here."""
     # Literals rather than the named constants on this path: a module-global lookup per
     # comparison is most of what a non-matching datagram costs here.
     n = len(p)

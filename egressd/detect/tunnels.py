@@ -87,7 +87,7 @@ _OVPN_SERVER_RESET: Final = 8 << 3  # HARD_RESET_SERVER_V2
 
 def detect_datagram(payload: bytes, from_originator: bool, sport: int, dport: int) -> Detection | None:
     """A UDP datagram that is a VPN handshake message, or None."""
-    if (overlay := detect_overlay(payload)) is not None:  # ZeroTier, Tailscale disco, n2n
+    if (overlay := detect_overlay(payload)) is not None:  # ZeroTier, Tailscale, n2n, SoftEther NAT-T
         return overlay
     n = len(payload)
     if n == 148 and payload.startswith(_WG_INIT):
