@@ -64,8 +64,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from egressd.detect.base import Detection
-from egressd.detect.kinds import TUNNEL_N2N, TUNNEL_SOFTETHER_NAT_T, TUNNEL_TAILSCALE, TUNNEL_ZEROTIER
+from egressd.detect.base import TUNNEL_N2N, TUNNEL_SOFTETHER_NAT_T, TUNNEL_TAILSCALE, TUNNEL_ZEROTIER, Detection
 
 _U16: Final = struct.Struct("!H")
 _U32: Final = struct.Struct("!I")
