@@ -389,3 +389,28 @@ def test_tailscale_disco_through_a_peer_relay() -> None:
     assert kind(geneve(protocol=0x7A12) + disco()) is None  # relayed WireGuard: not a disco message
     assert kind(geneve()[:7] + b"\x01" + disco()) is None  # reserved byte set
     assert kind(geneve() + disco(magic=b"TS\xf0\x9f\x92\xad")) is None
+
+
+# -- through the engine, with the shipped policy ---------------------------------------------
+@pytest.mark.parametrize(
+    "name, payload, kind_",
+    [
+        ("zerotier", zt_hello(), "tunnel.zerotier"),
+        ("tailscale", disco(), "tunnel.tailscale"),
+        ("n2n-v1", n2n_v1(), "tunnel.n2n"),
+        ("n2n-v3", n2n_v3_register_super(), "tunnel.n2n"),
+        ("softether", natt(), "tunnel.softether.nat-t"),
+    ],
+)
+def test_the_engine_alerts_on_the_first_datagram_on_any_port(name: str, payload: bytes, kind_: str) -> None:
+    from scapy.layers.inet import IP, UDP
+
+    from egressd.engine import Engine
+    from egressd.paths import default_policy
+    from egressd.policy import load_policy
+
+    eng = Engine(load_policy(default_policy()))
+    eng.feed(bytes(IP(src="198.51.100.2", dst="203.0.113.9") / UDP(sport=40000, dport=443) / payload), 1000.0)
+    ev = eng.events[-1]
+    assert (ev.verdict, ev.rule) == ("alert", "alert-vpn-tunnels"), name
+    assert ev.detection is not None and ev.detection["kind"] == kind_, name
