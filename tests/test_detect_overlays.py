@@ -257,6 +257,18 @@ def test_n2n_v3_register_super_with_and_without_token() -> None:
     assert kind(n2n_v3_register_super(community_size=16)) is None  # a v2-sized community in a v3 header
 
 
+def test_n2n_v3_query_peer_is_38_bytes() -> None:
+    """encode_QUERY_PEER: common, source MAC, target MAC (zero: a supernode ping), aflags."""
+    common = b"\x03\x02" + struct.pack("!H", 11) + b"gpu-cluster".ljust(20, b"\x00")
+    p = common + bytes.fromhex("02005e005303") + bytes(6) + struct.pack("!H", 0)
+    assert len(p) == 38
+    d = detect_overlay(p)
+    assert d is not None and d.kind == "tunnel.n2n" and d.info["message"] == "QUERY_PEER"
+    assert kind(p + b"\x00") is None
+    assert kind(b"\x02" + p[1:]) is None  # n2n 2 has no QUERY_PEER
+    assert kind(p[:2] + struct.pack("!H", 10) + p[4:]) is None  # PEER_INFO: not this layout
+
+
 def test_n2n_v3_register_with_and_without_socket() -> None:
     assert kind(n2n_v3_register()) == "tunnel.n2n"
     v4 = struct.pack("!HH", 0, 7654) + bytes([203, 0, 113, 96])

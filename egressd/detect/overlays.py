@@ -45,7 +45,9 @@ not guessed at.
   datagram's length exact; REGISTER (1) cookie, two MACs and the socket if flagged.
   v3 (ntop/n2n 3.x ``include/n2n_define.h``, ``src/wire.c`` ``encode_REGISTER_SUPER``,
   ``encode_REGISTER``, ``encode_sock``): version 3, a 20-byte community, REGISTER_SUPER with
-  device address, 16-byte description, auth token and key time, its length exact too.
+  device address, 16-byte description, auth token and key time, its length exact too;
+  QUERY_PEER (11, ``encode_QUERY_PEER``: two MACs and 16-bit flags, 38 bytes), with which an
+  edge pings its supernodes.
   With header encryption (n2n 3 ``-H``) the header is ciphertext and is not named.
 * **SoftEther VPN NAT traversal** (SoftEtherVPN/SoftEtherVPN ``src/Mayaqua/Network.c``
   ``RUDPDo_NatT_Interrupt`` and the NAT-T connect loop, sent to ``UDP_NAT_T_PORT``;
@@ -98,6 +100,7 @@ _N2N_FLAG_BITS: Final = 0x00E0  # OPTIONS 0x80, SOCKET 0x40, FROM_SUPERNODE 0x20
 _N2N_FLAG_SOCKET: Final = 0x0040
 _N2N_REGISTER: Final = 1
 _N2N_REGISTER_SUPER: Final = 5
+_N2N_V3_QUERY_PEER: Final = 11  # MSG_TYPE_QUERY_PEER (n2n 3): how an edge pings its supernodes
 _N2N_AUTH_TOKEN_MAX: Final = 128  # a bound: v2 N2N_AUTH_TOKEN_SIZE is 32, v3 user/password tokens are larger
 # Printable ASCII: what a community name is typed as on a command line.
 _PRINTABLE: Final = bytes(range(0x20, 0x7F))
@@ -222,11 +225,17 @@ def _n2n_v2_v3(p: bytes, n: int, version: int) -> Detection | None:
         return None
     flags = _U16.unpack_from(p, 2)[0]
     pc, bits = flags & 0x001F, flags & 0xFFE0
-    if bits & ~_N2N_FLAG_BITS or pc not in (_N2N_REGISTER, _N2N_REGISTER_SUPER):
+    if bits & ~_N2N_FLAG_BITS:
         return None
     csize = 16 if version == 2 else 20
     mac = 4 + csize + 4  # after the common header and the cookie: the edge's MAC
-    if pc == _N2N_REGISTER_SUPER:
+    if pc == _N2N_V3_QUERY_PEER and version == 3:
+        # encode_QUERY_PEER: source MAC, target MAC (zero when it pings a supernode), aflags.
+        mac = 4 + csize
+        if n != mac + 6 + 6 + 2:
+            return None
+        what = "QUERY_PEER"
+    elif pc == _N2N_REGISTER_SUPER:
         if version == 2:
             tok_at, tail = mac + 6 + 2, 0  # auth scheme, token size, token (wire.c writes 0, 0)
         else:
@@ -240,11 +249,13 @@ def _n2n_v2_v3(p: bytes, n: int, version: int) -> Detection | None:
         if tok > _N2N_AUTH_TOKEN_MAX or n != tok_at + 2 + tok + tail:
             return None
         what = "REGISTER_SUPER"
-    else:
+    elif pc == _N2N_REGISTER:
         sock = _n2n_sock(p, n, mac + 12, bits)  # after source and destination MAC
         if sock < 0 or n != mac + 12 + sock + (0 if version == 2 else 4 + 1 + 16):
             return None
         what = "REGISTER"
+    else:
+        return None
     if p[mac] & 1:  # the registering edge's MAC is unicast
         return None
     community = _community(p, 4, csize, padded=True)
