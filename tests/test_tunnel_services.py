@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import shutil
 import ssl
 import textwrap
 from pathlib import Path
@@ -316,3 +317,21 @@ def test_egressd_validate_rejects_a_bad_setting_with_file_and_line(
         "default: accept\nsettings: {tunnel_service_domains: t}\nlists:\n  t: {type: domain, items: [x.example]}\n"
     )
     assert main(["validate", str(good)]) == 0
+
+
+def test_a_site_layer_keeps_the_setting_or_points_it_at_its_own_list(tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    shutil.copytree(RULES, rules)
+    kept = rules / "site.yaml"
+    kept.write_text("extends: default.yaml\nsettings: {max_packets: 16}\n")
+    pol = load_policy(kept)
+    assert pol.settings.tunnel_service_domains == "tunnel_service_domains"  # the base's, kept
+    assert pol.tunnel_service_domains.match("h2.cftunnel.com") == "*.cftunnel.com"
+    own = rules / "own.yaml"
+    own.write_text(
+        "extends: default.yaml\nsettings: {tunnel_service_domains: site_tunnels}\n"
+        "lists:\n  site_tunnels: {type: domain, items: [tunnel.corp.example]}\n"
+    )
+    pol = load_policy(own)
+    assert pol.tunnel_service_domains.match("tunnel.corp.example") == "tunnel.corp.example"
+    assert pol.tunnel_service_domains.match("h2.cftunnel.com") is None
