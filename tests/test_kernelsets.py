@@ -45,6 +45,7 @@ def _with_rules(base: Policy, rules: tuple[Rule, ...], *, mode: str = "enforce")
         default=base.default,
         settings=base.settings,
         pool_domains=base.pool_domains,
+        tunnel_service_domains=base.tunnel_service_domains,
         rules=rules,
     )
 
