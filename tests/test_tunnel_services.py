@@ -35,6 +35,8 @@ AGENT_NAMES = [
     "protocol-v2.argotunnel.com",  # cloudflared protocol choice (TXT)
     "h2.cftunnel.com",  # cloudflared edge SNI, HTTP/2
     "quic.cftunnel.com",  # cloudflared edge SNI, QUIC
+    "probe.cftunnel.com",  # cloudflared pre-flight probe SNI
+    "update.argotunnel.com",  # cloudflared updater
     "api.trycloudflare.com",  # cloudflared quick tunnels
     "localtunnel.me",  # localtunnel client default host
     "abcdefgh.loca.lt",
@@ -43,6 +45,7 @@ AGENT_NAMES = [
     "derp1f.tailscale.com",
     "log.tailscale.io",
     "a.pinggy.io",
+    "free.pinggy.io",
     "localhost.run",
     "serveo.net",
     "control.playit.gg",
