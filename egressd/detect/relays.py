@@ -241,7 +241,11 @@ def _bore_first(data: bytes, client: bool, done: bool) -> str | Result:
     starts = _BORE_CLIENT if client else _BORE_SERVER
     nul = data.find(b"\x00", 0, BORE_MAX_FRAME + 1)
     if nul < 0:
-        if len(data) > BORE_MAX_FRAME or not any(s.startswith(data[: len(s)]) for s in starts):
+        # A bore frame's JSON ends with its only '}' (Hello) or '"}', then the NUL at once.
+        close = data.find(b"}")
+        if len(data) > BORE_MAX_FRAME or 0 <= close < len(data) - 1:
+            return NOT_THIS
+        if not any(s.startswith(data[: len(s)]) for s in starts):
             return NOT_THIS
         return NOT_THIS if done else NEED_MORE
     what = _bore_frame(data[:nul], client)
