@@ -12,6 +12,7 @@ import json
 import os
 import ssl
 import struct
+import subprocess
 
 import pytest
 from hypothesis import given, settings
@@ -115,7 +116,8 @@ def test_frp_work_connection_and_v2_magic_are_named() -> None:
 def test_frp_tls_head_byte_before_a_client_hello_is_frp_and_a_plain_client_hello_is_not() -> None:
     ch = client_hello()
     assert ch[:1] == b"\x16" and ch[5] == 1
-    assert detect_relays(ch, b"", CTX) is NOT_THIS
+    assert not isinstance(detect_relays(ch, b"", CTX), Detection)
+    assert detect_relays(ch, b"", CLOSED) is NOT_THIS
     assert isinstance(detect_tls(ch, b"", CTX), Detection)  # the TLS detector still has it
     d = det(b"\x17" + ch)
     assert d.kind == "tunnel.frp" and d.info["transport"] == "tls"
@@ -123,6 +125,74 @@ def test_frp_tls_head_byte_before_a_client_hello_is_frp_and_a_plain_client_hello
     assert isinstance(r, Detection) and r.kind == "tunnel.frp"
     # A TLS application-data record at byte 0 (a session picked up mid-way) is not frp's.
     assert detect_relays(b"\x17\x03\x03\x00\x20" + os.urandom(32), b"", CTX) is NOT_THIS
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-subj", "/CN=frps.example.net", "-days", "1", "-keyout", str(d / "k.pem"), "-out",
+                    str(d / "c.pem")], check=True, capture_output=True, timeout=30)  # fmt: skip
+    return str(d / "c.pem"), str(d / "k.pem")
+
+
+def tls13_client_bytes(cert: tuple[str, str], writes: list[bytes], alpn: list[str] | None = None) -> bytes:
+    """A real TLS 1.3 session (OpenSSL both ends, memory BIOs): the client's bytes, one record
+    per ``write`` after the handshake, as a Go ``tls.Conn`` makes one record per ``Write``."""
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(*cert)
+    if alpn:
+        sctx.set_alpn_protocols(alpn)
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cctx.check_hostname, cctx.verify_mode = False, ssl.CERT_NONE
+    cctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if alpn:
+        cctx.set_alpn_protocols(alpn)
+    ci, co, si, so = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = cctx.wrap_bio(ci, co, server_hostname="frps.example.net")
+    srv = sctx.wrap_bio(si, so, server_side=True)
+    fwd = b""
+    done = [False, False]
+    for _ in range(10):
+        for i, obj in enumerate((c, srv)):
+            try:
+                obj.do_handshake()
+                done[i] = True
+            except ssl.SSLWantReadError:
+                pass
+        out = co.read()
+        fwd += out
+        si.write(out)
+        ci.write(so.read())
+        if all(done):
+            break
+    assert all(done)
+    for w in writes:
+        c.write(w)
+        fwd += co.read()
+    return fwd
+
+
+def test_frp_over_tls13_is_named_from_yamux_record_sizes_and_https_is_not(cert: tuple[str, str]) -> None:
+    frpc = tls13_client_bytes(cert, [yamux(1, 1, 1, 6029312), yamux(0, 0, 1, len(LOGIN)), LOGIN])
+    d = det(frpc)
+    assert d.kind == "tunnel.frp" and d.info["transport"] == "tls" and d.confidence < 1.0
+    assert f"a {len(LOGIN)}-byte message" in d.evidence
+    r = grows(frpc)
+    assert isinstance(r, Detection) and r.kind == "tunnel.frp"
+    # The same library and handshake carrying HTTP/1.1, or yamux headers coalesced with the Login.
+    http = tls13_client_bytes(cert, [b"GET / HTTP/1.1\r\nHost: frps.example.net\r\n\r\n"])
+    assert detect_relays(http, b"", CTX) is NOT_THIS
+    bare = tls13_client_bytes(cert, [])  # the handshake only: the records may still come
+    assert detect_relays(bare, b"", CTX) is NEED_MORE
+    assert detect_relays(bare, b"", CLOSED) is NOT_THIS
+    two = tls13_client_bytes(cert, [b"GET / HTTP/1.1\r\n\r\n", b"x" * 12, b"y" * 12])
+    assert detect_relays(two, b"", CTX) is NOT_THIS
+    one = tls13_client_bytes(cert, [yamux(1, 1, 1, 6029312) + yamux(0, 0, 1, len(LOGIN)) + LOGIN])
+    assert detect_relays(one, b"", CTX) is NOT_THIS
+    # A client that offers ALPN (browsers, curl, Go's net/http) is never looked at.
+    h2 = tls13_client_bytes(cert, [yamux(1, 1, 1, 0), yamux(0, 0, 1, len(LOGIN)), LOGIN], alpn=["h2"])
+    assert detect_relays(h2, b"", CTX) is NOT_THIS
 
 
 def test_frp_websocket_path_is_named_and_a_custom_path_is_named_from_what_it_carries() -> None:

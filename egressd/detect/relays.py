@@ -21,7 +21,9 @@ method other than ``GET``, SSH with ``S``), so the hot path pays one index and o
   (the default before v0.50) the client writes ``0x17`` before its ClientHello
   (``pkg/util/net/dial.go`` ``DialHookCustomTLSHeadByte``, ``FRPTLSHeadByte``): a TLS record
   that does not start at byte 0 is nothing a TLS library sends. Over WebSocket the upgrade
-  goes to ``/~!frp`` (``pkg/util/net/websocket.go`` ``FrpWebsocketPath``).
+  goes to ``/~!frp`` (``pkg/util/net/websocket.go`` ``FrpWebsocketPath``). With TLS as it is
+  by default since v0.50 (no head byte, yamux inside), only record sizes show: see
+  :func:`_frp_over_tls13` (confidence 0.7).
 * **bore** (github ekzhang/bore, ``src/shared.rs`` ``Delimited``, ``ClientMessage``,
   ``ServerMessage``): serde JSON frames, each ended by a NUL byte (``AnyDelimiterCodec`` with
   delimiter 0, 256 bytes at most). The client sends ``{"Hello":<port>}``, then on each
@@ -62,6 +64,7 @@ from egressd.detect.base import (
     printable,
 )
 from egressd.detect.kinds import TUNNEL_BORE, TUNNEL_FRP, TUNNEL_VTUN, TUNNEL_YGGDRASIL
+from egressd.detect.tls import detect_tls
 
 MAX_HEAD: Final = 8192  # an HTTP head longer than this is not waited for
 MAX_FRP_MSG: Final = 65536  # frp's own limit for a control message is far above a Login's size
@@ -80,6 +83,12 @@ _FRP_MSGS: Final = {
 _FRP_INFO_KEYS: Final = ("version", "os", "arch", "user", "proxy_name")
 _YAMUX_HDR: Final = 12
 _YAMUX_MAX_FRAMES: Final = 8
+# TLS 1.3 (RFC 8446 §5.2): a record of n plaintext bytes is n + 1 (content type) + 16 (AEAD tag)
+# long; the client's Finished (4 + a SHA-256 or SHA-384 sized MAC) is its first such record.
+_TLS13_OVERHEAD: Final = 17
+_TLS13_FINISHED: Final = frozenset({4 + 32 + _TLS13_OVERHEAD, 4 + 48 + _TLS13_OVERHEAD})
+_TLS13_YAMUX_HDR: Final = _YAMUX_HDR + _TLS13_OVERHEAD
+_TLS_MAX_RECORDS: Final = 16
 
 # -- bore ---------------------------------------------------------------------------------------
 _BORE_CLIENT: Final = (b'{"Hello":', b'{"Accept":"', b'{"Authenticate":"')
@@ -198,6 +207,56 @@ def _frp_tls(fwd: bytes, done: bool) -> Result:
         f"frp TLS head byte 0x17 before a TLS ClientHello record (version 03 {fwd[3]:02x}, {rec_len} bytes)",
         info={"tool": "frp", "transport": "tls"},
     )
+
+
+def _frp_over_tls13(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
+    """frpc's default since v0.50: TLS with no head byte, then yamux inside. The ClientHello is
+    Go's, with no ALPN (``pkg/transport/tls.go`` ``NewClientTLSConfig`` sets none); after the
+    Finished, yamux writes each frame header with a ``Write`` of its own (``session.go``
+    ``sendLoop``), so each becomes a TLS record: the SYN window update opening stream 1 (12
+    bytes), the data header (12 bytes), then the Login. Two 12-byte records in a row as the
+    first application data is what yamux does and no request/response protocol does (HTTP/1,
+    HTTP/2's 24-byte preface, gRPC, a database handshake); smux's headers are 8 bytes."""
+    hello = detect_tls(fwd, rev, ctx)
+    if not isinstance(hello, Detection):
+        return hello
+    if hello.info.get("alpn") not in ("", "-", None):
+        return NOT_THIS
+    pos = 0
+    after_ccs = False
+    sizes: list[int] = []
+    for _ in range(_TLS_MAX_RECORDS):
+        if pos + 5 > len(fwd):
+            return _final(ctx.fwd_closed, ctx.fwd_full)
+        ct = fwd[pos]
+        length = int.from_bytes(fwd[pos + 3 : pos + 5], "big")
+        if ct == 0x14:
+            after_ccs = True
+        elif after_ccs and ct == 0x16:
+            return NOT_THIS  # TLS 1.2: the Finished is a handshake record
+        elif ct == 0x17:
+            if not after_ccs:
+                return NOT_THIS
+            sizes.append(length)
+            if len(sizes) == 1 and length not in _TLS13_FINISHED:
+                return NOT_THIS
+            if len(sizes) in (2, 3) and length != _TLS13_YAMUX_HDR:
+                return NOT_THIS
+            if len(sizes) == 4:
+                if length - _TLS13_OVERHEAD < 9 + len(b'{"run_id":"'):
+                    return NOT_THIS
+                return Detection(
+                    TUNNEL_FRP,
+                    "frp over TLS 1.3 (no ALPN): the client's first records after its Finished are two "
+                    f"12-byte yamux headers ({_TLS13_YAMUX_HDR}-byte records: stream 1 opened, a data frame) "
+                    f"and a {length - _TLS13_OVERHEAD}-byte message",
+                    confidence=0.7,
+                    info={"tool": "frp", "transport": "tls", "sni": hello.info.get("sni", "")},
+                )
+        elif ct != 0x16:
+            return NOT_THIS
+        pos += 5 + length
+    return NOT_THIS
 
 
 # =================================================================================================
@@ -341,7 +400,7 @@ def _vtun(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
         if end > len(_VTUN_HOST):
             info["host"] = printable(fwd[len(_VTUN_HOST) : end], 32)
             evidence += f"; the node answered HOST: {info['host']}"
-    elif fwd:
+    elif fwd and not _VTUN_HOST.startswith(fwd[: len(_VTUN_HOST)]):
         return NOT_THIS  # vtun's client answers the greeting with its HOST line and nothing else
     return Detection(TUNNEL_VTUN, evidence, info=info)
 
@@ -393,6 +452,7 @@ def _yggdrasil(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
 # the detector
 # =================================================================================================
 
+_TLS_HANDSHAKE: Final = 0x16
 _M: Final = ord("m")
 _G: Final = ord("G")
 _BRACE: Final = ord("{")
@@ -424,6 +484,8 @@ def detect_relays(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
         return _frp_message(fwd, done, "")
     if f0 == _FRP_TLS_HEAD:
         return _frp_tls(fwd, done)
+    if f0 == _TLS_HANDSHAKE:
+        return _frp_over_tls13(fwd, rev, ctx)
     if f0 == _BRACE:
         return _bore(fwd, rev, ctx)
     if f0 == _G:
