@@ -180,6 +180,8 @@ def test_frp_over_tls13_is_named_from_yamux_record_sizes_and_https_is_not(cert: 
     assert f"a {len(LOGIN)}-byte message" in d.evidence
     r = grows(frpc)
     assert isinstance(r, Detection) and r.kind == "tunnel.frp"
+    ccs = b"\x14\x03\x03\x00\x01\x01"  # the dummy ChangeCipherSpec: a client may leave it out
+    assert ccs in frpc and det(frpc.replace(ccs, b"", 1)).kind == "tunnel.frp"
     # The same library and handshake carrying HTTP/1.1, or yamux headers coalesced with the Login.
     http = tls13_client_bytes(cert, [b"GET / HTTP/1.1\r\nHost: frps.example.net\r\n\r\n"])
     assert detect_relays(http, b"", CTX) is NOT_THIS

@@ -222,21 +222,16 @@ def _frp_over_tls13(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
         return hello
     if hello.info.get("alpn") not in ("", "-", None):
         return NOT_THIS
-    pos = 0
-    after_ccs = False
+    pos = 5 + int.from_bytes(fwd[3:5], "big")  # past the ClientHello's record
     sizes: list[int] = []
     for _ in range(_TLS_MAX_RECORDS):
         if pos + 5 > len(fwd):
             return _final(ctx.fwd_closed, ctx.fwd_full)
         ct = fwd[pos]
         length = int.from_bytes(fwd[pos + 3 : pos + 5], "big")
-        if ct == 0x14:
-            after_ccs = True
-        elif after_ccs and ct == 0x16:
-            return NOT_THIS  # TLS 1.2: the Finished is a handshake record
-        elif ct == 0x17:
-            if not after_ccs:
-                return NOT_THIS
+        if ct == 0x16:
+            return NOT_THIS  # TLS 1.2 (ClientKeyExchange, Finished) or a second ClientHello
+        if ct == 0x17:  # the dummy ChangeCipherSpec (0x14, middlebox compatibility) is skipped
             sizes.append(length)
             if len(sizes) == 1 and length not in _TLS13_FINISHED:
                 return NOT_THIS
@@ -253,7 +248,7 @@ def _frp_over_tls13(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
                     confidence=0.7,
                     info={"tool": "frp", "transport": "tls", "sni": hello.info.get("sni", "")},
                 )
-        elif ct != 0x16:
+        elif ct != 0x14:
             return NOT_THIS
         pos += 5 + length
     return NOT_THIS
