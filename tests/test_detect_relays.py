@@ -402,3 +402,105 @@ def test_the_shipped_policy_drops_the_port_exposing_relays(fwd: bytes, rev: byte
     assert PIN_DENY in verdicts
     ev = eng.events[-1]
     assert ev.rule == rule and ev.detection is not None and ev.detection["kind"] == kind
+
+
+# -- rathole: src/protocol.rs (bincode, fixed sizes) ------------------------------------------------
+SERVICE_DIGEST = bytes.fromhex("4f2b6c8e1a3d5f7092b4c6d8e0f1a3b5c7d9e1f3a5b7c9d1e3f5a7b9c1d3e5f7")
+NONCE = bytes.fromhex("9a8b7c6d5e4f30211f2e3d4c5b6a79881726354453627180f1e2d3c4b5a69788")
+AUTH = bytes.fromhex("1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d")
+RH_CLIENT_HELLO = b"\x00\x00\x00\x00" + b"\x00" + SERVICE_DIGEST  # ControlChannelHello(0, digest)
+RH_SERVER_HELLO = b"\x00\x00\x00\x00" + b"\x00" + NONCE
+
+
+def test_rathole_control_channel_is_named_from_both_hellos() -> None:
+    d = det(RH_CLIENT_HELLO, RH_SERVER_HELLO)
+    assert d.kind == "tunnel.rathole" and d.info["channel"] == "control"
+    # + Auth (32 bytes), Ack::Ok and ControlChannelCmd::CreateDataChannel (4 bytes each)
+    d = det(RH_CLIENT_HELLO + AUTH, RH_SERVER_HELLO + bytes(4) + bytes(4))
+    assert "auth digest" in d.evidence
+    r = grows(RH_CLIENT_HELLO, rev=RH_SERVER_HELLO)
+    assert isinstance(r, Detection) and r.kind == "tunnel.rathole"
+    assert detect_relays(RH_CLIENT_HELLO, b"", CTX) is NEED_MORE  # the server has not answered yet
+    assert detect_relays(RH_CLIENT_HELLO, b"", CLOSED) is NOT_THIS
+
+
+def test_rathole_data_channel_is_named_once_the_server_commands_it() -> None:
+    hello = b"\x01\x00\x00\x00\x00" + AUTH  # DataChannelHello(0, session key)
+    d = det(hello + b"HTTP/1.1 200 OK\r\n", b"\x00\x00\x00\x00" + b"GET / HTTP/1.1\r\n")
+    assert d.kind == "tunnel.rathole" and d.info["channel"] == "data" and "StartForwardTcp" in d.evidence
+    assert detect_relays(hello, b"\x05\x00\x00\x00", CTX) is NOT_THIS
+
+
+def test_zero_led_binary_protocols_are_not_rathole() -> None:
+    pg_ssl = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"  # PostgreSQL SSLRequest
+    pg_startup = b"\x00\x00\x00\x29\x00\x03\x00\x00user\x00postgres\x00database\x00db\x00\x00"
+    for fwd in (pg_ssl, pg_startup, bytes(64), b"\x00\x00\x00\x00\x00" + bytes(10) + b"x" * 22):
+        assert detect_relays(fwd, b"", CTX) is NOT_THIS, fwd
+    # The right client hello, but the server answers something else, or the client says more.
+    assert detect_relays(RH_CLIENT_HELLO, b"HTTP/1.1 400 Bad Request\r\n\r\n" + bytes(10), CTX) is NOT_THIS
+    assert detect_relays(RH_CLIENT_HELLO + b"more", RH_SERVER_HELLO, CTX) is NOT_THIS
+    assert detect_relays(RH_CLIENT_HELLO, RH_SERVER_HELLO + b"\x07\x00\x00\x00", CTX) is NOT_THIS
+
+
+# -- gost relay: go-gost/relay relay.go Request.WriteTo, feature.go ----------------------------------
+def gost_feature(ftype: int, value: bytes) -> bytes:
+    return bytes([ftype]) + struct.pack(">H", len(value)) + value
+
+
+def gost_request(cmd: int, *features: bytes) -> bytes:
+    body = b"".join(features)
+    return bytes([1, cmd]) + struct.pack(">H", len(body)) + body
+
+
+ADDR = gost_feature(2, b"\x03\x0bexample.net\x01\xbb")  # AddrFeature: domain, port 443
+USER = gost_feature(1, b"\x04user\x06secret")  # UserAuthFeature
+TUNNEL_ID = gost_feature(3, bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f0"))
+
+
+def test_gost_relay_connect_and_bind_requests_are_parsed_exactly() -> None:
+    d = det(gost_request(1, USER, ADDR))
+    assert d.kind == "tunnel.gost" and d.info["command"] == "connect"
+    assert "user user" in d.evidence and "example.net:443" in d.evidence
+    d = det(gost_request(2, TUNNEL_ID, gost_feature(2, b"\x01\x00\x00\x00\x00\x1f\x90"), gost_feature(4, b"\x00\x00")))
+    assert d.info["command"] == "bind" and "tunnel id" in d.evidence
+    r = grows(gost_request(1 | 0x80, ADDR))
+    assert isinstance(r, Detection) and r.info["command"] == "connect (UDP)"
+
+
+def test_requests_that_do_not_parse_to_the_last_byte_are_not_gost() -> None:
+    for fwd in (
+        gost_request(5, ADDR),  # no such command
+        gost_request(1),  # no feature
+        gost_request(1, gost_feature(2, b"\x03\x0bexample.net")),  # address without its port
+        gost_request(1, gost_feature(9, b"ab")),  # unknown feature
+        gost_request(1, ADDR)[:-1] + b"",  # the declared length runs past the data (closed below)
+        b"\x01\x01\x00\x05\x02\x00\x09ab",  # a feature longer than the features
+    ):
+        assert detect_relays(fwd, b"", CLOSED) is NOT_THIS, fwd
+
+
+@pytest.mark.parametrize(
+    ("fwd", "rev", "kind"),
+    [
+        (RH_CLIENT_HELLO, RH_SERVER_HELLO, "tunnel.rathole"),
+        (gost_request(2, TUNNEL_ID, ADDR), b"", "tunnel.gost"),
+    ],
+    ids=["rathole", "gost"],
+)
+def test_the_shipped_policy_drops_rathole_and_gost(fwd: bytes, rev: bytes, kind: str) -> None:
+    eng = Engine(load_policy(default_policy()))
+    c = Conn("203.0.113.41", 2333)
+    verdicts = feed_all(eng, [c.syn(), c.synack(), c.c(fwd)] + ([c.s(rev)] if rev else []))
+    assert verdicts[-1] == PIN_DENY
+    ev = eng.events[-1]
+    assert ev.rule == "drop-covert-tunnels" and ev.detection is not None and ev.detection["kind"] == kind
+
+
+def test_vtun_is_alerted_not_dropped_like_the_other_vpns() -> None:
+    eng = Engine(load_policy(default_policy()))
+    c = Conn("203.0.113.42", 5000)
+    verdicts = feed_all(eng, [c.syn(), c.synack(), c.s(VTUN_BANNER)])
+    assert PIN_DENY not in verdicts
+    eng.finish(2000.0)  # an accepted flow is reported when it ends
+    ev = eng.events[-1]
+    assert ev.rule == "alert-vpn-tunnels" and ev.detection is not None and ev.detection["kind"] == "tunnel.vtun"

@@ -151,6 +151,8 @@ TUNNEL_FRP: Final = kind("tunnel.frp", "frp client: Login/work-connection messag
 TUNNEL_BORE: Final = kind("tunnel.bore", "bore's NUL-delimited JSON control messages (Hello, Accept, Challenge)")
 TUNNEL_VTUN: Final = kind("tunnel.vtun", "vtun's server greeting (VTUN server ver) and the client's HOST line")
 TUNNEL_YGGDRASIL: Final = kind("tunnel.yggdrasil", "Yggdrasil peering link metadata ('meta', version, key)")
+TUNNEL_RATHOLE: Final = kind("tunnel.rathole", "rathole's control/data channel hellos (bincode, fixed sizes)")
+TUNNEL_GOST: Final = kind("tunnel.gost", "a gost relay request (version 1, command, features) parsed exactly")
 STREAM_INCONSISTENT: Final = kind(
     "evasion.inconsistent-retransmission", "a retransmission overlapping earlier bytes with different content"
 )

@@ -1,5 +1,5 @@
-"""Port-exposing relays and small VPNs with a fixed clear-text opening: frp, bore, chisel, vtun,
-Yggdrasil.
+"""Port-exposing relays and small VPNs with a fixed clear-text opening: frp, bore, chisel,
+rathole, gost's relay, vtun, Yggdrasil.
 
 Why one detector for five tools: each opens its connection with a first message whose bytes
 its source fixes exactly, and the first byte of the originator's head (or, for tools whose
@@ -45,6 +45,20 @@ method other than ``GET``, SSH with ``S``), so the hot path pays one index and o
   16-bit remaining length, then TLVs (type, length, value) starting with the major version
   (type 0, length 2, value 0) and the minor (type 1, length 2).
 
+* **rathole** (github rapiz1/rathole, ``src/protocol.rs``): bincode-serialised fixed-size
+  messages with no framing. The control channel opens with ``Hello::ControlChannelHello(0,
+  sha256(service name))``: the variant as a little-endian u32 (0), the protocol version byte
+  (0) and 32 digest bytes, 37 in all; the server answers with the same layout carrying a nonce,
+  the client sends ``Auth`` (32 bytes) and the server ``Ack`` (a 4-byte variant, 0..2). A data
+  channel opens with ``DataChannelHello`` (variant 1) and is answered with ``DataChannelCmd``
+  (a 4-byte variant, 0 or 1). The control channel is named once both hellos are seen with
+  these exact sizes; a data channel once the server's command follows its hello.
+* **gost relay** (github go-gost/relay, ``relay.go`` ``Request.WriteTo``, ``feature.go``):
+  version 1, a command (connect 1, bind 2, associate 3; flag 0x80 UDP), the features' length,
+  then the features (type 1..4, a 16-bit length, their value), each of a length its type
+  fixes (user/password with their own length bytes, an address of type 1/3/4, a 16-byte tunnel
+  id, a 2-byte network). The whole request is checked down to its last byte.
+
 Never raises: every index is bounds-checked, JSON is parsed only within a bound, with its
 errors caught.
 """
@@ -63,7 +77,14 @@ from egressd.detect.base import (
     StreamContext,
     printable,
 )
-from egressd.detect.kinds import TUNNEL_BORE, TUNNEL_FRP, TUNNEL_VTUN, TUNNEL_YGGDRASIL
+from egressd.detect.kinds import (
+    TUNNEL_BORE,
+    TUNNEL_FRP,
+    TUNNEL_GOST,
+    TUNNEL_RATHOLE,
+    TUNNEL_VTUN,
+    TUNNEL_YGGDRASIL,
+)
 from egressd.detect.tls import detect_tls
 
 MAX_HEAD: Final = 8192  # an HTTP head longer than this is not waited for
@@ -83,6 +104,7 @@ _FRP_MSGS: Final = {
 _FRP_INFO_KEYS: Final = ("version", "os", "arch", "user", "proxy_name")
 _YAMUX_HDR: Final = 12
 _YAMUX_MAX_FRAMES: Final = 8
+_YAMUX_OPEN: Final = b"\x00\x01\x00\x01\x00\x00\x00\x01"  # version 0, window update, SYN, stream 1
 # TLS 1.3 (RFC 8446 §5.2): a record of n plaintext bytes is n + 1 (content type) + 16 (AEAD tag)
 # long; the client's Finished (4 + a SHA-256 or SHA-384 sized MAC) is its first such record.
 _TLS13_OVERHEAD: Final = 17
@@ -94,6 +116,17 @@ _TLS_MAX_RECORDS: Final = 16
 _BORE_CLIENT: Final = (b'{"Hello":', b'{"Accept":"', b'{"Authenticate":"')
 _BORE_SERVER: Final = (b'{"Challenge":"', b'{"Hello":', b'{"Connection":"', b'{"Error":"', b'"Heartbeat"')
 _HEX: Final = frozenset(b"0123456789abcdef")
+
+# -- rathole, gost relay -------------------------------------------------------------------------
+_RH_CONTROL: Final = b"\x00\x00\x00\x00\x00"  # bincode: variant 0 (u32 LE), protocol version 0
+_RH_DATA: Final = b"\x01\x00\x00\x00\x00"  # variant 1: DataChannelHello
+_RH_HELLO: Final = 37
+_RH_AUTH: Final = 32
+_RH_MAX_ZEROS: Final = 3
+_RH_ACKS: Final = frozenset({b"\x00\x00\x00\x00", b"\x01\x00\x00\x00", b"\x02\x00\x00\x00"})
+_RH_DATA_CMDS: Final = frozenset({b"\x00\x00\x00\x00", b"\x01\x00\x00\x00"})
+_GOST_CMDS: Final = {1: "connect", 2: "bind", 3: "associate"}
+_GOST_MAX_FEATURES: Final = 8
 
 # -- vtun, Yggdrasil ----------------------------------------------------------------------------
 _VTUN_BANNER: Final = b"VTUN server ver "
@@ -159,12 +192,30 @@ def _frp_message(data: bytes, done: bool, where: str) -> Result:
     )
 
 
+def _yamux_open_prefix(b: bytes) -> bool:
+    """Whether the bytes so far can begin the frame that opens stream 1: version 0, type data (0)
+    or window update (1), flags with SYN (0x0001 .. 0x000f), stream id 1."""
+    for i in range(min(len(b), 8)):
+        c = b[i]
+        if i == 1:
+            ok = c <= 1
+        elif i == 3:
+            ok = bool(c & 1) and c <= 0x0F
+        else:
+            ok = c == _YAMUX_OPEN[i]
+        if not ok:
+            return False
+    return True
+
+
 def _yamux(fwd: bytes, done: bool) -> Result:
     """frp's control connection with tcpMux: yamux frames, stream 1 opened with SYN, whose data
     is an frp message. Window updates and pings carry no payload (their length is a delta or an
     opaque value); data frames of other streams are skipped."""
-    pos = 0
     n = len(fwd)
+    if n < _YAMUX_HDR and not _yamux_open_prefix(fwd):
+        return NOT_THIS
+    pos = 0
     for i in range(_YAMUX_MAX_FRAMES):
         if n - pos < _YAMUX_HDR:
             # A prefix of a header: consistent so far (version 0) is all that can be said.
@@ -238,7 +289,7 @@ def _frp_over_tls13(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
             if len(sizes) in (2, 3) and length != _TLS13_YAMUX_HDR:
                 return NOT_THIS
             if len(sizes) == 4:
-                if length - _TLS13_OVERHEAD < 9 + len(b'{"run_id":"'):
+                if length - _TLS13_OVERHEAD < len(_FRP_V2_MAGIC):  # the v2 magic, or a message
                     return NOT_THIS
                 return Detection(
                     TUNNEL_FRP,
@@ -335,6 +386,116 @@ def _bore(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
     if msgs[0].startswith("client Hello "):
         info["requested_port"] = msgs[0][13:]
     return Detection(TUNNEL_BORE, "bore NUL-delimited JSON control messages: " + "; ".join(msgs), info=info)
+
+
+# =================================================================================================
+# rathole, gost relay
+# =================================================================================================
+
+
+def _random32(b: bytes) -> bool:
+    """A SHA-256 digest or a random nonce: 32 bytes, each zero with probability 1/256, so more
+    than 3 zero bytes happens about once in 10**5 (the lost recall); structured data has more."""
+    return len(b) == 32 and b.count(0) <= _RH_MAX_ZEROS
+
+
+def _rathole(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
+    head = fwd[:5]
+    control = _RH_CONTROL.startswith(head)
+    if not control and not _RH_DATA.startswith(head):
+        return NOT_THIS
+    if fwd[5:_RH_HELLO].count(0) > _RH_MAX_ZEROS:
+        return NOT_THIS  # already more zeros than a digest has
+    if len(fwd) < _RH_HELLO:
+        return _final(ctx.fwd_closed, ctx.fwd_full)
+    if control:
+        # The client says nothing but its hello, then (after the server's hello) its auth.
+        if len(fwd) not in (_RH_HELLO, _RH_HELLO + _RH_AUTH):
+            return NOT_THIS
+        if len(rev) < _RH_HELLO:
+            if rev and not _RH_CONTROL.startswith(rev[:5]):
+                return NOT_THIS
+            return _final(ctx.rev_closed, ctx.rev_full)
+        if not rev.startswith(_RH_CONTROL) or not _random32(rev[5:_RH_HELLO]):
+            return NOT_THIS
+        if len(rev) >= _RH_HELLO + 4 and rev[_RH_HELLO : _RH_HELLO + 4] not in _RH_ACKS:
+            return NOT_THIS
+        auth = " and its 32-byte auth digest" if len(fwd) > _RH_HELLO else ""
+        return Detection(
+            TUNNEL_RATHOLE,
+            "rathole control channel: ControlChannelHello (bincode: variant 0, protocol 0, 32-byte service digest)"
+            f"{auth}, answered by the server's 37-byte hello with its nonce",
+            info={"tool": "rathole", "channel": "control"},
+        )
+    if len(rev) < 4:
+        return _final(ctx.rev_closed, ctx.rev_full)
+    if rev[:4] not in _RH_DATA_CMDS:
+        return NOT_THIS
+    return Detection(
+        TUNNEL_RATHOLE,
+        "rathole data channel: DataChannelHello (variant 1, protocol 0, 32-byte session key), answered by "
+        + ("StartForwardTcp" if rev[0] == 0 else "StartForwardUdp"),
+        confidence=0.9,
+        info={"tool": "rathole", "channel": "data"},
+    )
+
+
+def _gost_feature(ftype: int, v: bytes) -> str | None:
+    """A relay feature's value checked against the length its type fixes; what it says."""
+    n = len(v)
+    if ftype == 1:  # user auth: ULEN UNAME PLEN PASSWD
+        if n < 2 or v[0] + 2 > n or v[0] + 2 + v[v[0] + 1] != n:
+            return None
+        return "user " + printable(v[1 : 1 + v[0]], 32) if v[0] else "auth"
+    if ftype == 2:  # address: ATYP ADDR PORT
+        if n >= 1 and ((v[0] == 1 and n == 7) or (v[0] == 4 and n == 19)):
+            return f"address type {v[0]} port {int.from_bytes(v[-2:], 'big')}"
+        if n >= 2 and v[0] == 3 and n == 4 + v[1]:
+            return f"address {printable(v[2 : 2 + v[1]], 64)}:{int.from_bytes(v[-2:], 'big')}"
+        return None
+    if ftype == 3:
+        return "tunnel id " + v.hex() if n == 16 else None
+    if ftype == 4:
+        return f"network {int.from_bytes(v, 'big')}" if n == 2 else None
+    return None
+
+
+def _gost(fwd: bytes, ctx: StreamContext) -> Result:
+    """A gost relay request, checked to its last feature byte; the server's answer is not
+    needed (a relay request parsed exactly is no other protocol's first message)."""
+    if len(fwd) < 4:
+        if len(fwd) >= 2 and fwd[1] & 0x0F not in _GOST_CMDS:
+            return NOT_THIS
+        return _final(ctx.fwd_closed, ctx.fwd_full)
+    cmd = fwd[1]
+    if cmd & 0x0F not in _GOST_CMDS or cmd & 0x70:
+        return NOT_THIS
+    flen = int.from_bytes(fwd[2:4], "big")
+    if flen < 3:
+        return NOT_THIS  # a request with no feature carries neither target nor tunnel: not named
+    if len(fwd) < 4 + flen:
+        return NOT_THIS if flen > 1024 else _final(ctx.fwd_closed, ctx.fwd_full)
+    pos, end = 4, 4 + flen
+    said: list[str] = []
+    while pos < end and len(said) < _GOST_MAX_FEATURES:
+        if pos + 3 > end:
+            return NOT_THIS
+        ftype, flen1 = fwd[pos], int.from_bytes(fwd[pos + 1 : pos + 3], "big")
+        if pos + 3 + flen1 > end:
+            return NOT_THIS
+        what = _gost_feature(ftype, fwd[pos + 3 : pos + 3 + flen1])
+        if what is None:
+            return NOT_THIS
+        said.append(what)
+        pos += 3 + flen1
+    if pos != end:
+        return NOT_THIS
+    name = _GOST_CMDS[cmd & 0x0F] + (" (UDP)" if cmd & 0x80 else "")
+    return Detection(
+        TUNNEL_GOST,
+        f"gost relay request: version 1, {name}, features: {', '.join(said)}",
+        info={"tool": "gost", "command": name},
+    )
 
 
 # =================================================================================================
@@ -456,6 +617,17 @@ _H: Final = ord("H")
 _V: Final = ord("V")
 
 
+def _either(first: Result, fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
+    """Two tools share a first byte (yamux and rathole 0, gost and rathole 1): the other is
+    asked only when the first has no finding."""
+    if isinstance(first, Detection):
+        return first
+    second = _rathole(fwd, rev, ctx)
+    if isinstance(second, Detection) or first is NEED_MORE:
+        return second if isinstance(second, Detection) else NEED_MORE
+    return second
+
+
 def detect_relays(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
     """frp, bore, chisel, vtun or Yggdrasil from the first bytes either side sends."""
     if not fwd:
@@ -474,7 +646,9 @@ def detect_relays(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
     if f0 == _M:
         return _yggdrasil(fwd, rev, ctx)
     if f0 == 0:
-        return _yamux(fwd, done)
+        return _either(_yamux(fwd, done), fwd, rev, ctx)
+    if f0 == 1:
+        return _either(_gost(fwd, ctx), fwd, rev, ctx)
     if f0 in _FRP_MSGS or f0 == _F:
         return _frp_message(fwd, done, "")
     if f0 == _FRP_TLS_HEAD:
