@@ -13,6 +13,7 @@ import os
 import ssl
 import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -171,6 +172,24 @@ def tls13_client_bytes(cert: tuple[str, str], writes: list[bytes], alpn: list[st
         c.write(w)
         fwd += co.read()
     return fwd
+
+
+def test_frpcs_own_transport_stack_go_tls_and_yamux_is_named() -> None:
+    """The client's bytes as Go's crypto/tls and hashicorp/yamux (Debian's golang-go 1.19 and
+    golang-github-hashicorp-yamux-dev) write them for frpc's control connection: recorded by
+    tests/data/frp_wire/main.go (its header says how), not made up here. Go sends the dummy
+    ChangeCipherSpec, a 53-byte Finished, then one record per yamux header."""
+    data = (Path(__file__).parent / "data" / "frp_wire" / "client.bin").read_bytes()
+    d = det(data)
+    assert d.kind == "tunnel.frp" and d.info["transport"] == "tls"
+    assert "two 12-byte yamux headers" in d.evidence
+    records, pos = [], 0
+    while pos + 5 <= len(data):
+        records.append((pos, data[pos], int.from_bytes(data[pos + 3 : pos + 5], "big")))
+        pos += 5 + records[-1][2]
+    assert [(ct, n) for _, ct, n in records[1:5]] == [(0x14, 1), (0x17, 53), (0x17, 29), (0x17, 29)]
+    login_at = records[5][0]
+    assert detect_relays(data[: login_at + 3], b"", CTX) is NEED_MORE  # the Login's record not begun
 
 
 def test_frp_over_tls13_is_named_from_yamux_record_sizes_and_https_is_not(cert: tuple[str, str]) -> None:

@@ -297,7 +297,7 @@ def _frp_over_tls13(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
                     f"12-byte yamux headers ({_TLS13_YAMUX_HDR}-byte records: stream 1 opened, a data frame) "
                     f"and a {length - _TLS13_OVERHEAD}-byte message",
                     confidence=0.7,
-                    info={"tool": "frp", "transport": "tls", "sni": hello.info.get("sni", "")},
+                    info={"tool": "frp", "transport": "tls"},
                 )
         elif ct != 0x14:
             return NOT_THIS
