@@ -71,19 +71,17 @@ from typing import Final
 from egressd.detect.base import (
     NEED_MORE,
     NOT_THIS,
-    TUNNEL_WEBSOCKET,
-    Detection,
-    Result,
-    StreamContext,
-    printable,
-)
-from egressd.detect.kinds import (
     TUNNEL_BORE,
     TUNNEL_FRP,
     TUNNEL_GOST,
     TUNNEL_RATHOLE,
     TUNNEL_VTUN,
+    TUNNEL_WEBSOCKET,
     TUNNEL_YGGDRASIL,
+    Detection,
+    Result,
+    StreamContext,
+    printable,
 )
 from egressd.detect.tls import detect_tls
 
