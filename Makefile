@@ -95,6 +95,7 @@ image: setup
 k8s-policy:
 	cp rules/default.yaml deploy/kubernetes/base/policy/default.yaml
 	cp rules/lists/mining-pools.yaml deploy/kubernetes/base/policy/mining-pools.yaml
+	cp rules/lists/tunnel-services.yaml deploy/kubernetes/base/policy/tunnel-services.yaml
 
 clean:
 	rm -rf build $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -226,6 +226,12 @@ class Engine:
         self._needs_content = policy.needs_content()
         self._bare_default = policy.bare_is_default
         self.table.max_flows = s.max_flows
+        # The settings that name a domain list (DOMAIN_SETTINGS): a name matching one is a
+        # finding of its kind, recorded once per flow under its own detector slot.
+        self._named_lists = (
+            (policy.pool_domains, "pool", d.MINING_POOL_DOMAIN, "pool"),
+            (policy.tunnel_service_domains, "tunnelsvc", d.TUNNEL_SERVICE_DOMAIN, "tunnel service"),
+        )
 
     def reload(self, policy: Policy) -> None:
         """Swap the policy between two packets. Flows already pinned keep their verdict;
@@ -673,13 +679,11 @@ class Engine:
         if host in flow.domains:
             return
         flow.domains = (*flow.domains, host)
-        hit = self.policy.pool_domains.match(host)
-        if hit is not None and "pool" not in flow.detections:
-            self._record(
-                flow,
-                "pool",
-                Detection(d.MINING_POOL_DOMAIN, f"{host} matches pool list entry {hit}", info={"domain": host}),
-            )
+        for domains, slot, kind, what in self._named_lists:
+            hit = domains.match(host)
+            if hit is not None and slot not in flow.detections:
+                det = Detection(kind, f"{host} matches {what} list entry {hit}", info={"domain": host})
+                self._record(flow, slot, det)
 
     def _udp_dns(self, flow: Flow, p: Packet, ts: float, from_orig: bool) -> int:
         seen = self.dns.observe(p.payload, from_orig, ts, tcp=False)

@@ -142,6 +142,11 @@ TUNNEL_TEREDO: Final = kind("tunnel.teredo", "IPv6 in UDP with Teredo framing (R
 TUNNEL_GRE: Final = kind("tunnel.gre", "GRE (IP protocol 47) with a known carried protocol")
 TUNNEL_IPSEC: Final = kind("tunnel.ipsec", "IPsec ESP or AH (IP protocols 50, 51)")
 TUNNEL_IP_IN_IP: Final = kind("tunnel.ip-in-ip", "IPv4 or IPv6 directly inside IP (protocols 4, 41)")
+# A tunnel service recognised by the name the node asks for, whatever the protocol inside
+# (rules/lists/tunnel-services.yaml, settings.tunnel_service_domains; docs/tunnels.md).
+TUNNEL_SERVICE_DOMAIN: Final = kind(
+    "tunnel.service-domain", "a DNS query, TLS SNI or CONNECT host naming a tunnel service (ngrok, cloudflared, ...)"
+)
 TUNNEL_UNKNOWN_ENCRYPTED: Final = kind(
     "tunnel.unknown-encrypted",
     "no plaintext structure either way to an unnamed destination (Shadowsocks AEAD, obfs4, VMess)",
