@@ -19,6 +19,8 @@ APT_PACKAGES := python3 python3-venv python3-dev build-essential libnetfilter-qu
 # and localtunnel's client from npm (installed into build/lab-npm, not system-wide).
 LAB_APT_PACKAGES := iodine ptunnel-ng httptunnel dns2tcp openvpn tor tinc nebula shadowsocks-libev \
 	simple-obfs obfs4proxy pagekite websockify python3-websockets wireguard-go wireguard-tools ike-scan
+# detect/relays.py's captures (pcaps/make_tunnels.py vtun, yggdrasil)
+LAB_APT_PACKAGES += vtun yggdrasil
 LAB_APT_PACKAGES += n2n  # n2n 1.3's edge and supernode (pcaps/make_tunnels.py n2n)
 LAB_NPM_PACKAGES := localtunnel@2.0.2
 

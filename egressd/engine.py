@@ -37,6 +37,7 @@ from egressd.detect.http_tunnel import HttpTunnelDetector
 from egressd.detect.icmp import ECHO_REQUESTS, EchoState
 from egressd.detect.kinds import family_of
 from egressd.detect.proxy import detect_proxy
+from egressd.detect.relays import detect_relays
 from egressd.detect.reverse_http import detect_pagekite, detect_reverse_http
 from egressd.detect.ssh import detect_ssh
 from egressd.detect.ssh_usage import UsageWatch
@@ -133,6 +134,7 @@ _PROTOCOL_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
     ("tls", detect_tls),
     ("tunnel", detect_stream),
     ("tor", detect_tor),
+    ("relays", detect_relays),
 )
 # Tunnels recognised from how the stream is used rather than from one protocol's bytes; the
 # WebSocket and HTTP-tunnel decoders run the protocol detectors on what they carry.

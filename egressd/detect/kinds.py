@@ -158,6 +158,13 @@ TUNNEL_UNKNOWN_ENCRYPTED: Final = kind(
     "tunnel.unknown-encrypted",
     "no plaintext structure either way to an unnamed destination (Shadowsocks AEAD, obfs4, VMess)",
 )
+# Relays that expose a node's port and small VPNs with a clear-text opening (detect/relays.py).
+TUNNEL_FRP: Final = kind("tunnel.frp", "frp client: Login/work-connection messages, in yamux or not, its TLS head byte")
+TUNNEL_BORE: Final = kind("tunnel.bore", "bore's NUL-delimited JSON control messages (Hello, Accept, Challenge)")
+TUNNEL_VTUN: Final = kind("tunnel.vtun", "vtun's server greeting (VTUN server ver) and the client's HOST line")
+TUNNEL_YGGDRASIL: Final = kind("tunnel.yggdrasil", "Yggdrasil peering link metadata ('meta', version, key)")
+TUNNEL_RATHOLE: Final = kind("tunnel.rathole", "rathole's control/data channel hellos (bincode, fixed sizes)")
+TUNNEL_GOST: Final = kind("tunnel.gost", "a gost relay request (version 1, command, features) parsed exactly")
 STREAM_INCONSISTENT: Final = kind(
     "evasion.inconsistent-retransmission", "a retransmission overlapping earlier bytes with different content"
 )
