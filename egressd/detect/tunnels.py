@@ -66,6 +66,7 @@ from egressd.detect.base import (
     StreamContext,
     printable,
 )
+from egressd.detect.encap import detect_encap
 
 _WG_INIT: Final = b"\x01\x00\x00\x00"
 _WG_RESP: Final = b"\x02\x00\x00\x00"
@@ -102,7 +103,7 @@ def detect_datagram(payload: bytes, from_originator: bool, sport: int, dport: in
     ike = payload
     if (dport == 4500 or sport == 4500) and payload.startswith(b"\x00\x00\x00\x00"):
         ike = payload[4:]  # non-ESP marker (NAT traversal)
-    return _ike(ike)
+    return _ike(ike) or detect_encap(payload)
 
 
 _PPTP_SCCRQ: Final = b"\x00\x9c\x00\x01\x1a\x2b\x3c\x4d"  # length 156, control message, magic cookie
