@@ -744,7 +744,8 @@ def _xl2tpd(c: Ctx) -> None:
                                 f"require authentication = no\nlength bit = yes\nhostname = lab-lac\n"
                                 f"pppoptfile = {ppp}\n")  # fmt: skip
     srv = c.lab.spawn("inet", ["xl2tpd", "-D", "-c", str(d / "srv.conf"), "-p", str(d / "srv.pid"), "-C",
-                               str(d / "srv.ctl")], stdout=c.logfile("xl2tpd-srv.log"), stderr=subprocess.STDOUT)  # fmt: skip
+                               str(d / "srv.ctl")],
+                      stdout=c.logfile("xl2tpd-srv.log"), stderr=subprocess.STDOUT)  # fmt: skip
     cli = None
     try:
         _wait_port(c, "inet", 1701, udp=True)

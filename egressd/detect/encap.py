@@ -185,6 +185,13 @@ def _ip_exact(p: bytes, off: int, end: int) -> str | None:
     return None
 
 
+def _ip_of_type(p: bytes, off: int, end: int, ptype: int) -> str | None:
+    """``_ip_exact`` for a header that named the EtherType: the IP version must be that one."""
+    if p[off] >> 4 != (4 if ptype == _ETH_IPV4 else 6):
+        return None
+    return _ip_exact(p, off, end)
+
+
 def _ether(p: bytes, off: int, end: int) -> str | None:
     """An Ethernet frame at ``off`` (to ``end``) whose source is unicast and whose payload holds up."""
     if end - off < 14 or p[off + 6] & 0x01:
@@ -318,7 +325,7 @@ def _vxlan(p: bytes, n: int) -> Detection | None:
     elif b0 == 0x88 and not p[1] & 0xB7:
         what, variant = _ether(p, 8, n), f"VXLAN-GBP (group policy id {_U16.unpack_from(p, 2)[0]})"
     elif b0 == 0x0C and p[1:3] == b"\x00\x00" and p[3] in (1, 2, 3):
-        what = _ether(p, 8, n) if p[3] == 3 else _ip_exact(p, 8, n)
+        what = _ether(p, 8, n) if p[3] == 3 else _ip_of_type(p, 8, n, _ETH_IPV4 if p[3] == 1 else _ETH_IPV6)
         variant = f"VXLAN-GPE (next protocol {p[3]})"
     else:
         return None
@@ -345,7 +352,7 @@ def _geneve(p: bytes, n: int) -> Detection | None:
         pos += 4 + (p[pos + 3] & 0x1F) * 4
     if pos != hdr:
         return None
-    what = _ether(p, hdr, n) if ptype == _ETH_BRIDGING else _ip_exact(p, hdr, n)
+    what = _ether(p, hdr, n) if ptype == _ETH_BRIDGING else _ip_of_type(p, hdr, n, ptype)
     if what is None:
         return None
     vni = _U32.unpack_from(p, 4)[0] >> 8
@@ -379,8 +386,8 @@ def _gre_in_udp(p: bytes, n: int) -> Detection | None:
     ptype = _U16.unpack_from(p, 2)[0]
     if ptype == _ETH_BRIDGING:
         what = _ether(p, hdr, n)
-    elif ptype in (_ETH_IPV4, _ETH_IPV6) and (p[hdr] >> 4) == (4 if ptype == _ETH_IPV4 else 6):
-        what = _ip_exact(p, hdr, n)
+    elif ptype in (_ETH_IPV4, _ETH_IPV6):
+        what = _ip_of_type(p, hdr, n, ptype)
     else:
         return None
     if what is None:
