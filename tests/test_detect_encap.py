@@ -377,6 +377,35 @@ def test_the_udp_path_names_each_encapsulation() -> None:
             assert kind(detect_datagram(payload, from_originator, 40000, 443)) == want
 
 
+def ayiya(inner: bytes, b0: int = 0x41, b1: int = 0x52, b2: int = 0x11, nh: int = 41) -> bytes:
+    """AYIYA: 16-byte integer identity, SHA-1 signature (5 words), shared secret, forward."""
+    sig = os.urandom(4 * (b1 >> 4))
+    return bytes([b0, b1, b2, nh]) + struct.pack("!I", 1_700_000_000) + os.urandom(1 << (b0 >> 4)) + sig + inner
+
+
+def test_ayiya_forwarding_ipv6() -> None:
+    d = detect_encap(ayiya(ipv6_packet()))
+    assert d is not None and d.kind == "tunnel.ip-in-udp" and d.info["encap"] == "ayiya"
+    assert "44 bytes" in d.evidence
+    md5 = detect_encap(ayiya(ipv4_packet(), b1=0x41, nh=4))  # MD5 signature (4 words), IPv4 inside
+    assert md5 is not None and md5.info["carries"] == "IPv4"
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        pytest.param(ayiya(ipv6_packet(), b1=0x53), id="unknown-hash-method"),
+        pytest.param(ayiya(ipv6_packet(), b1=0x42), id="signature-length-not-the-hash"),
+        pytest.param(ayiya(ipv6_packet(), b2=0x10), id="opcode-noop"),
+        pytest.param(ayiya(ipv6_packet(), b2=0x31), id="unknown-auth-method"),
+        pytest.param(ayiya(ipv6_packet(), nh=4), id="next-header-not-the-packet"),
+        pytest.param(ayiya(ipv6_packet() + b"\x00"), id="inner-length"),
+    ],
+)
+def test_ayiya_negatives(broken: bytes) -> None:
+    assert detect_encap(broken) is None
+
+
 # -- benign datagrams ------------------------------------------------------------------------------
 def _quic_initial() -> bytes:
     dcid = os.urandom(8)

@@ -19,7 +19,10 @@ SSDP pass with odds far below one in 2^32. No port is required: the ports are co
   (``c8 03``), Length equal to the datagram's, the 32-bit Control Connection ID, Ns/Nr, then
   the same AVP walk (§5.1) with the Message Type AVP first (ACK = 20 added to the types).
 * VXLAN (RFC 7348 §5): an 8-byte header, flags ``08`` (the I bit alone) and every reserved
-  bit zero, a 24-bit VNI, then an inner Ethernet frame that holds up (below).
+  bit zero, a 24-bit VNI, then an inner Ethernet frame that holds up (below). Linux's two
+  extensions with their own flag bits: Group Policy (``88``, draft-smith-vxlan-group-policy
+  §2.1: only the D and A bits beside the 16-bit group id) and VXLAN-GPE (``0c``, draft-ietf-
+  nvo3-vxlan-gpe §3.2: version 0, next protocol 1 IPv4, 2 IPv6 or 3 Ethernet).
 * GENEVE (RFC 8926 §3.4, §3.5): version 0, the option length in 4-byte words, the six
   reserved bits zero, protocol type ``6558`` (Transparent Ethernet Bridging) or an IP
   EtherType, the last reserved byte zero, and options whose own lengths fill the option
@@ -33,7 +36,10 @@ SSDP pass with odds far below one in 2^32. No port is required: the ports are co
   TUN packet information in front (quicktun ``USE_PI``: flags 0, the EtherType), and as an
   Ethernet frame (quicktun's default TAP mode). Also GUE variant 0 (a 4-byte header, C=0,
   Hlen extension words, IP protocol 4 or 41) and GRE-in-UDP (RFC 8086 §3: a GRE header,
-  RFC 2784/2890, version 0, then the carried protocol). An IPv6 packet between Teredo
+  RFC 2784/2890, version 0, then the carried protocol). And AYIYA (draft-massar-v6ops-
+  ayiya-02 §4, SixXS's AICCU): identity length 2^n, a signature length that is its hash's
+  (none, MD5, SHA-1), a known authentication method, the forward opcode, then the IPv6 (or
+  IPv4) packet its next header names, filling the datagram. An IPv6 packet between Teredo
   addresses (2001:0::/32) is left to the Teredo check in tunnels.py, which calls only what
   carries Teredo's framing or port.
 
@@ -62,6 +68,8 @@ _ETH_ARP: Final = 0x0806
 _ETH_VLAN: Final = frozenset({0x8100, 0x88A8})
 _ETH_BRIDGING: Final = 0x6558  # Transparent Ethernet Bridging (GENEVE, GRE)
 _VXLAN_FLAGS: Final = frozenset({0x08, 0x88, 0x0C})  # I; I with G (group policy); I with P (GPE)
+# AYIYA hash method -> signature length in words: none, MD5 (16 bytes), SHA-1 (20 bytes).
+_AYIYA_SIGNATURES: Final = frozenset({(0, 0), (1, 4), (2, 5)})
 _ETH_MIN_FRAME: Final = 60  # without the FCS: shorter frames are padded to it
 
 # IPv6 next headers a real packet opens with: hop-by-hop (MLD), TCP, UDP, routing, fragment,
@@ -115,6 +123,10 @@ def detect_encap(p: bytes) -> Detection | None:
             return det
     if p[1] == 0 and b0 & 0x4F == 0:
         det = _gre_in_udp(p, n)
+        if det is not None:
+            return det
+    if p[3] in (4, 41):
+        det = _ayiya(p, n)
         if det is not None:
             return det
     what = _ether(p, 0, n)
@@ -398,3 +410,19 @@ def _gre_in_udp(p: bytes, n: int) -> Detection | None:
         how = f"a 4-byte header 00 00 {ptype >> 8:02x} {ptype & 0xFF:02x} (GRE-in-UDP, or TUN packet information)"
         return _in_udp(what, "gre", how)
     return _in_udp(what, "gre", f"GRE-in-UDP (a GRE version 0 header, protocol type 0x{ptype:04x})")
+
+
+def _ayiya(p: bytes, n: int) -> Detection | None:
+    """AYIYA (draft-massar-v6ops-ayiya-02; SixXS's AICCU): identity and signature lengths, hash
+    and authentication methods from known sets, a forward opcode, then the IP packet named by
+    the next header, filling the datagram."""
+    b0, b1, b2 = p[0], p[1], p[2]
+    if b0 & 0x0F > 2 or (b1 & 0x0F, b1 >> 4) not in _AYIYA_SIGNATURES or b2 >> 4 > 2 or b2 & 0x0F not in (1, 3):
+        return None
+    hdr = 8 + (1 << (b0 >> 4)) + (b1 >> 4) * 4
+    if n <= hdr:
+        return None
+    what = _ip_of_type(p, hdr, n, _ETH_IPV4 if p[3] == 4 else _ETH_IPV6)
+    if what is None:
+        return None
+    return _in_udp(what, "ayiya", f"an AYIYA header ({hdr} bytes: identity, signature, next header {p[3]})")

@@ -38,6 +38,8 @@ guessed at.
   inner header checked: GRE (47; RFC 2784/2637: version 0 or 1, the carried protocol type),
   ESP (50; RFC 4303: a non-reserved SPI) and AH (51; RFC 4302), IPv4-in-IP (4) and
   IPv6-in-IP (41; the inner header's version, and its length field consistent).
+* Link and network encapsulations in UDP (L2TP, VXLAN, GENEVE, IP or Ethernet directly in
+  UDP, AYIYA) are told from the header they wrap: ``detect/encap.py``, tried last.
 * Nebula (``header/header.go``): a 16-byte header, version 1 and type 0 (handshake) in the
   first byte, subtype 0 or 1 (IX/XX with PSK0), two reserved zero bytes, remote index 0
   (the initiator does not know it yet) and message counter 1, then the Noise message.
