@@ -19,7 +19,7 @@ APT_PACKAGES := python3 python3-venv python3-dev build-essential libnetfilter-qu
 # and localtunnel's client from npm (installed into build/lab-npm, not system-wide).
 LAB_APT_PACKAGES := iodine ptunnel-ng httptunnel dns2tcp openvpn tor tinc nebula shadowsocks-libev \
 	simple-obfs obfs4proxy pagekite websockify python3-websockets wireguard-go wireguard-tools ike-scan \
-	xl2tpd quicktun
+	xl2tpd quicktun fastd
 LAB_NPM_PACKAGES := localtunnel@2.0.2
 
 .PHONY: help setup deps lab-deps venv run demo test test-fast lint typecheck bench pcaps image k8s-policy clean

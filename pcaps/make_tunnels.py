@@ -726,7 +726,8 @@ RECIPES: list[Recipe] = [
 L2TP_SRV = "203.0.113.120"
 VXLAN_PEER = "203.0.113.121"
 QT_SRV = "203.0.113.122"
-EXTRA = (*EXTRA, L2TP_SRV, VXLAN_PEER, QT_SRV)
+FASTD_SRV = "203.0.113.123"
+EXTRA = (*EXTRA, L2TP_SRV, VXLAN_PEER, QT_SRV, FASTD_SRV)
 
 
 def _xl2tpd(c: Ctx) -> None:
@@ -824,12 +825,56 @@ def _quicktun(tun: bool) -> Callable[[Ctx], None]:
     return run
 
 
+def _fastd(method: str) -> Callable[[Ctx], None]:
+    """fastd v22 (Debian): a peer in each namespace (TUN mode, ``method``), the node's names the
+    other as its remote; the handshake, then a ping through the tunnel."""
+
+    def run(c: Ctx) -> None:
+        d = c.tmp / "fastd"
+        d.mkdir(exist_ok=True)
+        keys = {}
+        for who in ("srv", "node"):
+            out = subprocess.run(["fastd", "--generate-key"], capture_output=True, text=True, timeout=30,
+                                 check=True).stdout  # fmt: skip
+            keys[who] = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+        for who, peer, extra in (
+            ("srv", "node", f'bind {FASTD_SRV}:10000;\n'),
+            ("node", "srv", ""),
+        ):
+            remote = f'  remote {FASTD_SRV}:10000;\n' if who == "node" else ""
+            (d / f"{who}.conf").write_text(
+                f'interface "fd{who}";\nmode tun;\nmethod "{method}";\nsecret "{keys[who]["Secret"]}";\n'
+                f'mtu 1400;\n{extra}peer "{peer}" {{\n  key "{keys[peer]["Public"]}";\n{remote}}}\n'
+            )
+        procs = [c.lab.spawn("inet", ["fastd", "-c", str(d / "srv.conf")], stdout=c.logfile("fastd-srv.log"),
+                             stderr=subprocess.STDOUT)]  # fmt: skip
+        try:
+            _wait_port(c, "inet", 10000, udp=True)
+            procs.append(c.lab.spawn("node", ["fastd", "-c", str(d / "node.conf")], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT))  # fmt: skip
+            capture.wait_line(procs[1], "connection with", 20, stream="stdout")
+            for ns, addr, peer in (("inet", "10.91.0.1", "10.91.0.2"), ("node", "10.91.0.2", "10.91.0.1")):
+                run_ = c.lab.run_inet if ns == "inet" else c.lab.run_node
+                dev = f"fd{'srv' if ns == 'inet' else 'node'}"
+                run_(["ip", "addr", "add", addr, "peer", peer, "dev", dev], check=True)
+                run_(["ip", "link", "set", dev, "up"], check=True)
+            p = c.node(["ping", "-c", "2", "-i", "0.3", "-W", "2", "10.91.0.1"], ok=False)
+            if " 0% packet loss" not in p.stdout:
+                raise MakeError(f"ping over fastd: {p.stdout}")
+        finally:
+            for proc in procs:
+                c.lab.stop(proc)
+
+    return run
+
+
 RECIPES += [
     Recipe("l2tp-xl2tpd", _h(L2TP_SRV), _xl2tpd, ("xl2tpd", "pppd")),
     Recipe("vxlan-kernel", f"udp and {_h(VXLAN_PEER)}", _vxlan_kernel(4789), ("ip",)),
     Recipe("vxlan-kernel-8472", f"udp and {_h(VXLAN_PEER)}", _vxlan_kernel(8472), ("ip",)),
     Recipe("ip-in-udp-quicktun-raw-tun", _h(QT_SRV), _quicktun(tun=True), ("quicktun",)),
     Recipe("ip-in-udp-quicktun-raw-tap", _h(QT_SRV), _quicktun(tun=False), ("quicktun",)),
+    Recipe("fastd-salsa2012-umac", _h(FASTD_SRV), _fastd("salsa2012+umac"), ("fastd",)),
 ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +21,8 @@ from scapy.all import ARP, DNS, DNSQR, ICMP, IP, TCP, UDP, Dot1Q, Ether, ICMPv6E
 from egressd.detect.base import Detection
 from egressd.detect.encap import detect_encap
 from egressd.detect.tunnels import detect_datagram
+from egressd.packet import PROTO_UDP, Packet, decode
+from egressd.pcapio import Reader
 
 MAC_A = "02:00:5e:00:53:01"
 MAC_B = "02:00:5e:00:53:02"
@@ -404,6 +407,91 @@ def test_ayiya_forwarding_ipv6() -> None:
 )
 def test_ayiya_negatives(broken: bytes) -> None:
     assert detect_encap(broken) is None
+
+
+def fastd_record(rtype: int, value: bytes) -> bytes:
+    """A fastd handshake record (src/handshake.h): little-endian type and length, the value."""
+    return struct.pack("<HH", rtype, len(value)) + value
+
+
+def fastd_handshake(kind_: int = 1, extra: bytes = b"") -> bytes:
+    records = (
+        fastd_record(0, bytes([kind_]))  # RECORD_HANDSHAKE_TYPE
+        + fastd_record(3, b"\x01")  # RECORD_FLAGS
+        + fastd_record(4, b"\x01")  # RECORD_MODE: tun
+        + fastd_record(13, b"v22")  # RECORD_VERSION_NAME
+        + fastd_record(5, b"ec25519-fhmqvc")  # RECORD_PROTOCOL_NAME
+        + fastd_record(6, os.urandom(32))  # sender key
+        + fastd_record(7, os.urandom(32))  # recipient key
+        + fastd_record(8, os.urandom(32))  # sender handshake key
+        + extra
+    )
+    return b"\x01\x00" + struct.pack("!H", len(records)) + records
+
+
+def test_fastd_handshake_init_names_protocol_and_version() -> None:
+    d = detect_encap(fastd_handshake())
+    assert d is not None and d.kind == "tunnel.fastd"
+    assert d.info == {"version": "v22", "protocol": "ec25519-fhmqvc"}
+    assert "init" in d.evidence and "'tun'" in d.evidence
+
+
+def test_fastd_reply_with_method_and_behind_the_l2tp_header() -> None:
+    reply = fastd_handshake(2, fastd_record(14, b"salsa2012+umac") + fastd_record(11, b"\x78\x05"))
+    d = detect_encap(reply)
+    assert d is not None and d.kind == "tunnel.fastd" and "reply" in d.evidence
+    wrapped = b"\xc8\x03\x00\x0c" + bytes(8) + fastd_handshake(3, fastd_record(12, b"salsa2012+umac"))
+    w = detect_encap(wrapped)
+    assert w is not None and w.kind == "tunnel.fastd" and w.info["method"] == "salsa2012+umac"
+    assert "L2TPv3" in w.evidence
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        pytest.param(fastd_handshake()[:-1], id="truncated"),
+        pytest.param(fastd_handshake() + b"\x00", id="trailing-byte"),
+        pytest.param(b"\x02" + fastd_handshake()[1:], id="data-packet-type"),
+        pytest.param(b"\x01\x01" + fastd_handshake()[2:], id="reserved-byte"),
+        pytest.param(fastd_handshake(kind_=4), id="unknown-handshake-type"),
+        pytest.param(fastd_handshake()[:4] + b"\x03\x00" + fastd_handshake()[6:], id="first-record-not-type"),
+        pytest.param(fastd_handshake(extra=fastd_record(40, b"x")), id="unknown-record-type"),
+        pytest.param(fastd_handshake(extra=b"\x05\x00\x10\x00abc"), id="record-overruns"),
+        pytest.param(b"\xc8\x03\x00\x0c" + bytes(7) + b"\x01" + fastd_handshake(), id="l2tp-prefix-not-zero"),
+    ],
+)
+def test_fastd_negatives(broken: bytes) -> None:
+    assert detect_encap(broken) is None
+
+
+# -- the real programs' datagrams ------------------------------------------------------------
+REAL = Path(__file__).resolve().parents[1] / "pcaps" / "tunnels"
+
+
+@pytest.mark.parametrize(
+    ("capture", "want", "every"),
+    [
+        ("l2tp-xl2tpd", "tunnel.l2tp", True),
+        ("vxlan-kernel", "tunnel.vxlan", True),
+        ("vxlan-kernel-8472", "tunnel.vxlan", True),
+        ("ip-in-udp-quicktun-raw-tun", "tunnel.ip-in-udp", True),
+        ("ip-in-udp-quicktun-raw-tap", "tunnel.ip-in-udp", True),
+        ("fastd-salsa2012-umac", "tunnel.fastd", False),  # its data packets are encrypted
+    ],
+)
+def test_every_datagram_of_the_real_sessions(capture: str, want: str, every: bool) -> None:
+    """Not only the first datagram: any of them names the tunnel, so a flow picked up mid-way
+    (a daemon restarted under a running tunnel) is named too. fastd: its four handshake packets."""
+    kinds = []
+    for _ts, frame in Reader(REAL / f"{capture}.pcap"):
+        p = decode(frame)
+        if isinstance(p, Packet) and p.proto == PROTO_UDP:
+            kinds.append(kind(detect_encap(p.payload)))
+    assert len(kinds) >= 4
+    if every:
+        assert set(kinds) == {want}, kinds
+    else:
+        assert kinds[:4] == [want] * 4 and set(kinds[4:]) == {None}, kinds
 
 
 # -- benign datagrams ------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ import struct
 from typing import Final
 
 from egressd.detect.base import Detection, printable
-from egressd.detect.kinds import TUNNEL_GENEVE, TUNNEL_IP_IN_UDP, TUNNEL_L2TP, TUNNEL_VXLAN
+from egressd.detect.kinds import TUNNEL_FASTD, TUNNEL_GENEVE, TUNNEL_IP_IN_UDP, TUNNEL_L2TP, TUNNEL_VXLAN
 
 _U16: Final = struct.Struct("!H")
 _U32: Final = struct.Struct("!I")
@@ -68,6 +68,15 @@ _ETH_ARP: Final = 0x0806
 _ETH_VLAN: Final = frozenset({0x8100, 0x88A8})
 _ETH_BRIDGING: Final = 0x6558  # Transparent Ethernet Bridging (GENEVE, GRE)
 _VXLAN_FLAGS: Final = frozenset({0x08, 0x88, 0x0C})  # I; I with G (group policy); I with P (GPE)
+# fastd (src/handshake.h, v22): a handshake packet is type 1, a reserved zero byte and the
+# big-endian length of the records after them; each record a little-endian type and length.
+_FASTD_HANDSHAKE: Final = 1
+_FASTD_RECORD_MAX: Final = 32  # v22 defines 16 (RECORD_MAX); later versions may add a few
+_FASTD_KINDS: Final = {1: "init", 2: "reply", 3: "finish"}
+_FASTD_TEXT: Final = {4: "mode", 5: "protocol", 12: "method", 13: "version", 14: "methods"}
+# The same handshake behind the header of an L2TPv3 ZLB (v22 offloads data to the kernel's
+# L2TP and marks its own packets so): flags c803, length 12, connection id 0, Ns/Nr 0.
+_FASTD_L2TP_PREFIX: Final = b"\xc8\x03\x00\x0c" + bytes(8)
 # AYIYA hash method -> signature length in words: none, MD5 (16 bytes), SHA-1 (20 bytes).
 _AYIYA_SIGNATURES: Final = frozenset({(0, 0), (1, 4), (2, 5)})
 _ETH_MIN_FRAME: Final = 60  # without the FCS: shorter frames are padded to it
@@ -103,6 +112,8 @@ def detect_encap(p: bytes) -> Detection | None:
     b0 = p[0]
     if b0 == 0xC8:
         det = _l2tp_control(p, n)
+        if det is None and p.startswith(_FASTD_L2TP_PREFIX):
+            det = _fastd(p, 12, n)
         if det is not None:
             return det
     elif b0 in _VXLAN_FLAGS:
@@ -114,7 +125,7 @@ def detect_encap(p: bytes) -> Detection | None:
         if what is not None:
             return _in_udp(what, "direct", "an IP packet directly (Linux FOU, GUE variant 1, quicktun raw)")
     elif b0 < 0x40:
-        det = _geneve(p, n) or _gue0(p, n)
+        det = (_fastd(p, 0, n) if b0 == 1 else None) or _geneve(p, n) or _gue0(p, n)
         if det is not None:
             return det
     if p[1] == 0x02 and b0 & 0x80 == 0:
@@ -426,3 +437,33 @@ def _ayiya(p: bytes, n: int) -> Detection | None:
     if what is None:
         return None
     return _in_udp(what, "ayiya", f"an AYIYA header ({hdr} bytes: identity, signature, next header {p[3]})")
+
+
+def _fastd(p: bytes, off: int, n: int) -> Detection | None:
+    """A fastd handshake: the record lengths fill the packet exactly, the first record is the
+    handshake type (1 byte: init, reply, finish); protocol, method and version names are text."""
+    if n - off < 9 or p[off] != _FASTD_HANDSHAKE or p[off + 1] != 0 or _U16.unpack_from(p, off + 2)[0] != n - off - 4:
+        return None
+    if p[off + 4 : off + 8] != b"\x00\x00\x01\x00" or p[off + 8] not in _FASTD_KINDS:
+        return None
+    pos = off + 4
+    names: dict[str, str] = {}
+    while pos < n:
+        if n - pos < 4:
+            return None
+        rtype, rlen = p[pos] | p[pos + 1] << 8, p[pos + 2] | p[pos + 3] << 8
+        if rtype >= _FASTD_RECORD_MAX or pos + 4 + rlen > n:
+            return None
+        label = _FASTD_TEXT.get(rtype)
+        if label == "mode" and rlen == 1:
+            names[label] = "tun" if p[pos + 4] else "tap"
+        elif label is not None and label != "mode":
+            names[label] = printable(p[pos + 4 : pos + 4 + rlen], 48)
+        pos += 4 + rlen
+    what = ", ".join(f"{k} {v!r}" for k, v in names.items())
+    l2tp = " behind an L2TPv3 header" if off else ""
+    return Detection(
+        TUNNEL_FASTD,
+        f"fastd handshake {_FASTD_KINDS[p[off + 8]]}{l2tp} ({n - off} bytes): {what}",
+        info={k: v for k, v in names.items() if k in ("protocol", "method", "version")},
+    )
