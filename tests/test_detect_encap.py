@@ -16,7 +16,21 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.all import ARP, DNS, DNSQR, ICMP, IP, TCP, UDP, Dot1Q, Ether, ICMPv6EchoRequest, IPv6, raw
+from scapy.all import (
+    ARP,
+    DNS,
+    DNSQR,
+    ICMP,
+    IP,
+    TCP,
+    UDP,
+    Dot1Q,
+    Ether,
+    ICMPv6EchoRequest,
+    ICMPv6ND_RS,
+    IPv6,
+    raw,
+)
 
 from egressd.detect.base import Detection
 from egressd.detect.encap import detect_encap
@@ -364,6 +378,12 @@ def test_teredo_keeps_ipv6_between_teredo_addresses() -> None:
     assert detect_datagram(teredo, True, 40000, 51413) is None
     on_3544 = detect_datagram(teredo, True, 40000, 3544)
     assert on_3544 is not None and on_3544.kind == "tunnel.teredo"
+    rs = raw(IPv6(src="fe80::ffff:ffff:fffe", dst="ff02::2") / ICMPv6ND_RS())  # RFC 4380 §5.2.1
+    assert detect_encap(rs) is None
+    other_ll = raw(IPv6(src="fe80::1", dst="ff02::2") / ICMPv6ND_RS())
+    assert kind(detect_encap(other_ll)) == "tunnel.ip-in-udp"
+    wrapped = detect_encap(vxlan(raw(Ether(src=MAC_A, dst=MAC_B, type=0x86DD)) + teredo))  # inside VXLAN: VXLAN's
+    assert wrapped is not None and wrapped.kind == "tunnel.vxlan"
     plain = detect_datagram(ipv6_packet(), True, 40000, 3544)
     assert plain is not None and plain.kind == "tunnel.teredo"  # the Teredo port decides first
 

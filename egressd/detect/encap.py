@@ -40,8 +40,9 @@ SSDP pass with odds far below one in 2^32. No port is required: the ports are co
   ayiya-02 §4, SixXS's AICCU): identity length 2^n, a signature length that is its hash's
   (none, MD5, SHA-1), a known authentication method, the forward opcode, then the IPv6 (or
   IPv4) packet its next header names, filling the datagram. An IPv6 packet between Teredo
-  addresses (2001:0::/32) is left to the Teredo check in tunnels.py, which calls only what
-  carries Teredo's framing or port.
+  addresses (2001:0::/32), or from a Teredo client's link-local address (RFC 4380 §5.2.1), is
+  left to the Teredo check in tunnels.py, which calls only what carries Teredo's framing or
+  port.
 
 An inner Ethernet frame holds up when its source MAC is unicast and its EtherType (after at
 most one 802.1Q/802.1ad tag) is IPv4 or IPv6 with a header as above (a frame padded to the
@@ -51,6 +52,7 @@ an opcode 1/2 and a sender MAC equal to the frame's source.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from typing import Final
 
@@ -86,6 +88,10 @@ _ETH_MIN_FRAME: Final = 60  # without the FCS: shorter frames are padded to it
 _IP6_NEXT: Final = frozenset({0, 6, 17, 43, 44, 50, 51, 58, 59, 60})
 _ICMP6_TYPES: Final = frozenset({1, 2, 3, 4, 128, 129, 130, 131, 132, 133, 134, 135, 136, 137, 143})
 _TEREDO_PREFIX: Final = b"\x20\x01\x00\x00"
+# RFC 4380 §5.2.1: the link-local sources of a Teredo client's router solicitations (cone, restricted).
+_TEREDO_LINK_LOCAL: Final = frozenset(
+    ipaddress.IPv6Address(a).packed for a in ("fe80::8000:ffff:ffff:fffd", "fe80::ffff:ffff:fffe")
+)
 
 # L2TP (RFC 2661 §3.1, RFC 3931 §3.2.1): control headers are exactly these flag words.
 _L2TP2_CTRL: Final = 0xC802
@@ -122,7 +128,7 @@ def detect_encap(p: bytes) -> Detection | None:
             return det
     elif b0 >> 4 in (4, 6):
         what = _ip_exact(p, 0, n)
-        if what is not None:
+        if what is not None and not (b0 >> 4 == 6 and _teredo_owned(p)):
             return _in_udp(what, "direct", "an IP packet directly (Linux FOU, GUE variant 1, quicktun raw)")
     elif b0 < 0x40:
         det = (_fastd(p, 0, n) if b0 == 1 else None) or _geneve(p, n) or _gue0(p, n)
@@ -183,8 +189,6 @@ def _ipv6(p: bytes, off: int, end: int) -> str | None:
     nxt = p[off + 6]
     if plen + 40 > end - off or nxt not in _IP6_NEXT or p[off + 8] == 0xFF:
         return None  # longer than what arrived, an unknown first header, a multicast source
-    if p[off + 8 : off + 12] == _TEREDO_PREFIX or p[off + 24 : off + 28] == _TEREDO_PREFIX:
-        return None  # Teredo's (tunnels.py): called there only with Teredo's own framing
     l4 = off + 40
     if nxt == 17 and (plen < 8 or _U16.unpack_from(p, l4 + 4)[0] != plen):
         return None  # the UDP length must be the payload length
@@ -193,6 +197,13 @@ def _ipv6(p: bytes, off: int, end: int) -> str | None:
     if nxt == 58 and (plen < 4 or p[l4] not in _ICMP6_TYPES):
         return None
     return f"IPv6 next header {nxt}"
+
+
+def _teredo_owned(p: bytes) -> bool:
+    """A bare IPv6 packet that is Teredo's to call (tunnels.py, only with Teredo's framing or
+    port): to or from 2001:0::/32, or a client's qualification from its RFC 4380 §5.2.1
+    link-local address."""
+    return p[8:12] == _TEREDO_PREFIX or p[24:28] == _TEREDO_PREFIX or p[8:24] in _TEREDO_LINK_LOCAL
 
 
 def _ip_exact(p: bytes, off: int, end: int) -> str | None:
