@@ -56,8 +56,15 @@ import ipaddress
 import struct
 from typing import Final
 
-from egressd.detect.base import Detection, printable
-from egressd.detect.kinds import TUNNEL_FASTD, TUNNEL_GENEVE, TUNNEL_IP_IN_UDP, TUNNEL_L2TP, TUNNEL_VXLAN
+from egressd.detect.base import (
+    TUNNEL_FASTD,
+    TUNNEL_GENEVE,
+    TUNNEL_IP_IN_UDP,
+    TUNNEL_L2TP,
+    TUNNEL_VXLAN,
+    Detection,
+    printable,
+)
 
 _U16: Final = struct.Struct("!H")
 _U32: Final = struct.Struct("!I")
