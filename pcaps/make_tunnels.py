@@ -727,7 +727,8 @@ L2TP_SRV = "203.0.113.120"
 VXLAN_PEER = "203.0.113.121"
 QT_SRV = "203.0.113.122"
 FASTD_SRV = "203.0.113.123"
-EXTRA = (*EXTRA, L2TP_SRV, VXLAN_PEER, QT_SRV, FASTD_SRV)
+UDP_BULK = "203.0.113.124"
+EXTRA = (*EXTRA, L2TP_SRV, VXLAN_PEER, QT_SRV, FASTD_SRV, UDP_BULK)
 
 
 def _xl2tpd(c: Ctx) -> None:
@@ -868,6 +869,20 @@ def _fastd(method: str) -> Callable[[Ctx], None]:
     return run
 
 
+def _iperf3_udp(c: Ctx) -> None:
+    """Benign: iperf3 (Debian) UDP throughput test, 1 s at 2 Mbit/s of 1200-byte datagrams of
+    random bytes after iperf3's own counters, plus its TCP control connection."""
+    srv = c.lab.spawn("inet", ["iperf3", "-s", "-B", UDP_BULK, "-1"], stdout=c.logfile("iperf3-srv.log"),
+                      stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        _wait_port(c, "inet", 5201)
+        out = c.node(["iperf3", "-c", UDP_BULK, "-u", "-b", "2M", "-t", "1", "-l", "1200"], timeout=20).stdout
+        if "receiver" not in out:
+            raise MakeError(f"iperf3 -u: {out[-300:]}")
+    finally:
+        c.lab.stop(srv)
+
+
 RECIPES += [
     Recipe("l2tp-xl2tpd", _h(L2TP_SRV), _xl2tpd, ("xl2tpd", "pppd")),
     Recipe("vxlan-kernel", f"udp and {_h(VXLAN_PEER)}", _vxlan_kernel(4789), ("ip",)),
@@ -875,6 +890,7 @@ RECIPES += [
     Recipe("ip-in-udp-quicktun-raw-tun", _h(QT_SRV), _quicktun(tun=True), ("quicktun",)),
     Recipe("ip-in-udp-quicktun-raw-tap", _h(QT_SRV), _quicktun(tun=False), ("quicktun",)),
     Recipe("fastd-salsa2012-umac", _h(FASTD_SRV), _fastd("salsa2012+umac"), ("fastd",)),
+    Recipe("benign-udp-iperf3", _h(UDP_BULK), _iperf3_udp, ("iperf3",)),
 ]
 
 
