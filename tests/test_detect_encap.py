@@ -206,6 +206,19 @@ def test_l2tp_data_negatives(broken: bytes) -> None:
     assert detect_encap(broken) is None
 
 
+def test_l2tpv3_data_over_udp_with_an_ethernet_pseudowire() -> None:
+    for cookie in (b"", b"\x11\x22\x33\x44", b"\x11\x22\x33\x44\x55\x66\x77\x88"):
+        d = detect_encap(b"\x00\x03\x00\x00" + struct.pack("!I", 0x2A) + cookie + frame_ipv4())
+        assert d is not None and d.kind == "tunnel.l2tp" and d.info == {"version": "3", "message": "data"}
+        assert f"{len(cookie)} bytes of cookie" in d.evidence
+    ppp = detect_encap(b"\x00\x03\x00\x00" + struct.pack("!I", 7) + LCP_CONFREQ + bytes(4))
+    assert ppp is not None and "PPP" in ppp.evidence
+    assert detect_encap(b"\x00\x03\x00\x00" + bytes(4) + frame_ipv4()) is None  # session id 0
+    assert detect_encap(b"\x00\x03\x00\x01" + struct.pack("!I", 0x2A) + frame_ipv4()) is None  # reserved
+    assert detect_encap(b"\x00\x03\x00\x00" + struct.pack("!I", 0x2A) + bytes(16) + frame_ipv4()) is None  # > 8 + 4
+    assert detect_encap(b"\x00\x03\x00\x00" + struct.pack("!I", 0x2A) + bad_checksum(frame_ipv4(), 14)) is None
+
+
 # -- VXLAN -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("inner", "what"),

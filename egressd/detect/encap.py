@@ -18,6 +18,9 @@ SSDP pass with odds far below one in 2^32. No port is required: the ports are co
 * L2TPv3 over UDP (RFC 3931 §4.1.2.1, §3.2.1): the control header T=1, L=1, S=1, Ver=3
   (``c8 03``), Length equal to the datagram's, the 32-bit Control Connection ID, Ns/Nr, then
   the same AVP walk (§5.1) with the Message Type AVP first (ACK = 20 added to the types).
+  A v3 data message over UDP (§4.1.2.1, §4.1: ``00 03 00 00``, a non-zero session id, a cookie of
+  0, 4 or 8 bytes and an optional 4-byte sublayer) is taken when what follows is an Ethernet
+  frame that holds up (Linux's ``ip l2tp`` Ethernet pseudowires) or a PPP frame.
 * VXLAN (RFC 7348 §5): an 8-byte header, flags ``08`` (the I bit alone) and every reserved
   bit zero, a 24-bit VNI, then an inner Ethernet frame that holds up (below). Linux's two
   extensions with their own flag bits: Group Policy (``88``, draft-smith-vxlan-group-policy
@@ -104,6 +107,8 @@ _TEREDO_LINK_LOCAL: Final = frozenset(
 _L2TP2_CTRL: Final = 0xC802
 _L2TP3_CTRL: Final = 0xC803
 _L2TP_DATA_BITS: Final = 0x4B02  # L, S, O, P may be set in a v2 data message; Ver 2
+_L2TP3_DATA: Final = b"\x00\x03\x00\x00"  # v3 data over UDP: T=0, reserved zero, Ver 3, reserved
+_L2TP3_OFFSETS: Final = tuple(8 + cookie + sublayer for cookie in (0, 4, 8) for sublayer in (0, 4))
 _L2TP_TYPE_AVP: Final = b"\x80\x08\x00\x00\x00\x00"  # M=1, H=0, length 8, vendor 0, attribute 0
 _L2TP2_TYPES: Final = {
     1: "SCCRQ", 2: "SCCRP", 3: "SCCCN", 4: "StopCCN", 6: "HELLO", 7: "OCRQ", 8: "OCRP", 9: "OCCN",
@@ -143,6 +148,10 @@ def detect_encap(p: bytes) -> Detection | None:
             return det
     if p[1] == 0x02 and b0 & 0x80 == 0:
         det = _l2tp_data(p, n)
+        if det is not None:
+            return det
+    if p[:4] == _L2TP3_DATA:
+        det = _l2tp3_data(p, n)
         if det is not None:
             return det
     if p[1] == 0 and b0 & 0x4F == 0:
@@ -354,6 +363,29 @@ def _l2tp_data(p: bytes, n: int) -> Detection | None:
         f"L2TPv2 data message, tunnel id {tunnel}, session id {session}, a PPP frame (protocol 0x{proto:04x})",
         info={"version": "2", "message": "data"},
     )
+
+
+def _l2tp3_data(p: bytes, n: int) -> Detection | None:
+    """An L2TPv3 data message over UDP (RFC 3931 §4.1.2.1, §4.1): a non-zero session id, an
+    optional cookie (0, 4 or 8 bytes) and L2-specific sublayer (0 or 4), then the pseudowire's
+    frame: Ethernet (Linux ``ip l2tp``) or PPP. The first offset whose frame holds up wins."""
+    session = _U32.unpack_from(p, 4)[0]
+    if not session:
+        return None
+    for off in _L2TP3_OFFSETS:
+        if n - off < 14:
+            break
+        what = _ether(p, off, n)
+        if what is None and p[off : off + 2] == b"\xff\x03" and _U16.unpack_from(p, off + 2)[0] in _PPP_PROTOCOLS:
+            what = f"PPP (protocol 0x{_U16.unpack_from(p, off + 2)[0]:04x})"
+        if what is not None:
+            return Detection(
+                TUNNEL_L2TP,
+                f"L2TPv3 data message over UDP, session id {session}, {off - 8} bytes of cookie/sublayer, "
+                f"carrying {what}",
+                info={"version": "3", "message": "data"},
+            )
+    return None
 
 
 # -- VXLAN, GENEVE -----------------------------------------------------------------------------
