@@ -91,6 +91,8 @@ _FASTD_TEXT: Final = {4: "mode", 5: "protocol", 12: "method", 13: "version", 14:
 _FASTD_L2TP_PREFIX: Final = b"\xc8\x03\x00\x0c" + bytes(8)
 # AYIYA hash method -> signature length in words: none, MD5 (16 bytes), SHA-1 (20 bytes).
 _AYIYA_SIGNATURES: Final = frozenset({(0, 0), (1, 4), (2, 5)})
+_GENEVE_TYPES: Final = frozenset({b"\x65\x58", b"\x08\x00", b"\x86\xdd"})
+_FRAME_TYPES: Final = frozenset({b"\x08\x00", b"\x86\xdd", b"\x08\x06", b"\x81\x00", b"\x88\xa8"})
 _ETH_MIN_FRAME: Final = 60  # without the FCS: shorter frames are padded to it
 
 # IPv6 next headers a real packet opens with: hop-by-hop (MLD), TCP, UDP, routing, fragment,
@@ -143,7 +145,12 @@ def detect_encap(p: bytes) -> Detection | None:
         if what is not None and not (b0 >> 4 == 6 and _teredo_owned(p)):
             return _in_udp(what, "direct", "an IP packet directly (Linux FOU, GUE variant 1, quicktun raw)")
     elif b0 < 0x40:
-        det = (_fastd(p, 0, n) if b0 == 1 else None) or _geneve(p, n) or _gue0(p, n)
+        # Cheap gates first (a new UDP flow's first datagram passes here): the byte each needs.
+        det = _fastd(p, 0, n) if b0 == 1 else None
+        if det is None and p[2:4] in _GENEVE_TYPES:
+            det = _geneve(p, n)
+        if det is None and p[1] in (4, 41):
+            det = _gue0(p, n)
         if det is not None:
             return det
     if p[1] == 0x02 and b0 & 0x80 == 0:
@@ -162,7 +169,7 @@ def detect_encap(p: bytes) -> Detection | None:
         det = _ayiya(p, n)
         if det is not None:
             return det
-    what = _ether(p, 0, n)
+    what = _ether(p, 0, n) if p[12:14] in _FRAME_TYPES else None
     if what is not None:
         return _in_udp(what, "ethernet", "a bare Ethernet frame (a TAP device's: quicktun raw in TAP mode)")
     return None
