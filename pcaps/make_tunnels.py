@@ -883,6 +883,36 @@ def _iperf3_udp(c: Ctx) -> None:
         c.lab.stop(srv)
 
 
+def _socat_tun(no_pi: bool) -> Callable[[Ctx], None]:
+    """socat's TUN address joined to a UDP socket at both ends (the ad-hoc VPN of socat's own
+    documentation): each IP packet of the TUN device is one datagram, behind the TUN packet
+    information unless ``iff-no-pi`` is given; a ping through it."""
+
+    def run(c: Ctx) -> None:
+        opt = ",iff-no-pi" if no_pi else ""
+        srv = c.lab.spawn("inet", ["socat", f"UDP-LISTEN:5555,bind={UDP_BULK}", f"TUN:10.90.0.1/24,up{opt}"],
+                          stdout=c.logfile("socat-srv.log"), stderr=subprocess.STDOUT)  # fmt: skip
+        cli = None
+        try:
+            _wait_port(c, "inet", 5555, udp=True)
+            cli = c.lab.spawn("node", ["socat", f"UDP:{UDP_BULK}:5555", f"TUN:10.90.0.2/24,up{opt}"],
+                              stdout=c.logfile("socat-cli.log"), stderr=subprocess.STDOUT)  # fmt: skip
+            deadline = time.monotonic() + 10
+            while "10.90.0.2" not in c.lab.run_node(["ip", "-o", "addr"], timeout=5).stdout:
+                if time.monotonic() > deadline:
+                    raise MakeError("socat did not bring its TUN device up in the node")
+                time.sleep(0.1)
+            p = c.node(["ping", "-c", "3", "-i", "0.3", "-W", "2", "10.90.0.1"], ok=False)
+            if " 0% packet loss" not in p.stdout:
+                raise MakeError(f"ping over socat TUN/UDP: {p.stdout}")
+        finally:
+            for proc in (cli, srv):
+                if proc is not None:
+                    c.lab.stop(proc)
+
+    return run
+
+
 RECIPES += [
     Recipe("l2tp-xl2tpd", _h(L2TP_SRV), _xl2tpd, ("xl2tpd", "pppd")),
     Recipe("vxlan-kernel", f"udp and {_h(VXLAN_PEER)}", _vxlan_kernel(4789), ("ip",)),
@@ -891,6 +921,8 @@ RECIPES += [
     Recipe("ip-in-udp-quicktun-raw-tap", _h(QT_SRV), _quicktun(tun=False), ("quicktun",)),
     Recipe("fastd-salsa2012-umac", _h(FASTD_SRV), _fastd("salsa2012+umac"), ("fastd",)),
     Recipe("benign-udp-iperf3", _h(UDP_BULK), _iperf3_udp, ("iperf3",)),
+    Recipe("ip-in-udp-socat-tun", f"udp port 5555 and {_h(UDP_BULK)}", _socat_tun(no_pi=False), ("socat",)),
+    Recipe("ip-in-udp-socat-tun-no-pi", f"udp port 5555 and {_h(UDP_BULK)}", _socat_tun(no_pi=True), ("socat",)),
 ]
 
 

@@ -510,6 +510,8 @@ REAL = Path(__file__).resolve().parents[1] / "pcaps" / "tunnels"
         ("ip-in-udp-quicktun-raw-tun", "tunnel.ip-in-udp", True),
         ("ip-in-udp-quicktun-raw-tap", "tunnel.ip-in-udp", True),
         ("fastd-salsa2012-umac", "tunnel.fastd", False),  # its data packets are encrypted
+        ("ip-in-udp-socat-tun", "tunnel.ip-in-udp", True),
+        ("ip-in-udp-socat-tun-no-pi", "tunnel.ip-in-udp", True),
         ("benign-udp-iperf3", None, True),  # ~230 datagrams of random bytes: none is anything
     ],
 )

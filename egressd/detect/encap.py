@@ -143,7 +143,11 @@ def detect_encap(p: bytes) -> Detection | None:
     elif b0 >> 4 in (4, 6):
         what = _ip_exact(p, 0, n)
         if what is not None and not (b0 >> 4 == 6 and _teredo_owned(p)):
-            return _in_udp(what, "direct", "an IP packet directly (Linux FOU, GUE variant 1, quicktun raw)")
+            return _in_udp(
+                what,
+                "direct",
+                "an IP packet directly (Linux FOU, GUE variant 1, a TUN device relayed raw: quicktun, socat)",
+            )
     elif b0 < 0x40:
         # Cheap gates first (a new UDP flow's first datagram passes here): the byte each needs.
         det = _fastd(p, 0, n) if b0 == 1 else None
