@@ -106,6 +106,10 @@ def ipv6_packet() -> bytes:
     return raw(IPv6(src="2001:db8:5::2", dst="2001:db8:5::1") / TCP(sport=40000, dport=22, flags="S"))
 
 
+def ip6_ext(nh: int, rest: bytes) -> bytes:
+    return raw(IPv6(src="2001:db8::1", dst="2001:db8::2", nh=nh) / rest)
+
+
 def bad_checksum(pkt: bytes, off: int = 0) -> bytes:
     b = bytearray(pkt)
     b[off + 10] ^= 0x01
@@ -329,6 +333,19 @@ def test_ipv4_directly_in_udp() -> None:
     assert "10.92.0.2 -> 10.92.0.1" in d.evidence
 
 
+def test_ipv6_extension_headers_that_hold_up() -> None:
+    from scapy.layers.inet6 import ICMPv6MLReport2, IPv6ExtHdrHopByHop, RouterAlert
+
+    mld = raw(IPv6(src="fe80::1", dst="ff02::16") / IPv6ExtHdrHopByHop(options=[RouterAlert()]) / ICMPv6MLReport2())
+    d = detect_encap(mld)
+    assert d is not None and "next header 0" in d.evidence
+    frag = raw(IPv6(src="2001:db8::1", dst="2001:db8::2", nh=44) / (b"\x11\x00\x00\x01" + bytes(4) + bytes(16)))
+    assert detect_encap(frag) is not None
+    esp = raw(IPv6(src="2001:db8::1", dst="2001:db8::2", nh=50) / (b"\x00\x00\x10\x01" + bytes(28)))
+    assert detect_encap(esp) is not None
+    assert detect_encap(raw(IPv6(src="2001:db8::1", dst="2001:db8::2", nh=59))) is not None
+
+
 def test_ipv6_directly_in_udp() -> None:
     d = detect_encap(ipv6_packet())
     assert d is not None and d.kind == "tunnel.ip-in-udp" and d.info["carries"] == "IPv6"
@@ -350,6 +367,11 @@ def test_ipv6_directly_in_udp() -> None:
             raw(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=1, dport=2, len=99) / b"x"), id="ipv6-udp-len"
         ),
         pytest.param(raw(IPv6(src="ff02::1", dst="2001:db8::2") / UDP(sport=1, dport=2)), id="ipv6-multicast-src"),
+        pytest.param(ip6_ext(0, b"\xfd\x00" + bytes(6)), id="ipv6-hbh-next"),
+        pytest.param(ip6_ext(60, b"\x3a\x05" + bytes(14)), id="ipv6-opt-len"),
+        pytest.param(ip6_ext(44, b"\x11\x01" + bytes(14)), id="ipv6-frag-rsv"),
+        pytest.param(ip6_ext(50, bytes(16)), id="ipv6-esp-spi"),
+        pytest.param(ip6_ext(59, b"tail"), id="ipv6-no-next-data"),
     ],
 )
 def test_ip_in_udp_negatives(broken: bytes) -> None:

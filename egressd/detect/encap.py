@@ -32,8 +32,9 @@ SSDP pass with odds far below one in 2^32. No port is required: the ports are co
   length exactly; then the inner frame or packet.
 * IP directly in UDP: an IPv4 header (RFC 791 §3.1) with version 4, IHL >= 5, a correct
   header checksum and a total length equal to the datagram, or an IPv6 header (RFC 8200 §3)
-  whose payload length fills the datagram, a known next header and, for TCP/UDP/ICMPv6, an
-  inner header that agrees. This is Linux FOU's direct encapsulation, GUE variant 1 (draft-
+  whose payload length fills the datagram, a known next header and an inner header that
+  agrees (TCP, UDP, ICMPv6; an extension header of §4 with a known next header and a length
+  inside the payload; ESP, AH). This is Linux FOU's direct encapsulation, GUE variant 1 (draft-
   ietf-intarea-gue §4: the first two bits 01 *are* the IP version nibble) and VPNs that send
   raw packets (quicktun's ``raw`` protocol in TUN mode, ``proto.raw.c``); with the 4-byte
   TUN packet information in front (quicktun ``USE_PI``: flags 0, the EtherType), and as an
@@ -98,6 +99,7 @@ _ETH_MIN_FRAME: Final = 60  # without the FCS: shorter frames are padded to it
 # IPv6 next headers a real packet opens with: hop-by-hop (MLD), TCP, UDP, routing, fragment,
 # ESP, AH, ICMPv6, no next header, destination options.
 _IP6_NEXT: Final = frozenset({0, 6, 17, 43, 44, 50, 51, 58, 59, 60})
+_IP6_OPTIONS: Final = frozenset({0, 43, 60})  # extension headers with (length + 1) * 8 bytes
 _ICMP6_TYPES: Final = frozenset({1, 2, 3, 4, 128, 129, 130, 131, 132, 133, 134, 135, 136, 137, 143})
 _TEREDO_PREFIX: Final = b"\x20\x01\x00\x00"
 # RFC 4380 §5.2.1: the link-local sources of a Teredo client's router solicitations (cone, restricted).
@@ -223,6 +225,16 @@ def _ipv6(p: bytes, off: int, end: int) -> str | None:
         return None  # a TCP data offset inside the payload
     if nxt == 58 and (plen < 4 or p[l4] not in _ICMP6_TYPES):
         return None
+    if nxt in _IP6_OPTIONS and (plen < 8 or p[l4] not in _IP6_NEXT or (p[l4 + 1] + 1) * 8 > plen):
+        return None  # hop-by-hop, routing, destination options: a known next header, a length inside
+    if nxt == 44 and (plen < 8 or p[l4] not in _IP6_NEXT or p[l4 + 1] != 0):
+        return None  # a fragment header: a known next header, the reserved byte zero
+    if nxt == 50 and (plen < 8 or _U32.unpack_from(p, l4)[0] < 256):
+        return None  # ESP: an SPI outside the reserved range
+    if nxt == 51 and (plen < 12 or p[l4] not in _IP6_NEXT or (p[l4 + 1] + 2) * 4 > plen):
+        return None
+    if nxt == 59 and plen:
+        return None  # no next header: nothing follows
     return f"IPv6 next header {nxt}"
 
 
