@@ -341,8 +341,6 @@ def test_ipv6_extension_headers_that_hold_up() -> None:
     assert d is not None and "next header 0" in d.evidence
     frag = raw(IPv6(src="2001:db8::1", dst="2001:db8::2", nh=44) / (b"\x11\x00\x00\x01" + bytes(4) + bytes(16)))
     assert detect_encap(frag) is not None
-    esp = raw(IPv6(src="2001:db8::1", dst="2001:db8::2", nh=50) / (b"\x00\x00\x10\x01" + bytes(28)))
-    assert detect_encap(esp) is not None
     assert detect_encap(raw(IPv6(src="2001:db8::1", dst="2001:db8::2", nh=59))) is not None
 
 
@@ -370,7 +368,8 @@ def test_ipv6_directly_in_udp() -> None:
         pytest.param(ip6_ext(0, b"\xfd\x00" + bytes(6)), id="ipv6-hbh-next"),
         pytest.param(ip6_ext(60, b"\x3a\x05" + bytes(14)), id="ipv6-opt-len"),
         pytest.param(ip6_ext(44, b"\x11\x01" + bytes(14)), id="ipv6-frag-rsv"),
-        pytest.param(ip6_ext(50, bytes(16)), id="ipv6-esp-spi"),
+        pytest.param(ip6_ext(50, b"\x00\x00\x10\x01" + bytes(28)), id="ipv6-esp-first"),
+        pytest.param(raw(IPv6(src="2001:db8::1", dst="2001:db8::2", hlim=0) / ICMPv6EchoRequest()), id="ipv6-hlim-0"),
         pytest.param(ip6_ext(59, b"tail"), id="ipv6-no-next-data"),
     ],
 )

@@ -34,7 +34,7 @@ SSDP pass with odds far below one in 2^32. No port is required: the ports are co
   header checksum and a total length equal to the datagram, or an IPv6 header (RFC 8200 §3)
   whose payload length fills the datagram, a known next header and an inner header that
   agrees (TCP, UDP, ICMPv6; an extension header of §4 with a known next header and a length
-  inside the payload; ESP, AH). This is Linux FOU's direct encapsulation, GUE variant 1 (draft-
+  inside the payload), hop limit not 0. This is Linux FOU's direct encapsulation, GUE variant 1 (draft-
   ietf-intarea-gue §4: the first two bits 01 *are* the IP version nibble) and VPNs that send
   raw packets (quicktun's ``raw`` protocol in TUN mode, ``proto.raw.c``); with the 4-byte
   TUN packet information in front (quicktun ``USE_PI``: flags 0, the EtherType), and as an
@@ -96,9 +96,10 @@ _GENEVE_TYPES: Final = frozenset({b"\x65\x58", b"\x08\x00", b"\x86\xdd"})
 _FRAME_TYPES: Final = frozenset({b"\x08\x00", b"\x86\xdd", b"\x08\x06", b"\x81\x00", b"\x88\xa8"})
 _ETH_MIN_FRAME: Final = 60  # without the FCS: shorter frames are padded to it
 
-# IPv6 next headers a real packet opens with: hop-by-hop (MLD), TCP, UDP, routing, fragment,
-# ESP, AH, ICMPv6, no next header, destination options.
-_IP6_NEXT: Final = frozenset({0, 6, 17, 43, 44, 50, 51, 58, 59, 60})
+# IPv6 next headers a real packet opens with, each of which can be checked: hop-by-hop (MLD),
+# TCP, UDP, routing, fragment, ICMPv6, no next header, destination options. (ESP and AH
+# first, IPsec inside a raw tunnel, would leave only an SPI to check: not taken.)
+_IP6_NEXT: Final = frozenset({0, 6, 17, 43, 44, 58, 59, 60})
 _IP6_OPTIONS: Final = frozenset({0, 43, 60})  # extension headers with (length + 1) * 8 bytes
 _ICMP6_TYPES: Final = frozenset({1, 2, 3, 4, 128, 129, 130, 131, 132, 133, 134, 135, 136, 137, 143})
 _TEREDO_PREFIX: Final = b"\x20\x01\x00\x00"
@@ -216,8 +217,8 @@ def _ipv6(p: bytes, off: int, end: int) -> str | None:
         return None
     plen = _U16.unpack_from(p, off + 4)[0]
     nxt = p[off + 6]
-    if plen + 40 > end - off or nxt not in _IP6_NEXT or p[off + 8] == 0xFF:
-        return None  # longer than what arrived, an unknown first header, a multicast source
+    if plen + 40 > end - off or nxt not in _IP6_NEXT or p[off + 7] == 0 or p[off + 8] == 0xFF:
+        return None  # longer than what arrived, an unknown first header, hop limit 0, a multicast source
     l4 = off + 40
     if nxt == 17 and (plen < 8 or _U16.unpack_from(p, l4 + 4)[0] != plen):
         return None  # the UDP length must be the payload length
@@ -229,10 +230,6 @@ def _ipv6(p: bytes, off: int, end: int) -> str | None:
         return None  # hop-by-hop, routing, destination options: a known next header, a length inside
     if nxt == 44 and (plen < 8 or p[l4] not in _IP6_NEXT or p[l4 + 1] != 0):
         return None  # a fragment header: a known next header, the reserved byte zero
-    if nxt == 50 and (plen < 8 or _U32.unpack_from(p, l4)[0] < 256):
-        return None  # ESP: an SPI outside the reserved range
-    if nxt == 51 and (plen < 12 or p[l4] not in _IP6_NEXT or (p[l4 + 1] + 2) * 4 > plen):
-        return None
     if nxt == 59 and plen:
         return None  # no next header: nothing follows
     return f"IPv6 next header {nxt}"
