@@ -853,7 +853,9 @@ def _fastd(method: str) -> Callable[[Ctx], None]:
             _wait_port(c, "inet", 10000, udp=True)
             procs.append(c.lab.spawn("node", ["fastd", "-c", str(d / "node.conf")], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT))  # fmt: skip
-            capture.wait_line(procs[1], "connection with", 20, stream="stdout")
+            # The server's handshake response authenticated; fastd calls the connection
+            # established only on the next packet (the ping below, or a keepalive 10 s later).
+            capture.wait_line(procs[1], "authenticated as <srv>", 20, stream="stdout")
             for ns, addr, peer in (("inet", "10.91.0.1", "10.91.0.2"), ("node", "10.91.0.2", "10.91.0.1")):
                 run_ = c.lab.run_inet if ns == "inet" else c.lab.run_node
                 dev = f"fd{'srv' if ns == 'inet' else 'node'}"

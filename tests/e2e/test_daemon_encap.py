@@ -178,7 +178,7 @@ def test_quicktun_raw_passes_and_is_alerted_as_ip_in_udp(
             dlab.lab.stop(p)
 
 
-def test_fastd_handshake_is_alerted_with_its_protocol(
+def test_fastd_passes_and_its_handshake_is_alerted_with_its_protocol(
     dlab: DaemonLab, daemon: peers.Egressd, extra_addrs: None, workdir: Path
 ) -> None:
     _need("fastd")
@@ -202,7 +202,16 @@ def test_fastd_handshake_is_alerted_with_its_protocol(
         assert _listening(dlab, 10000, FASTD_SRV), "fastd does not listen"
         procs.append(dlab.lab.spawn("node", ["fastd", "-c", str(d / "node.conf")], stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT))  # fmt: skip
-        capture.wait_line(procs[1], "connection with", 20, stream="stdout")  # the handshake passed
+        # The handshake went through the daemon: the server's response was authenticated. fastd
+        # calls the connection established only on the first packet after it (a keepalive can
+        # take 10 s): the ping below is that packet, and proves the tunnel carries data.
+        capture.wait_line(procs[1], "authenticated as <srv>", 20, stream="stdout")
+        for ns, addr, peer in (("inet", "10.91.0.1", "10.91.0.2"), ("node", "10.91.0.2", "10.91.0.1")):
+            run = dlab.lab.run_inet if ns == "inet" else dlab.lab.run_node
+            dev = "fdesrv" if ns == "inet" else "fdenode"
+            run(["ip", "addr", "add", addr, "peer", peer, "dev", dev], check=True)
+            run(["ip", "link", "set", dev, "up"], check=True)
+        _ping(dlab, "10.91.0.1")
         ev = _alerts(daemon, FASTD_SRV, 10000)[0]
         _assert_alerted(ev, "tunnel.fastd", "fastd handshake init", "ec25519-fhmqvc")
     finally:
