@@ -213,7 +213,7 @@ def test_l2tp_data_negatives(broken: bytes) -> None:
 def test_l2tpv3_data_over_udp_with_an_ethernet_pseudowire() -> None:
     for cookie in (b"", b"\x11\x22\x33\x44", b"\x11\x22\x33\x44\x55\x66\x77\x88"):
         d = detect_encap(b"\x00\x03\x00\x00" + struct.pack("!I", 0x2A) + cookie + frame_ipv4())
-        assert d is not None and d.kind == "tunnel.l2tp" and d.info == {"version": "3", "message": "data"}
+        assert d is not None and d.kind == "tunnel.l2tp" and d.info == {"version": "3", "message": "data", "transport": "udp"}
         assert f"{len(cookie)} bytes of cookie" in d.evidence
     ppp = detect_encap(b"\x00\x03\x00\x00" + struct.pack("!I", 7) + LCP_CONFREQ + bytes(4))
     assert ppp is not None and "PPP" in ppp.evidence
@@ -221,6 +221,22 @@ def test_l2tpv3_data_over_udp_with_an_ethernet_pseudowire() -> None:
     assert detect_encap(b"\x00\x03\x00\x01" + struct.pack("!I", 0x2A) + frame_ipv4()) is None  # reserved
     assert detect_encap(b"\x00\x03\x00\x00" + struct.pack("!I", 0x2A) + bytes(16) + frame_ipv4()) is None  # > 8 + 4
     assert detect_encap(b"\x00\x03\x00\x00" + struct.pack("!I", 0x2A) + bad_checksum(frame_ipv4(), 14)) is None
+
+
+def test_l2tpv3_directly_over_ip_protocol_115() -> None:
+    from egressd.detect.tunnels import detect_ip_protocol
+
+    ctrl = bytes(4) + l2tp3_control(1, avp(7, b"lac-ip") + avp(61, b"\x00\x00\x12\x34"))
+    d = detect_ip_protocol(115, ctrl)
+    assert d is not None and d.kind == "tunnel.l2tp" and d.info["transport"] == "ip"
+    assert "L2TPv3 over IP (protocol 115) control message SCCRQ" in d.evidence
+    data = struct.pack("!I", 0x2A) + b"\xaa\xbb\xcc\xdd" + frame_ipv4()  # 4-byte cookie
+    dd = detect_ip_protocol(115, data)
+    assert dd is not None and dd.info["message"] == "data" and "over IP (protocol 115)" in dd.evidence
+    assert detect_ip_protocol(115, bytes(4) + l2tp2_control(1, SCCRQ_AVPS)) is None  # v2 never runs over IP
+    assert detect_ip_protocol(115, bytes(4) + l2tp3_control(1)[:-1]) is None  # Length from the T bit
+    assert detect_ip_protocol(115, bytes(4) + bad_checksum(frame_ipv4(), 14)) is None
+    assert detect_ip_protocol(116, ctrl) is None
 
 
 # -- VXLAN -----------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ headers). No port is required: the ports are conventions (1701, 4789, 8472, 6081
   A v3 data message over UDP (§4.1.2.1, §4.1: ``00 03 00 00``, a non-zero session id, a cookie of
   0, 4 or 8 bytes and an optional 4-byte sublayer) is taken when what follows is an Ethernet
   frame that holds up (Linux's ``ip l2tp`` Ethernet pseudowires) or a PPP frame.
+  L2TPv3 directly over IP (protocol 115, §4.1.1; called from tunnels.detect_ip_protocol):
+  32 zero bits then the same control message, or a non-zero session id then the same data.
 * VXLAN (RFC 7348 §5): an 8-byte header, flags ``08`` (the I bit alone) and every reserved
   bit zero, a 24-bit VNI, then an inner Ethernet frame that holds up (below). Linux's two
   extensions with their own flag bits: Group Policy (``88``, draft-smith-vxlan-group-policy
@@ -66,6 +68,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from dataclasses import replace
 from typing import Final
 
 from egressd.detect.base import (
@@ -121,7 +124,7 @@ _L2TP2_CTRL: Final = 0xC802
 _L2TP3_CTRL: Final = 0xC803
 _L2TP_DATA_BITS: Final = 0x4B02  # L, S, O, P may be set in a v2 data message; Ver 2
 _L2TP3_DATA: Final = b"\x00\x03\x00\x00"  # v3 data over UDP: T=0, reserved zero, Ver 3, reserved
-_L2TP3_OFFSETS: Final = tuple(8 + cookie + sublayer for cookie in (0, 4, 8) for sublayer in (0, 4))
+_L2TP3_EXTRA: Final = tuple(cookie + sublayer for cookie in (0, 4, 8) for sublayer in (0, 4))
 _L2TP_TYPE_AVP: Final = b"\x80\x08\x00\x00\x00\x00"  # M=1, H=0, length 8, vendor 0, attribute 0
 _L2TP2_TYPES: Final = {
     1: "SCCRQ", 2: "SCCRP", 3: "SCCCN", 4: "StopCCN", 6: "HELLO", 7: "OCRQ", 8: "OCRP", 9: "OCCN",
@@ -394,14 +397,16 @@ def _l2tp_data(p: bytes, n: int) -> Detection | None:
     )
 
 
-def _l2tp3_data(p: bytes, n: int) -> Detection | None:
-    """An L2TPv3 data message over UDP (RFC 3931 §4.1.2.1, §4.1): a non-zero session id, an
-    optional cookie (0, 4 or 8 bytes) and L2-specific sublayer (0 or 4), then the pseudowire's
-    frame: Ethernet (Linux ``ip l2tp``) or PPP. The first offset whose frame holds up wins."""
-    session = _U32.unpack_from(p, 4)[0]
+def _l2tp3_data(p: bytes, n: int, base: int = 8, over: str = "UDP") -> Detection | None:
+    """An L2TPv3 data message (RFC 3931 §4.1): a non-zero session id (ending at ``base``: after
+    the 4-byte UDP header of §4.1.2.1, or first over IP, §4.1.1.1), an optional cookie (0, 4
+    or 8 bytes) and L2-specific sublayer (0 or 4), then the pseudowire's frame: Ethernet
+    (Linux ``ip l2tp``) or PPP. The first offset whose frame holds up wins."""
+    session = _U32.unpack_from(p, base - 4)[0]
     if not session:
         return None
-    for off in _L2TP3_OFFSETS:
+    for extra in _L2TP3_EXTRA:
+        off = base + extra
         if n - off < 14:
             break
         what = _ether(p, off, n)
@@ -410,11 +415,31 @@ def _l2tp3_data(p: bytes, n: int) -> Detection | None:
         if what is not None:
             return Detection(
                 TUNNEL_L2TP,
-                f"L2TPv3 data message over UDP, session id {session}, {off - 8} bytes of cookie/sublayer, "
+                f"L2TPv3 data message over {over}, session id {session}, {extra} bytes of cookie/sublayer, "
                 f"carrying {what}",
-                info={"version": "3", "message": "data"},
+                info={"version": "3", "message": "data", "transport": over.split(" ", 1)[0].lower()},
             )
     return None
+
+
+def detect_l2tp_ip(payload: bytes) -> Detection | None:
+    """L2TPv3 directly over IP, protocol 115 (RFC 3931 §4.1.1): a control message is 32 zero
+    bits and then the same control header and AVPs as over UDP (its Length counts from the T
+    bit); a data message is a non-zero session id, then as over UDP."""
+    if len(payload) < 16:
+        return None
+    if payload[:4] == b"\x00\x00\x00\x00":
+        if payload[4:6] != b"\xc8\x03":
+            return None
+        det = _l2tp_control(payload[4:], len(payload) - 4)
+        if det is None:
+            return None
+        return replace(
+            det,
+            evidence=det.evidence.replace("L2TPv3 control", "L2TPv3 over IP (protocol 115) control", 1),
+            info={**det.info, "transport": "ip"},
+        )
+    return _l2tp3_data(payload, len(payload), base=4, over="IP (protocol 115)")
 
 
 # -- VXLAN, GENEVE -----------------------------------------------------------------------------
