@@ -213,7 +213,8 @@ def test_l2tp_data_negatives(broken: bytes) -> None:
 def test_l2tpv3_data_over_udp_with_an_ethernet_pseudowire() -> None:
     for cookie in (b"", b"\x11\x22\x33\x44", b"\x11\x22\x33\x44\x55\x66\x77\x88"):
         d = detect_encap(b"\x00\x03\x00\x00" + struct.pack("!I", 0x2A) + cookie + frame_ipv4())
-        assert d is not None and d.kind == "tunnel.l2tp" and d.info == {"version": "3", "message": "data", "transport": "udp"}
+        assert d is not None and d.kind == "tunnel.l2tp"
+        assert d.info == {"version": "3", "message": "data", "transport": "udp"}
         assert f"{len(cookie)} bytes of cookie" in d.evidence
     ppp = detect_encap(b"\x00\x03\x00\x00" + struct.pack("!I", 7) + LCP_CONFREQ + bytes(4))
     assert ppp is not None and "PPP" in ppp.evidence
