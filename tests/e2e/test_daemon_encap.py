@@ -29,11 +29,11 @@ pytest_plugins = ["conftest_daemon"]
 
 # Service addresses of these tests (documentation range, inet namespace loopback); the same
 # as pcaps/make_tunnels.py's encapsulation recipes.
-L2TP_SRV = "203.0.113.120"
-VXLAN_PEER = "203.0.113.121"
-QT_SRV = "203.0.113.122"
-FASTD_SRV = "203.0.113.123"
-QUIC_SINK = "203.0.113.124"
+L2TP_SRV = "203.0.113.110"
+VXLAN_PEER = "203.0.113.111"
+QT_SRV = "203.0.113.112"
+FASTD_SRV = "203.0.113.113"
+QUIC_SINK = "203.0.113.114"
 
 
 def _need(*tools: str) -> None:
