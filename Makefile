@@ -18,7 +18,8 @@ APT_PACKAGES := python3 python3-venv python3-dev build-essential libnetfilter-qu
 # Real tunnel programs for pcaps/make_tunnels.py and tests/e2e/test_daemon_tunnels.py (Debian 12),
 # and localtunnel's client from npm (installed into build/lab-npm, not system-wide).
 LAB_APT_PACKAGES := iodine ptunnel-ng httptunnel dns2tcp openvpn tor tinc nebula shadowsocks-libev \
-	simple-obfs obfs4proxy pagekite websockify python3-websockets wireguard-go wireguard-tools ike-scan
+	simple-obfs obfs4proxy pagekite websockify python3-websockets wireguard-go wireguard-tools ike-scan \
+	xl2tpd quicktun fastd
 # detect/relays.py's captures (pcaps/make_tunnels.py vtun, yggdrasil)
 LAB_APT_PACKAGES += vtun yggdrasil
 LAB_APT_PACKAGES += n2n  # n2n 1.3's edge and supernode (pcaps/make_tunnels.py n2n)

@@ -754,6 +754,214 @@ RECIPES: list[Recipe] = [
 ]
 
 
+# -------------------------------------------------------------------------------------------------
+# Encapsulations in UDP (egressd/detect/encap.py): L2TP, VXLAN, IP in UDP.
+# -------------------------------------------------------------------------------------------------
+L2TP_SRV = "203.0.113.110"
+VXLAN_PEER = "203.0.113.111"
+QT_SRV = "203.0.113.112"
+FASTD_SRV = "203.0.113.113"
+UDP_BULK = "203.0.113.114"
+EXTRA = (*EXTRA, L2TP_SRV, VXLAN_PEER, QT_SRV, FASTD_SRV, UDP_BULK)
+
+
+def _xl2tpd(c: Ctx) -> None:
+    """xl2tpd (Debian) as LNS in the inet namespace and as LAC in the node, which dials at
+    once (autodial): SCCRQ/SCCRP/SCCCN, then ICRQ/ICRP/ICCN for the call. pppd then runs over
+    the session (whether it comes up does not matter: the tunnel and the call are made)."""
+    d = c.tmp / "xl2tpd"
+    d.mkdir(exist_ok=True)
+    ppp = d / "options"
+    ppp.write_text("noauth\nnodefaultroute\nnoipdefault\nlcp-echo-interval 0\nnodetach\n")
+    (d / "srv.conf").write_text(f"[global]\nlisten-addr = {L2TP_SRV}\nport = 1701\n\n[lns default]\n"
+                                "ip range = 10.94.0.2-10.94.0.9\nlocal ip = 10.94.0.1\nrequire authentication = no\n"
+                                f"length bit = yes\nhostname = lab-lns\npppoptfile = {ppp}\n")  # fmt: skip
+    (d / "cli.conf").write_text(f"[global]\nport = 1701\n\n[lac lab]\nlns = {L2TP_SRV}\nautodial = yes\n"
+                                f"require authentication = no\nlength bit = yes\nhostname = lab-lac\n"
+                                f"pppoptfile = {ppp}\n")  # fmt: skip
+    srv = c.lab.spawn("inet", ["xl2tpd", "-D", "-c", str(d / "srv.conf"), "-p", str(d / "srv.pid"), "-C",
+                               str(d / "srv.ctl")],
+                      stdout=c.logfile("xl2tpd-srv.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    cli = None
+    try:
+        _wait_port(c, "inet", 1701, udp=True)
+        cli = c.lab.spawn("node", ["xl2tpd", "-D", "-c", str(d / "cli.conf"), "-p", str(d / "cli.pid"), "-C",
+                                   str(d / "cli.ctl")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        capture.wait_line(cli, "Call established", 20, stream="stdout")
+        time.sleep(1.0)
+    finally:
+        for p in (cli, srv):
+            if p is not None:
+                c.lab.stop(p)
+
+
+def _vxlan_kernel(port: int) -> Callable[[Ctx], None]:
+    """Linux's own VXLAN devices, one in each namespace (VNI 42), and a ping between the two
+    ends' addresses through them: ARP and ICMP in VXLAN, on ``port`` (4789 is IANA's, 8472 the
+    kernel's old default)."""
+
+    def run(c: Ctx) -> None:
+        for ns, local, remote, addr in (
+            ("inet", VXLAN_PEER, NODE_V4, "10.93.0.1/24"),
+            ("node", NODE_V4, VXLAN_PEER, "10.93.0.2/24"),
+        ):
+            run_ = c.lab.run_inet if ns == "inet" else c.lab.run_node
+            run_(["ip", "link", "add", "vxl0", "type", "vxlan", "id", "42", "local", local, "remote", remote,
+                  "dstport", str(port)], check=True)  # fmt: skip
+            run_(["sysctl", "-qw", "net.ipv6.conf.vxl0.disable_ipv6=1"], check=True)
+            run_(["ip", "addr", "add", addr, "dev", "vxl0"], check=True)
+            run_(["ip", "link", "set", "vxl0", "up"], check=True)
+        try:
+            p = c.node(["ping", "-c", "3", "-i", "0.3", "-W", "2", "10.93.0.1"], ok=False)
+            if " 0% packet loss" not in p.stdout:
+                raise MakeError(f"ping over VXLAN: {p.stdout}")
+        finally:
+            c.lab.run_node(["ip", "link", "del", "vxl0"])
+            c.lab.run_inet(["ip", "link", "del", "vxl0"])
+
+    return run
+
+
+def _quicktun(tun: bool) -> Callable[[Ctx], None]:
+    """quicktun (Debian) with its unencrypted ``raw`` protocol: in TUN mode IP packets, in its
+    default TAP mode Ethernet frames, each as one UDP datagram; a ping through it."""
+
+    def run(c: Ctx) -> None:
+        mode = {"IF_QT_PROTOCOL": "raw", "IF_QT_TUN_MODE": "1" if tun else "0", "IFACE": "qt0"}
+        srv_env = {**os.environ, **mode, "IF_QT_LOCAL_ADDRESS": QT_SRV, "IF_QT_LOCAL_PORT": "2998"}
+        cli_env = {**os.environ, **mode, "IF_QT_LOCAL_PORT": "2998", "IF_QT_REMOTE_ADDRESS": QT_SRV,
+                   "IF_QT_REMOTE_PORT": "2998"}  # fmt: skip
+        procs = [c.lab.spawn("inet", ["quicktun"], env=srv_env, stdout=c.logfile("qt-srv.log"),
+                             stderr=subprocess.STDOUT)]  # fmt: skip
+        try:
+            _wait_port(c, "inet", 2998, udp=True)
+            procs.append(c.lab.spawn("node", ["quicktun"], env=cli_env, stdout=c.logfile("qt-cli.log"),
+                                     stderr=subprocess.STDOUT))  # fmt: skip
+            for ns, addr, peer in (("inet", "10.92.0.1", "10.92.0.2"), ("node", "10.92.0.2", "10.92.0.1")):
+                run_ = c.lab.run_inet if ns == "inet" else c.lab.run_node
+                deadline = time.monotonic() + 10
+                while run_(["ip", "link", "show", "qt0"], timeout=5).returncode != 0:
+                    if time.monotonic() > deadline:
+                        raise MakeError(f"quicktun did not create qt0 in {ns}")
+                    time.sleep(0.1)
+                run_(["sysctl", "-qw", "net.ipv6.conf.qt0.disable_ipv6=1"], check=True)
+                if tun:
+                    run_(["ip", "addr", "add", addr, "peer", peer, "dev", "qt0"], check=True)
+                else:
+                    run_(["ip", "addr", "add", f"{addr}/24", "dev", "qt0"], check=True)
+                run_(["ip", "link", "set", "qt0", "up"], check=True)
+            p = c.node(["ping", "-c", "3", "-i", "0.3", "-W", "2", "10.92.0.1"], ok=False)
+            if " 0% packet loss" not in p.stdout:
+                raise MakeError(f"ping over quicktun: {p.stdout}")
+        finally:
+            for proc in procs:
+                c.lab.stop(proc)
+
+    return run
+
+
+def _fastd(method: str) -> Callable[[Ctx], None]:
+    """fastd v22 (Debian): a peer in each namespace (TUN mode, ``method``), the node's names the
+    other as its remote; the handshake, then a ping through the tunnel."""
+
+    def run(c: Ctx) -> None:
+        d = c.tmp / "fastd"
+        d.mkdir(exist_ok=True)
+        keys = {}
+        for who in ("srv", "node"):
+            out = subprocess.run(["fastd", "--generate-key"], capture_output=True, text=True, timeout=30,
+                                 check=True).stdout  # fmt: skip
+            keys[who] = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+        for who, peer, extra in (
+            ("srv", "node", f'bind {FASTD_SRV}:10000;\n'),
+            ("node", "srv", ""),
+        ):
+            remote = f'  remote {FASTD_SRV}:10000;\n' if who == "node" else ""
+            (d / f"{who}.conf").write_text(
+                f'interface "fd{who}";\nmode tun;\nmethod "{method}";\nsecret "{keys[who]["Secret"]}";\n'
+                f'mtu 1400;\n{extra}peer "{peer}" {{\n  key "{keys[peer]["Public"]}";\n{remote}}}\n'
+            )
+        procs = [c.lab.spawn("inet", ["fastd", "-c", str(d / "srv.conf")], stdout=c.logfile("fastd-srv.log"),
+                             stderr=subprocess.STDOUT)]  # fmt: skip
+        try:
+            _wait_port(c, "inet", 10000, udp=True)
+            procs.append(c.lab.spawn("node", ["fastd", "-c", str(d / "node.conf")], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT))  # fmt: skip
+            # The server's handshake response authenticated; fastd calls the connection
+            # established only on the next packet (the ping below, or a keepalive 10 s later).
+            capture.wait_line(procs[1], "authenticated as <srv>", 20, stream="stdout")
+            for ns, addr, peer in (("inet", "10.91.0.1", "10.91.0.2"), ("node", "10.91.0.2", "10.91.0.1")):
+                run_ = c.lab.run_inet if ns == "inet" else c.lab.run_node
+                dev = f"fd{'srv' if ns == 'inet' else 'node'}"
+                run_(["ip", "addr", "add", addr, "peer", peer, "dev", dev], check=True)
+                run_(["ip", "link", "set", dev, "up"], check=True)
+            p = c.node(["ping", "-c", "2", "-i", "0.3", "-W", "2", "10.91.0.1"], ok=False)
+            if " 0% packet loss" not in p.stdout:
+                raise MakeError(f"ping over fastd: {p.stdout}")
+        finally:
+            for proc in procs:
+                c.lab.stop(proc)
+
+    return run
+
+
+def _iperf3_udp(c: Ctx) -> None:
+    """Benign: iperf3 (Debian) UDP throughput test, 1 s at 2 Mbit/s of 1200-byte datagrams of
+    random bytes after iperf3's own counters, plus its TCP control connection."""
+    srv = c.lab.spawn("inet", ["iperf3", "-s", "-B", UDP_BULK, "-1"], stdout=c.logfile("iperf3-srv.log"),
+                      stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        _wait_port(c, "inet", 5201)
+        out = c.node(["iperf3", "-c", UDP_BULK, "-u", "-b", "2M", "-t", "1", "-l", "1200"], timeout=20).stdout
+        if "receiver" not in out:
+            raise MakeError(f"iperf3 -u: {out[-300:]}")
+    finally:
+        c.lab.stop(srv)
+
+
+def _socat_tun(no_pi: bool) -> Callable[[Ctx], None]:
+    """socat's TUN address joined to a UDP socket at both ends (the ad-hoc VPN of socat's own
+    documentation): each IP packet of the TUN device is one datagram, behind the TUN packet
+    information unless ``iff-no-pi`` is given; a ping through it."""
+
+    def run(c: Ctx) -> None:
+        opt = ",iff-no-pi" if no_pi else ""
+        srv = c.lab.spawn("inet", ["socat", f"UDP-LISTEN:5555,bind={UDP_BULK}", f"TUN:10.90.0.1/24,up{opt}"],
+                          stdout=c.logfile("socat-srv.log"), stderr=subprocess.STDOUT)  # fmt: skip
+        cli = None
+        try:
+            _wait_port(c, "inet", 5555, udp=True)
+            cli = c.lab.spawn("node", ["socat", f"UDP:{UDP_BULK}:5555", f"TUN:10.90.0.2/24,up{opt}"],
+                              stdout=c.logfile("socat-cli.log"), stderr=subprocess.STDOUT)  # fmt: skip
+            deadline = time.monotonic() + 10
+            while "10.90.0.2" not in c.lab.run_node(["ip", "-o", "addr"], timeout=5).stdout:
+                if time.monotonic() > deadline:
+                    raise MakeError("socat did not bring its TUN device up in the node")
+                time.sleep(0.1)
+            p = c.node(["ping", "-c", "3", "-i", "0.3", "-W", "2", "10.90.0.1"], ok=False)
+            if " 0% packet loss" not in p.stdout:
+                raise MakeError(f"ping over socat TUN/UDP: {p.stdout}")
+        finally:
+            for proc in (cli, srv):
+                if proc is not None:
+                    c.lab.stop(proc)
+
+    return run
+
+
+RECIPES += [
+    Recipe("l2tp-xl2tpd", _h(L2TP_SRV), _xl2tpd, ("xl2tpd", "pppd")),
+    Recipe("vxlan-kernel", f"udp and {_h(VXLAN_PEER)}", _vxlan_kernel(4789), ("ip",)),
+    Recipe("vxlan-kernel-8472", f"udp and {_h(VXLAN_PEER)}", _vxlan_kernel(8472), ("ip",)),
+    Recipe("ip-in-udp-quicktun-raw-tun", _h(QT_SRV), _quicktun(tun=True), ("quicktun",)),
+    Recipe("ip-in-udp-quicktun-raw-tap", _h(QT_SRV), _quicktun(tun=False), ("quicktun",)),
+    Recipe("fastd-salsa2012-umac", _h(FASTD_SRV), _fastd("salsa2012+umac"), ("fastd",)),
+    Recipe("benign-udp-iperf3", _h(UDP_BULK), _iperf3_udp, ("iperf3",)),
+    Recipe("ip-in-udp-socat-tun", f"udp port 5555 and {_h(UDP_BULK)}", _socat_tun(no_pi=False), ("socat",)),
+    Recipe("ip-in-udp-socat-tun-no-pi", f"udp port 5555 and {_h(UDP_BULK)}", _socat_tun(no_pi=True), ("socat",)),
+]
+
+
 # -- relays.py's captures: vtun and yggdrasil (Debian's packages) ----------------------------------
 VTUN = "203.0.113.120"
 YGG = "203.0.113.121"

@@ -8,6 +8,8 @@ import socket
 from collections import deque
 from pathlib import Path
 
+import pytest
+
 from egressd.attribution.sink import AttributedSink
 from egressd.eventlog import EventLog
 from egressd.events import Event
@@ -63,8 +65,19 @@ def _blocked(fid: int, lport: int, rport: int, host: str) -> Event:
                  "classified")  # fmt: skip
 
 
+def _patient_drops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The drop-wait bounds are production values (20 ms, 100 ms per second), which a loaded
+    test machine can exceed; these tests are about which lookup a drop waits for, so they
+    wait longer. The bounds themselves are tested below and asserted as shipped."""
+    from egressd.attribution import service
+
+    assert service.DROP_WAIT <= 0.02 and service.DROP_WAIT_BUDGET <= 0.1
+    monkeypatch.setattr(service, "DROP_WAIT", 2.0)
+    monkeypatch.setattr(service, "DROP_WAIT_BUDGET", 10.0)
+
+
 def test_a_drop_waits_for_the_lookup_of_its_socket_and_names_the_process(
-    tmp_path: Path, own_netns: tuple[str, str]
+    tmp_path: Path, own_netns: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Since the fast path a client that sends at once is judged within a millisecond of its
     # SYN. The drop's alert (written before the verdict) waits, bounded, for the lookup the
@@ -73,6 +86,7 @@ def test_a_drop_waits_for_the_lookup_of_its_socket_and_names_the_process(
     # starts none, does not wait, and says why (flow 3).
     from egressd.attribution import service
 
+    _patient_drops(monkeypatch)
     host = own_netns[0]
     srv = socket.socket()
     srv.bind((host, 0))
@@ -111,14 +125,14 @@ def test_a_drop_waits_for_the_lookup_of_its_socket_and_names_the_process(
     assert rows[3]["process"]["unknown"] == f"process not named in time: {service.SEE_RECORD}", rows[3]
     assert rows[3]["process"]["uid"] == os.getuid()
     assert 1 <= st["waited"] <= 2 and st["named"] == st["waited"]
-    assert service.DROP_WAIT <= 0.02 and service.DROP_WAIT_BUDGET <= 0.1
 
 
 def test_a_udp_flow_dropped_at_its_first_datagram_names_its_process(
-    tmp_path: Path, own_netns: tuple[str, str]
+    tmp_path: Path, own_netns: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Conntrack announces no UDP entry it never confirmed (the first datagram is the one being
     # dropped), so no lookup was started at all: the drop's own lookup names the process.
+    _patient_drops(monkeypatch)
     host = own_netns[0]
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind((host, 0))

@@ -178,3 +178,11 @@ EVASION_SSH_MALFORMED: Final = kind(
 EVASION_SSH_CLIENT_PREAMBLE: Final = kind(
     "evasion.ssh-client-preamble", "lines before the SSH client's banner (RFC 4253 allows them from servers only)"
 )
+# Link and network encapsulations in UDP (detect/encap.py).
+TUNNEL_L2TP: Final = kind("tunnel.l2tp", "L2TPv2/L2TPv3 over UDP: a control message (SCCRQ ...) or a PPP data message")
+TUNNEL_VXLAN: Final = kind("tunnel.vxlan", "VXLAN (RFC 7348): the 8-byte header and an inner Ethernet frame")
+TUNNEL_GENEVE: Final = kind("tunnel.geneve", "GENEVE (RFC 8926): version 0 header, options, an inner frame or packet")
+TUNNEL_IP_IN_UDP: Final = kind(
+    "tunnel.ip-in-udp", "an IP packet or Ethernet frame in UDP (FOU, GUE, GRE-in-UDP, AYIYA, quicktun raw)"
+)
+TUNNEL_FASTD: Final = kind("tunnel.fastd", "fastd's handshake (type 1, TLV records naming protocol and method)")

@@ -37,7 +37,10 @@ guessed at.
 * Tunnels that are an IP protocol of their own, named from the protocol number with the
   inner header checked: GRE (47; RFC 2784/2637: version 0 or 1, the carried protocol type),
   ESP (50; RFC 4303: a non-reserved SPI) and AH (51; RFC 4302), IPv4-in-IP (4) and
-  IPv6-in-IP (41; the inner header's version, and its length field consistent).
+  IPv6-in-IP (41; the inner header's version, and its length field consistent). L2TPv3
+  over IP (115; RFC 3931 §4.1.1) is checked in detect/encap.py, as over UDP.
+* Link and network encapsulations in UDP (L2TP, VXLAN, GENEVE, IP or Ethernet directly in
+  UDP, AYIYA) are told from the header they wrap: ``detect/encap.py``, tried last.
 * Nebula (``header/header.go``): a 16-byte header, version 1 and type 0 (handshake) in the
   first byte, subtype 0 or 1 (IX/XX with PSK0), two reserved zero bytes, remote index 0
   (the initiator does not know it yet) and message counter 1, then the Noise message.
@@ -66,6 +69,7 @@ from egressd.detect.base import (
     StreamContext,
     printable,
 )
+from egressd.detect.encap import detect_encap, detect_l2tp_ip
 from egressd.detect.overlays import detect_overlay
 
 _WG_INIT: Final = b"\x01\x00\x00\x00"
@@ -105,7 +109,7 @@ def detect_datagram(payload: bytes, from_originator: bool, sport: int, dport: in
     ike = payload
     if (dport == 4500 or sport == 4500) and payload.startswith(b"\x00\x00\x00\x00"):
         ike = payload[4:]  # non-ESP marker (NAT traversal)
-    return _ike(ike)
+    return _ike(ike) or detect_encap(payload)
 
 
 _PPTP_SCCRQ: Final = b"\x00\x9c\x00\x01\x1a\x2b\x3c\x4d"  # length 156, control message, magic cookie
@@ -283,4 +287,6 @@ def detect_ip_protocol(proto: int, payload: bytes) -> Detection | None:
             return Detection(TUNNEL_IP_IN_IP, f"IPv4 packet inside IP (inner protocol {payload[9]})")
     elif proto == 41 and n >= 40 and payload[0] >> 4 == 6 and _U16.unpack_from(payload, 4)[0] + 40 <= n:
         return Detection(TUNNEL_IP_IN_IP, f"IPv6 packet inside IP (6in4/6in6, next header {payload[6]})")
+    elif proto == 115:
+        return detect_l2tp_ip(payload)  # L2TPv3 over IP (detect/encap.py)
     return None
