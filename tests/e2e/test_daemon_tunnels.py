@@ -31,6 +31,9 @@ SYS_PY = "/usr/bin/python3"
 LT_SRV = "203.0.113.70"
 WS_SRV = "203.0.113.71"
 DNS_TUN = "203.0.113.72"
+# iodined's own tunnel network (its dns0 and the addresses it hands out): documentation
+# addresses too, in a block no other lab address uses (203.0.113.224/27).
+DNS_TUN_NET = "203.0.113.225/27"
 ICMP_SRV = "203.0.113.74"
 SSHD = SERVICES["ssh_evil"][0]
 # The node's own services (the web server a tunnel would expose, ptunnel-ng's local end) are
@@ -154,7 +157,7 @@ def test_iodine_dns_tunnel_is_dropped_and_ordinary_dns_resolves(
 ) -> None:
     _need("iodine", "iodined")
     srv = dlab.lab.spawn("inet", ["iodined", "-f", "-c", "-P", "labsecret", "-l", DNS_TUN, "-p", "53",
-                                  "10.99.0.1/27", "t.tun.example.net"],
+                                  DNS_TUN_NET, "t.tun.example.net"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     cli = None
     try:
