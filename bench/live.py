@@ -36,7 +36,9 @@ documentation addresses; every load is generated in the node towards 203.0.113.6
    Verdicts are counted from the kernel's own queue counters in the node namespace
    (packets queued minus dropped minus still pending), identically for both handlers.
 
-5. attribution (issue 8): the connection loop of 2 against two daemons in the same round,
+5. attribution (issue 8): the request/response loop of 2 (a connection that carries no data
+   is never judged, so it has no event whose process could be named) against two daemons in
+   the same round,
    ``egressd run --no-attribution`` and ``egressd run`` (attribution on), both started with
    ``nsenter --net`` so they see the host's /proc and cgroup tree as on a node; plus the share
    of events whose process was named (status: attributed / all attributed events). Rows 1-4
@@ -109,30 +111,53 @@ def _percentile(sorted_vals: Sequence[int], q: float) -> int:
 
 
 def worker_conn_server(addr: str, ports: Sequence[int], seconds: float) -> int:
-    """accept(), wait for EOF, close(), on every port until the time cap (the bench stops it by pid)."""
+    """accept(), answer a request, wait for EOF, close(), on every port until the time cap.
+
+    One thread per port with a selector, so a connection the client holds open (the
+    attribution rows keep 50 alive) never stalls the ones behind it in the accept queue.
+    The bench stops the server by pid.
+    """
     deadline = time.monotonic() + seconds
 
     def serve(port: int) -> None:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((addr, port))
-        s.listen(4096)
-        s.settimeout(0.5)
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind((addr, port))
+        ls.listen(4096)
+        ls.setblocking(False)
+        sel.register(ls, selectors.EVENT_READ, None)
+        answered: set[socket.socket] = set()
         while time.monotonic() < deadline:
-            try:
-                c, _ = s.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                continue
-            # Close only after the client's FIN: the client is then always the active closer
-            # and keeps the TIME_WAIT, so the kernel never hands its 5-tuple out again.
-            c.settimeout(2.0)
-            with contextlib.suppress(OSError):
-                if c.recv(64):  # a request (the request/response rows): 64 bytes back, then EOF
-                    c.sendall(REPLY)
-                    c.recv(1)
-            c.close()
+            for key, _ in sel.select(0.5):
+                if key.data is None:
+                    with contextlib.suppress(OSError):
+                        c, _ = ls.accept()
+                        c.setblocking(False)
+                        sel.register(c, selectors.EVENT_READ, port)
+                    continue
+                c = key.fileobj  # type: ignore[assignment]
+                try:
+                    data = c.recv(64)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if data and c not in answered:
+                    # A request (the request/response rows): 64 bytes back, then wait for EOF.
+                    answered.add(c)
+                    with contextlib.suppress(OSError):
+                        c.send(REPLY)
+                    continue
+                if data:
+                    continue
+                # EOF: close only after the client's FIN, so the client is always the active
+                # closer and keeps the TIME_WAIT (the kernel never hands its 5-tuple out again).
+                sel.unregister(c)
+                answered.discard(c)
+                c.close()
 
     threads = [threading.Thread(target=serve, args=(p,), daemon=True) for p in ports]
     for t in threads:
@@ -741,12 +766,12 @@ class Bench:
         rate, share, named, held_share, held_n = Pair(), Pair(), Pair(), Pair(), Pair()
         for r in range(self.plan.rounds):
             with self.daemon(DEFAULT_POLICY, f"attr-off-r{r + 1}", attribution=False):
-                a = self.conn_once(0)
+                a = self.conn_once(0, request=True)
             with self.daemon(DEFAULT_POLICY, f"attr-on-r{r + 1}", attribution=True) as d:
-                b = self.conn_once(0)
+                b = self.conn_once(0, request=True)
                 st = self._attr_settled(d)
             with self.daemon(DEFAULT_POLICY, f"attr-held-r{r + 1}", attribution=True) as d:
-                self.conn_once(PACED_RATE, keep=ATTR_KEEP)
+                self.conn_once(PACED_RATE, request=True, keep=ATTR_KEEP)
                 sh = self._attr_settled(d)
             total = st["attributed"] + st["partial"] + st["unknown"]
             htotal = sh["attributed"] + sh["partial"] + sh["unknown"]
@@ -1054,9 +1079,9 @@ def build_rows(res: dict[str, Pair], info: dict[str, Pair]) -> list[Row]:
         rows.append(Row("  queue verdicts per connection", "-", f"{med(pc):.1f}", "-", _spread(pc, ".1f"), "-", "info"))
     ratio_row("v_classify", "verdicts/s, classifying (bare | egressd)", ".0f", None)
     ratio_row("v_newflow", "verdicts/s, new flows (bare | egressd)", ".0f", None)
-    ratio_row("attr_conn", "new connections/s (attribution off | on)", ".0f", None)
+    ratio_row("attr_conn", "request/response conn/s (attribution off | on)", ".0f", None)
     for key, label in (
-        ("attr_share", "  process named, tight loop (conn lives ~0.1 ms)"),
+        ("attr_share", "  process named, tight request/response loop"),
         ("attr_held_share", f"  process named, {PACED_RATE:.0f}/s, conn lives {ATTR_KEEP / PACED_RATE * 1000:.0f} ms"),
     ):
         sh = info.get(key)

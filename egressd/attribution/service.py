@@ -23,6 +23,11 @@ without a verdict ever waiting for ``/proc``. Plan:
   name no process. The wait is the worker's lookup, never ``/proc`` on the loop; the packet
   being dropped is the one waiting, and the budget keeps a flood of drops from stalling the
   loop for longer than that.
+* A drop with no lookup started for it (``_lookup_at_drop``) starts one at the head of the
+  worker's queue and waits for it the same way: a UDP flow dropped at its first datagram
+  (conntrack never confirms the entry, so it announces nothing: a DNS tunnel, a VPN
+  handshake) and a TCP flow whose early lookup the budget skipped would otherwise be named
+  by uid and cgroup only. Bounded like the early lookups (``prefetch_ok``).
 """
 
 from __future__ import annotations
@@ -59,8 +64,8 @@ MAX_PREFETCH_QUEUE: Final = 1024  # early lookups waiting; beyond, they are skip
 # Worker time per second (a flood bound: every new connection could cost a /proc search).
 BUDGET: Final = 0.25  # all lookups; beyond it an event says "attribution budget spent"
 PREFETCH_BUDGET: Final = 0.15  # the part early lookups may use, leaving the rest to events
-SEE_RECORD: Final = "the flow was dropped before the lookup started at its SYN finished"
-DROP_WAIT: Final = 0.02  # seconds a drop may wait for the lookup its SYN started
+SEE_RECORD: Final = "the flow was dropped before the lookup of its socket finished"
+DROP_WAIT: Final = 0.02  # seconds a drop may wait for the lookup of its socket
 DROP_WAIT_BUDGET: Final = 0.1  # seconds of such waits per second, in all
 DENIED: Final = (
     "the socket's process cannot be read (needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, and a visible /proc)"
@@ -179,6 +184,7 @@ class Attributor:
         self._dw_spent = 0.0
         self.drop_waits = 0  # drops that waited for their SYN's lookup
         self.drop_waits_named = 0  # ... and got the process named by it
+        self.drop_lookups = 0  # lookups started by a drop (none was running for its flow)
         self._by_key: OrderedDict[Key, tuple[float, Who]] = OrderedDict()
         self._by_flow: OrderedDict[int, Who] = OrderedDict()
         # The processes that owned the last sockets of each cgroup: a job opens many
@@ -307,6 +313,8 @@ class Attributor:
         started at the SYN already named the process of this very socket."""
         info = self.socket_now(ev)
         key = key_of_event(ev)
+        if key is not None and info is not None:
+            self._lookup_at_drop(key, info)
         waited = key is not None and self._wait_for_lookup(key)
         hit = self._by_key.get(key) if key is not None else None
         if hit is not None and time.monotonic() - hit[0] < KEY_TTL:
@@ -329,6 +337,21 @@ class Attributor:
         ctr = _place(process, path)
         return Who(process, ctr, None, None, None, path, info.inode), False
 
+    def _lookup_at_drop(self, key: Key, info: SocketInfo) -> None:
+        """Start the lookup a flow being dropped never got (module docstring), first in line."""
+        if info.inode == 0 or info.state == "time-wait":
+            return  # nobody holds the socket any more: /proc has nothing to find
+        hit = self._by_key.get(key)
+        if hit is not None and hit[1].inode == info.inode and time.monotonic() - hit[0] < KEY_TTL:
+            return  # already named (or not) for this very socket
+        with self._finished:
+            if key in self._inflight or not self.prefetch_ok():
+                return
+            self._inflight.add(key)
+        self.drop_lookups += 1
+        self._work.appendleft(key)
+        self._wake.set()
+
     def status(self) -> dict[str, Any]:
         return {
             "lookups": self.lookups,
@@ -337,7 +360,11 @@ class Attributor:
             "unknown": self.unknown,
             "timeouts": self.timeouts,
             "inline_socket_lookups": self.inline,
-            "drop_waits": {"waited": self.drop_waits, "named": self.drop_waits_named},
+            "drop_waits": {
+                "waited": self.drop_waits,
+                "named": self.drop_waits_named,
+                "lookups_started_by_the_drop": self.drop_lookups,
+            },
             "early_lookups_skipped": self.prefetch_skipped,
             "sockets_destroyed": self.destroyed,
             "budget_spent": self.budget_spent,

@@ -306,6 +306,43 @@ def test_dropped_before_its_process_was_named_the_alert_says_what_sock_diag_knew
         c.finish()
 
 
+WG_CLIENT = r"""
+import json, os, select, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # unconnected, as wireguard-go's
+s.bind(("0.0.0.0", 0))
+# A WireGuard handshake initiation (type 1, three zero bytes, 144 more): 148 bytes.
+s.sendto(b"\x01\x00\x00\x00" + os.urandom(144), (sys.argv[1], 51820))
+print(json.dumps({"pid": os.getpid(), "port": s.getsockname()[1]}), flush=True)
+select.select([sys.stdin], [], [], 20)
+"""
+
+
+def test_a_udp_flow_dropped_at_its_first_datagram_names_its_process(world: World) -> None:
+    """Conntrack never confirms the entry of a UDP flow dropped at its first datagram, so it
+    announces nothing and no lookup starts before the drop; the drop starts one and waits for
+    it (bounded). The operator's choice the shipped policy offers: VPN tunnels dropped."""
+
+    def edit(text: str) -> str:
+        anchor = "      detection: tunnel\n    action: alert\n"
+        assert anchor in text
+        return text.replace(anchor, "      detection: tunnel\n    action: drop\n", 1)
+
+    d = world.daemon(policy_copy(world.tmp, edit))
+    path, cid = world.cg.docker()
+    c = start_client(in_cgroup(world.cg.mount, path, as_client(world.lab.node, [SYSTEM_PY, "-c", WG_CLIENT, POOL])))
+    try:
+        alert, who = _alert_and_who(
+            d, lambda e: e["proto"] == "UDP" and e["dest_port"] == 51820 and e["src_port"] == c.report["port"]
+        )
+        assert (alert["rule"], alert["action"]) == ("alert-vpn-tunnels", "blocked"), alert
+        assert (who["process"].get("pid"), who["process"].get("uid")) == (c.report["pid"], CLIENT_UID), who
+        assert who["container"] == {"id": cid, "runtime": "docker"}
+        assert d.status()["attribution"]["drop_waits"]["lookups_started_by_the_drop"] >= 1
+    finally:
+        c.finish()
+        world.stop_daemons()
+
+
 # -- containment (respond:) ---------------------------------------------------------------------
 COUNTER = "import sys, time\nwhile True:\n    open(sys.argv[1], 'a').write('x')\n    time.sleep(0.02)\n"
 
