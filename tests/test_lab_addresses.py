@@ -1,8 +1,10 @@
 """The end-to-end tests name documentation addresses only (docs/lab-addresses.md).
 
 A source scan, not a traffic check: every IPv4 literal in the code strings of tests/e2e/ must be
-in 198.51.100.0/24 or 203.0.113.0/24, and neither ``::1`` nor ``localhost`` may appear, except
-the few uses listed in ``KEPT`` with the reason each is kept. A new loopback target or a
+in 198.51.100.0/24 or 203.0.113.0/24 or be 0.0.0.0 (the unspecified address, a wildcard bind:
+it names no host), and neither ``::1`` nor ``localhost`` may appear, except the few uses
+listed in ``KEPT`` with the reason each is kept. IPv6 literals other than ``::1`` are not
+checked. A new loopback target or a
 private range slipped into a test fails here, before it ever runs as root.
 """
 
@@ -17,14 +19,13 @@ import pytest
 
 E2E = Path(__file__).resolve().parent / "e2e"
 LAB_V4 = (ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("203.0.113.0/24"))
+UNSPECIFIED = ipaddress.ip_address("0.0.0.0")
 V4 = re.compile(r"(?<![\w.])(\d{1,3}(?:\.\d{1,3}){3})(?![\w.])")
 LOOPBACK_NAMES = re.compile(r"(?<![\w:])::1(?![\w:])|\blocalhost\b", re.IGNORECASE)
 
 # (file, literal): why it is not a lab address.
 KEPT: dict[tuple[str, str], str] = {
     ("test_adversarial_privilege.py", "127.0.0.1"): "metrics served on loopback only is what the test checks",
-    ("test_adversarial_privilege.py", "0.0.0.0"): "the wildcard --metrics address the daemon must refuse",
-    ("test_kernel_guard.py", "0.0.0.0"): "source of a crafted DHCP DISCOVER frame",
     ("test_kernel_guard.py", "255.255.255.255"): "destination of a crafted DHCP DISCOVER frame",
     ("test_kernel_guard.py", "192.0.2.1"): "RFC 5737 TEST-NET-1 on a second veth between the test's namespaces",
     ("test_kernel_guard.py", "192.0.2.2"): "RFC 5737 TEST-NET-1 on a second veth between the test's namespaces",
@@ -51,7 +52,7 @@ def _found(path: Path) -> list[tuple[int, str]]:
     for n, text in _strings(path):
         for m in V4.finditer(text):
             ip = ipaddress.ip_address(m.group(1))
-            if not any(ip in net for net in LAB_V4):
+            if ip != UNSPECIFIED and not any(ip in net for net in LAB_V4):
                 hits.append((n, m.group(1)))
         hits += [(n, m.group(0)) for m in LOOPBACK_NAMES.finditer(text)]
     return sorted(hits)
@@ -78,5 +79,6 @@ def test_the_scan_finds_loopback_and_private_literals(tmp_path: Path) -> None:
         'c = ["ssh", "-R", "2222:localhost:22"]\n'
         'd = "10.99.0.1/27"\n'
         'e = "203.0.113.7"\n'
+        'f = ("0.0.0.0", 0)\n'
     )
     assert _found(src) == [(2, "127.0.0.1"), (3, "::1"), (4, "localhost"), (5, "10.99.0.1")]
