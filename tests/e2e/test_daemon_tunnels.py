@@ -40,6 +40,18 @@ SSHD = SERVICES["ssh_evil"][0]
 # dialled at the node's own address, the lab's stand-in for 127.0.0.1: the hop leaves on lo,
 # which egressd never judges, as before (each test checks that no event names it).
 LOCAL = NODE_LOCAL_V4
+# The node's web server: ``python -m http.server`` without HTTPServer.server_bind's
+# socket.getfqdn() of its own address. For 127.0.0.1 /etc/hosts answers that; for any other
+# address it sends a PTR query to the host's nameserver (/etc/resolv.conf: not a lab
+# address) and stalls the server's start until the query times out.
+WEB_SERVER = r"""
+import http.server, socketserver, sys
+class Server(http.server.ThreadingHTTPServer):
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+Server((sys.argv[1], int(sys.argv[2])), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
 
 
 def _need(*tools: str) -> None:
@@ -103,7 +115,7 @@ def test_a_relay_sending_http_requests_down_the_nodes_connection_is_dropped(
     with open(log, "wb") as fh:
         srv = dlab.lab.spawn("inet", [SYS_PY, PEERS, "lt-server", LT_SRV, "--http-port", "8079", "--tunnel-port",
                                       "7001", "--lifetime", "20"], stdout=fh)  # fmt: skip
-    web = dlab.lab.spawn("node", [SYS_PY, "-m", "http.server", "8000", "--bind", LOCAL],
+    web = dlab.lab.spawn("node", [SYS_PY, "-c", WEB_SERVER, LOCAL, "8000"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(dlab.tmp))  # fmt: skip
     cli = None
     try:
