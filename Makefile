@@ -19,6 +19,8 @@ APT_PACKAGES := python3 python3-venv python3-dev build-essential libnetfilter-qu
 # and localtunnel's client from npm (installed into build/lab-npm, not system-wide).
 LAB_APT_PACKAGES := iodine ptunnel-ng httptunnel dns2tcp openvpn tor tinc nebula shadowsocks-libev \
 	simple-obfs obfs4proxy pagekite websockify python3-websockets wireguard-go wireguard-tools ike-scan
+# detect/relays.py's captures (pcaps/make_tunnels.py vtun, yggdrasil)
+LAB_APT_PACKAGES += vtun yggdrasil
 LAB_NPM_PACKAGES := localtunnel@2.0.2
 
 .PHONY: help setup deps lab-deps venv run demo test test-fast lint typecheck bench pcaps image k8s-policy clean
@@ -93,6 +95,7 @@ image: setup
 k8s-policy:
 	cp rules/default.yaml deploy/kubernetes/base/policy/default.yaml
 	cp rules/lists/mining-pools.yaml deploy/kubernetes/base/policy/mining-pools.yaml
+	cp rules/lists/tunnel-services.yaml deploy/kubernetes/base/policy/tunnel-services.yaml
 
 clean:
 	rm -rf build $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -59,6 +59,7 @@ def _policy(max_flows: int) -> Policy:
         default=base.default,
         settings=settings,
         pool_domains=base.pool_domains,
+        tunnel_service_domains=base.tunnel_service_domains,
         rules=base.rules,
         on_overload=base.on_overload,
         on_error=base.on_error,

@@ -37,6 +37,7 @@ from egressd.detect.http_tunnel import HttpTunnelDetector
 from egressd.detect.icmp import ECHO_REQUESTS, EchoState
 from egressd.detect.kinds import family_of
 from egressd.detect.proxy import detect_proxy
+from egressd.detect.relays import detect_relays
 from egressd.detect.reverse_http import detect_pagekite, detect_reverse_http
 from egressd.detect.ssh import detect_ssh
 from egressd.detect.ssh_usage import UsageWatch
@@ -133,6 +134,7 @@ _PROTOCOL_DETECTORS: Final[tuple[tuple[str, StreamDetector], ...]] = (
     ("tls", detect_tls),
     ("tunnel", detect_stream),
     ("tor", detect_tor),
+    ("relays", detect_relays),
 )
 # Tunnels recognised from how the stream is used rather than from one protocol's bytes; the
 # WebSocket and HTTP-tunnel decoders run the protocol detectors on what they carry.
@@ -224,6 +226,12 @@ class Engine:
         self._needs_content = policy.needs_content()
         self._bare_default = policy.bare_is_default
         self.table.max_flows = s.max_flows
+        # The settings that name a domain list (DOMAIN_SETTINGS): a name matching one is a
+        # finding of its kind, recorded once per flow under its own detector slot.
+        self._named_lists = (
+            (policy.pool_domains, "pool", d.MINING_POOL_DOMAIN, "pool"),
+            (policy.tunnel_service_domains, "tunnelsvc", d.TUNNEL_SERVICE_DOMAIN, "tunnel service"),
+        )
 
     def reload(self, policy: Policy) -> None:
         """Swap the policy between two packets. Flows already pinned keep their verdict;
@@ -671,13 +679,11 @@ class Engine:
         if host in flow.domains:
             return
         flow.domains = (*flow.domains, host)
-        hit = self.policy.pool_domains.match(host)
-        if hit is not None and "pool" not in flow.detections:
-            self._record(
-                flow,
-                "pool",
-                Detection(d.MINING_POOL_DOMAIN, f"{host} matches pool list entry {hit}", info={"domain": host}),
-            )
+        for domains, slot, kind, what in self._named_lists:
+            hit = domains.match(host)
+            if hit is not None and slot not in flow.detections:
+                det = Detection(kind, f"{host} matches {what} list entry {hit}", info={"domain": host})
+                self._record(flow, slot, det)
 
     def _udp_dns(self, flow: Flow, p: Packet, ts: float, from_orig: bool) -> int:
         seen = self.dns.observe(p.payload, from_orig, ts, tcp=False)

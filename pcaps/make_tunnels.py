@@ -720,6 +720,73 @@ RECIPES: list[Recipe] = [
 ]
 
 
+# -- relays.py's captures: vtun and yggdrasil (Debian's packages) ----------------------------------
+VTUN = "203.0.113.120"
+YGG = "203.0.113.121"
+EXTRA = (*EXTRA, VTUN, YGG)
+
+
+def _vtun(c: Ctx) -> None:
+    """vtund 3.0 (Debian): a server in the inet namespace, a client in the node's, a TCP tun
+    session "lab" with a shared password; the client's log says when the session stands."""
+    conf = ('options {{ port 5000; timeout 10; }}\n'
+            'lab {{ passwd Xlab0pw; type tun; proto tcp; compress no; encrypt no; keepalive no; '
+            'device vtlab{who}; persist no; }}\n')  # fmt: skip
+    for who in ("s", "c"):
+        (c.tmp / f"vtund-{who}.conf").write_text(conf.format(who=who))
+    srv = c.lab.spawn("inet", ["vtund", "-n", "-s", "-f", str(c.tmp / "vtund-s.conf"), "-L", VTUN],
+                      stdout=c.logfile("vtund-s.log"), stderr=subprocess.STDOUT)  # fmt: skip
+    _wait_port(c, "inet", 5000)
+    cli = c.lab.spawn("node", ["vtund", "-n", "-f", str(c.tmp / "vtund-c.conf"), "lab", VTUN],
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        time.sleep(3.0)
+        if cli.poll() is not None:
+            raise MakeError(f"vtund client exited {cli.returncode}")
+        up = c.lab.run_node(["ip", "-o", "link", "show", "vtlabc"], timeout=5)
+        if up.returncode != 0:
+            raise MakeError(f"vtund client: no tun device vtlabc, the session did not come up: {up.stderr}")
+    finally:
+        c.lab.stop(cli)
+        c.lab.stop(srv)
+
+
+def _yggdrasil(c: Ctx) -> None:
+    """yggdrasil 0.4 (Debian): a listening peer in the inet namespace, the node peering with it
+    over plain TCP; no TUN, no admin socket, no multicast (so only the peering link is seen)."""
+    confs = {}
+    for who in ("srv", "node"):
+        p = subprocess.run(["yggdrasil", "-genconf", "-json"], capture_output=True, text=True, timeout=30,
+                           check=True)  # fmt: skip
+        import json
+
+        conf = json.loads(p.stdout)
+        conf.update(IfName="none", AdminListen="none", MulticastInterfaces=[], NodeInfoPrivacy=True)
+        if who == "srv":
+            conf["Listen"] = [f"tcp://{YGG}:12345"]
+        else:
+            conf["Peers"] = [f"tcp://{YGG}:12345"]
+        confs[who] = c.tmp / f"ygg-{who}.conf"
+        confs[who].write_text(json.dumps(conf))
+    srv = c.lab.spawn("inet", ["yggdrasil", "-useconffile", str(confs["srv"])],
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    _wait_port(c, "inet", 12345)
+    cli = c.lab.spawn("node", ["yggdrasil", "-useconffile", str(confs["node"])],
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        capture.wait_line(cli, "Connected", 20, stream="stdout")
+        time.sleep(1.0)
+    finally:
+        c.lab.stop(cli)
+        c.lab.stop(srv)
+
+
+RECIPES += [
+    Recipe("vtun", _h(VTUN), _vtun, ("vtund",)),
+    Recipe("yggdrasil", _h(YGG), _yggdrasil, ("yggdrasil",)),
+]
+
+
 def check(name: str, path: Path) -> None:
     expect = OUT / f"{name}.expect.yaml"
     p = subprocess.run([PY, "-m", "egressd.cli", "test", str(path), "--expect", str(expect), "--no-progress"],

@@ -45,6 +45,7 @@ def _with_rules(base: Policy, rules: tuple[Rule, ...], *, mode: str = "enforce")
         default=base.default,
         settings=base.settings,
         pool_domains=base.pool_domains,
+        tunnel_service_domains=base.tunnel_service_domains,
         rules=rules,
     )
 
@@ -65,9 +66,12 @@ def shipped() -> Policy:
     return load_policy(default_policy())
 
 
-def test_the_shipped_policy_compiles_only_the_pool_names_into_a_dns_set(shipped: Policy) -> None:
+def test_the_shipped_policy_compiles_only_the_pool_and_tunnel_service_names_into_dns_sets(shipped: Policy) -> None:
     plan = ks.compile_policy(shipped)
-    assert [(e.rule, e.action, e.by_name) for e in plan.entries] == [("drop-mining-pool-names", "drop", True)]
+    assert [(e.rule, e.action, e.by_name) for e in plan.entries] == [
+        ("drop-mining-pool-names", "drop", True),
+        ("drop-tunnel-service-names", "drop", True),
+    ]
     assert plan.default is None  # the detection rules shadow everything
     skipped = dict(plan.skipped)
     assert "drop-mining" in skipped and "alert-mining-ports" in skipped
@@ -83,7 +87,8 @@ def test_a_trusted_accept_after_a_detection_rule_is_not_compiled(shipped: Policy
 
 def test_a_drop_after_a_detection_rule_is_compiled_but_not_after_an_alert(shipped: Policy) -> None:
     block = _rule("block", "drop", Match(dst=CidrSet([_net("203.0.113.9/32")])))
-    plan = ks.compile_policy(_with_rules(shipped, (shipped.rules[2], block)))  # drop-mining first
+    drop_mining = next(r for r in shipped.rules if r.name == "drop-mining")
+    plan = ks.compile_policy(_with_rules(shipped, (drop_mining, block)))  # drop-mining first
     assert [e.rule for e in plan.entries] == ["block"]
     alert = _rule("alert-all", "alert", Match(protos=frozenset({6})))
     plan = ks.compile_policy(_with_rules(shipped, (alert, block)))
@@ -133,7 +138,12 @@ def test_compiled_rules_decide_as_the_engine_does_on_real_captures(shipped: Poli
     )
     pol = _with_rules(shipped, rules)
     plan = ks.compile_policy(pol)
-    assert [e.rule for e in plan.entries] == ["trust-some", "block-some", "drop-mining-pool-names"]
+    assert [e.rule for e in plan.entries] == [
+        "trust-some",
+        "block-some",
+        "drop-mining-pool-names",
+        "drop-tunnel-service-names",
+    ]
     decided = 0
     wrong: list[str] = []
     for e in _flows(pol):
@@ -159,7 +169,7 @@ def test_without_sets_networks_become_plain_rules_and_name_rules_stay_in_python(
         Match(dst=CidrSet([_net("203.0.113.0/25"), _net("198.51.100.7/32")]), dst_ports=PortSet([(443, 443)])),
     )
     plan = ks.compile_policy(_with_rules(shipped, (trust, *shipped.rules)))
-    assert [e.rule for e in plan.entries] == ["trust", "drop-mining-pool-names"]
+    assert [e.rule for e in plan.entries] == ["trust", "drop-mining-pool-names", "drop-tunnel-service-names"]
     r = ks.render(plan, 4, 1, state_mask=MASK, allow=ALLOW, deny=DENY, deny_chain="X", log_group=0, use_sets=False)
     assert r.ipset == [] and r.sets == [] and not any("-m set" in x for x in r.rules)
     tails = [

@@ -286,7 +286,12 @@ def test_metrics_overlay_opts_in_to_the_node_address() -> None:
 
 # -- the policy in the ConfigMap --------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("copy_", "source"), [("default.yaml", "default.yaml"), ("mining-pools.yaml", "lists/mining-pools.yaml")]
+    ("copy_", "source"),
+    [
+        ("default.yaml", "default.yaml"),
+        ("mining-pools.yaml", "lists/mining-pools.yaml"),
+        ("tunnel-services.yaml", "lists/tunnel-services.yaml"),
+    ],
 )
 def test_the_configmap_default_is_the_shipped_default(copy_: str, source: str) -> None:
     assert (KDIR / "base" / "policy" / copy_).read_bytes() == (REPO / "rules" / source).read_bytes(), (

@@ -263,7 +263,12 @@ def test_validate_exit_code_and_json_free_output_for_a_broken_layer(
 def test_load_with_sources_lists_every_file(rules_dir: Path) -> None:
     s = site(rules_dir)
     _, src = load_with_sources(s)
-    assert src.files == [str(s), str(rules_dir / "default.yaml"), str(rules_dir / "lists" / "mining-pools.yaml")]
+    assert src.files == [
+        str(s),
+        str(rules_dir / "default.yaml"),
+        str(rules_dir / "lists" / "mining-pools.yaml"),
+        str(rules_dir / "lists" / "tunnel-services.yaml"),
+    ]
     assert src.extends == [f"{s} -> {rules_dir / 'default.yaml'}"]
 
 

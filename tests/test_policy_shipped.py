@@ -52,8 +52,13 @@ def test_every_shipped_rule_has_a_description(default: Policy, allowlist: Policy
 
 def test_default_policy_settings(default: Policy) -> None:
     assert (default.mode, default.default, default.fail) == ("enforce", "accept", "open")
-    assert default.files[-1].endswith("lists/mining-pools.yaml")
+    assert [Path(f).relative_to(RULES).as_posix() for f in default.files] == [
+        "default.yaml",
+        "lists/mining-pools.yaml",
+        "lists/tunnel-services.yaml",
+    ]
     assert default.pool_domains.match("xmr-eu1.nanopool.org") == "*.nanopool.org"
+    assert default.tunnel_service_domains.match("connect.ngrok-agent.com") == "*.ngrok-agent.com"
 
 
 def test_default_accepts_ordinary_https(default: Policy) -> None:

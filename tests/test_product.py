@@ -52,7 +52,12 @@ def test_the_wheel_holds_the_product_and_the_shipped_rules_only(wheel: zipfile.Z
     for word in ("lab", "peers", "demo", "harness", "fuzz"):
         assert not [n for n in names if word in n.rsplit("/", 1)[-1] or f"/{word}/" in n], word
     data = "egressd-0.1.0.data/data/share/egressd/rules/"
-    shipped = {data + "default.yaml", data + "allowlist.yaml", data + "lists/mining-pools.yaml"}
+    shipped = {
+        data + "default.yaml",
+        data + "allowlist.yaml",
+        data + "lists/mining-pools.yaml",
+        data + "lists/tunnel-services.yaml",
+    }
     assert shipped <= set(names)
     for path in shipped:
         rel = path.removeprefix(data)

@@ -27,7 +27,7 @@ def test_every_tunnel_family_of_the_issue_has_a_capture() -> None:
     for prefix in ("reverse-http", "websocket-ssh", "websocket-stratum", "websocket-socks5", "dns-", "icmp-",
                    "openvpn-udp", "wireguard", "ike", "tinc", "nebula", "tor", "httptunnel", "shadowsocks",
                    "benign-websocket", "benign-dns", "benign-ping", "benign-http-upload",
-                   "benign-https-bare-ip"):  # fmt: skip
+                   "benign-https-bare-ip", "vtun", "yggdrasil"):  # fmt: skip
         assert any(s.startswith(prefix) for s in stems), prefix
 
 

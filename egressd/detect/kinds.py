@@ -142,10 +142,22 @@ TUNNEL_TEREDO: Final = kind("tunnel.teredo", "IPv6 in UDP with Teredo framing (R
 TUNNEL_GRE: Final = kind("tunnel.gre", "GRE (IP protocol 47) with a known carried protocol")
 TUNNEL_IPSEC: Final = kind("tunnel.ipsec", "IPsec ESP or AH (IP protocols 50, 51)")
 TUNNEL_IP_IN_IP: Final = kind("tunnel.ip-in-ip", "IPv4 or IPv6 directly inside IP (protocols 4, 41)")
+# A tunnel service recognised by the name the node asks for, whatever the protocol inside
+# (rules/lists/tunnel-services.yaml, settings.tunnel_service_domains; docs/tunnels.md).
+TUNNEL_SERVICE_DOMAIN: Final = kind(
+    "tunnel.service-domain", "a DNS query, TLS SNI or CONNECT host naming a tunnel service (ngrok, cloudflared, ...)"
+)
 TUNNEL_UNKNOWN_ENCRYPTED: Final = kind(
     "tunnel.unknown-encrypted",
     "no plaintext structure either way to an unnamed destination (Shadowsocks AEAD, obfs4, VMess)",
 )
+# Relays that expose a node's port and small VPNs with a clear-text opening (detect/relays.py).
+TUNNEL_FRP: Final = kind("tunnel.frp", "frp client: Login/work-connection messages, in yamux or not, its TLS head byte")
+TUNNEL_BORE: Final = kind("tunnel.bore", "bore's NUL-delimited JSON control messages (Hello, Accept, Challenge)")
+TUNNEL_VTUN: Final = kind("tunnel.vtun", "vtun's server greeting (VTUN server ver) and the client's HOST line")
+TUNNEL_YGGDRASIL: Final = kind("tunnel.yggdrasil", "Yggdrasil peering link metadata ('meta', version, key)")
+TUNNEL_RATHOLE: Final = kind("tunnel.rathole", "rathole's control/data channel hellos (bincode, fixed sizes)")
+TUNNEL_GOST: Final = kind("tunnel.gost", "a gost relay request (version 1, command, features) parsed exactly")
 STREAM_INCONSISTENT: Final = kind(
     "evasion.inconsistent-retransmission", "a retransmission overlapping earlier bytes with different content"
 )

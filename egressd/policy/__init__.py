@@ -15,9 +15,10 @@ Policy file format
     fail: open               # open | closed: what the kernel does when no daemon listens
     on_overload: drop        # accept | drop: flow table full and nothing idle to evict
     on_error: accept         # accept | drop: a packet the engine cannot decode (that packet only)
-    include: [lists/mining-pools.yaml]   # relative to this file; a name or a list of names
+    include: [lists/mining-pools.yaml, lists/tunnel-services.yaml]  # relative to this file
     settings:                # all optional
       pool_domains: mining_pool_domains  # the domain list behind the mining.pool-domain detection
+      tunnel_service_domains: tunnel_service_domains  # ... behind tunnel.service-domain
       head_bytes: 8192       # bytes per direction kept for detectors (64 .. 1 MiB)
       max_packets: 32        # packets per direction before the verdict is pinned (1 .. 10000)
       max_flows: 65536       # flow table size (16 .. 16M)

@@ -327,7 +327,7 @@ def _load(
             as_choice(m["on_overload"], st, "on_overload action", OVERLOAD_ACTIONS) if "on_overload" in m else "drop"
         )
         on_error = as_choice(m["on_error"], st, "on_error action", ERROR_ACTIONS) if "on_error" in m else "accept"
-        settings, pool = compile_settings(m.get("settings"), st)
+        settings, named = compile_settings(m.get("settings"), st)
         layers.prepare_rules(st)
         rules = layers.finish_rules(compile_rules(st), st)
         st.sources.files = list(st.files)
@@ -347,7 +347,8 @@ def _load(
                 on_overload=overload,
                 on_error=on_error,
                 settings=settings,
-                pool_domains=pool,
+                pool_domains=named.get("pool_domains"),
+                tunnel_service_domains=named.get("tunnel_service_domains"),
                 rules=tuple(rules),
             )
     order = {f: i for i, f in enumerate(st.files)}

@@ -136,6 +136,8 @@ class Settings:
     ``dns_cache``: entries of the address -> name cache. ``queue_num``/``queue_len``: the
     NFQUEUE the daemon binds. ``pool_domains``: name of the domain list the mining
     detectors use for ``mining.pool-domain`` ("" when not configured).
+    ``tunnel_service_domains``: the same for ``tunnel.service-domain`` (tunnel and
+    expose-a-port services: ngrok, cloudflared, localtunnel, ...).
     """
 
     head_bytes: int = 8192
@@ -147,6 +149,12 @@ class Settings:
     queue_num: int = 0
     queue_len: int = 4096
     pool_domains: str = ""
+    tunnel_service_domains: str = ""
+
+
+# Settings that name a domain list: a name that matches one is a detection of its own kind
+# (engine ``_add_domain``), whichever way the flow brought the name (DNS, SNI, CONNECT host).
+DOMAIN_SETTINGS: Final = ("pool_domains", "tunnel_service_domains")
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +193,7 @@ class Policy:
         "pool_domains",
         "rules",
         "settings",
+        "tunnel_service_domains",
         "who_rules",
     )
 
@@ -200,6 +209,7 @@ class Policy:
         on_error: str = "accept",
         settings: Settings | None = None,
         pool_domains: DomainSet | None = None,
+        tunnel_service_domains: DomainSet | None = None,
         rules: tuple[Rule, ...] = (),
     ) -> None:
         self.path = os.fspath(path)
@@ -211,6 +221,7 @@ class Policy:
         self.on_error = on_error
         self.settings = settings if settings is not None else Settings()
         self.pool_domains = pool_domains if pool_domains is not None else DomainSet()
+        self.tunnel_service_domains = tunnel_service_domains if tunnel_service_domains is not None else DomainSet()
         # Rules on who is behind a flow are judged after attribution, never for a verdict.
         self.rules = tuple(r for r in rules if r.who is None)
         self.who_rules = tuple(r for r in rules if r.who is not None)

@@ -15,7 +15,7 @@ from typing import Final
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from egressd.policy.matchers import CidrSet, DomainSet, IPNetwork, Match, PortSet
-from egressd.policy.model import ACTIONS, CONTENT_VALUES, SETTINGS_LIMITS, Decision, Rule, Settings
+from egressd.policy.model import ACTIONS, CONTENT_VALUES, DOMAIN_SETTINGS, SETTINGS_LIMITS, Decision, Rule, Settings
 from egressd.policy.shapes import State, as_choice, as_text, is_null, known_keys, location, pairs, values_of
 from egressd.policy.source import FLOAT_TAG, INT_TAG, STR_TAG, node_kind, quote
 from egressd.policy.values import (
@@ -33,7 +33,7 @@ from egressd.protocols import PORT_PROTOS
 
 RULE_KEYS: Final = ("name", "description", "match", "action", "respond", "severity")
 MATCH_KEYS: Final = ("proto", "src", "dst", "src_port", "dst_port", "dst_domain", "detection", "content", "not")
-SETTING_KEYS: Final = (*SETTINGS_LIMITS, "pool_domains")
+SETTING_KEYS: Final = (*SETTINGS_LIMITS, *DOMAIN_SETTINGS)
 
 _CONDITION_TYPES: Final = {
     "src": "cidr",
@@ -402,19 +402,19 @@ def _number(node: Node, st: State, key: str) -> float | None:
     return value
 
 
-def compile_settings(node: Node | None, st: State) -> tuple[Settings, DomainSet]:
-    """The ``settings:`` block and the pool domain list it names (empty when not set)."""
+def compile_settings(node: Node | None, st: State) -> tuple[Settings, dict[str, DomainSet]]:
+    """The ``settings:`` block and the domain lists its DOMAIN_SETTINGS name (by setting)."""
     if node is None or is_null(node):
-        return Settings(), DomainSet()
+        return Settings(), {}
     items = pairs(node, st, "'settings'")
     if items is None:
-        return Settings(), DomainSet()
+        return Settings(), {}
     keys = known_keys(items, SETTING_KEYS, st, "'settings'")
     values: dict[str, float | str] = {}
-    pool = DomainSet()
+    named: dict[str, DomainSet] = {}
     for key, (_, vnode) in keys.items():
-        if key == "pool_domains":
-            name = as_text(vnode, st, "'pool_domains' (the name of a domain list)")
+        if key in DOMAIN_SETTINGS:
+            name = as_text(vnode, st, f"{quote(key)} (the name of a domain list)")
             if name is None:
                 continue
             ref = name[1:] if name.startswith("$") else name
@@ -422,18 +422,16 @@ def compile_settings(node: Node | None, st: State) -> tuple[Settings, DomainSet]
             if ldef is None:
                 st.report.node(vnode, f"list {quote(ref)} is not defined{suggest(ref, tuple(st.lists))}")
             elif ldef.type is not None and ldef.type != "domain":
-                st.report.node(
-                    vnode, f"list {quote(ref)} is a {ldef.type} list, but 'pool_domains' needs a domain list"
-                )
+                st.report.node(vnode, f"list {quote(ref)} is a {ldef.type} list, but {quote(key)} needs a domain list")
             else:
-                values["pool_domains"] = ref
-                pool = DomainSet(ldef.domains)
+                values[key] = ref
+                named[key] = DomainSet(ldef.domains)
             continue
         number = _number(vnode, st, key)
         if number is not None:
             is_float = isinstance(getattr(Settings(), key), float)
             values[key] = float(number) if is_float else int(number)
     try:
-        return Settings(**values), pool  # type: ignore[arg-type]
+        return Settings(**values), named  # type: ignore[arg-type]
     except TypeError:  # pragma: no cover - keys are checked above
-        return Settings(), pool
+        return Settings(), named

@@ -2207,7 +2207,8 @@ class PolicyTarget(_DocTarget):
         self.loaded = 0
         lists = Path(self.tmp) / "lists"
         lists.mkdir()
-        (lists / "mining-pools.yaml").write_text((RULES / "lists" / "mining-pools.yaml").read_text())
+        for name in ("mining-pools.yaml", "tunnel-services.yaml"):
+            (lists / name).write_text((RULES / "lists" / name).read_text())
 
     def check(self, x: _DocCase) -> None:
         def run() -> None:

@@ -54,6 +54,7 @@ def shipped_files() -> dict[str, str]:
     return {
         "default.yaml": (rules / "default.yaml").read_text(),
         "lists/mining-pools.yaml": (rules / "lists" / "mining-pools.yaml").read_text(),
+        "lists/tunnel-services.yaml": (rules / "lists" / "tunnel-services.yaml").read_text(),
     }
 
 
