@@ -101,7 +101,8 @@ def test_xl2tpd_tunnel_is_established_and_alerted_as_l2tp(
     ppp = d / "options"
     ppp.write_text("noauth\nnodefaultroute\nnoipdefault\nlcp-echo-interval 0\nnodetach\n")
     (d / "srv.conf").write_text(f"[global]\nlisten-addr = {L2TP_SRV}\nport = 1701\n\n[lns default]\n"
-                                "ip range = 203.0.113.218-203.0.113.222\nlocal ip = 203.0.113.217\nrequire authentication = no\n"
+                                "ip range = 203.0.113.218-203.0.113.222\nlocal ip = 203.0.113.217\n"
+                                "require authentication = no\n"
                                 f"length bit = yes\nhostname = lab-lns\npppoptfile = {ppp}\n")  # fmt: skip
     (d / "cli.conf").write_text(f"[global]\nport = 1701\n\n[lac lab]\nlns = {L2TP_SRV}\nautodial = yes\n"
                                 f"require authentication = no\nlength bit = yes\nhostname = lab-lac\n"
