@@ -12,10 +12,12 @@ Layout::
     veth n0 198.51.100.2/24  <---------->  veth i0 198.51.100.1/24
             2001:db8:1::2/64                       2001:db8:1::1/64
     default via 198.51.100.1 / 2001:db8:1::1      lo: 203.0.113.0/24 service addresses
-                                                      2001:db8:2::/64 service addresses
+    lo: 198.51.100.3/32 (NODE_LOCAL_V4)               2001:db8:2::/64 service addresses
+                                                  route 198.51.100.3/32 unreachable
 
 Service addresses in the inet namespace (``SERVICES``) give each peer its own IP, so a
-policy can allow one and not another.
+policy can allow one and not another. ``NODE_LOCAL_V4`` is where the node's own services
+listen (what a real node binds on 127.0.0.1), so that no test needs a loopback address.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ NODE_V4: Final = "198.51.100.2"
 INET_V4: Final = "198.51.100.1"
 NODE_V6: Final = "2001:db8:1::2"
 INET_V6: Final = "2001:db8:1::1"
+# The node's stand-in for 127.0.0.1: a /32 on the node's lo, for services only the node uses
+# (the target of an ``ssh -R``, a web server a tunnel would expose). Traffic to it leaves on
+# lo, which egressd's rules never judge, exactly as loopback traffic; the inet namespace has
+# an unreachable route to it, so only the node reaches it, as only a node reaches its own
+# 127.0.0.1. Not used by anything else in the lab (198.51.100.1/.2 are the veth ends).
+NODE_LOCAL_V4: Final = "198.51.100.3"
 
 # One address per peer role, all in 203.0.113.0/24 and 2001:db8:2::/64.
 SERVICES: Final[dict[str, tuple[str, str]]] = {
@@ -111,6 +119,8 @@ class Lab:
         _run([*i, "ip", "addr", "add", f"{INET_V4}/24", "dev", veth_i])
         _run([*n, "ip", "-6", "addr", "add", f"{NODE_V6}/64", "dev", veth_n, "nodad"])
         _run([*i, "ip", "-6", "addr", "add", f"{INET_V6}/64", "dev", veth_i, "nodad"])
+        _run([*n, "ip", "addr", "add", f"{NODE_LOCAL_V4}/32", "dev", "lo"])
+        _run([*i, "ip", "route", "add", "unreachable", f"{NODE_LOCAL_V4}/32"])
         _run([*n, "ip", "route", "add", "default", "via", INET_V4])
         _run([*n, "ip", "-6", "route", "add", "default", "via", INET_V6])
         for v4, v6 in SERVICES.values():

@@ -483,7 +483,11 @@ def start_lab_peers(lab: Lab, tmp: Path, bulk_bytes: int = 20 * 1024 * 1024) -> 
     evil, allowed, named = SERVICES["ssh_evil"], SERVICES["ssh_allowed"], SERVICES["ssh_named"]
     listen = [(evil[0], 22), (evil[0], 443), (evil[1], 22)]
     listen += [(allowed[0], 22), (allowed[1], 22), (named[0], 22), (named[1], 22)]
-    sshd = start_sshd(lab, tmp, keys, listen, name="sshd-inet")
+    # GatewayPorts yes: a remote forward (ssh -R) that got through would listen on every
+    # address of the inet namespace, so a test can dial it at a documentation address (the
+    # bastion's own) instead of the inet namespace's 127.0.0.1. The client's request is the
+    # same either way (it asks for "localhost"); only where sshd binds it changes.
+    sshd = start_sshd(lab, tmp, keys, listen, name="sshd-inet", gateway_ports=True)
     dns = start_dnsmasq(lab, tmp, lab_dns_names(), list(SERVICES["dns"]))
     peers = LabPeers(tmp, keys, cert, bulk, sshd, dns)
     for addr in (SERVICES["tls"][0], SERVICES["tls"][1], SERVICES["tls_pool"][0]):

@@ -16,7 +16,7 @@ import pytest
 
 from egressd_lab import peers
 from egressd_lab.harness import WHY
-from egressd_lab.netns import SERVICES, Lab
+from egressd_lab.netns import NODE_LOCAL_V4, SERVICES, Lab
 
 # Every test module of the daemon suite sets ``pytestmark = NEEDS_KERNEL``.
 NEEDS_KERNEL = [
@@ -77,6 +77,16 @@ def one_event(d: peers.Egressd, addr: str, port: int, timeout: float = 3.0) -> E
     evs = events_to(d, addr, port, timeout)
     assert len(evs) == 1, f"{len(evs)} events to {peers.hostport(addr, port)}; all events: {d.events()}"
     return evs[0]
+
+
+def local_hop_events(d: peers.Egressd) -> list[Event]:
+    """Events naming the node's own service address: there must be none.
+
+    A hop to ``NODE_LOCAL_V4`` (the lab's stand-in for 127.0.0.1) leaves on lo, which
+    egressd's rules never judge, as they never judge loopback; an event for one would mean a
+    test now judges a local hop it did not judge when that hop went to 127.0.0.1.
+    """
+    return [e for e in d.events() if NODE_LOCAL_V4 in (e["dest_ip"], e["src_ip"])]
 
 
 def wait_pool_open(pool: peers.Pool, since: int, timeout: float = 3.0) -> list[Event]:

@@ -43,6 +43,12 @@ SETPRIV = [
     "--inh-caps=-all,+net_admin", "--ambient-caps=+net_admin", "--bounding-set=-all,+net_admin", "--",
 ]  # fmt: skip
 METRICS_PORT = 9713
+# The one live loopback address left in tests/e2e, kept on purpose: that --metrics serves on
+# loopback only (and refuses any other address without --metrics-allow-remote) is the very
+# behaviour under test, so the address cannot be a documentation one. It is the loopback of
+# the lab's node namespace, which this module creates: the daemon runs there
+# (peers.start_egressd), and so do ``ss`` and the fetch (``run_node``).
+METRICS_LOOPBACK = "127.0.0.1"
 
 
 @dataclass
@@ -66,7 +72,7 @@ def priv() -> Iterator[PrivLab]:
             pol = write_policy(base / "etc")
             for p in (base / "etc", *(base / "etc").rglob("*")):
                 p.chmod(0o755 if p.is_dir() else 0o644)
-            extra = ["--metrics", f"127.0.0.1:{METRICS_PORT}"]
+            extra = ["--metrics", f"{METRICS_LOOPBACK}:{METRICS_PORT}"]
             d = peers.start_egressd(lb, base, pol, wrapper=SETPRIV, extra=extra)
             yield PrivLab(lb, base, d, pool)
             if d.alive():
@@ -112,8 +118,8 @@ def test_status_socket_is_0600_and_owned_by_the_daemon_user(priv: PrivLab) -> No
 def test_metrics_listen_on_loopback_only(priv: PrivLab) -> None:
     listeners = priv.lab.run_node(["ss", "-Hltn", f"sport = :{METRICS_PORT}"]).stdout.split("\n")
     local = sorted(line.split()[3] for line in listeners if line.strip())
-    assert local == [f"127.0.0.1:{METRICS_PORT}"]
-    url = f"http://127.0.0.1:{METRICS_PORT}/"
+    assert local == [f"{METRICS_LOOPBACK}:{METRICS_PORT}"]
+    url = f"http://{METRICS_LOOPBACK}:{METRICS_PORT}/"  # from inside the node namespace
     fetch = f"import urllib.request as u; print(u.urlopen({url!r}, timeout=3).read().decode())"
     body = priv.lab.run_node([PY, "-c", fetch]).stdout
     assert "egressd_packets_total" in body
@@ -142,6 +148,6 @@ def test_metrics_refuse_a_non_loopback_address(addr: str, tmp_path: Path) -> Non
         except RuntimeError:
             return  # refused to start: what the test asks for
         listeners = lb.run_node(["ss", "-Hltn", f"sport = :{METRICS_PORT}"]).stdout
-        exposed = [ln.split()[3] for ln in listeners.splitlines() if ln.strip() and "127.0.0.1" not in ln]
+        exposed = [ln.split()[3] for ln in listeners.splitlines() if ln.strip() and METRICS_LOOPBACK not in ln]
         d.stop()
         assert exposed == []

@@ -101,7 +101,8 @@ def test_xl2tpd_tunnel_is_established_and_alerted_as_l2tp(
     ppp = d / "options"
     ppp.write_text("noauth\nnodefaultroute\nnoipdefault\nlcp-echo-interval 0\nnodetach\n")
     (d / "srv.conf").write_text(f"[global]\nlisten-addr = {L2TP_SRV}\nport = 1701\n\n[lns default]\n"
-                                "ip range = 10.94.0.2-10.94.0.9\nlocal ip = 10.94.0.1\nrequire authentication = no\n"
+                                "ip range = 203.0.113.218-203.0.113.222\nlocal ip = 203.0.113.217\n"
+                                "require authentication = no\n"
                                 f"length bit = yes\nhostname = lab-lns\npppoptfile = {ppp}\n")  # fmt: skip
     (d / "cli.conf").write_text(f"[global]\nport = 1701\n\n[lac lab]\nlns = {L2TP_SRV}\nautodial = yes\n"
                                 f"require authentication = no\nlength bit = yes\nhostname = lab-lac\n"
@@ -128,7 +129,7 @@ def test_xl2tpd_tunnel_is_established_and_alerted_as_l2tp(
 def test_kernel_vxlan_passes_and_each_of_its_flows_is_alerted(
     dlab: DaemonLab, daemon: peers.Egressd, extra_addrs: None
 ) -> None:
-    devs = (("inet", VXLAN_PEER, NODE_V4, "10.93.0.1/24"), ("node", NODE_V4, VXLAN_PEER, "10.93.0.2/24"))
+    devs = (("inet", VXLAN_PEER, NODE_V4, "203.0.113.193/29"), ("node", NODE_V4, VXLAN_PEER, "203.0.113.194/29"))
     try:
         for ns, local, remote, addr in devs:
             run = dlab.lab.run_inet if ns == "inet" else dlab.lab.run_node
@@ -137,13 +138,13 @@ def test_kernel_vxlan_passes_and_each_of_its_flows_is_alerted(
             run(["sysctl", "-qw", "net.ipv6.conf.vxe0.disable_ipv6=1"], check=True)
             run(["ip", "addr", "add", addr, "dev", "vxe0"], check=True)
             run(["ip", "link", "set", "vxe0", "up"], check=True)
-        _ping(dlab, "10.93.0.1")
+        _ping(dlab, "203.0.113.193")
         # ARP and the echo requests hash to different source ports: two flows at least.
         evs = _alerts(daemon, VXLAN_PEER, 4789, count=2)
         for ev in evs:
             _assert_alerted(ev, "tunnel.vxlan", "VXLAN header (flags 08, VNI 42)")
         assert any("ARP request" in e["detection"]["evidence"] for e in evs), evs
-        assert any("IPv4 protocol 1 10.93.0.2 -> 10.93.0.1" in e["detection"]["evidence"] for e in evs), evs
+        assert any("IPv4 protocol 1 203.0.113.194 -> 203.0.113.193" in e["detection"]["evidence"] for e in evs), evs
     finally:
         dlab.lab.run_node(["ip", "link", "del", "vxe0"])
         dlab.lab.run_inet(["ip", "link", "del", "vxe0"])
@@ -161,7 +162,7 @@ def test_quicktun_raw_passes_and_is_alerted_as_ip_in_udp(
     try:
         procs.append(dlab.lab.spawn("node", ["quicktun"], env=cli_env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL))  # fmt: skip
-        for ns, addr, peer in (("inet", "10.92.0.1", "10.92.0.2"), ("node", "10.92.0.2", "10.92.0.1")):
+        for ns, addr, peer in (("inet", "203.0.113.201", "203.0.113.202"), ("node", "203.0.113.202", "203.0.113.201")):
             run = dlab.lab.run_inet if ns == "inet" else dlab.lab.run_node
             deadline = time.monotonic() + 10
             while run(["ip", "link", "show", "qte0"], timeout=5).returncode != 0:
@@ -170,9 +171,9 @@ def test_quicktun_raw_passes_and_is_alerted_as_ip_in_udp(
             run(["sysctl", "-qw", "net.ipv6.conf.qte0.disable_ipv6=1"], check=True)
             run(["ip", "addr", "add", addr, "peer", peer, "dev", "qte0"], check=True)
             run(["ip", "link", "set", "qte0", "up"], check=True)
-        _ping(dlab, "10.92.0.1")
+        _ping(dlab, "203.0.113.201")
         ev = _alerts(daemon, QT_SRV, 2998)[0]
-        _assert_alerted(ev, "tunnel.ip-in-udp", "IPv4 protocol 1 10.92.0.2 -> 10.92.0.1")
+        _assert_alerted(ev, "tunnel.ip-in-udp", "IPv4 protocol 1 203.0.113.202 -> 203.0.113.201")
     finally:
         for p in procs:
             dlab.lab.stop(p)
@@ -206,12 +207,12 @@ def test_fastd_passes_and_its_handshake_is_alerted_with_its_protocol(
         # calls the connection established only on the first packet after it (a keepalive can
         # take 10 s): the ping below is that packet, and proves the tunnel carries data.
         capture.wait_line(procs[1], "authenticated as <srv>", 20, stream="stdout")
-        for ns, addr, peer in (("inet", "10.91.0.1", "10.91.0.2"), ("node", "10.91.0.2", "10.91.0.1")):
+        for ns, addr, peer in (("inet", "203.0.113.209", "203.0.113.210"), ("node", "203.0.113.210", "203.0.113.209")):
             run = dlab.lab.run_inet if ns == "inet" else dlab.lab.run_node
             dev = "fdesrv" if ns == "inet" else "fdenode"
             run(["ip", "addr", "add", addr, "peer", peer, "dev", dev], check=True)
             run(["ip", "link", "set", dev, "up"], check=True)
-        _ping(dlab, "10.91.0.1")
+        _ping(dlab, "203.0.113.209")
         ev = _alerts(daemon, FASTD_SRV, 10000)[0]
         _assert_alerted(ev, "tunnel.fastd", "fastd handshake init", "ec25519-fhmqvc")
     finally:

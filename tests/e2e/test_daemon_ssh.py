@@ -13,7 +13,7 @@ import pytest
 from daemon_fixtures import NEEDS_KERNEL, DaemonLab, one_event
 
 from egressd_lab import peers
-from egressd_lab.netns import SERVICES
+from egressd_lab.netns import NODE_LOCAL_V4, SERVICES
 
 pytestmark = NEEDS_KERNEL
 pytest_plugins = ["conftest_daemon"]
@@ -27,7 +27,10 @@ NAMED = SERVICES["ssh_named"][0]
 def test_ssh_remote_forward_to_an_unlisted_server_fails_within_seconds(
     dlab: DaemonLab, daemon: peers.Egressd, port: int
 ) -> None:
-    argv = dlab.peers.ssh(EVIL, options=["-N", "-R", "2222:127.0.0.1:22", "-o", "ExitOnForwardFailure=yes"], port=port)
+    # The forward's target is the node's own address (the lab's stand-in for 127.0.0.1): only
+    # the client knows it, the request on the wire is the same whatever it is.
+    fwd = f"2222:{NODE_LOCAL_V4}:22"
+    argv = dlab.peers.ssh(EVIL, options=["-N", "-R", fwd, "-o", "ExitOnForwardFailure=yes"], port=port)
     p, took = dlab.run(argv, timeout=30)
     assert p.returncode != 0, p.stderr
     assert took < 10.0, f"ssh -R took {took:.2f} s to fail"

@@ -13,10 +13,10 @@ import subprocess
 import time
 
 import pytest
-from daemon_fixtures import NEEDS_KERNEL, DaemonLab, one_event
+from daemon_fixtures import NEEDS_KERNEL, DaemonLab, local_hop_events, one_event
 
 from egressd_lab import peers
-from egressd_lab.netns import SERVICES
+from egressd_lab.netns import NODE_LOCAL_V4, SERVICES
 
 pytestmark = NEEDS_KERNEL
 pytest_plugins = ["conftest_daemon"]
@@ -35,16 +35,16 @@ def test_ssh_remote_forward_to_the_allowed_bastion_is_dropped(
     dlab: DaemonLab, daemon: peers.Egressd, cipher: str
 ) -> None:
     port = 2240 + sorted(CIPHERS).index(cipher)
-    secret = dlab.lab.spawn(  # what the tunnel would expose: a service on the node's loopback
-        "node", ["ncat", "-lk", "127.0.0.1", str(port), "--sh-exec", "echo node-secret"],
+    secret = dlab.lab.spawn(  # what the tunnel would expose: a service only the node reaches
+        "node", ["ncat", "-lk", NODE_LOCAL_V4, str(port), "--sh-exec", "echo node-secret"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     # ServerAliveInterval: an idle `ssh -N` learns of the reset only when it next sends.
-    opts = [*CIPHERS[cipher], "-N", "-R", f"{port}:127.0.0.1:{port}", "-o", "ExitOnForwardFailure=yes"]
+    opts = [*CIPHERS[cipher], "-N", "-R", f"{port}:{NODE_LOCAL_V4}:{port}", "-o", "ExitOnForwardFailure=yes"]
     opts += ["-o", "ServerAliveInterval=1"]
     tun = dlab.lab.spawn("node", dlab.peers.ssh(ALLOWED, options=opts), stdin=subprocess.DEVNULL)
     try:
-        peers.wait_listening(dlab.lab, "node", [("127.0.0.1", port)])
+        peers.wait_listening(dlab.lab, "node", [(NODE_LOCAL_V4, port)])
         ev = one_event(daemon, ALLOWED, 22, timeout=10.0)
         assert (ev["rule"], ev["action"], ev["detection"]["kind"]) == (
             "drop-ssh-remote-forward",
@@ -55,9 +55,12 @@ def test_ssh_remote_forward_to_the_allowed_bastion_is_dropped(
         assert tun.wait(10.0) != 0, "ssh -R exited 0"
         # Cut before the request reached the server (lengths encrypted: the request's own
         # packet decides), or at its answer (lengths in clear): the far side may still
-        # listen in the second case, but nothing it accepts reaches the node any more.
-        through = dlab.lab.run_inet(["ncat", "--recv-only", "-w", "3", "-i", "3", "127.0.0.1", str(port)], timeout=15)
+        # listen in the second case, but nothing it accepts reaches the node any more. The
+        # lab's sshd binds remote forwards on every address (GatewayPorts yes), so the far
+        # side's port is dialled at the bastion's own address.
+        through = dlab.lab.run_inet(["ncat", "--recv-only", "-w", "3", "-i", "3", ALLOWED, str(port)], timeout=15)
         assert "node-secret" not in through.stdout
+        assert local_hop_events(daemon) == []
     finally:
         dlab.lab.stop(tun)
         dlab.lab.stop(secret)
@@ -90,11 +93,12 @@ def test_scp_from_the_allowed_bastion_copies_and_is_not_a_forward(
 
 def test_ssh_local_forward_to_the_allowed_bastion_works_and_is_recorded(dlab: DaemonLab, daemon: peers.Egressd) -> None:
     # -L to the bastion's own sshd: what comes back through the tunnel is its banner.
-    opts = ["-N", "-L", f"9050:{ALLOWED}:22", "-o", "ExitOnForwardFailure=yes"]
+    # Bound at the node's own address, the lab's stand-in for ssh's default (loopback).
+    opts = ["-N", "-L", f"{NODE_LOCAL_V4}:9050:{ALLOWED}:22", "-o", "ExitOnForwardFailure=yes"]
     tun = dlab.lab.spawn("node", dlab.peers.ssh(ALLOWED, options=opts), stdin=subprocess.DEVNULL)
     try:
-        peers.wait_listening(dlab.lab, "node", [("127.0.0.1", 9050)])
-        p, _ = dlab.run(["ncat", "--recv-only", "-w", "3", "-i", "2", "127.0.0.1", "9050"])
+        peers.wait_listening(dlab.lab, "node", [(NODE_LOCAL_V4, 9050)])
+        p, _ = dlab.run(["ncat", "--recv-only", "-w", "3", "-i", "2", NODE_LOCAL_V4, "9050"])
         assert p.stdout.startswith("SSH-2.0-OpenSSH"), (p.stdout, p.stderr)
         ev = one_event(daemon, ALLOWED, 22, timeout=5.0)
         assert (ev["rule"], ev["verdict"], ev["action"], ev["detection"]["kind"]) == (
@@ -105,6 +109,7 @@ def test_ssh_local_forward_to_the_allowed_bastion_works_and_is_recorded(dlab: Da
         )
         assert "direct-tcpip" in ev["detection"]["evidence"]
         assert tun.poll() is None, "an alerted forward keeps working"
+        assert local_hop_events(daemon) == []
     finally:
         dlab.lab.stop(tun)
 

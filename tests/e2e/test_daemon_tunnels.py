@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_fixtures import NEEDS_KERNEL, DaemonLab, events_to
+from daemon_fixtures import NEEDS_KERNEL, DaemonLab, events_to, local_hop_events
 
 from egressd_lab import peers
-from egressd_lab.netns import SERVICES
+from egressd_lab.netns import NODE_LOCAL_V4, SERVICES
 
 pytestmark = NEEDS_KERNEL
 pytest_plugins = ["conftest_daemon"]
@@ -31,8 +31,27 @@ SYS_PY = "/usr/bin/python3"
 LT_SRV = "203.0.113.70"
 WS_SRV = "203.0.113.71"
 DNS_TUN = "203.0.113.72"
+# iodined's own tunnel network (its dns0 and the addresses it hands out): documentation
+# addresses too, in a block no other lab address uses (203.0.113.224/27).
+DNS_TUN_NET = "203.0.113.225/27"
 ICMP_SRV = "203.0.113.74"
 SSHD = SERVICES["ssh_evil"][0]
+# The node's own services (the web server a tunnel would expose, ptunnel-ng's local end) are
+# dialled at the node's own address, the lab's stand-in for 127.0.0.1: the hop leaves on lo,
+# which egressd never judges, as before (each test checks that no event names it).
+LOCAL = NODE_LOCAL_V4
+# The node's web server: ``python -m http.server`` without HTTPServer.server_bind's
+# socket.getfqdn() of its own address. For 127.0.0.1 /etc/hosts answers that; for any other
+# address it sends a PTR query to the host's nameserver (/etc/resolv.conf: not a lab
+# address) and stalls the server's start until the query times out.
+WEB_SERVER = r"""
+import http.server, socketserver, sys
+class Server(http.server.ThreadingHTTPServer):
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+Server((sys.argv[1], int(sys.argv[2])), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
 
 
 def _need(*tools: str) -> None:
@@ -67,7 +86,7 @@ def test_localtunnel_is_dropped_at_its_registration_and_never_opens_a_tunnel(
     try:
         assert _wait(lambda: peers.listening(dlab.lab, "inet", 7000), 10), "lt-server did not start"
         lt = dlab.lab.spawn("node", ["node", str(LT), "--host", f"http://{LT_SRV}", "--port", "8000",
-                                     "--local-host", "127.0.0.1"],
+                                     "--local-host", LOCAL],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         evs = events_to(daemon, LT_SRV, 80, timeout=10)
         assert evs, f"no event for the registration; events: {daemon.events()}"
@@ -84,6 +103,7 @@ def test_localtunnel_is_dropped_at_its_registration_and_never_opens_a_tunnel(
     text = log.read_text()
     assert "visitor" not in text, f"a tunnel connection reached the relay: {text}"
     assert all(e["action"] == "blocked" for e in events_to(daemon, LT_SRV, 7000, timeout=0.1))
+    assert local_hop_events(daemon) == []
 
 
 def test_a_relay_sending_http_requests_down_the_nodes_connection_is_dropped(
@@ -95,13 +115,13 @@ def test_a_relay_sending_http_requests_down_the_nodes_connection_is_dropped(
     with open(log, "wb") as fh:
         srv = dlab.lab.spawn("inet", [SYS_PY, PEERS, "lt-server", LT_SRV, "--http-port", "8079", "--tunnel-port",
                                       "7001", "--lifetime", "20"], stdout=fh)  # fmt: skip
-    web = dlab.lab.spawn("node", [SYS_PY, "-m", "http.server", "8000", "--bind", "127.0.0.1"],
+    web = dlab.lab.spawn("node", [SYS_PY, "-c", WEB_SERVER, LOCAL, "8000"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(dlab.tmp))  # fmt: skip
     cli = None
     try:
         assert _wait(lambda: peers.listening(dlab.lab, "inet", 7001), 10), "the relay did not start"
         assert _wait(lambda: peers.listening(dlab.lab, "node", 8000), 10), "the node's web server did not start"
-        cli = dlab.lab.spawn("node", ["ncat", "--sh-exec", "ncat 127.0.0.1 8000", LT_SRV, "7001"],
+        cli = dlab.lab.spawn("node", ["ncat", "--sh-exec", f"ncat {LOCAL} 8000", LT_SRV, "7001"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         evs = events_to(daemon, LT_SRV, 7001, timeout=10)
         assert evs, f"no event for the relay connection; events: {daemon.events()}"
@@ -117,6 +137,7 @@ def test_a_relay_sending_http_requests_down_the_nodes_connection_is_dropped(
                 dlab.lab.stop(p)
     visits = [line for line in log.read_text().splitlines() if line.startswith("visitor")]
     assert visits and all(" b'' " in v for v in visits), f"a visitor got an answer through the tunnel: {visits}"
+    assert local_hop_events(daemon) == []
 
 
 def test_ssh_inside_a_websocket_is_dropped_even_to_the_allowed_bastion(
@@ -148,7 +169,7 @@ def test_iodine_dns_tunnel_is_dropped_and_ordinary_dns_resolves(
 ) -> None:
     _need("iodine", "iodined")
     srv = dlab.lab.spawn("inet", ["iodined", "-f", "-c", "-P", "labsecret", "-l", DNS_TUN, "-p", "53",
-                                  "10.99.0.1/27", "t.tun.example.net"],
+                                  DNS_TUN_NET, "t.tun.example.net"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     cli = None
     try:
@@ -187,15 +208,17 @@ def test_ptunnel_icmp_tunnel_is_dropped_and_ping_passes(
     try:
         assert _wait(lambda: peers.listening(dlab.lab, "node", 2222), 10), "ptunnel-ng client did not listen"
         # Read the SSH banner through the tunnel: with the tunnel dropped, none arrives.
-        grab = "import socket,sys; s=socket.create_connection(('127.0.0.1',2222),3); s.settimeout(4)\n"
+        grab = f"import socket,sys; s=socket.create_connection(({LOCAL!r},2222),3); s.settimeout(4)\n"
         grab += "try: print(s.recv(64))\nexcept Exception as e: print('no-banner', type(e).__name__)"
         p, _ = dlab.run([sys.executable, "-c", grab], timeout=15)
+        assert p.returncode == 0, p.stderr  # the client's listener took the connection: the grab is real
         assert "SSH-2.0" not in p.stdout, p.stdout
         evs = [e for e in daemon.events() if e["dest_ip"] == ICMP_SRV and e["action"] == "blocked"]
         assert evs, f"no ICMP drop; events: {daemon.events()}"
         assert (evs[0]["proto"], evs[0]["rule"], evs[0]["detection"]["kind"]) == (
             "ICMP", "drop-covert-tunnels", "tunnel.icmp",
         ), evs[0]  # fmt: skip
+        assert local_hop_events(daemon) == []
     finally:
         dlab.lab.stop(cli)
         dlab.lab.stop(srv)
