@@ -10,6 +10,7 @@ still carries the ping.
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import subprocess
 import time
@@ -26,6 +27,7 @@ pytest_plugins = ["conftest_daemon"]
 
 N2N = "203.0.113.96"  # the supernode (and, behind the same address, the far edge)
 N2N_NET = ("203.0.113.225", "203.0.113.226")  # the edges' virtual LAN: documentation addresses
+N2N_MASK = str(ipaddress.ip_network("203.0.113.224/28").netmask)  # edge -s wants a dotted mask
 
 
 @pytest.fixture
@@ -55,7 +57,7 @@ def test_n2n_edge_is_alerted_as_n2n_and_its_overlay_still_works(
             time.sleep(0.1)
         for ns, dev, addr, mac in (("inet", "n2ni", N2N_NET[1], "02:00:5e:00:53:02"),
                                    ("node", "n2nn", N2N_NET[0], "02:00:5e:00:53:01")):  # fmt: skip
-            procs.append(dlab.lab.spawn(ns, ["edge", "-d", dev, "-a", addr, "-s", "255.255.255.240", "-c", "labnet",
+            procs.append(dlab.lab.spawn(ns, ["edge", "-d", dev, "-a", addr, "-s", N2N_MASK, "-c", "labnet",
                                              "-k", "lab-secret", "-m", mac, "-l", f"{N2N}:7654"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
         evs = events_to(daemon, N2N, 7654, timeout=10)
