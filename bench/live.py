@@ -485,11 +485,15 @@ class Bench:
         """rules/default.yaml with settings.max_packets raised, nothing else changed (checked)."""
         from egressd.policy import load_policy
 
+        import yaml
+
         text = DEFAULT_POLICY.read_text()
-        inc = "include: [lists/mining-pools.yaml]"
-        if inc not in text or "\nsettings:\n" not in text:
+        lines = [ln for ln in text.splitlines() if ln.startswith("include: [")]
+        if len(lines) != 1 or "\nsettings:\n" not in text:
             raise BenchError(f"{DEFAULT_POLICY} changed shape: update _write_classify_policy")
-        text = text.replace(inc, f"include: [{DEFAULT_POLICY.parent / 'lists' / 'mining-pools.yaml'}]")
+        # The copy lives elsewhere: its includes name the shipped list files by absolute path.
+        incs = yaml.safe_load(lines[0])["include"]
+        text = text.replace(lines[0], f"include: [{', '.join(str(DEFAULT_POLICY.parent / i) for i in incs)}]")
         text = text.replace("\nsettings:\n", f"\nsettings:\n  max_packets: {CLASSIFY_MAX_PACKETS}\n", 1)
         self.classify_policy.write_text(text)
         base, new = load_policy(DEFAULT_POLICY), load_policy(self.classify_policy)
