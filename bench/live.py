@@ -483,9 +483,9 @@ class Bench:
 
     def _write_classify_policy(self) -> None:
         """rules/default.yaml with settings.max_packets raised, nothing else changed (checked)."""
-        from egressd.policy import load_policy
-
         import yaml
+
+        from egressd.policy import load_policy
 
         text = DEFAULT_POLICY.read_text()
         lines = [ln for ln in text.splitlines() if ln.startswith("include: [")]
