@@ -1,5 +1,6 @@
 # egressd — the two quick-start commands are `make run` and `make test` (as root, on Debian 12).
-# Each installs what it needs first: Debian packages (once) and the Python venv (when pyproject changes).
+# Each installs what it needs first: Debian packages (once; their services are not started, see
+# lab/apt_install_quiet.sh) and the Python venv (when pyproject changes).
 
 SHELL := /bin/bash
 VENV  := .venv
@@ -42,16 +43,17 @@ $(STAMP)/apt:
 	@if ! command -v apt-get >/dev/null; then echo "apt-get not found: this setup targets Debian 12" >&2; exit 2; fi
 	@if [ "$$(id -u)" != 0 ]; then echo "run as root: the setup installs Debian packages" >&2; exit 2; fi
 	DEBIAN_FRONTEND=noninteractive apt-get update -q
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
+	lab/apt_install_quiet.sh $(APT_PACKAGES)
 	@touch $@
 
 lab-deps: $(STAMP)/lab-apt $(STAMP)/lab-npm
 $(STAMP)/lab-apt: $(STAMP)/apt
 	@mkdir -p $(STAMP)
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(LAB_APT_PACKAGES)
+	@# Without starting their services on the host (tor, yggdrasil, xl2tpd, shadowsocks...): see the script.
+	lab/apt_install_quiet.sh $(LAB_APT_PACKAGES)
 	@# Debian's npm conflicts with a Node.js that came from elsewhere (NodeSource's nodejs ships
 	@# its own npm): install Debian's only where no npm is on the machine.
-	command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm
+	command -v npm >/dev/null || lab/apt_install_quiet.sh nodejs npm
 	@touch $@
 $(STAMP)/lab-npm: $(STAMP)/lab-apt
 	@mkdir -p build/lab-npm
