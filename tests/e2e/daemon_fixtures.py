@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,13 @@ def wait_pool_close(pool: peers.Pool, since: int, timeout: float = 8.0) -> list[
         if (opened and len(closes) == len(opened)) or time.monotonic() > deadline:
             return closes
         time.sleep(0.1)
+
+
+def wait_until(pred: Callable[[], object], timeout: float) -> bool:
+    """Poll ``pred`` every 0.1 s until it is true or ``timeout`` passed: whether it became true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False

@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 
 import pytest
-from daemon_fixtures import NEEDS_KERNEL, DaemonLab, events_to
+from daemon_fixtures import NEEDS_KERNEL, DaemonLab, events_to, wait_until
 
 from egressd_lab import peers
 
@@ -30,15 +29,6 @@ def _need(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.skip(f"not installed: {missing} (make lab-deps installs them)")
-
-
-def _wait(pred: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +58,10 @@ def test_vtun_is_named_and_alerted_and_its_session_still_comes_up(
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     cli = None
     try:
-        assert _wait(lambda: peers.listening(dlab.lab, "inet", 5000), 10), "vtund did not start"
+        assert wait_until(lambda: peers.listening(dlab.lab, "inet", 5000), 10), "vtund did not start"
         cli = dlab.lab.spawn("node", ["vtund", "-n", "-f", str(conf), "lab", VTUN],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        up = _wait(lambda: dlab.lab.run_node(["ip", "-o", "link", "show", "vtlab"], timeout=5).returncode == 0, 15)
+        up = wait_until(lambda: dlab.lab.run_node(["ip", "-o", "link", "show", "vtlab"], timeout=5).returncode == 0, 15)
         assert up, "the vtun session did not come up through the daemon (an alert must not drop it)"
     finally:
         for p in (cli, srv):
@@ -100,11 +90,11 @@ def test_yggdrasil_peering_is_named_and_alerted_and_still_connects(
     log = dlab.tmp / "ygg-node.out"
     cli = None
     try:
-        assert _wait(lambda: peers.listening(dlab.lab, "inet", 12345), 10), "yggdrasil did not listen"
+        assert wait_until(lambda: peers.listening(dlab.lab, "inet", 12345), 10), "yggdrasil did not listen"
         with open(log, "wb") as fh:
             cli = dlab.lab.spawn("node", ["yggdrasil", "-useconffile", str(confs["node"])], stdout=fh,
                                  stderr=subprocess.STDOUT)  # fmt: skip
-        assert _wait(lambda: "Connected" in log.read_text(errors="replace"), 20), log.read_text(errors="replace")
+        assert wait_until(lambda: "Connected" in log.read_text(errors="replace"), 20), log.read_text(errors="replace")
     finally:
         for p in (cli, srv):
             if p is not None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_fixtures import NEEDS_KERNEL, DaemonLab, events_to, local_hop_events
+from daemon_fixtures import NEEDS_KERNEL, DaemonLab, events_to, local_hop_events, wait_until
 
 from egressd_lab import peers
 from egressd_lab.netns import NODE_LOCAL_V4, SERVICES
@@ -66,15 +66,6 @@ def extra_addrs(dlab: DaemonLab) -> None:
         dlab.lab.run_inet(["ip", "addr", "add", f"{a}/32", "dev", "lo"], check=True)
 
 
-def _wait(pred: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_localtunnel_is_dropped_at_its_registration_and_never_opens_a_tunnel(
     dlab: DaemonLab, daemon: peers.Egressd, extra_addrs: None
 ) -> None:
@@ -84,7 +75,7 @@ def test_localtunnel_is_dropped_at_its_registration_and_never_opens_a_tunnel(
         srv = dlab.lab.spawn("inet", [SYS_PY, PEERS, "lt-server", LT_SRV, "--lifetime", "20"], stdout=fh)
     lt = None
     try:
-        assert _wait(lambda: peers.listening(dlab.lab, "inet", 7000), 10), "lt-server did not start"
+        assert wait_until(lambda: peers.listening(dlab.lab, "inet", 7000), 10), "lt-server did not start"
         lt = dlab.lab.spawn("node", ["node", str(LT), "--host", f"http://{LT_SRV}", "--port", "8000",
                                      "--local-host", LOCAL],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -119,8 +110,8 @@ def test_a_relay_sending_http_requests_down_the_nodes_connection_is_dropped(
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(dlab.tmp))  # fmt: skip
     cli = None
     try:
-        assert _wait(lambda: peers.listening(dlab.lab, "inet", 7001), 10), "the relay did not start"
-        assert _wait(lambda: peers.listening(dlab.lab, "node", 8000), 10), "the node's web server did not start"
+        assert wait_until(lambda: peers.listening(dlab.lab, "inet", 7001), 10), "the relay did not start"
+        assert wait_until(lambda: peers.listening(dlab.lab, "node", 8000), 10), "the node's web server did not start"
         cli = dlab.lab.spawn("node", ["ncat", "--sh-exec", f"ncat {LOCAL} 8000", LT_SRV, "7001"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         evs = events_to(daemon, LT_SRV, 7001, timeout=10)
@@ -130,7 +121,7 @@ def test_a_relay_sending_http_requests_down_the_nodes_connection_is_dropped(
             "drop-covert-tunnels", "blocked", "tunnel.reverse-http",
         ), ev  # fmt: skip
         assert "GET /visitor/1" in ev["detection"]["evidence"]
-        assert _wait(lambda: "visitor 1:" in log.read_text(), 8), log.read_text()
+        assert wait_until(lambda: "visitor 1:" in log.read_text(), 8), log.read_text()
     finally:
         for p in (cli, web, srv):
             if p is not None:
@@ -150,7 +141,7 @@ def test_ssh_inside_a_websocket_is_dropped_even_to_the_allowed_bastion(
     ws = dlab.lab.spawn("inet", ["websockify", f"{WS_SRV}:8080", f"{bastion}:22"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        assert _wait(lambda: peers.listening(dlab.lab, "inet", 8080, addr=WS_SRV), 10), "websockify did not start"
+        assert wait_until(lambda: peers.listening(dlab.lab, "inet", 8080, addr=WS_SRV), 10), "websockify did not start"
         proxy = f"ProxyCommand={SYS_PY} {PEERS} ws-pipe {WS_SRV} 8080"
         p, _ = dlab.run(dlab.peers.ssh(bastion, "echo", "tunnel-ok", options=["-o", proxy]), timeout=30)
         assert "tunnel-ok" not in p.stdout, p.stdout
@@ -173,7 +164,7 @@ def test_iodine_dns_tunnel_is_dropped_and_ordinary_dns_resolves(
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     cli = None
     try:
-        assert _wait(lambda: peers.listening(dlab.lab, "inet", 53, addr=DNS_TUN, udp=True), 10)
+        assert wait_until(lambda: peers.listening(dlab.lab, "inet", 53, addr=DNS_TUN, udp=True), 10)
         out = dlab.tmp / "iodine.out"
         with open(out, "wb") as fh:
             cli = dlab.lab.spawn("node", ["iodine", "-f", "-P", "labsecret", DNS_TUN, "t.tun.example.net"],
@@ -206,7 +197,7 @@ def test_ptunnel_icmp_tunnel_is_dropped_and_ping_passes(
     cli = dlab.lab.spawn("node", ["ptunnel-ng", "-p", ICMP_SRV, "-l2222", f"-r{SSHD}", "-R22", "-v0"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        assert _wait(lambda: peers.listening(dlab.lab, "node", 2222), 10), "ptunnel-ng client did not listen"
+        assert wait_until(lambda: peers.listening(dlab.lab, "node", 2222), 10), "ptunnel-ng client did not listen"
         # Read the SSH banner through the tunnel: with the tunnel dropped, none arrives.
         grab = f"import socket,sys; s=socket.create_connection(({LOCAL!r},2222),3); s.settimeout(4)\n"
         grab += "try: print(s.recv(64))\nexcept Exception as e: print('no-banner', type(e).__name__)"
