@@ -6,6 +6,7 @@ plugin before pytest does (pytest rewrites the asserts of a plugin only if it im
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -124,3 +125,17 @@ def wait_until(pred: Callable[[], object], timeout: float) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def need_tools(*tools: str) -> None:
+    """Skip the test, saying what is missing, unless every program is installed (a name on
+    PATH, or a path that exists: localtunnel's client lives in build/lab-npm)."""
+    missing = [t for t in tools if shutil.which(t) is None and not Path(t).exists()]
+    if missing:
+        pytest.skip(f"not installed: {missing} (make lab-deps installs them)")
+
+
+def add_inet_addresses(dlab: DaemonLab, *addrs: str) -> None:
+    """Extra service addresses of one test module, on the inet namespace's loopback."""
+    for a in addrs:
+        dlab.lab.run_inet(["ip", "addr", "add", f"{a}/32", "dev", "lo"], check=True)

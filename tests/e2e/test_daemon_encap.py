@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_fixtures import NEEDS_KERNEL, DaemonLab, Event, events_to
+from daemon_fixtures import NEEDS_KERNEL, DaemonLab, Event, add_inet_addresses, events_to, need_tools
 
 from egressd_lab import capture, peers
 from egressd_lab.netns import NODE_V4
@@ -36,16 +36,9 @@ FASTD_SRV = "203.0.113.113"
 QUIC_SINK = "203.0.113.114"
 
 
-def _need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"not installed: {missing} (make lab-deps installs them)")
-
-
 @pytest.fixture(scope="module")
 def extra_addrs(dlab: DaemonLab) -> None:
-    for a in (L2TP_SRV, VXLAN_PEER, QT_SRV, FASTD_SRV, QUIC_SINK):
-        dlab.lab.run_inet(["ip", "addr", "add", f"{a}/32", "dev", "lo"], check=True)
+    add_inet_addresses(dlab, L2TP_SRV, VXLAN_PEER, QT_SRV, FASTD_SRV, QUIC_SINK)
 
 
 def _alerts(daemon: peers.Egressd, addr: str, port: int, count: int = 1) -> list[Event]:
@@ -96,7 +89,7 @@ def _listening(dlab: DaemonLab, port: int, addr: str) -> bool:
 def test_xl2tpd_tunnel_is_established_and_alerted_as_l2tp(
     dlab: DaemonLab, daemon: peers.Egressd, extra_addrs: None, workdir: Path
 ) -> None:
-    _need("xl2tpd", "pppd")
+    need_tools("xl2tpd", "pppd")
     d = workdir
     ppp = d / "options"
     ppp.write_text("noauth\nnodefaultroute\nnoipdefault\nlcp-echo-interval 0\nnodetach\n")
@@ -153,7 +146,7 @@ def test_kernel_vxlan_passes_and_each_of_its_flows_is_alerted(
 def test_quicktun_raw_passes_and_is_alerted_as_ip_in_udp(
     dlab: DaemonLab, daemon: peers.Egressd, extra_addrs: None
 ) -> None:
-    _need("quicktun")
+    need_tools("quicktun")
     mode = {"IF_QT_PROTOCOL": "raw", "IF_QT_TUN_MODE": "1", "IFACE": "qte0"}
     srv_env = {**os.environ, **mode, "IF_QT_LOCAL_ADDRESS": QT_SRV, "IF_QT_LOCAL_PORT": "2998"}
     cli_env = {**os.environ, **mode, "IF_QT_LOCAL_PORT": "2998", "IF_QT_REMOTE_ADDRESS": QT_SRV,
@@ -182,7 +175,7 @@ def test_quicktun_raw_passes_and_is_alerted_as_ip_in_udp(
 def test_fastd_passes_and_its_handshake_is_alerted_with_its_protocol(
     dlab: DaemonLab, daemon: peers.Egressd, extra_addrs: None, workdir: Path
 ) -> None:
-    _need("fastd")
+    need_tools("fastd")
     d = workdir
     keys = {}
     for who in ("srv", "node"):

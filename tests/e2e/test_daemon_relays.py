@@ -10,11 +10,10 @@ run between the lab's namespaces with ``egressd run`` in the path: each must sti
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
-from daemon_fixtures import NEEDS_KERNEL, DaemonLab, events_to, wait_until
+from daemon_fixtures import NEEDS_KERNEL, DaemonLab, add_inet_addresses, events_to, need_tools, wait_until
 
 from egressd_lab import peers
 
@@ -25,16 +24,9 @@ VTUN = "203.0.113.120"
 YGG = "203.0.113.121"
 
 
-def _need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"not installed: {missing} (make lab-deps installs them)")
-
-
 @pytest.fixture(scope="module")
 def relay_addrs(dlab: DaemonLab) -> None:
-    for a in (VTUN, YGG):
-        dlab.lab.run_inet(["ip", "addr", "add", f"{a}/32", "dev", "lo"], check=True)
+    add_inet_addresses(dlab, VTUN, YGG)
 
 
 def _alert(daemon: peers.Egressd, addr: str, port: int) -> dict[str, object]:
@@ -48,7 +40,7 @@ def _alert(daemon: peers.Egressd, addr: str, port: int) -> dict[str, object]:
 def test_vtun_is_named_and_alerted_and_its_session_still_comes_up(
     dlab: DaemonLab, daemon: peers.Egressd, relay_addrs: None
 ) -> None:
-    _need("vtund")
+    need_tools("vtund")
     conf = dlab.tmp / "vtund.conf"
     conf.write_text(
         "options { port 5000; timeout 10; }\n"
@@ -76,7 +68,7 @@ def test_vtun_is_named_and_alerted_and_its_session_still_comes_up(
 def test_yggdrasil_peering_is_named_and_alerted_and_still_connects(
     dlab: DaemonLab, daemon: peers.Egressd, relay_addrs: None
 ) -> None:
-    _need("yggdrasil")
+    need_tools("yggdrasil")
     confs = {}
     for who in ("srv", "node"):
         p = subprocess.run(["yggdrasil", "-genconf", "-json"], capture_output=True, text=True, timeout=30, check=True)

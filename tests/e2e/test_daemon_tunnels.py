@@ -9,14 +9,21 @@ tests against the same daemon: a ping and an ordinary DNS lookup pass.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from daemon_fixtures import NEEDS_KERNEL, DaemonLab, events_to, local_hop_events, wait_until
+from daemon_fixtures import (
+    NEEDS_KERNEL,
+    DaemonLab,
+    add_inet_addresses,
+    events_to,
+    local_hop_events,
+    need_tools,
+    wait_until,
+)
 
 from egressd_lab import peers
 from egressd_lab.netns import NODE_LOCAL_V4, SERVICES
@@ -54,22 +61,15 @@ Server((sys.argv[1], int(sys.argv[2])), http.server.SimpleHTTPRequestHandler).se
 """
 
 
-def _need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None and not Path(t).exists()]
-    if missing:
-        pytest.skip(f"not installed: {missing} (make lab-deps installs them)")
-
-
 @pytest.fixture(scope="module")
 def extra_addrs(dlab: DaemonLab) -> None:
-    for a in (LT_SRV, WS_SRV, DNS_TUN, ICMP_SRV):
-        dlab.lab.run_inet(["ip", "addr", "add", f"{a}/32", "dev", "lo"], check=True)
+    add_inet_addresses(dlab, LT_SRV, WS_SRV, DNS_TUN, ICMP_SRV)
 
 
 def test_localtunnel_is_dropped_at_its_registration_and_never_opens_a_tunnel(
     dlab: DaemonLab, daemon: peers.Egressd, extra_addrs: None
 ) -> None:
-    _need("node", str(LT))
+    need_tools("node", str(LT))
     log = dlab.tmp / "lt-server.out"
     with open(log, "wb") as fh:
         srv = dlab.lab.spawn("inet", [SYS_PY, PEERS, "lt-server", LT_SRV, "--lifetime", "20"], stdout=fh)
@@ -136,7 +136,7 @@ def test_ssh_inside_a_websocket_is_dropped_even_to_the_allowed_bastion(
 ) -> None:
     """OpenSSH through websockify (the wstunnel/chisel pattern) to the allowlisted bastion: the
     WebSocket frames are decoded live, the SSH inside is found and the flow is dropped."""
-    _need("websockify")
+    need_tools("websockify")
     bastion = SERVICES["ssh_allowed"][0]
     ws = dlab.lab.spawn("inet", ["websockify", f"{WS_SRV}:8080", f"{bastion}:22"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -158,7 +158,7 @@ def test_ssh_inside_a_websocket_is_dropped_even_to_the_allowed_bastion(
 def test_iodine_dns_tunnel_is_dropped_and_ordinary_dns_resolves(
     dlab: DaemonLab, daemon: peers.Egressd, extra_addrs: None
 ) -> None:
-    _need("iodine", "iodined")
+    need_tools("iodine", "iodined")
     srv = dlab.lab.spawn("inet", ["iodined", "-f", "-c", "-P", "labsecret", "-l", DNS_TUN, "-p", "53",
                                   DNS_TUN_NET, "t.tun.example.net"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -187,7 +187,7 @@ def test_iodine_dns_tunnel_is_dropped_and_ordinary_dns_resolves(
 def test_ptunnel_icmp_tunnel_is_dropped_and_ping_passes(
     dlab: DaemonLab, daemon: peers.Egressd, extra_addrs: None
 ) -> None:
-    _need("ptunnel-ng")
+    need_tools("ptunnel-ng")
     ping, _ = dlab.run(["ping", "-c", "5", "-i", "0.2", "-W", "2", ICMP_SRV], timeout=15)
     assert ping.returncode == 0 and " 0% packet loss" in ping.stdout, ping.stdout
     pev = events_to(daemon, ICMP_SRV, 0, timeout=3)
