@@ -176,13 +176,13 @@ class Attributor:
         self._wake = threading.Event()
         self._stop = False
         self._early: OrderedDict[Key, tuple[SocketInfo, str]] = OrderedDict()
-        # Keys whose lookup the conntrack thread asked for and the worker has not finished:
-        # a drop of such a flow may wait for it (``at_drop``).
+        # Keys whose lookup the conntrack thread (or a drop) asked for and the worker has not
+        # finished: a drop of such a flow may wait for it (``at_drop``).
         self._inflight: set[Key] = set()
         self._finished = threading.Condition()
         self._dw_window = 0.0
         self._dw_spent = 0.0
-        self.drop_waits = 0  # drops that waited for their SYN's lookup
+        self.drop_waits = 0  # drops that waited for the lookup of their socket
         self.drop_waits_named = 0  # ... and got the process named by it
         self.drop_lookups = 0  # lookups started by a drop (none was running for its flow)
         self._by_key: OrderedDict[Key, tuple[float, Who]] = OrderedDict()
@@ -316,14 +316,13 @@ class Attributor:
         if key is not None and info is not None:
             self._lookup_at_drop(key, info)
         waited = key is not None and self._wait_for_lookup(key)
-        hit = self._by_key.get(key) if key is not None else None
-        if hit is not None and time.monotonic() - hit[0] < KEY_TTL:
-            who = hit[1]
-            if (info is None and who.pid is not None) or (info is not None and info.inode == who.inode):
-                # The lookup started at the SYN, about this very socket: what it found (or why not).
-                if waited and who.pid is not None:
-                    self.drop_waits_named += 1
-                return who, who.pid is not None
+        who = self._answer_for(key, info) if key is not None else None
+        if who is not None:
+            # The lookup started at the SYN (or by this drop), about this very socket: what it
+            # found (or why not).
+            if waited and who.pid is not None:
+                self.drop_waits_named += 1
+            return who, who.pid is not None
         if info is None:
             return unknown("socket not found when the flow was dropped"), False
         if info.state == "time-wait":
@@ -337,12 +336,22 @@ class Attributor:
         ctr = _place(process, path)
         return Who(process, ctr, None, None, None, path, info.inode), False
 
+    def _answer_for(self, key: Key, info: SocketInfo | None) -> Who | None:
+        """A finished lookup's answer about this very socket (the same inode; without the
+        socket, only an answer that named a process), while it stands (``KEY_TTL``)."""
+        hit = self._by_key.get(key)
+        if hit is None or time.monotonic() - hit[0] >= KEY_TTL:
+            return None
+        who = hit[1]
+        if (info is None and who.pid is not None) or (info is not None and info.inode == who.inode):
+            return who
+        return None
+
     def _lookup_at_drop(self, key: Key, info: SocketInfo) -> None:
         """Start the lookup a flow being dropped never got (module docstring), first in line."""
         if info.inode == 0 or info.state == "time-wait":
             return  # nobody holds the socket any more: /proc has nothing to find
-        hit = self._by_key.get(key)
-        if hit is not None and hit[1].inode == info.inode and time.monotonic() - hit[0] < KEY_TTL:
+        if self._answer_for(key, info) is not None:
             return  # already named (or not) for this very socket
         with self._finished:
             if key in self._inflight or not self.prefetch_ok():
