@@ -627,7 +627,7 @@ def _either(first: Result, fwd: bytes, rev: bytes, ctx: StreamContext) -> Result
 
 
 def detect_relays(fwd: bytes, rev: bytes, ctx: StreamContext) -> Result:
-    """frp, bore, chisel, vtun or Yggdrasil from the first bytes either side sends."""
+    """frp, bore, chisel, rathole, gost, vtun or Yggdrasil from the first bytes either side sends."""
     if not fwd:
         if not rev:
             return NEED_MORE
